@@ -1,0 +1,1 @@
+"""Adapters: the only code in maskkit that knows a foreign MAE codebase."""

@@ -1,0 +1,34 @@
+"""maskkit: pluggable masking strategies for Masked Autoencoders.
+
+Public API (see the README for a tour):
+- masks: `MaskPlan`, `check_ratio`, `num_visible`, `gather_tokens`
+- policies: `MaskPolicy`, `register_policy`, `create_policy`, `list_policies`, `policy_options`
+- the MAE protocol: `MAEProtocol`, `patch_loss`, `masked_loss`, `mae_forward`, `mae_step_loss`, `MAEOutput`
+"""
+
+from maskkit.mae import MAEOutput, MAEProtocol, is_mae, mae_forward, mae_step_loss, masked_loss, patch_loss
+from maskkit.plan import MaskPlan, check_ratio, gather_tokens, num_visible
+from maskkit.policies import MaskPolicy, RandomPolicy
+from maskkit.registry import create_policy, list_policies, policy_options, register_policy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MAEOutput",
+    "MAEProtocol",
+    "MaskPlan",
+    "MaskPolicy",
+    "RandomPolicy",
+    "check_ratio",
+    "create_policy",
+    "gather_tokens",
+    "is_mae",
+    "list_policies",
+    "mae_forward",
+    "mae_step_loss",
+    "masked_loss",
+    "num_visible",
+    "patch_loss",
+    "policy_options",
+    "register_policy",
+]

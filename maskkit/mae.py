@@ -1,0 +1,122 @@
+"""The MAE protocol: the one view of a Masked Autoencoder that the engine and the CLI use.
+
+Adapters (maskkit.adapters) provide it for timm, the official MAE and Hugging Face ViTMAE.
+An implementation is an `nn.Module` (so it can be unrolled functionally by `higher`) with
+the attributes and methods of `MAEProtocol`. The losses below are shared by every adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from maskkit.plan import MaskPlan
+
+
+@runtime_checkable
+class MAEProtocol(Protocol):
+    """What maskkit needs of an MAE. Shapes: B batch, N patches, K visible, D width, P = p*p*C."""
+
+    patch_size: int  # p
+    num_patches: int  # N
+    embed_dim: int  # D (encoder width)
+    in_chans: int  # C
+    norm_pix_loss: bool
+
+    def patch_tokens(self, images: Tensor) -> Tensor:
+        """Patch embedding plus positional embedding, no CLS: [B, C, H, W] -> [B, N, D]."""
+        ...
+
+    def encode(self, tokens: Tensor, plan: MaskPlan) -> Tensor:
+        """Encode the visible tokens of `plan` (CLS prepended): [B, N, D] -> latent [B, 1 + K, D]."""
+        ...
+
+    def decode(self, latent: Tensor, plan: MaskPlan) -> Tensor:
+        """Predict every patch from the latent: [B, 1 + K, D] -> [B, N, P]."""
+        ...
+
+    def patchify(self, images: Tensor) -> Tensor:
+        """Images to per-patch pixel targets: [B, C, H, W] -> [B, N, P]."""
+        ...
+
+    def unpatchify(self, patches: Tensor) -> Tensor:
+        """Inverse of patchify: [B, N, P] -> [B, C, H, W]."""
+        ...
+
+    def features(self, images: Tensor) -> Tensor:
+        """CLS embedding of the encoder with nothing masked (after the final norm): [B, D]."""
+        ...
+
+    def cls_attention(self, images: Tensor) -> Tensor:
+        """CLS-to-patch attention of the last encoder block, averaged over heads: [B, N]."""
+        ...
+
+
+def patch_loss(pred: Tensor, target: Tensor, norm_pix_loss: bool = False, eps: float = 1e-6) -> Tensor:
+    """Per-patch mean squared error [B, N], as MAE's `forward_loss` before masking.
+
+    With `norm_pix_loss`, each target patch is normalised by its own mean and variance
+    (unbiased variance, eps 1e-6, exactly as the official code).
+    """
+    if norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + eps) ** 0.5
+    return ((pred - target) ** 2).mean(dim=-1)  # [B, N]
+
+
+def masked_loss(per_patch: Tensor, mask: Tensor, weights: Tensor | None = None) -> Tensor:
+    """sum(loss * mask * w) / sum(mask): the MLO-MAE weighting; w = 1 gives MAE's loss."""
+    factor = mask if weights is None else mask * weights
+    return (per_patch * factor).sum() / mask.sum()
+
+
+@dataclass
+class MAEOutput:
+    """Result of one masked forward pass (in the style of transformers' output dataclasses)."""
+
+    loss: Tensor  # scalar weighted masked loss
+    pred: Tensor  # [B, N, P]
+    plan: MaskPlan
+    per_patch: Tensor  # [B, N] unweighted per-patch loss
+
+
+def mae_forward(mae: Any, images: Tensor, plan: MaskPlan, tokens: Tensor | None = None) -> MAEOutput:
+    """Encode, decode and score one batch under `plan` through the MAE protocol.
+
+    tokens: the `patch_tokens(images)` already computed for the policy, to avoid a second embedding.
+    """
+    if tokens is None:
+        tokens = mae.patch_tokens(images)  # [B, N, D]
+    latent = mae.encode(tokens, plan)  # [B, 1 + K, D]
+    pred = mae.decode(latent, plan)  # [B, N, P]
+    per_patch = patch_loss(pred, mae.patchify(images), mae.norm_pix_loss)  # [B, N]
+    loss = masked_loss(per_patch, plan.mask, plan.weights)
+    return MAEOutput(loss=loss, pred=pred, plan=plan, per_patch=per_patch)
+
+
+def policy_context(mae: Any, images: Tensor, **extra: Any) -> dict[str, Any]:
+    """The context every policy may read, built from an MAE and its images."""
+    return {"images": images, "encoder": mae, **extra}
+
+
+def mae_step_loss(
+    mae: Any,
+    policy: Any,
+    images: Tensor,
+    *,
+    ratio: float | None = None,
+    **context: Any,
+) -> MAEOutput:
+    """Tokens -> policy -> plan -> encode/decode -> weighted loss: one pretraining forward."""
+    tokens = mae.patch_tokens(images)  # [B, N, D]
+    plan = policy(tokens, ratio=ratio, **policy_context(mae, images, **context))
+    return mae_forward(mae, images, plan, tokens=tokens)
+
+
+def is_mae(obj: Any) -> bool:
+    """Whether `obj` provides the MAE protocol (attributes and methods, not their signatures)."""
+    return isinstance(obj, MAEProtocol) and isinstance(obj, torch.nn.Module)

@@ -1,0 +1,141 @@
+"""MaskPlan: which patches an MAE sees and which it must reconstruct.
+
+Conventions follow the official MAE `random_masking`: a per-patch score is sorted
+ascending, the first K = int(N * (1 - ratio)) patches are kept (visible), and
+`mask` is 1 for hidden and 0 for visible patches, in the original patch order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+
+def num_visible(num_patches: int, ratio: float) -> int:
+    """K = int(N * (1 - ratio)), exactly as the official MAE computes `len_keep`."""
+    return int(num_patches * (1 - ratio))
+
+
+def check_ratio(ratio: float, num_patches: int | None = None) -> float:
+    """Return `ratio` as a float, or raise ValueError naming it when it is unusable.
+
+    A ratio must lie in (0, 1) and, given N, leave at least one visible and one hidden patch.
+    """
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        raise ValueError(f"mask ratio must be a number in (0, 1), got {ratio!r}") from None
+    if not (0.0 < value < 1.0):
+        raise ValueError(f"mask ratio must lie in (0, 1), got {ratio!r}")
+    if num_patches is not None:
+        keep = num_visible(num_patches, value)
+        if keep < 1 or keep > num_patches - 1:
+            raise ValueError(
+                f"mask ratio {ratio!r} leaves {keep} of {num_patches} patches visible; "
+                "need at least one visible and one hidden patch"
+            )
+    return value
+
+
+def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
+    """Pick tokens `x[b, ids[b, k]]` along dim 1: x [B, N, D], ids [B, K] -> [B, K, D]."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+@dataclass
+class MaskPlan:
+    """One masking decision for a batch.
+
+    Attributes:
+        ids_keep: [B, K] indices of the visible patches, in the order the encoder sees them.
+        ids_restore: [B, N] inverse permutation: position of patch n in the shuffled order.
+        mask: [B, N] 1.0 = hidden (to reconstruct), 0.0 = visible; original patch order.
+        weights: [B, N] per-patch weights of the reconstruction loss, or None for 1.
+            A learned policy stores its masking probabilities here, differentiably.
+        scores: [B, N] the score that was sorted (ascending = kept first), for inspection.
+    """
+
+    ids_keep: Tensor
+    ids_restore: Tensor
+    mask: Tensor
+    weights: Tensor | None = None
+    scores: Tensor | None = None
+
+    @classmethod
+    def from_scores(cls, scores: Tensor, ratio: float, weights: Tensor | None = None) -> MaskPlan:
+        """Keep the K lowest-scoring patches, as `random_masking` does with its noise.
+
+        scores: [B, N]; ties are broken by torch.argsort exactly as in the official code.
+        """
+        batch, n = scores.shape
+        ratio = check_ratio(ratio, n)
+        keep = num_visible(n, ratio)
+        ids_shuffle = torch.argsort(scores, dim=1)  # [B, N] ascending: kept first
+        ids_restore = torch.argsort(ids_shuffle, dim=1)  # [B, N]
+        ids_keep = ids_shuffle[:, :keep]  # [B, K]
+        mask = torch.ones(batch, n, device=scores.device, dtype=_float_dtype(scores))
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)  # [B, N] back to patch order
+        return cls(ids_keep=ids_keep, ids_restore=ids_restore, mask=mask, weights=weights, scores=scores)
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def num_patches(self) -> int:
+        return self.mask.shape[1]
+
+    @property
+    def num_visible(self) -> int:
+        return self.ids_keep.shape[1]
+
+    @property
+    def num_hidden(self) -> int:
+        return self.num_patches - self.num_visible
+
+    def gather(self, tokens: Tensor) -> Tensor:
+        """Visible tokens in encoder order: [B, N, D] -> [B, K, D]."""
+        return gather_tokens(tokens, self.ids_keep)
+
+    def restore(self, shuffled: Tensor) -> Tensor:
+        """Undo the shuffle: [B, N, D] in (visible, then hidden) order -> [B, N, D] in patch order."""
+        return gather_tokens(shuffled, self.ids_restore)
+
+    def fill(self, visible: Tensor, mask_token: Tensor) -> Tensor:
+        """Append mask tokens after the visible ones and restore patch order.
+
+        visible: [B, K, D]; mask_token: [1, 1, D] (or broadcastable) -> [B, N, D].
+        """
+        b, k, d = visible.shape
+        filler = mask_token.expand(b, self.num_patches - k, d).to(visible.dtype)
+        return self.restore(torch.cat([visible, filler], dim=1))
+
+    def loss_weights(self) -> Tensor:
+        """mask * w, the per-patch factor of the weighted masked loss: [B, N]."""
+        if self.weights is None:
+            return self.mask
+        return self.mask * self.weights
+
+    def detach(self) -> MaskPlan:
+        """The same plan with weights and scores cut from the autograd graph."""
+        return replace(
+            self,
+            weights=None if self.weights is None else self.weights.detach(),
+            scores=None if self.scores is None else self.scores.detach(),
+        )
+
+    def to(self, device: torch.device | str) -> MaskPlan:
+        return MaskPlan(
+            ids_keep=self.ids_keep.to(device),
+            ids_restore=self.ids_restore.to(device),
+            mask=self.mask.to(device),
+            weights=None if self.weights is None else self.weights.to(device),
+            scores=None if self.scores is None else self.scores.to(device),
+        )
+
+
+def _float_dtype(t: Tensor) -> torch.dtype:
+    return t.dtype if t.is_floating_point() else torch.get_default_dtype()

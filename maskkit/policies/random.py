@@ -1,0 +1,41 @@
+"""Uniform random masking: the MAE baseline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from maskkit.plan import MaskPlan
+from maskkit.policies.base import MaskPolicy
+from maskkit.registry import register_policy
+
+
+@register_policy("random")
+class RandomPolicy(MaskPolicy):
+    """Uniform random masking, as the official MAE `random_masking` (the baseline).
+
+    Given the same `noise` [B, N] it yields exactly the official plan: the K patches with the
+    lowest noise stay visible.
+    """
+
+    def __init__(self, ratio: float = 0.75) -> None:
+        super().__init__(ratio)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        *,
+        ratio: float | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        **context: Any,
+    ) -> MaskPlan:
+        batch, n = tokens.shape[:2]  # tokens: [B, N, D]
+        ratio = self.resolve_ratio(ratio, n)
+        if noise is None:
+            noise = torch.rand(batch, n, device=tokens.device, generator=generator)  # [B, N]
+        elif noise.shape != (batch, n):
+            raise ValueError(f"noise must have shape {(batch, n)}, got {tuple(noise.shape)}")
+        return MaskPlan.from_scores(noise, ratio)
