@@ -1,0 +1,229 @@
+"""The timm adapter (maskkit.adapters.timm): MAE protocol, official-MAE equivalence, presets, export."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+from maskkit.adapters.timm import TimmMAE, create_mae, get_preset, list_presets, sincos_pos_embed_2d
+from timm.models.vision_transformer import VisionTransformer
+
+import maskkit
+from maskkit.mae import is_mae, mae_forward, policy_context
+from maskkit.plan import MaskPlan
+
+SMALL = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=2)
+
+
+def small_mae(img: int = 32, chans: int = 3, **kw) -> TimmMAE:
+    return create_mae("tiny", img_size=img, in_chans=chans, seed=0, **{**SMALL, **kw})
+
+
+def official_mae_loss(m: TimmMAE, imgs: torch.Tensor, noise: torch.Tensor, ratio: float, weights=None):
+    """MAE's forward (random masking by noise, encoder, decoder, loss) re-done by hand on m's modules."""
+    enc = m.encoder
+    b, c, hgt, wid = imgs.shape
+    p = m.patch_size
+    x = enc.patch_embed(imgs) + enc.pos_embed[:, 1:, :]
+    n, d = x.shape[1], x.shape[2]
+    keep = int(n * (1 - ratio))
+    shuffle = torch.argsort(noise, dim=1)
+    restore = torch.argsort(shuffle, dim=1)
+    kept = shuffle[:, :keep]
+    x = torch.gather(x, 1, kept[..., None].repeat(1, 1, d))
+    mask = torch.ones(b, n)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, restore)
+    cls = (enc.cls_token + enc.pos_embed[:, :1, :]).expand(b, -1, -1)
+    x = torch.cat([cls, x], dim=1)
+    for blk in enc.blocks:
+        x = blk(x)
+    x = m.decoder_embed(enc.norm(x))
+    filler = m.mask_token.repeat(b, n + 1 - x.shape[1], 1)
+    y = torch.cat([x[:, 1:, :], filler], dim=1)
+    y = torch.gather(y, 1, restore[..., None].repeat(1, 1, x.shape[2]))
+    x = torch.cat([x[:, :1, :], y], dim=1) + m.decoder_pos_embed
+    for blk in m.decoder_blocks:
+        x = blk(x)
+    pred = m.decoder_pred(m.decoder_norm(x))[:, 1:, :]
+    gh, gw = hgt // p, wid // p
+    target = imgs.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, p * p * c)
+    if m.norm_pix_loss:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    per_patch = ((pred - target) ** 2).mean(dim=-1)
+    factor = mask if weights is None else mask * weights
+    return (per_patch * factor).sum() / mask.sum(), pred, mask
+
+
+@pytest.mark.parametrize("img,chans", [(28, 1), (32, 3)])
+def test_protocol_shapes(img, chans):
+    m = small_mae(img, chans)
+    n, p = (img // 4) ** 2, 4
+    assert is_mae(m)
+    assert (m.patch_size, m.num_patches, m.embed_dim, m.in_chans, m.norm_pix_loss) == (p, n, 32, chans, False)
+    images = torch.randn(2, chans, img, img)
+    tokens = m.patch_tokens(images)
+    assert tokens.shape == (2, n, 32)
+    plan = MaskPlan.from_scores(torch.rand(2, n), 0.75)
+    latent = m.encode(tokens, plan)
+    assert latent.shape == (2, 1 + plan.num_visible, 32)
+    assert m.decode(latent, plan).shape == (2, n, p * p * chans)
+    assert m.patchify(images).shape == (2, n, p * p * chans)
+    assert m.features(images).shape == (2, 32)
+    attn = m.cls_attention(images)
+    assert attn.shape == (2, n) and (attn > 0).all() and (attn.sum(-1) < 1).all()
+
+
+def test_cls_attention_is_last_block_attention_on_unmasked_images():
+    m = small_mae().eval()
+    images = torch.randn(2, 3, 32, 32)
+    last = m.encoder.blocks[-1].attn
+    last.fused_attn = False  # timm's math path materialises the matrix before attn_drop
+    seen = []
+    last.attn_drop.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    m.features(images)  # full, unmasked forward
+    expected = seen[0][:, :, 0, 1:].mean(dim=1)  # [B, N]
+    torch.testing.assert_close(m.cls_attention(images), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_patchify_layout_and_round_trip():
+    m = small_mae(28, 2)
+    images = torch.randn(3, 2, 28, 28)
+    patches = m.patchify(images)
+    assert torch.equal(m.unpatchify(patches), images)
+    i, j = 2, 5  # patch in row 2, column 5 of the 7x7 grid, flattened as (row, col, channel)
+    expected = images[:, :, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4].permute(0, 2, 3, 1).reshape(3, -1)
+    assert torch.equal(patches[:, 7 * i + j], expected)
+    with pytest.raises(ValueError, match="patches must have shape"):
+        m.unpatchify(patches[:, :5])
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_random_policy_matches_official_mae(norm_pix):
+    m = small_mae(norm_pix_loss=norm_pix)
+    images = torch.randn(4, 3, 32, 32)
+    noise = torch.rand(4, 64)
+    out = m(images, noise=noise)  # default: random policy, ratio 0.75
+    loss, pred, mask = official_mae_loss(m, images, noise, 0.75)
+    assert torch.equal(out.loss, loss) and torch.equal(out.pred, pred) and torch.equal(out.plan.mask, mask)
+    out = m(images, policy=maskkit.create_policy("random"), ratio=0.6, noise=noise)
+    assert torch.equal(out.loss, official_mae_loss(m, images, noise, 0.6)[0])
+
+
+def test_weighted_loss():
+    m = small_mae()
+    images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+    weights = torch.rand(2, 64) + 0.5
+    out = mae_forward(m, images, MaskPlan.from_scores(noise, 0.75, weights=weights))
+    expected, _, mask = official_mae_loss(m, images, noise, 0.75, weights=weights)
+    assert torch.equal(out.loss, expected)
+    torch.testing.assert_close(out.loss, (out.per_patch * mask * weights).sum() / mask.sum(), rtol=0, atol=0)
+
+
+def test_attention_policy_hides_most_attended():
+    m = small_mae()
+    images = torch.randn(3, 3, 32, 32)
+    out = m(images, policy=maskkit.create_policy("attention", ratio=0.75))
+    hidden = torch.topk(m.cls_attention(images), 48, dim=1).indices
+    expected = torch.zeros(3, 64).scatter(1, hidden, 1.0)
+    assert torch.equal(out.plan.mask, expected)
+    out.loss.backward()
+    assert m.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    # the same scores passed precomputed through the context
+    ctx = policy_context(m, images)
+    assert set(ctx) == {"images", "encoder"}
+    again = m(images, policy=maskkit.create_policy("attention"), attention=m.cls_attention(images).detach())
+    assert torch.equal(again.plan.mask, expected)
+
+
+def test_learned_policy_gets_gradients():
+    if "learned" not in maskkit.list_policies():
+        pytest.skip("learned policy not registered yet")
+    m = small_mae()
+    torch.manual_seed(0)
+    policy = maskkit.create_policy("learned", embed_dim=m.embed_dim)
+    out = m(torch.randn(2, 3, 32, 32), policy=policy)
+    assert out.plan.weights is not None
+    out.loss.backward()
+    grads = [p.grad for p in policy.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+
+def test_encoder_state_dict_loads_into_timm_strict():
+    m = small_mae(28, 1).eval()
+    fresh = timm.create_model(**m.encoder_config).eval()
+    fresh.load_state_dict(m.encoder_state_dict(), strict=True)
+    images = torch.randn(2, 1, 28, 28)
+    assert torch.equal(fresh.forward_features(images)[:, 0], m.features(images))
+    assert torch.equal(fresh(images), m.features(images))  # num_classes=0, token pooling
+    # ... and with a classifier head, everything but the head loads
+    head = timm.create_model(**{**m.encoder_config, "num_classes": 10})
+    missing, unexpected = head.load_state_dict(m.encoder_state_dict(), strict=False)
+    assert sorted(missing) == ["head.bias", "head.weight"] and not unexpected
+
+
+def test_fixed_sincos_pos_embeds():
+    m = small_mae()
+    pos = m.encoder.pos_embed
+    assert not pos.requires_grad and not m.decoder_pos_embed.requires_grad
+    assert torch.equal(pos[0], sincos_pos_embed_2d(32, (8, 8)))
+    m(torch.randn(2, 3, 32, 32)).loss.backward()
+    assert pos.grad is None and m.mask_token.grad is not None
+    # 2-D sin-cos values against the formula: first half encodes the column, second the row
+    emb = sincos_pos_embed_2d(8, (3, 4))  # D = 8: per axis 2 sines then 2 cosines
+    assert emb.shape == (1 + 12, 8) and torch.equal(emb[0], torch.zeros(8))
+    row, col = 2, 3
+    expected = [
+        f(pos * 10000 ** (-j / 2)) for pos in (col, row) for f in (math.sin, math.cos) for j in range(2)
+    ]
+    torch.testing.assert_close(emb[1 + 4 * row + col], torch.tensor(expected), rtol=1e-6, atol=1e-7)
+
+
+def test_wraps_instance():
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=7)
+    original = vit.pos_embed.detach().clone()
+    m = TimmMAE(vit, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, fixed_pos_embed=False)
+    assert m.encoder is vit and vit.num_classes == 0 and m.encoder_config is None
+    assert torch.equal(vit.pos_embed, original) and vit.pos_embed.requires_grad
+    target = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    target.load_state_dict(m.encoder_state_dict(), strict=True)
+    out = m(torch.randn(2, 3, 16, 16))
+    assert out.pred.shape == (2, 16, 48) and torch.isfinite(out.loss)
+
+
+def test_presets_and_seed():
+    assert {"tiny", "pilot", "vit-b", "vit-l"} <= set(list_presets())
+    assert (get_preset("vit-b").embed_dim, get_preset("vit-l").depth) == (768, 24)
+    state = torch.get_rng_state()
+    a, b = small_mae(), small_mae()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+    digits = create_mae("pilot", img_size=8, patch_size=2, depth=1, decoder_depth=1)
+    assert (digits.num_patches, digits.in_chans, digits.embed_dim) == (16, 1, 128)
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="unknown MAE preset 'huge'"):
+        create_mae("huge")
+    with pytest.raises(ValueError, match="divisible by patch_size 4"):
+        create_mae("tiny", img_size=30)
+    with pytest.raises(ValueError, match="cannot build timm encoder"):
+        TimmMAE("no_such_model")
+    with pytest.raises(ValueError, match="pretrained=False"):
+        TimmMAE("vit_tiny_patch16_224", pretrained=True)
+    with pytest.raises(ValueError, match="exactly one prefix token"):
+        small_mae(reg_tokens=1)
+    with pytest.raises(ValueError, match="divisible by decoder_num_heads 3"):
+        small_mae(decoder_num_heads=3)
+    with pytest.raises(ValueError, match="cannot build timm encoder"):
+        small_mae(num_heads=3)  # width 32
+    with pytest.raises(TypeError, match="timm VisionTransformer"):
+        TimmMAE(torch.nn.Linear(3, 3))
+    m = small_mae()
+    with pytest.raises(ValueError, match=r"images must have shape \[B, 3, 32, 32\]"):
+        m.patch_tokens(torch.randn(2, 1, 32, 32))
