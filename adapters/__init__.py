@@ -1,8 +1,10 @@
 """Adapters: the only code in maskkit that knows a foreign MAE codebase.
 
 - `maskkit.adapters.timm`: an MAE around any timm VisionTransformer, with size presets.
-- `maskkit.adapters.official_mae`: facebookresearch/mae `MaskedAutoencoderViT` (wrap, use_policy, timm_compat).
-- `maskkit.adapters.hf`: transformers `ViTMAEForPreTraining` (needs the `hf` extra; imported lazily).
+- `maskkit.adapters.official_mae`: facebookresearch/mae `MaskedAutoencoderViT` (wrap, use_policy,
+  restore_masking, timm_compat).
+- `maskkit.adapters.hf`: transformers `ViTMAEForPreTraining` (needs the `hf` extra;
+  imported lazily): HFMAE, hf_loss, noise_for_plan, create_hf_mae.
 """
 
 from maskkit.adapters.timm import (

@@ -2,18 +2,23 @@
 
 Public API (see the README for a tour):
 - masks: `MaskPlan`, `check_ratio`, `num_visible`, `gather_tokens`
-- policies: `MaskPolicy`, `register_policy`, `create_policy`, `list_policies`, `policy_options`
+- policies: `MaskPolicy`, `RandomPolicy`, `AttentionPolicy`, `LearnedMasker`, `BlockPolicy`, `register_policy`, `create_policy`, `list_policies`, `policy_options`
 - the MAE protocol: `MAEProtocol`, `patch_loss`, `masked_loss`, `mae_forward`, `mae_step_loss`, `MAEOutput`
 """
 
 from maskkit.mae import MAEOutput, MAEProtocol, is_mae, mae_forward, mae_step_loss, masked_loss, patch_loss
 from maskkit.plan import MaskPlan, check_ratio, gather_tokens, num_visible
-from maskkit.policies import MaskPolicy, RandomPolicy
+from maskkit.bench import count_parameters
+from maskkit.policies import AttentionPolicy, BlockPolicy, LearnedMasker, MaskPolicy, RandomPolicy
 from maskkit.registry import create_policy, list_policies, policy_options, register_policy
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionPolicy",
+    "BlockPolicy",
+    "LearnedMasker",
+    "count_parameters",
     "MAEOutput",
     "MAEProtocol",
     "MaskPlan",

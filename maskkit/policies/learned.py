@@ -1,0 +1,224 @@
+"""The learned masker of MLO-MAE: a network that maps patch tokens to a masking probability.
+
+The patches with the highest probabilities are hidden; the probabilities go into
+`plan.weights`, the per-patch weights of the reconstruction loss, which is how the
+downstream-feedback hypergradient reaches the masker's parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from maskkit.plan import MaskPlan
+from maskkit.policies.base import MaskPolicy
+from maskkit.registry import register_policy
+
+ARCHS = ("token", "paper")
+SELECTIONS = ("topk", "gumbel")
+DEFAULT_HIDDEN = {"paper": 512, "token": 128}
+
+
+def grid_side(num_patches: int) -> int:
+    """sqrt(N) for a square patch grid, else ValueError."""
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(f"expected a square patch grid, but N = {num_patches} is not a square")
+    return side
+
+
+def sincos_pos_embed_2d(
+    side: int, dim: int, dtype: torch.dtype = torch.float32, device: Any = None
+) -> Tensor:
+    """Fixed 2-D sin-cos position code of a side x side grid, row-major: [side*side, dim].
+
+    The first half of `dim` encodes the row, the second half the column, each as
+    [sin(p * w_i), cos(p * w_i)] with w_i = 10000^(-i / (dim/4)), i < dim/4 (as MAE's sin-cos).
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position width must be divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (
+        torch.arange(dim // 4, dtype=torch.float64, device=device) / (dim // 4)
+    )  # [dim/4]
+    coords = torch.arange(side, dtype=torch.float64, device=device)
+    rows = coords.repeat_interleave(side)  # [N] row of each patch
+    cols = coords.repeat(side)  # [N] column of each patch
+
+    def code(p: Tensor) -> Tensor:
+        angles = p[:, None] * omega[None, :]  # [N, dim/4]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # [N, dim/2]
+
+    return torch.cat([code(rows), code(cols)], dim=1).to(dtype)  # [N, dim]
+
+
+def gumbel_from_uniform(noise: Tensor) -> Tensor:
+    """Standard Gumbel samples -log(-log(u)) from uniforms u in [0, 1] (clamped away from 0 and 1)."""
+    tiny = torch.finfo(noise.dtype).tiny
+    u = noise.clamp(min=tiny, max=1.0 - torch.finfo(noise.dtype).eps)
+    return -torch.log(-torch.log(u))
+
+
+@register_policy("learned")
+class LearnedMasker(MaskPolicy):
+    """Learned masker (MLO-MAE): a network gives each patch a masking probability; the highest are hidden.
+
+    Architectures:
+        token (default): one MLP shared by all tokens, reading LayerNorm(token) concatenated with a
+            fixed 2-D sin-cos position code of width `pos_dim` (square grid, sqrt(N) x sqrt(N)):
+            Linear(D + pos_dim, hidden) -> GELU -> Linear(hidden, 1). Parameter count
+            (D + pos_dim) * hidden + hidden + hidden + 1, independent of N: any resolution works.
+        paper: the MLO-MAE reference masker: flatten [N * D] -> Linear -> ReLU -> Linear -> N logits.
+            Parameter count N * D * hidden + hidden + hidden * N + N (100.8M at D=768, N=256,
+            hidden=512); tied to the N it was built for.
+
+    Selection:
+        topk (default, as the paper): hide the N - K patches of highest probability.
+        gumbel: Gumbel-top-k sampling, i.e. sampling N - K patches without replacement from
+            softmax(logits / temperature): hide the top N - K of logits / temperature + G, with G
+            standard Gumbel noise from `noise` [B, N] (uniforms) or `generator`. As the
+            temperature goes to 0 this becomes topk.
+
+    `plan.weights` holds the probabilities sigmoid(logits) [B, N], differentiable w.r.t. the
+    masker's parameters. With `detach_input` the tokens are detached first, so the MAE gets no
+    gradient through the masker.
+
+    Args:
+        ratio: fraction of patches hidden, in (0, 1). Default 0.75.
+        arch: "token" or "paper". Default "token".
+        embed_dim: token width D. Default 192 (ViT-Tiny); must match the MAE's patch tokens.
+        num_patches: N; required for arch="paper" (it sizes the Linear layers), optional for "token"
+            (if given, calls with another N are rejected).
+        hidden_dim: MLP width; None means 512 for "paper" (as the reference), 128 for "token".
+        selection: "topk" or "gumbel". Default "topk".
+        temperature: Gumbel-top-k temperature (> 0). Default 1.0.
+        detach_input: detach tokens before the masker. Default True.
+        pos_dim: width of the sin-cos position code of the "token" arch (divisible by 4). Default 32.
+    """
+
+    learnable = True
+
+    def __init__(
+        self,
+        ratio: float = 0.75,
+        arch: str = "token",
+        embed_dim: int = 192,
+        num_patches: int | None = None,
+        hidden_dim: int | None = None,
+        selection: str = "topk",
+        temperature: float = 1.0,
+        detach_input: bool = True,
+        pos_dim: int = 32,
+    ) -> None:
+        super().__init__(ratio)
+        if arch not in ARCHS:
+            raise ValueError(f"learned masker arch must be one of {ARCHS}, got {arch!r}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"learned masker selection must be one of {SELECTIONS}, got {selection!r}")
+        _check_positive_int("embed_dim", embed_dim)
+        if num_patches is not None:
+            _check_positive_int("num_patches", num_patches)
+        if hidden_dim is None:
+            hidden_dim = DEFAULT_HIDDEN[arch]
+        _check_positive_int("hidden_dim", hidden_dim)
+        if not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        self.arch = arch
+        self.embed_dim = embed_dim
+        self.num_patches = num_patches
+        self.hidden_dim = hidden_dim
+        self.selection = selection
+        self.temperature = float(temperature)
+        self.detach_input = detach_input
+        self.pos_dim = pos_dim
+
+        if arch == "paper":
+            if num_patches is None:
+                raise ValueError("learned masker arch='paper' needs num_patches (it is tied to one N)")
+            self.net = nn.Sequential(
+                nn.Flatten(1),  # [B, N, D] -> [B, N * D]
+                nn.Linear(num_patches * embed_dim, hidden_dim),
+                nn.ReLU(),
+                nn.Linear(hidden_dim, num_patches),  # [B, N] logits
+            )
+        else:
+            if pos_dim < 0 or pos_dim % 4:
+                raise ValueError(f"pos_dim must be a non-negative multiple of 4, got {pos_dim!r}")
+            if num_patches is not None:
+                grid_side(num_patches)
+            self.norm = nn.LayerNorm(embed_dim, elementwise_affine=False)
+            self.net = nn.Sequential(
+                nn.Linear(embed_dim + pos_dim, hidden_dim),
+                nn.GELU(),
+                nn.Linear(hidden_dim, 1),  # [B, N, 1] logits
+            )
+        # start near p = 0.5 everywhere, with small variation so that ties break
+        last = self.net[-1]
+        nn.init.normal_(last.weight, std=0.01)
+        nn.init.zeros_(last.bias)
+
+    def logits(self, tokens: Tensor) -> Tensor:
+        """Masking logits [B, N] of patch tokens [B, N, D]."""
+        if tokens.dim() != 3:
+            raise ValueError(f"tokens must be [B, N, D], got shape {tuple(tokens.shape)}")
+        batch, n, d = tokens.shape
+        if d != self.embed_dim:
+            raise ValueError(
+                f"learned masker was built for embed_dim={self.embed_dim}, got tokens of width {d}"
+            )
+        if self.num_patches is not None and n != self.num_patches:
+            raise ValueError(
+                f"learned masker (arch={self.arch!r}) was built for num_patches={self.num_patches}, got N = {n}"
+            )
+        weight = self.net[-1].weight
+        x = tokens.detach() if self.detach_input else tokens
+        x = x.to(dtype=weight.dtype)
+        if self.arch == "paper":
+            return self.net(x)  # [B, N]
+        x = self.norm(x)  # [B, N, D]
+        if self.pos_dim:
+            pos = sincos_pos_embed_2d(grid_side(n), self.pos_dim, dtype=x.dtype, device=x.device)  # [N, P]
+            x = torch.cat([x, pos.unsqueeze(0).expand(batch, -1, -1)], dim=-1)  # [B, N, D + P]
+        return self.net(x).squeeze(-1)  # [B, N]
+
+    def probabilities(self, tokens: Tensor) -> Tensor:
+        """Masking probability of each patch: [B, N, D] -> [B, N] in (0, 1)."""
+        return torch.sigmoid(self.logits(tokens))
+
+    def forward(
+        self,
+        tokens: Tensor,
+        *,
+        ratio: float | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        **context: Any,
+    ) -> MaskPlan:
+        batch, n = tokens.shape[:2]  # tokens: [B, N, D]
+        ratio = self.resolve_ratio(ratio, n)
+        logits = self.logits(tokens)  # [B, N]
+        probs = torch.sigmoid(logits)  # [B, N]
+        if self.selection == "topk":
+            scores = logits.detach()  # highest probability sorts last: hidden
+        else:
+            if noise is None:
+                noise = torch.rand(batch, n, device=logits.device, generator=generator, dtype=logits.dtype)
+            elif tuple(noise.shape) != (batch, n):
+                raise ValueError(f"noise must have shape {(batch, n)}, got {tuple(noise.shape)}")
+            gumbel = gumbel_from_uniform(noise.to(logits))  # [B, N]
+            scores = logits.detach() / self.temperature + gumbel  # the top N - K are hidden
+        return MaskPlan.from_scores(scores, ratio, weights=probs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"ratio={self.ratio}, arch={self.arch!r}, embed_dim={self.embed_dim}, "
+            f"num_patches={self.num_patches}, hidden_dim={self.hidden_dim}, selection={self.selection!r}, "
+            f"temperature={self.temperature}, detach_input={self.detach_input}"
+        )
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,137 @@
+"""maskkit.adapters.hf over a tiny randomly initialised transformers ViTMAEForPreTraining (no download).
+
+Every test that needs transformers skips cleanly (pytest.importorskip) when the `hf` extra is absent.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from maskkit import MaskPlan, create_policy, is_mae, mae_forward, num_visible
+from maskkit.adapters.hf import HFMAE, create_hf_mae, hf_loss, noise_for_plan, wrap
+
+B, N, D, P = 3, 16, 32, 4 * 4 * 3
+TINY = dict(
+    image_size=16, patch_size=4, num_channels=3, hidden_size=D, num_hidden_layers=2, num_attention_heads=2,
+    intermediate_size=64, decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+    decoder_intermediate_size=32,
+)
+
+
+def make_model(seed: int = 0, **overrides):
+    pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    return create_hf_mae(**{**TINY, **overrides}).eval()
+
+
+@pytest.fixture()
+def model():
+    return make_model()
+
+
+@pytest.fixture()
+def images():
+    return torch.randn(B, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+
+
+def test_protocol_shapes(model, images):
+    mae = wrap(model)
+    assert isinstance(mae, HFMAE) and is_mae(mae)
+    assert (mae.patch_size, mae.num_patches, mae.embed_dim, mae.in_chans, mae.norm_pix_loss) == (4, N, D, 3, False)
+    plan = create_policy("random")(torch.zeros(B, N, D), ratio=0.75)
+    tokens = mae.patch_tokens(images)
+    latent = mae.encode(tokens, plan)
+    assert tokens.shape == (B, N, D) and latent.shape == (B, 1 + plan.num_visible, D)
+    assert mae.decode(latent, plan).shape == (B, N, P)
+    assert torch.equal(mae.unpatchify(mae.patchify(images)), images)
+    assert mae.features(images).shape == (B, D)
+    assert mae.cls_attention(images).shape == (B, N)
+    assert list(mae.parameters()) == list(model.parameters())
+
+
+def test_missing_extra_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    with pytest.raises(ImportError, match=r"maskkit\[hf\]"):
+        create_hf_mae(**TINY)
+
+
+def test_noise_for_plan_reproduces_any_plan(model):
+    """HF's own random_masking under the derived noise keeps exactly plan.ids_keep, in order."""
+    scores = torch.randn(B, N, generator=torch.Generator().manual_seed(1))
+    plan = MaskPlan.from_scores(scores, 0.75)
+    sequence = torch.randn(B, N, D)
+    kept, mask, ids_restore = model.vit.embeddings.random_masking(sequence, noise_for_plan(plan))
+    assert torch.equal(kept, plan.gather(sequence))
+    assert torch.equal(mask, plan.mask) and torch.equal(ids_restore, plan.ids_restore)
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_random_policy_bit_identical_to_hf(images, norm_pix_loss):
+    model = make_model(norm_pix_loss=norm_pix_loss)
+    torch.manual_seed(4)
+    reference = model(pixel_values=images)  # HF draws torch.rand(B, N) itself
+    torch.manual_seed(4)
+    out = hf_loss(model, images, create_policy("random"))
+    assert torch.equal(out.loss, reference.loss) and torch.equal(out.pred, reference.logits)
+    assert torch.equal(out.plan.mask, reference.mask)
+    # the protocol path (own encode/decode, no HF forward) gives the same numbers
+    protocol = mae_forward(wrap(model), images, out.plan)
+    assert torch.equal(protocol.loss, reference.loss) and torch.equal(protocol.pred, reference.logits)
+    torch.manual_seed(4)
+    assert torch.equal(wrap(model)(images).loss, reference.loss)  # forward: default random policy
+
+
+def test_ratio_override_is_temporary(model, images):
+    out = hf_loss(model, images, create_policy("random"), ratio=0.5)
+    assert out.plan.num_visible == num_visible(N, 0.5)
+    assert torch.equal(out.plan.mask.sum(1), torch.full((B,), float(N - num_visible(N, 0.5))))
+    assert model.config.mask_ratio == 0.75 and model.vit.embeddings.config.mask_ratio == 0.75
+
+
+def test_weighted_loss_and_learned_gradients(model, images):
+    masker = create_policy("learned", embed_dim=D, num_patches=N)
+    out = hf_loss(model, images, masker, ratio=0.75)
+    target = model.patchify(images)
+    per_patch = ((out.pred - target) ** 2).mean(-1)
+    expected = (per_patch * out.plan.mask * out.plan.weights).sum() / out.plan.mask.sum()
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=0)
+    out.loss.backward()
+    grads = [p.grad for p in masker.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    assert model.decoder.decoder_pred.weight.grad is not None
+
+
+def test_attention_policy_through_hf(model, images):
+    hidden = N - num_visible(N, 0.75)
+    own = wrap(model).cls_attention(images)
+    out = hf_loss(model, images, create_policy("attention"))  # reads HFMAE.cls_attention
+    assert torch.equal(out.plan.mask, torch.zeros(B, N).scatter(1, own.topk(hidden, dim=1).indices, 1.0))
+    given = torch.rand(B, N, generator=torch.Generator().manual_seed(3))
+    out = hf_loss(model, images, create_policy("attention"), attention=given)
+    assert torch.equal(out.plan.mask, torch.zeros(B, N).scatter(1, given.topk(hidden, dim=1).indices, 1.0))
+
+
+def test_features_and_attention_match_hf_unmasked(model, images):
+    """Against HF itself with nothing masked and patches in order (mask_ratio 0, increasing noise)."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    else:  # older transformers
+        model.config._attn_implementation = "eager"
+    model.config.mask_ratio = 0.0
+    order = torch.arange(N, dtype=torch.float32).expand(B, N)
+    outputs = model.vit(pixel_values=images, noise=order, output_attentions=True)
+    mae = wrap(model)
+    torch.testing.assert_close(mae.features(images), outputs.last_hidden_state[:, 0], rtol=1e-5, atol=1e-5)
+    expected = outputs.attentions[-1][:, :, 0, 1:].mean(dim=1)  # [B, N]
+    torch.testing.assert_close(mae.cls_attention(images), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rejects_foreign_models(images):
+    with pytest.raises(TypeError, match="ViTMAEForPreTraining"):
+        HFMAE(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="ViTMAEForPreTraining"):
+        hf_loss(torch.nn.Linear(2, 2), images, create_policy("random"))

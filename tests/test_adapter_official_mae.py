@@ -1,0 +1,309 @@
+"""maskkit.adapters.official_mae over the official-MAE test double in examples/models_mae.py."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import inspect
+from pathlib import Path
+
+import pytest
+import timm.models.vision_transformer as vit
+import torch
+
+from maskkit import MaskPlan, create_policy, is_mae, mae_step_loss, num_visible
+from maskkit.adapters.official_mae import (
+    OfficialMAE,
+    policy_of,
+    restore_masking,
+    timm_compat,
+    use_policy,
+    wrap,
+)
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+B, N, D, P = 3, 16, 32, 4 * 4 * 3  # tiny double: 16x16 images, patch 4, width 32
+
+
+def _load_models_mae():
+    spec = importlib.util.spec_from_file_location("maskkit_test_models_mae", EXAMPLES / "models_mae.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+models_mae = _load_models_mae()
+TIMM_1X = "qk_scale" not in inspect.signature(vit.Block.__init__).parameters
+
+
+def make_model(seed: int = 0, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    with timm_compat(models_mae):
+        model = models_mae.mae_vit_tiny_patch4(**kwargs)
+    return model.eval()
+
+
+@pytest.fixture()
+def model():
+    return make_model()
+
+
+@pytest.fixture()
+def images():
+    return torch.randn(B, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+
+
+# ---- timm_compat -----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not TIMM_1X, reason="timm still accepts qk_scale")
+def test_double_needs_compat_under_timm_1x():
+    with pytest.raises(TypeError, match="qk_scale"):
+        models_mae.mae_vit_tiny_patch4()
+
+
+@pytest.mark.skipif(not TIMM_1X, reason="timm still accepts qk_scale")
+def test_timm_compat_patches_and_restores():
+    original = vit.Block
+    handle = timm_compat(models_mae)
+    try:
+        assert vit.Block is not original and models_mae.Block is vit.Block
+        assert issubclass(vit.Block, original) and vit.Block.__name__ == "Block"
+        block = vit.Block(8, 2, 4.0, True, None, 0.25)  # timm 0.3.2 positional order: ..., qk_scale, drop
+        assert type(block).__mro__[1] is original
+        assert block.attn.proj_drop.p == 0.25 and block.mlp.drop1.p == 0.25
+        with pytest.raises(ValueError, match="qk_scale"):
+            vit.Block(8, 2, qk_scale=0.5)
+    finally:
+        handle.remove()
+    assert vit.Block is original and models_mae.Block is original
+    with timm_compat(models_mae):
+        assert models_mae.Block is not original
+    assert models_mae.Block is original
+    with pytest.raises(TypeError, match="modules"):
+        timm_compat("models_mae")
+    assert vit.Block is original
+
+
+def test_compat_model_matches_plain_timm_blocks():
+    """The compat Block is timm's Block: same parameters, same outputs."""
+    with timm_compat(models_mae):
+        torch.manual_seed(0)
+        compat_block = models_mae.Block(32, 2, 2.0, qkv_bias=True, qk_scale=None)
+    torch.manual_seed(0)
+    plain = vit.Block(32, 2, 2.0, qkv_bias=True)
+    assert compat_block.state_dict().keys() == plain.state_dict().keys()
+    for (_, a), (_, b) in zip(compat_block.state_dict().items(), plain.state_dict().items(), strict=True):
+        assert torch.equal(a, b)
+    x = torch.randn(2, 5, 32)
+    assert torch.equal(compat_block.eval()(x), plain.eval()(x))
+
+
+# ---- the test double itself ------------------------------------------------------------------
+
+
+def test_double_patchify_matches_official_einsum(model, images):
+    p, h = 4, 4
+    x = images.reshape(B, 3, h, p, h, p)
+    expected = torch.einsum("nchpwq->nhwpqc", x).reshape(B, h * h, p * p * 3)
+    assert torch.equal(model.patchify(images), expected)
+    assert torch.equal(model.unpatchify(expected), images)
+
+
+def test_double_pos_embed_matches_hf_sincos():
+    """Our sin-cos table vs transformers' reference (which documents MAE's [col | row] layout)."""
+    pytest.importorskip("transformers")
+    from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
+
+    ref = build_2d_sinusoidal_position_embedding(height=4, width=4, embed_dim=32, cls_token=True)
+    half = ref.shape[-1] // 2
+    ref = torch.cat([ref[..., half:], ref[..., :half]], dim=-1)  # HF's rotation to MAE's layout
+    ours = models_mae.sincos_pos_embed_2d(32, 4, cls_token=True)
+    torch.testing.assert_close(ours, ref.reshape(ours.shape), rtol=0, atol=1e-6)
+    model = make_model()
+    assert not model.pos_embed.requires_grad and torch.equal(model.pos_embed[0], ours)
+
+
+def test_double_random_masking_semantics(model):
+    x = torch.randn(B, N, D)
+    torch.manual_seed(3)
+    x_masked, mask, ids_restore = model.random_masking(x, 0.75)
+    torch.manual_seed(3)
+    noise = torch.rand(B, N)
+    keep = num_visible(N, 0.75)
+    ids_keep = torch.argsort(noise, dim=1)[:, :keep]
+    assert torch.equal(x_masked, torch.stack([x[b, ids_keep[b]] for b in range(B)]))
+    assert torch.equal(mask.sum(1), torch.full((B,), float(N - keep)))
+    assert torch.equal(mask.gather(1, ids_keep), torch.zeros(B, keep))
+    assert torch.equal(torch.argsort(torch.argsort(noise, dim=1), dim=1), ids_restore)
+
+
+# ---- wrap: the MAE protocol ------------------------------------------------------------------
+
+
+def test_wrap_protocol_shapes(model, images):
+    mae = wrap(model)
+    assert isinstance(mae, OfficialMAE) and is_mae(mae)
+    assert (mae.patch_size, mae.num_patches, mae.embed_dim, mae.in_chans) == (4, N, D, 3)
+    assert mae.norm_pix_loss is False
+    plan = create_policy("random")(torch.zeros(B, N, D), ratio=0.75)
+    tokens = mae.patch_tokens(images)
+    latent = mae.encode(tokens, plan)
+    assert tokens.shape == (B, N, D) and latent.shape == (B, 1 + plan.num_visible, D)
+    assert mae.decode(latent, plan).shape == (B, N, P)
+    assert torch.equal(mae.patchify(images), model.patchify(images))
+    assert torch.equal(mae.unpatchify(mae.patchify(images)), images)
+    assert mae.features(images).shape == (B, D)
+    attention = mae.cls_attention(images)
+    assert attention.shape == (B, N) and bool((attention > 0).all()) and bool((attention.sum(1) < 1).all())
+    # the wrapper holds the model itself: same parameters, trained together
+    assert mae.model is model and list(mae.parameters()) == list(model.parameters())
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_wrap_random_policy_bit_identical_to_model(images, norm_pix_loss):
+    model = make_model(norm_pix_loss=norm_pix_loss)
+    torch.manual_seed(11)
+    loss, pred, mask = model(images, mask_ratio=0.6)
+    torch.manual_seed(11)
+    out = mae_step_loss(wrap(model), create_policy("random"), images, ratio=0.6)
+    assert torch.equal(out.loss, loss) and torch.equal(out.pred, pred) and torch.equal(out.plan.mask, mask)
+    torch.manual_seed(11)
+    assert torch.equal(wrap(model)(images, ratio=0.6).loss, loss)  # forward: default random policy
+
+
+def test_wrap_features_equal_unmasked_encoder(model, images):
+    """With nothing masked, the CLS output does not depend on the shuffle of the patches."""
+    latent, _, _ = model.forward_encoder(images, 0.0)
+    torch.testing.assert_close(wrap(model).features(images), latent[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_wrap_rejects_foreign_objects():
+    with pytest.raises(TypeError, match="official MAE"):
+        wrap(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="nn.Module"):
+        wrap("model")
+
+
+# ---- use_policy ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_use_policy_random_bit_identical(images, norm_pix_loss):
+    reference, patched = make_model(norm_pix_loss=norm_pix_loss), make_model(norm_pix_loss=norm_pix_loss)
+    torch.manual_seed(5)
+    loss0, pred0, mask0 = reference(images, mask_ratio=0.75)
+    loss0.backward()
+    with use_policy(patched, create_policy("random")):
+        torch.manual_seed(5)
+        loss1, pred1, mask1 = patched(images, mask_ratio=0.75)  # the user's unchanged call
+        loss1.backward()
+    assert torch.equal(loss0, loss1) and torch.equal(pred0, pred1) and torch.equal(mask0, mask1)
+    for (name, a), b in zip(reference.named_parameters(), patched.parameters(), strict=True):
+        assert (a.grad is None) == (b.grad is None), name
+        assert a.grad is None or torch.equal(a.grad, b.grad), name
+
+
+def test_use_policy_passes_call_ratio_and_context(model, images):
+    handle = use_policy(model, create_policy("random", ratio=0.9))
+    _, _, mask = model(images, mask_ratio=0.5)
+    assert torch.equal(mask.sum(1), torch.full((B,), float(N - num_visible(N, 0.5))))
+    _, _, mask = model(images)  # no ratio: the policy's own
+    assert torch.equal(mask.sum(1), torch.full((B,), float(N - num_visible(N, 0.9))))
+    noise = torch.rand(B, N)
+    _, _, mask = model(images, mask_ratio=0.75, noise=noise)  # per-call context reaches the policy
+    assert torch.equal(mask, MaskPlan.from_scores(noise, 0.75).mask)
+    assert handle.plan is not None and torch.equal(handle.plan.mask, mask)
+    with pytest.raises(ValueError, match="mask ratio"):
+        model(images, mask_ratio=1.5)
+    handle.remove()
+
+
+def test_use_policy_attention_hides_most_attended(model, images):
+    attention = torch.rand(B, N, generator=torch.Generator().manual_seed(2))
+    hidden = N - num_visible(N, 0.75)
+    with use_policy(model, create_policy("attention"), attention=attention):
+        _, _, mask = model(images, mask_ratio=0.75)
+    top = torch.zeros(B, N).scatter(1, attention.topk(hidden, dim=1).indices, 1.0)
+    assert torch.equal(mask, top)
+    # without precomputed scores the policy reads the model's own CLS attention
+    own = wrap(model).cls_attention(images)
+    with use_policy(model, create_policy("attention")):
+        _, _, mask = model(images, mask_ratio=0.75)
+    assert torch.equal(mask, torch.zeros(B, N).scatter(1, own.topk(hidden, dim=1).indices, 1.0))
+
+
+def test_use_policy_learned_weights_loss_and_reaches_masker(model, images):
+    masker = create_policy("learned", embed_dim=D, num_patches=N)
+    handle = use_policy(model, masker)
+    loss, pred, mask = model(images, mask_ratio=0.75)
+    plan = handle.plan
+    target = model.patchify(images)
+    per_patch = ((pred - target) ** 2).mean(-1)  # independent recomputation of the weighted loss
+    expected = (per_patch * mask * plan.weights).sum() / mask.sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    loss.backward()
+    grads = [p.grad for p in masker.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    assert model.decoder_pred.weight.grad is not None
+    handle.remove()
+
+
+def test_learned_through_wrap_reaches_masker(model, images):
+    masker = create_policy("learned", embed_dim=D, num_patches=N)
+    out = mae_step_loss(wrap(model), masker, images, ratio=0.75)
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in masker.parameters())
+
+
+def test_use_policy_is_undone_cleanly(images):
+    model, twin = make_model(), make_model()
+    before = set(model.__dict__)
+    keys = list(model.state_dict())
+    handle = use_policy(model, create_policy("attention"))
+    assert policy_of(model) is handle and list(model.state_dict()) == keys  # nothing registered
+    assert type(model).forward is models_mae.MaskedAutoencoderViT.forward  # class untouched
+    assert "forward" not in twin.__dict__  # other instances untouched
+    model(images, mask_ratio=0.75)
+    handle.remove()
+    handle.remove()  # idempotent
+    assert set(model.__dict__) == before and policy_of(model) is None
+    torch.manual_seed(9)
+    expected = twin(images, mask_ratio=0.75)
+    torch.manual_seed(9)
+    got = model(images, mask_ratio=0.75)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    # restore_masking and replacement
+    use_policy(model, create_policy("random"))
+    second = use_policy(model, create_policy("attention"))  # replaces the first
+    assert policy_of(model) is second
+    assert restore_masking(model) is True and restore_masking(model) is False
+    assert set(model.__dict__) == before
+
+
+def test_deepcopy_of_patched_model_masks_itself(model, images):
+    handle = use_policy(model, create_policy("learned", embed_dim=D, num_patches=N))
+    twin = copy.deepcopy(model)
+    assert policy_of(twin) is not handle and policy_of(twin).policy is not handle.policy
+    with torch.no_grad():
+        twin.decoder_pred.bias.add_(1.0)  # the copy now predicts differently
+    loss, _, _ = model(images, mask_ratio=0.75)
+    twin_loss, _, _ = twin(images, mask_ratio=0.75)
+    assert not torch.equal(loss, twin_loss)
+    twin_loss.backward()
+    assert twin.decoder_pred.bias.grad is not None and model.decoder_pred.bias.grad is None
+    assert all(p.grad is None for p in handle.policy.parameters())  # the copy's masker got them
+    assert restore_masking(twin) and policy_of(model) is handle
+    handle.remove()
+
+
+def test_use_policy_rejects_bad_input(model):
+    with pytest.raises(TypeError, match="official MAE"):
+        use_policy(torch.nn.Linear(2, 2), create_policy("random"))
+    with pytest.raises(TypeError, match="policy"):
+        use_policy(model, "random")
+    with use_policy(model, lambda tokens, **_: "not a plan"):
+        with pytest.raises(TypeError, match="MaskPlan"):
+            model(torch.randn(1, 3, 16, 16), mask_ratio=0.75)
+    assert "forward" not in model.__dict__
