@@ -348,6 +348,22 @@ def get_preset(name: str) -> MAEPreset:
 
 
 register_preset(
+    "micro",
+    MAEPreset(
+        "vit_tiny_patch16_224",
+        img_size=8,
+        patch_size=2,
+        in_chans=1,
+        embed_dim=64,
+        depth=4,
+        num_heads=4,
+        decoder_embed_dim=64,
+        decoder_depth=1,
+        decoder_num_heads=4,
+        description="CPU demo size (default of `maskkit pretrain`): 8x8 digits, patch 2, width 64, depth 4",
+    ),
+)
+register_preset(
     "tiny",
     MAEPreset(
         "vit_tiny_patch16_224",

@@ -1,0 +1,643 @@
+"""The `maskkit` command: policies, pretrain, evaluate, visualize, bench (Typer + rich).
+
+Parsing and printing only: the work is done by maskkit.training, maskkit.evaluate,
+maskkit.visualize and the benchmarks. Every expected failure (bad option, bad data, bad
+checkpoint) ends the command with exit code 1 and ONE line on stderr, no traceback; set
+MASKKIT_DEBUG=1 to see the traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+app = typer.Typer(
+    name="maskkit",
+    help="Pretrain Masked Autoencoders with random, attention-guided or learned masking; evaluate; picture the masks.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+class Protocol(str, Enum):
+    linear = "linear"
+    finetune = "finetune"
+
+
+class Hypergrad(str, Enum):
+    darts = "darts"
+    unroll = "unroll"
+
+
+class Init(str, Enum):
+    pretrained = "pretrained"
+    random = "random"
+
+
+class Augment(str, Enum):
+    auto = "auto"
+    none = "none"
+    crop_flip = "crop-flip"
+
+
+class CommandError(ValueError):
+    """An expected failure, reported as one line."""
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turn expected exceptions into 'Error: ...' on stderr and exit code 1."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except (ValueError, TypeError, OSError, FloatingPointError, KeyError, ImportError) as err:
+        if os.environ.get("MASKKIT_DEBUG"):
+            raise
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, KeyError):
+            text = f"missing entry {text}"
+        err_console.print(f"Error: {text}", markup=False, highlight=False)
+        raise typer.Exit(code=1) from None
+
+
+# ---- policies ---------------------------------------------------------------------------------
+
+
+@app.command("policies")
+def policies_command() -> None:
+    """List the registered masking policies (third-party ones included) and their options."""
+    from maskkit.registry import list_policies, policy_options, policy_summary
+
+    table = Table(title="masking policies", show_lines=True)
+    table.add_column("policy", style="bold")
+    table.add_column("summary")
+    table.add_column("options (pass as --<policy>-<option> VALUE or --policy-opt option=VALUE)")
+    for name in list_policies():
+        opts = [o for o in policy_options(name) if o.name not in AUTO_POLICY_OPTIONS]
+        text = "\n".join(
+            f"--{name}-{o.name.replace('_', '-')} {o.annotation or 'value'} (default {o.default!r})" for o in opts
+        )
+        table.add_row(name, policy_summary(name), text or "-")
+    console.print(table)
+
+
+#: policy constructor arguments the CLI fills itself (from --mask-ratio and the model).
+AUTO_POLICY_OPTIONS = ("ratio", "embed_dim", "num_patches")
+
+
+def _convert(value: str, annotation: str, what: str) -> Any:
+    """Parse an option value by its annotation ('int', 'float', 'bool', 'str', 'X | None')."""
+    parts = [p.strip() for p in annotation.split("|")] if annotation else []
+    if "None" in parts and value.lower() in ("none", "null"):
+        return None
+    base = next((p for p in parts if p != "None"), "")
+    try:
+        if base == "int":
+            return int(value)
+        if base == "float":
+            return float(value)
+        if base == "bool":
+            lowered = value.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if base == "str":
+            return value
+    except ValueError:
+        raise CommandError(f"{what} expects {base}, got {value!r}") from None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def parse_policy_options(policy: str, extra: list[str], pairs: list[str]) -> dict[str, Any]:
+    """Policy options from `--<policy>-<option> VALUE` extras and `--policy-opt option=VALUE` pairs."""
+    from maskkit.registry import list_policies, policy_options
+
+    known = {o.name: o for o in policy_options(policy) if o.name not in AUTO_POLICY_OPTIONS}
+    choices = ", ".join(f"--{policy}-{k.replace('_', '-')}" for k in known) or "none"
+    options: dict[str, Any] = {}
+
+    def put(key: str, value: str | None, spelled: str) -> None:
+        if key in AUTO_POLICY_OPTIONS:
+            hint = "--mask-ratio" if key == "ratio" else "the model"
+            raise CommandError(f"policy option {key!r} is set from {hint}, not from {spelled}")
+        if key not in known:
+            raise CommandError(f"policy {policy!r} has no option {key!r} ({spelled}); its options: {choices}")
+        annotation = known[key].annotation
+        if value is None:
+            if "bool" not in annotation:
+                raise CommandError(f"option {spelled} needs a value")
+            value = "true"
+        options[key] = _convert(value, annotation, spelled)
+
+    prefix = policy.replace("_", "-") + "-"
+    i = 0
+    while i < len(extra):
+        token = extra[i]
+        if not token.startswith("--"):
+            raise CommandError(f"unexpected argument {token!r}")
+        name, eq, value = token[2:].partition("=")
+        if not name.startswith(prefix):
+            other = next((p for p in list_policies() if name.startswith(p.replace("_", "-") + "-")), None)
+            if other is not None:
+                raise CommandError(f"option --{name} is for policy {other!r}, but --policy is {policy!r}")
+            raise CommandError(f"no such option: --{name}")
+        key = name[len(prefix) :].replace("-", "_")
+        if not eq:
+            if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+                value = extra[i + 1]
+                i += 1
+            else:
+                value = None  # a bare boolean flag
+        put(key, value if (eq or value is not None) else None, f"--{name}")
+        i += 1
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise CommandError(f"--policy-opt expects option=value, got {pair!r}")
+        put(key.strip().replace("-", "_"), value, f"--policy-opt {pair}")
+    return options
+
+
+# ---- pretrain ---------------------------------------------------------------------------------
+
+DEFAULT_STEPS = 600
+
+#: options that may be combined with --resume (everything else comes from the run's config.json).
+RESUME_OPTIONS = ("resume", "steps", "device", "progress")
+
+
+@app.command(
+    "pretrain",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def pretrain_command(
+    ctx: typer.Context,
+    model: str = typer.Option("micro", help="MAE size preset (see maskkit.adapters.timm.list_presets())."),
+    dataset: str = typer.Option(
+        "digits", help="digits | mnist | fashion-mnist | cifar10 | cifar100 | imagefolder:PATH | npz:PATH."
+    ),
+    data_dir: Optional[Path] = typer.Option(None, help="Where torchvision datasets live."),
+    download: bool = typer.Option(False, "--download", help="Download a torchvision dataset into --data-dir."),
+    img_size: Optional[int] = typer.Option(None, help="Resize images to this side (default: as stored)."),
+    steps: Optional[int] = typer.Option(None, help=f"Training iterations (default {DEFAULT_STEPS})."),
+    epochs: Optional[float] = typer.Option(None, help="Training length in epochs of the train split (instead of --steps)."),
+    batch_size: int = typer.Option(128, help="Images per iteration."),
+    lr: float = typer.Option(1.5e-3, help="MAE learning rate (peak of warm-up + cosine)."),
+    weight_decay: float = typer.Option(0.05, help="MAE weight decay (none on biases, norms, embeddings, tokens)."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Linear warm-up iterations (default 5% of the steps)."),
+    optimizer: str = typer.Option("adamw", help="MAE optimizer: adamw | adam | sgd | lamb | lars | ... (torch-optimizer)."),
+    mask_ratio: float = typer.Option(0.75, help="Fraction of patches hidden, in (0, 1)."),
+    patch_size: Optional[int] = typer.Option(None, help="Patch side (default: the preset's, if it fits the images)."),
+    norm_pix_loss: bool = typer.Option(False, "--norm-pix-loss", help="Normalise each target patch (MAE)."),
+    augment: Augment = typer.Option(Augment.auto, help="auto: MAE crop + flip for images of side >= 32, else none."),
+    seed: int = typer.Option(0, help="Seed of splits, initialisation, batches, masks."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    out: Optional[Path] = typer.Option(None, help="Run directory to create (default runs/<date-time>)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory from its last checkpoint."),
+    policy: str = typer.Option("learned", help="Masking policy (maskkit policies lists them)."),
+    policy_opt: list[str] = typer.Option([], "--policy-opt", help="Policy option as option=value (repeatable)."),
+    hypergrad: Hypergrad = typer.Option(Hypergrad.darts, help="Learned masker's hypergradient: darts | unroll."),
+    masker_every: int = typer.Option(2, help="Head and masker step after every this many MAE steps."),
+    unroll_steps: int = typer.Option(1, help="MAE steps unrolled by --hypergrad unroll."),
+    head_optimizer: str = typer.Option("adamw", help="Optimizer of the classification head (learned policy)."),
+    head_lr: float = typer.Option(1e-2, help="Learning rate of the classification head (level 2 of the learned masker)."),
+    masker_optimizer: str = typer.Option("adamw", help="Optimizer of the learned masker."),
+    masker_lr: float = typer.Option(1e-3, help="Learning rate of the learned masker."),
+    log_every: int = typer.Option(10, help="Write a metrics.jsonl line every this many steps."),
+    ckpt_every: int = typer.Option(100, help="Checkpoint every this many steps (and at the end)."),
+    keep_checkpoints: int = typer.Option(2, help="How many checkpoints to keep."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """MAE pretraining with any masking policy; `learned` trains the masker by multi-level optimisation.
+
+    Policy options pass through as --<policy>-<option> VALUE (e.g. --attention-mode hint).
+    With no options: the learned masker on the bundled 8x8 digits, a few CPU minutes.
+    """
+    with one_line_errors():
+        if resume is not None:
+            _resume(ctx, resume, steps, device, progress)
+            return
+        _pretrain_new(ctx, locals())
+
+
+def _pretrain_new(ctx: typer.Context, args: dict[str, Any]) -> None:
+    import torch
+
+    from maskkit import __version__
+    from maskkit.adapters.timm import get_preset
+    from maskkit.cli import runs
+    from maskkit.data import DEFAULT_FRACTIONS, Batcher, load_dataset
+    from maskkit.plan import check_ratio
+    from maskkit.registry import create_policy, get_policy_class
+    from maskkit.training import Pretrainer, TrainConfig
+
+    torch.manual_seed(args["seed"])  # whatever initialises from the global RNG (policies, head) is seeded
+    # -- validate everything before touching the disk
+    check_ratio(args["mask_ratio"])
+    get_preset(args["model"])
+    get_policy_class(args["policy"])
+    options = parse_policy_options(args["policy"], list(ctx.args), args["policy_opt"])
+    if args["steps"] is not None and args["epochs"] is not None:
+        raise CommandError("give --steps or --epochs, not both")
+    for name in ("batch_size", "log_every", "ckpt_every", "keep_checkpoints", "masker_every", "unroll_steps"):
+        if args[name] < 1:
+            raise CommandError(f"--{name.replace('_', '-')} must be a positive integer, got {args[name]}")
+    dev = runs.resolve_device(args["device"])
+    out = args["out"] or _fresh_run_dir(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if any((out / name).exists() for name in (runs.CONFIG, runs.METRICS, runs.MODEL, runs.CHECKPOINTS)):
+        raise CommandError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"cannot write to output directory {out}: it is a file")
+
+    data = load_dataset(args["dataset"], args["data_dir"], download=args["download"], img_size=args["img_size"])
+    if runs.needs_labels(args["policy"]) and data.labels is None:
+        raise CommandError(
+            f"policy {args['policy']!r} learns from labels, but dataset {args['dataset']!r} has none "
+            "(use --policy random or attention)"
+        )
+    section, splits = runs.dataset_section(
+        args["dataset"], args["data_dir"], args["img_size"], data, args["seed"], args["augment"].value,
+        dict(DEFAULT_FRACTIONS),
+    )  # fmt: skip
+    patch = runs.choose_patch_size(args["model"], data.image_size, args["patch_size"])
+    check_ratio(args["mask_ratio"], (data.image_size[0] // patch) * (data.image_size[1] // patch))
+    model_section = {
+        "preset": args["model"],
+        "img_size": data.image_size[0] if data.image_size[0] == data.image_size[1] else list(data.image_size),
+        "patch_size": patch,
+        "in_chans": data.in_chans,
+        "norm_pix_loss": args["norm_pix_loss"],
+        "init_seed": args["seed"],
+        "overrides": {},
+    }
+    mae = runs.build_mae(model_section).to(dev)
+    model_section.update(num_patches=mae.num_patches, embed_dim=mae.embed_dim)
+    pol = create_policy(
+        args["policy"], **runs.policy_kwargs(args["policy"], options, args["mask_ratio"], mae)
+    ).to(dev)
+
+    batches_per_epoch = max(len(splits["train"]) // min(args["batch_size"], len(splits["train"])), 1)
+    if args["epochs"] is not None:
+        if args["epochs"] <= 0:
+            raise CommandError(f"--epochs must be positive, got {args['epochs']}")
+        total = max(round(args["epochs"] * batches_per_epoch), 1)
+    else:
+        total = DEFAULT_STEPS if args["steps"] is None else args["steps"]
+    if total < 1:
+        raise CommandError(f"--steps must be a positive integer, got {total}")
+    warmup = args["warmup_steps"] if args["warmup_steps"] is not None else total // 20
+    train_cfg = TrainConfig(
+        steps=total, batch_size=args["batch_size"], lr=args["lr"], weight_decay=args["weight_decay"],
+        optimizer=args["optimizer"], warmup_steps=warmup, mask_ratio=args["mask_ratio"], seed=args["seed"],
+        log_every=args["log_every"], ckpt_every=args["ckpt_every"], keep_checkpoints=args["keep_checkpoints"],
+        hypergrad=args["hypergrad"].value, masker_every=args["masker_every"], unroll_steps=args["unroll_steps"],
+        head_optimizer=args["head_optimizer"], head_lr=args["head_lr"],
+        masker_optimizer=args["masker_optimizer"], masker_lr=args["masker_lr"],
+    )  # fmt: skip
+    batcher = Batcher(data, section["mean"], section["std"], dev, section["augment"])
+    trainer = Pretrainer(mae, pol, batcher, splits, train_cfg, dev)  # builds optimizers and the engine: may fail
+
+    spec = runs.RunSpec(
+        dataset=section,
+        model=model_section,
+        policy={"name": args["policy"], "options": options, "learnable": bool(getattr(pol, "learnable", False))},
+        train=asdict(train_cfg),
+        device=str(dev),
+        versions={"maskkit": __version__, "torch": torch.__version__},
+        command=list(sys.argv),
+    )
+    # -- now write
+    runs.check_writable(out)
+    from maskkit.checkpoint import atomic_write_text
+
+    atomic_write_text(out / runs.CONFIG, spec.to_json())
+    _describe(spec, out)
+    _train(trainer, out, spec, args["progress"])
+
+
+def _fresh_run_dir(base: Path) -> Path:
+    """`base`, or base-2, base-3, ... if it is taken (two runs started in the same second)."""
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def _describe(spec: Any, out: Path) -> None:
+    ds, m, p = spec.dataset, spec.model, spec.policy
+    opts = ", ".join(f"{k}={v}" for k, v in p["options"].items())
+    console.print(
+        f"[bold]maskkit pretrain[/bold] -> {out}\n"
+        f"  data   {ds['name']}: {ds['num_images']} images {ds['in_chans']}x{ds['image_size'][0]}x{ds['image_size'][1]}, "
+        f"splits train {ds['splits']['train']} / val {ds['splits']['val']} / test {ds['splits']['test']}, "
+        f"augment {ds['augment']}\n"
+        f"  model  {m['preset']}: patch {m['patch_size']} ({m['num_patches']} patches), width {m['embed_dim']}\n"
+        f"  policy {p['name']}{' (' + opts + ')' if opts else ''}, mask ratio {spec.train['mask_ratio']}"
+        + (f", hypergrad {spec.train['hypergrad']}" if p.get("learnable") else "")
+        + f"\n  train  {spec.train['steps']} steps of {spec.train['batch_size']} on {spec.device}",
+        highlight=False,
+    )
+
+
+def _train(trainer: Any, out: Path, spec: Any, show_progress: bool) -> None:
+    from maskkit.checkpoint import save_checkpoint
+    from maskkit.cli import runs
+    from maskkit.training import train
+
+    cfg = trainer.config
+    start_step = trainer.step_count
+    state = {"loss": float("nan"), "t0": time.perf_counter(), "images": 0}
+    columns = [
+        TextColumn("[bold]pretrain"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[ips]:.0f} img/s"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, disable=not show_progress, transient=False) as bar:
+        task = bar.add_task("pretrain", total=cfg.steps, completed=start_step, loss=float("nan"), ips=0.0)
+
+        def on_step(step: int, metrics: dict[str, float]) -> None:
+            state["loss"] = metrics["loss"]
+            state["images"] += trainer.streams["train"].batch_size
+            rate = state["images"] / max(time.perf_counter() - state["t0"], 1e-9)
+            bar.update(task, completed=step, loss=metrics["loss"], ips=rate)
+
+        try:
+            records = train(trainer, out, on_step=on_step)
+        except FloatingPointError as err:
+            raise CommandError(f"{err}; the last good checkpoint is kept in {out / runs.CHECKPOINTS}") from None
+        except KeyboardInterrupt:
+            err_console.print(
+                f"Interrupted at step {trainer.step_count}; continue with: maskkit pretrain --resume {out}",
+                markup=False, highlight=False,
+            )  # fmt: skip
+            raise typer.Exit(code=130) from None
+    seconds = time.perf_counter() - state["t0"]
+    final = {
+        "mae": trainer.mae.state_dict(),
+        "policy": trainer.policy.state_dict(),
+        "head": None if trainer.head is None else trainer.head.state_dict(),
+        "step": trainer.step_count,
+    }
+    if final["head"] is None:
+        del final["head"]
+    save_checkpoint(out / runs.MODEL, final)
+    last = records[-1] if records else {}
+    summary = {
+        "steps": trainer.step_count,
+        "steps_this_call": trainer.step_count - start_step,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(state["images"] / max(seconds, 1e-9), 1),
+        "final": last,
+        "model": str(out / runs.MODEL),
+    }
+    from maskkit.checkpoint import atomic_write_text
+
+    atomic_write_text(out / runs.SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    table = Table(title=f"pretraining summary ({out})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("steps", str(trainer.step_count))
+    table.add_row("time", f"{seconds:.1f} s")
+    table.add_row("throughput", f"{summary['images_per_second']:.0f} img/s")
+    for key, value in last.items():
+        if key not in ("step",):
+            table.add_row(f"last log: {key}", f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+    console.print(f"next: maskkit evaluate {out}  |  maskkit visualize {out} -o {out / 'masks.png'}", highlight=False)
+
+
+def _resume(ctx: typer.Context, run_dir: Path, steps: int | None, device: str, show_progress: bool) -> None:
+    import torch
+
+    from maskkit.checkpoint import CheckpointError, load_latest
+    from maskkit.cli import runs
+    from maskkit.training import MetricsLog, Pretrainer, TrainConfig
+
+    given = [
+        name for name in ctx.params
+        if name not in RESUME_OPTIONS and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
+    ]  # fmt: skip
+    if given or ctx.args:
+        extra = [f"--{n.replace('_', '-')}" for n in given] + [a for a in ctx.args if a.startswith("--")]
+        raise CommandError(f"--resume takes its settings from the run's config.json; drop {', '.join(extra)}")
+    spec = runs.RunSpec.read(run_dir)
+    dev = runs.resolve_device(device) if device != "auto" else runs.resolve_device(spec.device)
+    try:
+        path, state, skipped = load_latest(run_dir / runs.CHECKPOINTS)
+    except CheckpointError as err:
+        raise CommandError(f"cannot resume {run_dir}: {err}") from None
+    for problem in skipped:
+        err_console.print(f"Warning: skipped {problem}", markup=False, highlight=False)
+    torch.manual_seed(spec.train["seed"])
+    run = runs.build_run(spec, dev)
+    cfg = TrainConfig(**spec.train)
+    if steps is not None:
+        if steps <= int(state["step"]):
+            raise CommandError(f"--steps {steps} does not go beyond the checkpoint's step {state['step']}")
+        cfg.steps = steps
+    elif int(state["step"]) >= cfg.steps:
+        raise CommandError(f"run {run_dir} is complete ({state['step']} of {cfg.steps} steps); extend it with --steps N")
+    trainer = Pretrainer(run.mae, run.policy, run.batcher, run.splits, cfg, dev)
+    trainer.load_state_dict(state)
+    runs.check_writable(run_dir)
+    if steps is not None and steps != spec.train["steps"]:
+        spec.train["steps"] = steps
+        from maskkit.checkpoint import atomic_write_text
+
+        atomic_write_text(run_dir / runs.CONFIG, spec.to_json())
+    MetricsLog(run_dir / runs.METRICS).truncate_after(trainer.step_count)
+    console.print(f"[bold]maskkit pretrain --resume[/bold] {run_dir}: from {path.name} (step {trainer.step_count})")
+    _train(trainer, run_dir, spec, show_progress)
+
+
+# ---- evaluate ---------------------------------------------------------------------------------
+
+
+@app.command("evaluate")
+def evaluate_command(
+    run_dir: Path = typer.Argument(..., help="A run directory written by maskkit pretrain."),
+    protocol: Protocol = typer.Option(Protocol.linear, help="linear (frozen encoder, BN + linear, LARS) or finetune."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default: linear 90, finetune 20)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size (default: linear 256, finetune 128)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: linear 0.1 x batch/256, finetune 1e-3)."),
+    init: Init = typer.Option(Init.pretrained, help="pretrained weights, or random: the run's untrained initialisation."),
+    seed: int = typer.Option(0, help="Seed of the probe / fine-tuning."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+) -> None:
+    """Top-1 accuracy of the run's encoder on its test split (never seen in pretraining); writes eval.json."""
+    with one_line_errors():
+        from maskkit.cli import runs
+        from maskkit.evaluate import evaluate_encoder
+
+        spec = runs.RunSpec.read(run_dir)
+        if not spec.dataset.get("labeled", True):
+            raise CommandError(f"dataset {spec.dataset['name']!r} has no labels to evaluate with")
+        for name, value in (("epochs", epochs), ("batch-size", batch_size)):
+            if value is not None and value < 1:
+                raise CommandError(f"--{name} must be a positive integer, got {value}")
+        run = runs.build_run(spec, runs.resolve_device(device))
+        source = {"source": "random initialisation", "step": 0}
+        if init == Init.pretrained:
+            source = runs.load_weights(run, run_dir)
+        runs.check_writable(run_dir)
+        result = evaluate_encoder(
+            run.mae, run.batcher, run.splits, protocol.value, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed
+        )
+        key = protocol.value if init == Init.pretrained else f"{protocol.value}-random"
+        record = {**asdict(result), "init": init.value, "weights": source["source"], "step": source["step"],
+                  "seed": seed}  # fmt: skip
+        runs.merge_json(run_dir / runs.EVAL, key, record)
+        table = Table(title=f"evaluation of {run_dir}")
+        table.add_column("protocol")
+        table.add_column("init")
+        table.add_column("test top-1", justify="right")
+        table.add_column("train top-1", justify="right")
+        table.add_column("train / test images", justify="right")
+        table.add_row(
+            result.protocol, init.value, f"{100 * result.top1:.2f}%", f"{100 * result.train_top1:.2f}%",
+            f"{result.num_train} / {result.num_test}",
+        )  # fmt: skip
+        console.print(table)
+        console.print(f"wrote {run_dir / runs.EVAL} [{key}]", highlight=False)
+
+
+# ---- visualize --------------------------------------------------------------------------------
+
+
+@app.command("visualize")
+def visualize_command(
+    run_dir: Path = typer.Argument(..., help="A run directory written by maskkit pretrain."),
+    output: Path = typer.Option(Path("masks.png"), "-o", "--output", help="PNG file to write."),
+    num_images: int = typer.Option(8, help="Rows of the grid (test images)."),
+    tile: int = typer.Option(96, help="Side of each picture in pixels (small images are upscaled)."),
+    seed: int = typer.Option(0, help="Seed of the image choice and of random masks."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+) -> None:
+    """A PNG grid per test image: the image, its hidden patches, the masker's heat-map (learned), the reconstruction."""
+    with one_line_errors():
+        from maskkit.cli import runs
+        from maskkit.visualize import mask_grid
+
+        if num_images < 1 or tile < 8:
+            raise CommandError("--num-images must be >= 1 and --tile >= 8")
+        if output.suffix.lower() != ".png":
+            raise CommandError(f"output {output} must end in .png")
+        spec = runs.RunSpec.read(run_dir)
+        run = runs.build_run(spec, runs.resolve_device(device))
+        runs.load_weights(run, run_dir)
+        runs.check_writable(output.parent if str(output.parent) else Path("."))
+        image = mask_grid(
+            run.mae, run.policy, run.batcher, run.splits["test"],
+            ratio=spec.train["mask_ratio"], num_images=num_images, tile=tile, seed=seed,
+        )  # fmt: skip
+        from io import BytesIO
+
+        from maskkit.checkpoint import atomic_write_bytes
+
+        buffer = BytesIO()
+        image.save(buffer, format="PNG")
+        atomic_write_bytes(output, buffer.getvalue())
+        console.print(f"wrote {output} ({image.width}x{image.height})", highlight=False)
+
+
+# ---- bench ------------------------------------------------------------------------------------
+
+BENCH_SIZES = {"tiny": {"batch": 64, "num_patches": 64, "dim": 192}, "vit-b": {"batch": 256, "num_patches": 196, "dim": 768}}
+
+
+@app.command("bench")
+def bench_command(
+    preset: str = typer.Option("tiny", help="Model size: tiny | vit-b."),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N."),
+    batch: Optional[int] = typer.Option(None, help="Batch size (default: tiny 64; vit-b 256 for policies, 64 for MLO)."),
+    repeats: Optional[int] = typer.Option(None, help="Timed repeats (default: the benchmarks' own)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON here."),
+    skip_mlo: bool = typer.Option(False, "--skip-mlo", help="Only the policy-overhead rows."),
+) -> None:
+    """Seconds per iteration and peak memory: masking policies vs MAE's random_masking, MLO vs a plain MAE step."""
+    with one_line_errors():
+        import torch
+
+        from maskkit.bench import bench_policy_overhead
+        from maskkit.cli import runs
+
+        if preset not in BENCH_SIZES:
+            raise CommandError(f"unknown bench preset {preset!r}; choose one of {', '.join(BENCH_SIZES)}")
+        dev = runs.resolve_device(device)
+        if json_path is not None:
+            runs.check_writable(json_path.parent if str(json_path.parent) else Path("."))
+        size = BENCH_SIZES[preset]
+        kwargs: dict[str, Any] = {"device": str(dev)}
+        if repeats is not None:
+            kwargs["repeats"] = repeats
+        rows = bench_policy_overhead(
+            batch=batch or size["batch"], num_patches=size["num_patches"], dim=size["dim"], **kwargs
+        )
+        if not skip_mlo:
+            from maskkit.mlo_bench import bench_mlo
+
+            rows += bench_mlo(preset=preset, batch=batch or 64, **kwargs)
+        table = Table(title=f"maskkit bench ({preset}, {dev})")
+        rss = any(row.get("rss_mb") is not None for row in rows)
+        for col in ("name", "seconds", "peak_mem_mb", *(["rss_mb"] if rss else []), "baseline", "ratio"):
+            table.add_column(col, justify="left" if col in ("name", "baseline") else "right")
+        for row in rows:
+            cells = [row["name"], f"{row['seconds']:.3e}", _fmt(row.get("peak_mem_mb"))]
+            cells += [_fmt(row.get("rss_mb"))] if rss else []
+            table.add_row(*cells, str(row.get("baseline") or "-"), _fmt(row.get("ratio")))
+        console.print(table)
+        if json_path is not None:
+            from maskkit.checkpoint import atomic_write_text
+
+            payload = {"device": str(dev), "torch": torch.__version__, "rows": rows}
+            atomic_write_text(json_path, json.dumps(payload, indent=2) + "\n")
+            console.print(f"wrote {json_path}", highlight=False)
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

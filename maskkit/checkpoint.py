@@ -1,0 +1,190 @@
+"""Checkpoints written atomically and loaded without running code from the file.
+
+A checkpoint is one state dict (tensors, numbers, strings, lists, dicts) saved with
+`torch.save` into a temporary file in the target directory, flushed, fsync'ed and renamed over
+the target, so a crash leaves either the old file or the new one, never half of one. A SHA-256
+of the bytes is stored beside it (`<name>.sha256`) and checked on load, so a truncated or
+corrupted file is detected. Loading uses `torch.load(weights_only=True)`: a pickled payload
+is refused, never executed.
+
+RNG helpers capture the torch, numpy and python generators as plain tensors and lists so that
+they survive `weights_only` loading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_GLOB = "checkpoint-*.pt"
+_STEP_RE = re.compile(r"checkpoint-(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, corrupt, or carrying pickled code)."""
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to `path` atomically: temporary file in the same directory, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as a plain open() would create it (mkstemp uses 0600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> str:
+    """Save `state` atomically to `path` with a SHA-256 sidecar; returns the hex digest."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    atomic_write_bytes(path, data)
+    atomic_write_text(f"{path}.sha256", digest + "\n")
+    return digest
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely (weights_only); CheckpointError names the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    data = path.read_bytes()
+    sidecar = Path(f"{path}.sha256")
+    if sidecar.is_file():
+        expected = sidecar.read_text().strip()
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch)")
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise CheckpointError(f"checkpoint {path} holds pickled objects that are refused: {first}") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint: {first}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} does not hold a state dict (got {type(state).__name__})")
+    return state
+
+
+def checkpoint_path(directory: str | os.PathLike[str], step: int) -> Path:
+    """The file name of the checkpoint of `step`: checkpoint-0000100.pt."""
+    return Path(directory) / f"checkpoint-{step:07d}.pt"
+
+
+def list_checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
+    """Checkpoints in `directory`, oldest step first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.glob(CHECKPOINT_GLOB) if (m := _STEP_RE.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_latest(
+    directory: str | os.PathLike[str], map_location: Any = "cpu"
+) -> tuple[Path, dict[str, Any], list[str]]:
+    """The newest checkpoint in `directory` that loads: (path, state, problems of newer ones skipped).
+
+    CheckpointError if there is none, or if none loads (naming the newest one's problem).
+    """
+    paths = list_checkpoints(directory)
+    if not paths:
+        raise CheckpointError(f"no checkpoint in {directory}")
+    errors: list[str] = []
+    for path in reversed(paths):
+        try:
+            return path, load_checkpoint(path, map_location), errors
+        except CheckpointError as err:
+            errors.append(str(err))
+    raise CheckpointError(errors[0])
+
+
+def prune_checkpoints(directory: str | os.PathLike[str], keep: int) -> None:
+    """Delete all but the newest `keep` (>= 1) checkpoints and their sidecars."""
+    paths = list_checkpoints(directory)
+    for path in paths[: max(len(paths) - max(keep, 1), 0)]:
+        path.unlink(missing_ok=True)
+        Path(f"{path}.sha256").unlink(missing_ok=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """The global torch (CPU and CUDA), numpy and python RNG states, as weights_only-safe values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "python": {"version": int(version), "internal": list(internal), "gauss": gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    torch.set_rng_state(state["torch"].cpu())
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            np_state["kind"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached"],
+        )
+    )
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,229 @@
+"""Downstream evaluation of a pretrained MAE encoder: MAE's linear probe and full fine-tuning.
+
+Linear probe (MAE, He et al. 2022, appendix A.2): the encoder is frozen, its CLS features go
+through BatchNorm1d without affine parameters and a linear layer (weights trunc-normal, std
+0.01), trained with LARS (torch-optimizer), warm-up then cosine LR, no weight decay. The
+features are computed once (no augmentation), which makes the probe cheap. Fine-tuning trains
+the whole encoder plus a linear head with AdamW and MAE's no-decay groups. Both report top-1
+accuracy on a held-out test split.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maskkit.data import Batcher, BatchStream
+from maskkit.optim import create_optimizer, warmup_cosine
+
+#: base learning rate of the linear probe (lr = base x batch / 256). MAE uses 0.1 with its own LARS,
+#: which rescales every weight update by its trust ratio even without weight decay; torch-optimizer's
+#: LARS rescales only with weight decay, so at weight decay 0 it is SGD with momentum and needs a
+#: larger step (1.0 probes 8x8 digits well in ~1000 steps).
+LINEAR_BASE_LR = 1.0
+#: fewest optimizer steps the default number of epochs gives (small data sets get more epochs).
+MIN_DEFAULT_STEPS = 1000
+
+
+def default_epochs(epochs: int, num_train: int, batch_size: int) -> int:
+    """`epochs`, raised so that there are at least MIN_DEFAULT_STEPS steps of full batches."""
+    per_epoch = max(num_train // max(batch_size, 1), 1)
+    return max(epochs, -(-MIN_DEFAULT_STEPS // per_epoch))
+
+
+@dataclass
+class EvalResult:
+    """Accuracy of one protocol (fractions in [0, 1])."""
+
+    protocol: str
+    top1: float
+    train_top1: float
+    epochs: int
+    num_train: int
+    num_test: int
+
+
+@torch.no_grad()
+def extract_features(
+    mae: nn.Module, images: Callable[[np.ndarray], Tensor], index: np.ndarray, batch_size: int = 256
+) -> Tensor:
+    """CLS features [n, D] of the images at `index` (`images(idx)` -> normalised [b, C, H, W])."""
+    was_training = mae.training
+    mae.eval()
+    chunks = [mae.features(images(index[s : s + batch_size])).float() for s in range(0, len(index), batch_size)]
+    mae.train(was_training)
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def accuracy(logits: Tensor, labels: Tensor) -> float:
+    """Top-1 accuracy of logits [n, K] against labels [n]."""
+    return (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+class LinearProbeHead(nn.Sequential):
+    """BatchNorm1d(D, affine=False, eps=1e-6) -> Linear(D, K), as MAE's linear probing head."""
+
+    def __init__(self, embed_dim: int, num_classes: int) -> None:
+        fc = nn.Linear(embed_dim, num_classes)
+        nn.init.trunc_normal_(fc.weight, std=0.01)
+        nn.init.zeros_(fc.bias)
+        super().__init__(nn.BatchNorm1d(embed_dim, affine=False, eps=1e-6), fc)
+
+
+def linear_probe(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    *,
+    epochs: int = 90,
+    batch_size: int = 256,
+    lr: float = 0.1,
+    optimizer: str = "lars",
+    warmup_epochs: int = 10,
+    seed: int = 0,
+) -> EvalResult:
+    """Train MAE's probing head on fixed features [n, D]; top-1 on the test features.
+
+    `lr` is the actual learning rate (MAE: base 0.1 x batch / 256); LARS momentum 0.9, no weight decay.
+    """
+    if len(train_features) == 0 or len(test_features) == 0:
+        raise ValueError("the linear probe needs non-empty train and test sets")
+    device = train_features.device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = LinearProbeHead(train_features.shape[1], num_classes).to(device)
+    opt = create_optimizer(optimizer, head.parameters(), lr=lr, weight_decay=0.0, momentum=0.9)
+    stream = BatchStream(np.arange(len(train_features)), batch_size, seed)
+    steps = max(epochs * stream.batches_per_epoch, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine(steps, min(warmup_epochs * stream.batches_per_epoch, steps // 2))
+    )
+    head.train()
+    for _ in range(steps):
+        idx = torch.from_numpy(stream.next()).to(device)
+        loss = F.cross_entropy(head(train_features[idx]), train_labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    head.eval()
+    with torch.no_grad():
+        train_acc = accuracy(head(train_features), train_labels)
+        test_acc = accuracy(head(test_features), test_labels)
+    return EvalResult("linear", test_acc, train_acc, epochs, len(train_features), len(test_features))
+
+
+class FinetuneModel(nn.Module):
+    """The MAE's encoder (through `features`) plus a linear head; the decoder is unused."""
+
+    def __init__(self, mae: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.mae = mae
+        self.head = nn.Linear(mae.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, images: Tensor) -> Tensor:  # [B, C, H, W] -> [B, K]
+        return self.head(self.mae.features(images))
+
+
+def finetune(
+    mae: nn.Module,
+    batcher: Batcher,
+    train_index: np.ndarray,
+    test_index: np.ndarray,
+    *,
+    epochs: int = 20,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    optimizer: str = "adamw",
+    warmup_epochs: int = 2,
+    seed: int = 0,
+) -> EvalResult:
+    """Fine-tune a copy of the encoder with a linear head on `train_index`; top-1 on `test_index`.
+
+    Training batches use the batcher's augmentation (MAE crop + flip where it suits the size).
+    The MAE passed in is left unchanged.
+    """
+    data = batcher.data
+    num_classes = data.num_classes
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = FinetuneModel(copy.deepcopy(mae), num_classes).to(batcher.device)
+    opt = create_optimizer(optimizer, model, lr=lr, weight_decay=weight_decay)
+    stream = BatchStream(train_index, batch_size, seed)
+    steps = max(epochs * stream.batches_per_epoch, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine(steps, min(warmup_epochs * stream.batches_per_epoch, steps // 2))
+    )
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        idx = stream.next()
+        loss = F.cross_entropy(model(batcher.images(idx, gen)), batcher.labels(idx))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+
+    def top1(index: np.ndarray) -> float:
+        with torch.no_grad():
+            logits = torch.cat([model(batcher.images(index[s : s + 256])) for s in range(0, len(index), 256)])
+        return accuracy(logits, batcher.labels(index))
+
+    return EvalResult("finetune", top1(test_index), top1(train_index), epochs, len(train_index), len(test_index))
+
+
+def evaluate_encoder(
+    mae: nn.Module,
+    batcher: Batcher,
+    splits: dict[str, np.ndarray],
+    protocol: str = "linear",
+    *,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+) -> EvalResult:
+    """Run `protocol` ("linear" or "finetune") on the labeled `train` split, scored on `test`.
+
+    Defaults: linear 90 epochs, batch 256, LARS lr 1.0 x batch/256; finetune 50 epochs, batch
+    128, AdamW lr 1e-3; on small data the epochs grow until there are at least
+    MIN_DEFAULT_STEPS optimizer steps. The `val` split (the masker's) is never used.
+    """
+    if batcher.data.labels is None:
+        raise ValueError(f"evaluation needs labels, but dataset {batcher.data.name!r} has none")
+    train_index, test_index = splits["train"], splits["test"]
+    if protocol == "linear":
+        bs = min(batch_size or 256, len(train_index))
+        feats = extract_features(mae, batcher.images, np.concatenate([train_index, test_index]))
+        n = len(train_index)
+        labels = batcher.labels(np.concatenate([train_index, test_index]))
+        return linear_probe(
+            feats[:n], labels[:n], feats[n:], labels[n:], batcher.data.num_classes,
+            epochs=default_epochs(90, n, bs) if epochs is None else epochs,
+            batch_size=bs,
+            lr=(LINEAR_BASE_LR * bs / 256) if lr is None else lr,
+            seed=seed,
+        )  # fmt: skip
+    if protocol == "finetune":
+        bs = min(batch_size or 128, len(train_index))
+        return finetune(
+            mae, batcher, train_index, test_index,
+            epochs=default_epochs(50, len(train_index), bs) if epochs is None else epochs,
+            batch_size=bs,
+            lr=1e-3 if lr is None else lr,
+            seed=seed,
+        )  # fmt: skip
+    raise ValueError(f"unknown evaluation protocol {protocol!r}; use linear or finetune")

@@ -1,0 +1,162 @@
+"""Pictures of masks: per image, the input, its hidden patches, the learned masker's probabilities
+(when the policy has them) and the MAE's reconstruction, composed into one readable PNG grid.
+
+`render_panels` computes the pictures as arrays (one per column); `compose_grid` lays them out
+with column titles, upscaling small images with nearest-neighbour so every pixel stays visible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor, nn
+
+from maskkit.data import Batcher, denormalize
+from maskkit.mae import mae_forward, policy_context
+
+#: colour of hidden patches in the "hidden" column (RGB in [0, 1]).
+HIDDEN_RGB = (0.45, 0.45, 0.55)
+PAD = 4
+HEADER = 18
+
+
+@dataclass
+class Panels:
+    """Pictures per column, each [B, H, W, 3] float in [0, 1], plus the mask [B, N] (1 = hidden)."""
+
+    columns: dict[str, np.ndarray]
+    mask: np.ndarray
+    patch_size: int
+
+
+def _rgb(images: Tensor) -> np.ndarray:
+    """[B, C, H, W] in [0, 1] -> [B, H, W, 3] numpy (grey repeated; 4 channels cut to 3)."""
+    x = images.clamp(0, 1).detach().cpu().float()
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    return x[:, :3].permute(0, 2, 3, 1).numpy()
+
+
+def heat_colour(p: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] -> RGB: dark blue (0) through teal and yellow to red (1). [...] -> [..., 3]."""
+    stops = np.array([[0.10, 0.10, 0.45], [0.10, 0.60, 0.65], [0.95, 0.85, 0.20], [0.85, 0.15, 0.10]])
+    pos = np.clip(p, 0, 1) * (len(stops) - 1)
+    lo = np.clip(np.floor(pos).astype(int), 0, len(stops) - 2)
+    frac = (pos - lo)[..., None]
+    return stops[lo] * (1 - frac) + stops[lo + 1] * frac
+
+
+def _patch_map(values: Tensor, grid: tuple[int, int], patch: int) -> Tensor:
+    """Per-patch values [B, N] -> per-pixel [B, H, W] (each patch's value over its p x p pixels)."""
+    b = values.shape[0]
+    v = values.reshape(b, grid[0], grid[1])
+    return v.repeat_interleave(patch, dim=1).repeat_interleave(patch, dim=2)
+
+
+@torch.no_grad()
+def render_panels(
+    mae: nn.Module,
+    policy: nn.Module,
+    images: Tensor,
+    mean: list[float],
+    std: list[float],
+    *,
+    ratio: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Panels:
+    """Mask `images` (normalised [B, C, H, W]) with `policy`, reconstruct with `mae`, return the columns.
+
+    Columns: image, hidden (hidden patches filled with HIDDEN_RGB), "masker p LO-HI" (only for a
+    policy with `probabilities`: colours stretched over the batch's range LO..HI), prediction (the decoder's output everywhere), prediction + visible
+    (MAE's reconstruction picture: predicted hidden patches, original visible ones).
+    """
+    was = (mae.training, policy.training)
+    mae.eval()
+    policy.eval()
+    tokens = mae.patch_tokens(images)  # [B, N, D]
+    plan = policy(tokens, ratio=ratio, **policy_context(mae, images, generator=generator))
+    out = mae_forward(mae, images, plan, tokens=tokens)
+    target = mae.patchify(images)  # [B, N, P]
+    pred = out.pred
+    if getattr(mae, "norm_pix_loss", False):  # predictions are per-patch normalised: undo with the target's stats
+        mu = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        pred = pred * (var + 1e-6) ** 0.5 + mu
+    mask = plan.mask  # [B, N]
+    patch = mae.patch_size
+    h, w = images.shape[-2:]
+    grid = (h // patch, w // patch)
+
+    original = _rgb(denormalize(images, mean, std))
+    pixel_mask = _patch_map(mask, grid, patch).cpu().numpy()[..., None] > 0.5  # [B, H, W, 1]
+    hidden = np.where(pixel_mask, np.array(HIDDEN_RGB), original)
+    prediction = _rgb(denormalize(mae.unpatchify(pred), mean, std))
+    pasted = np.where(pixel_mask, prediction, original)
+    columns = {"image": original, "hidden": hidden}
+    if callable(getattr(policy, "probabilities", None)):
+        probs = policy.probabilities(tokens).float()  # [B, N]
+        lo, hi = probs.min().item(), probs.max().item()
+        stretched = (probs - lo) / max(hi - lo, 1e-6)  # colours span this batch's range, shown in the title
+        columns[f"masker p {lo:.2f}-{hi:.2f}"] = heat_colour(_patch_map(stretched, grid, patch).cpu().numpy())
+    columns["prediction"] = prediction
+    columns["prediction + visible"] = pasted
+    mae.train(was[0])
+    policy.train(was[1])
+    return Panels(columns, mask.cpu().numpy(), patch)
+
+
+def compose_grid(panels: Panels, tile: int = 96) -> Image.Image:
+    """Lay the panels out as rows (images) x columns, titles on top; upscale by an integer factor
+    so each picture is about `tile` pixels wide (at least 1x)."""
+    first = next(iter(panels.columns.values()))
+    rows, h, w = first.shape[:3]
+    scale = max(1, tile // max(h, w))
+    th, tw = h * scale, w * scale
+    names = list(panels.columns)
+    width = PAD + len(names) * (tw + PAD)
+    height = HEADER + PAD + rows * (th + PAD)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for c, name in enumerate(names):
+        x0 = PAD + c * (tw + PAD)
+        draw.text((x0 + 2, 3), name, fill=(0, 0, 0))
+        for r in range(rows):
+            pic = (np.clip(panels.columns[name][r], 0, 1) * 255).round().astype(np.uint8)
+            tile_img = Image.fromarray(pic, "RGB").resize((tw, th), Image.NEAREST)
+            canvas.paste(tile_img, (x0, HEADER + PAD + r * (th + PAD)))
+    return canvas
+
+
+def tile_box(panels: Panels, row: int, column: str, tile: int = 96) -> tuple[int, int, int, int]:
+    """Pixel box (left, top, right, bottom) of one picture in `compose_grid`'s output."""
+    first = next(iter(panels.columns.values()))
+    h, w = first.shape[1:3]
+    scale = max(1, tile // max(h, w))
+    c = list(panels.columns).index(column)
+    left = PAD + c * (w * scale + PAD)
+    top = HEADER + PAD + row * (h * scale + PAD)
+    return left, top, left + w * scale, top + h * scale
+
+
+def mask_grid(
+    mae: nn.Module,
+    policy: nn.Module,
+    batcher: Batcher,
+    pool: np.ndarray,
+    *,
+    ratio: float | None = None,
+    num_images: int = 8,
+    tile: int = 96,
+    seed: int = 0,
+) -> Image.Image:
+    """The PNG-ready grid for `num_images` images drawn (seeded) from the indices `pool`."""
+    rng = np.random.default_rng(seed)
+    index = np.sort(rng.choice(pool, size=min(num_images, len(pool)), replace=False))
+    generator = torch.Generator(device=batcher.device).manual_seed(seed)
+    panels = render_panels(
+        mae, policy, batcher.images(index), batcher.mean, batcher.std, ratio=ratio, generator=generator
+    )
+    return compose_grid(panels, tile)

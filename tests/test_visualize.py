@@ -1,0 +1,78 @@
+"""maskkit.visualize: the columns of the mask picture and the composed PNG grid."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maskkit import create_policy
+from maskkit.adapters.timm import create_mae
+from maskkit.data import Batcher, load_dataset
+from maskkit.visualize import HIDDEN_RGB, compose_grid, heat_colour, mask_grid, render_panels, tile_box
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    mae = create_mae("pilot", img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=1, num_heads=2,
+                     decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, seed=0)
+    data = load_dataset("digits")
+    batcher = Batcher(data, [0.3], [0.4], torch.device("cpu"))
+    return mae, batcher
+
+
+def test_panels_show_hidden_and_visible_patches(setup):
+    mae, batcher = setup
+    images = batcher.images(np.arange(3))
+    panels = render_panels(mae, create_policy("random"), images, batcher.mean, batcher.std, ratio=0.75,
+                           generator=torch.Generator().manual_seed(0))
+    assert list(panels.columns) == ["image", "hidden", "prediction", "prediction + visible"]
+    original = batcher.data.floats(np.arange(3)).permute(0, 2, 3, 1).repeat(1, 1, 1, 3).numpy()
+    np.testing.assert_allclose(panels.columns["image"], original, atol=1e-6)
+    hidden_px = np.kron(panels.mask.reshape(3, 4, 4), np.ones((2, 2))).astype(bool)  # [B, 8, 8]
+    assert panels.mask.sum(axis=1).tolist() == [12, 12, 12]
+    np.testing.assert_allclose(panels.columns["hidden"][hidden_px], np.tile(HIDDEN_RGB, (hidden_px.sum(), 1)))
+    np.testing.assert_allclose(panels.columns["hidden"][~hidden_px], original[~hidden_px], atol=1e-6)
+    pasted = panels.columns["prediction + visible"]
+    np.testing.assert_allclose(pasted[~hidden_px], original[~hidden_px], atol=1e-6)
+    np.testing.assert_allclose(pasted[hidden_px], panels.columns["prediction"][hidden_px], atol=1e-6)
+
+
+def test_learned_policy_adds_a_heat_map(setup):
+    mae, batcher = setup
+    masker = create_policy("learned", embed_dim=32, num_patches=16)
+    panels = render_panels(mae, masker, batcher.images(np.arange(2)), batcher.mean, batcher.std, ratio=0.5)
+    heat = [k for k in panels.columns if k.startswith("masker p")]
+    assert len(heat) == 1 and panels.columns[heat[0]].shape == (2, 8, 8, 3)
+    # the hidden patches are the masker's most probable ones
+    probs = masker.probabilities(mae.patch_tokens(batcher.images(np.arange(2)))).detach().numpy()
+    for b in range(2):
+        assert probs[b][panels.mask[b] > 0.5].min() >= probs[b][panels.mask[b] < 0.5].max()
+
+
+def test_heat_colour_endpoints():
+    np.testing.assert_allclose(heat_colour(np.array([0.0, 1.0])), [[0.10, 0.10, 0.45], [0.85, 0.15, 0.10]])
+
+
+def test_png_grid_size_and_content(setup):
+    mae, batcher = setup
+    image = mask_grid(mae, create_policy("random"), batcher, np.arange(100, 200), ratio=0.75, num_images=5,
+                      tile=64, seed=1)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    png = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    # 4 columns of 8x8 images upscaled x8 = 64 px, 4 px padding, 18 px titles
+    assert png.size == (4 + 4 * (64 + 4), 18 + 4 + 5 * (64 + 4))
+    pixels = np.asarray(png).astype(int)
+    assert pixels.std() > 20  # not blank
+    panels = render_panels(mae, create_policy("random"), batcher.images(np.arange(2)), batcher.mean, batcher.std)
+    left, top, right, bottom = tile_box(panels, 0, "hidden", tile=64)
+    tile = np.asarray(compose_grid(panels, tile=64))[top:bottom, left:right].astype(int)
+    hidden_px = np.kron(panels.mask[0].reshape(4, 4), np.ones((16, 16))).astype(bool)
+    grey = np.round(np.array(HIDDEN_RGB) * 255)
+    assert (tile[hidden_px] == grey).all()  # masked regions show the hidden colour ...
+    assert (np.abs(tile[~hidden_px] - grey).sum(axis=1) > 0).mean() > 0.9  # ... visible ones the image
