@@ -3,14 +3,19 @@
 Public API (see the README for a tour):
 - masks: `MaskPlan`, `check_ratio`, `num_visible`, `gather_tokens`
 - policies: `MaskPolicy`, `RandomPolicy`, `AttentionPolicy`, `LearnedMasker`, `BlockPolicy`, `register_policy`, `create_policy`, `list_policies`, `policy_options`
+- learning the masker: `MLOEngine`, `MLOConfig`, `default_optimizers`, `stratified_split`,
+  `unroll`, `math_attention`, `UnrollError`
 - the MAE protocol: `MAEProtocol`, `patch_loss`, `masked_loss`, `mae_forward`, `mae_step_loss`, `MAEOutput`
 """
 
-from maskkit.mae import MAEOutput, MAEProtocol, is_mae, mae_forward, mae_step_loss, masked_loss, patch_loss
-from maskkit.plan import MaskPlan, check_ratio, gather_tokens, num_visible
 from maskkit.bench import count_parameters
+from maskkit.mae import MAEOutput, MAEProtocol, is_mae, mae_forward, mae_step_loss, masked_loss, patch_loss
+from maskkit.mlo import MLOConfig, MLOEngine, default_optimizers
+from maskkit.plan import MaskPlan, check_ratio, gather_tokens, num_visible
 from maskkit.policies import AttentionPolicy, BlockPolicy, LearnedMasker, MaskPolicy, RandomPolicy
 from maskkit.registry import create_policy, list_policies, policy_options, register_policy
+from maskkit.splits import stratified_split
+from maskkit.unroll import UnrollError, math_attention, unroll
 
 __version__ = "0.1.0"
 
@@ -20,6 +25,13 @@ __all__ = [
     "LearnedMasker",
     "count_parameters",
     "MAEOutput",
+    "MLOConfig",
+    "MLOEngine",
+    "UnrollError",
+    "default_optimizers",
+    "math_attention",
+    "stratified_split",
+    "unroll",
     "MAEProtocol",
     "MaskPlan",
     "MaskPolicy",

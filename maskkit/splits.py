@@ -1,0 +1,94 @@
+"""Seeded, label-stratified splits of a labeled set into disjoint named subsets (MLO-MAE's 80/20).
+
+    parts = stratified_split(labels, {"train": 0.8, "val": 0.2}, seed=0)
+    parts["train"], parts["val"]  # int64 index arrays, disjoint, together covering every sample
+
+Each class is shuffled with the seed and cut by the fractions, so every subset holds (close to)
+the same class proportions as the whole. Rounding is done per class by largest remainder, so
+subset sizes within a class differ from the exact fractions by less than one sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def stratified_split(
+    labels: Any,
+    fractions: Mapping[str, float] | Sequence[float],
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Split indices 0..n-1 into disjoint subsets with the given fractions, stratified by label.
+
+    Args:
+        labels: [n] class labels (any hashable values: ints, strings; a list, array or tensor).
+        fractions: {"name": fraction} (or a sequence, named "0", "1", ...); positive, summing to 1.
+        seed: seed of the per-class shuffle; the same seed gives the same split.
+
+    Returns:
+        {name: sorted int64 indices}, in the order of `fractions`.
+    """
+    names, fracs = _parse_fractions(fractions)
+    labels = _as_label_array(labels)
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in names]
+    classes = np.unique(labels)
+    for cls in classes:
+        idx = np.flatnonzero(labels == cls)
+        idx = idx[rng.permutation(len(idx))]
+        counts = _largest_remainder(len(idx), fracs)
+        start = 0
+        for part, count in zip(parts, counts, strict=False):
+            part.append(idx[start : start + count])
+            start += count
+    return {
+        name: np.sort(np.concatenate(part)).astype(np.int64) if part else np.zeros(0, dtype=np.int64)
+        for name, part in zip(names, parts, strict=False)
+    }
+
+
+def _largest_remainder(n: int, fracs: np.ndarray) -> np.ndarray:
+    """Integer counts summing to n, as close to n * fracs as possible (Hamilton's method)."""
+    exact = n * fracs
+    counts = np.floor(exact).astype(np.int64)
+    short = n - int(counts.sum())
+    if short:
+        order = np.argsort(-(exact - counts), kind="stable")  # largest remainders first
+        counts[order[:short]] += 1
+    return counts
+
+
+def _parse_fractions(fractions: Any) -> tuple[list[str], np.ndarray]:
+    if isinstance(fractions, Mapping):
+        names = [str(k) for k in fractions]
+        values = list(fractions.values())
+    elif isinstance(fractions, Sequence) and not isinstance(fractions, (str, bytes)):
+        names = [str(i) for i in range(len(fractions))]
+        values = list(fractions)
+    else:
+        raise TypeError(f"fractions must be a dict of name -> fraction or a sequence, got {type(fractions).__name__}")
+    if not values:
+        raise ValueError("fractions must name at least one subset")
+    try:
+        fracs = np.asarray([float(v) for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"fractions must be numbers, got {values!r}") from None
+    if not np.all(np.isfinite(fracs)) or np.any(fracs <= 0):
+        raise ValueError(f"every fraction must be a positive number, got {values!r}")
+    if abs(fracs.sum() - 1.0) > 1e-6:
+        raise ValueError(f"fractions must sum to 1, got {values!r} (sum {fracs.sum():g})")
+    return names, fracs / fracs.sum()
+
+
+def _as_label_array(labels: Any) -> np.ndarray:
+    if hasattr(labels, "detach"):  # torch tensor
+        labels = labels.detach().cpu().numpy()
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"labels must be one-dimensional, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError("labels is empty: nothing to split")
+    return arr

@@ -1,0 +1,243 @@
+"""MLOEngine: the downstream signal reaches the masker, schedule, result keys, resume, adapters."""
+
+import io
+import math
+import pathlib
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from maskkit.adapters.timm import create_mae
+from maskkit.mlo import MASKER_STEP_KEYS, STEP_KEYS, MLOConfig, MLOEngine, default_optimizers
+from maskkit.registry import create_policy
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+LEFT = torch.zeros(4, 4, dtype=torch.bool)
+LEFT[:, :2] = True
+LEFT = LEFT.flatten()  # [16] patches of the left half of a 4 x 4 grid
+
+
+def regions_batch(n: int, g: torch.Generator):
+    """16x16 grey images: the left half holds horizontal (label 0) or vertical (label 1) stripes
+    plus a little noise; the right half is pure noise, independent of the label."""
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randn(n, 1, 16, 16, generator=g)
+    phase = torch.randint(0, 2, (n, 1, 1), generator=g)
+    idx = torch.arange(16)
+    rows = ((idx[:, None] + phase) % 2).float().expand(n, 16, 16) * 2 - 1
+    cols = ((idx[None, :] + phase) % 2).float().expand(n, 16, 16) * 2 - 1
+    stripes = torch.where(y[:, None, None] == 0, rows, cols)
+    x[:, 0, :, :8] = stripes[:, :, :8] + 0.3 * torch.randn(n, 16, 8, generator=g)
+    return x, y
+
+
+def small_mae(seed=0, **kw):
+    return create_mae("tiny", img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+                      decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=1, seed=seed, **kw)
+
+
+def make_engine(seed=0, config=None, mae=None, train_n=16, val_n=16, lrs=(1e-3, 1e-2, 3e-3)):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    mae = small_mae(seed) if mae is None else mae
+    head = nn.Linear(mae.embed_dim, 2)
+    masker = create_policy("learned", embed_dim=mae.embed_dim, num_patches=16, hidden_dim=32)
+    engine = MLOEngine(
+        mae, masker, head,
+        mae_optimizer=torch.optim.AdamW(mae.parameters(), lr=lrs[0], betas=(0.9, 0.95), weight_decay=1e-3),
+        head_optimizer=torch.optim.AdamW(head.parameters(), lr=lrs[1]),
+        masker_optimizer=torch.optim.AdamW(masker.parameters(), lr=lrs[2]),
+        config=config or MLOConfig(),
+        train_batches=lambda: regions_batch(train_n, g), val_batches=lambda: regions_batch(val_n, g),
+    )
+    return engine, g
+
+
+def left_right_logit_gap(engine, images):
+    """Mean masking log-odds of the informative (left) patches minus the noise (right) ones."""
+    with torch.no_grad():
+        logits = engine.masker.logits(engine.mae.patch_tokens(images))  # [B, 16]
+    return (logits[:, LEFT].mean() - logits[:, ~LEFT].mean()).item()
+
+
+def test_downstream_signal_raises_masking_of_informative_patches():
+    """Theory: d val / d p_n = -<grad l_n, D v> m_n / sum(m): weighting the reconstruction of a patch
+    that carries the label helps the validation loss, weighting pure noise does not, so the masker's
+    odds of hiding (and weighting) the left patches must rise against the right ones."""
+    engine, g = make_engine(seed=0, train_n=32, val_n=128)
+    probe, _ = regions_batch(256, torch.Generator().manual_seed(123))
+    before = left_right_logit_gap(engine, probe)
+    for _ in range(300):
+        engine.step(regions_batch(64, g)[0])
+    after = left_right_logit_gap(engine, probe)
+    assert abs(before) < 0.02  # the masker starts (nearly) indifferent
+    assert after - before > 0.2, (before, after)
+
+
+def test_step_keys_floats_and_schedule():
+    cfg = MLOConfig(masker_every=3)
+    engine, g = make_engine(config=cfg)
+    for s in range(7):
+        masker_before = [p.detach().clone() for p in engine.masker.parameters()]
+        head_before = [p.detach().clone() for p in engine.head.parameters()]
+        mae_before = [p.detach().clone() for p in engine.mae.parameters()]
+        due = engine.masker_due()
+        stats = engine.step(regions_batch(8, g)[0])
+        assert due == ((s + 1) % 3 == 0)
+        expected = set(STEP_KEYS) | (set(MASKER_STEP_KEYS) if due else set())
+        assert set(stats) == expected
+        assert all(type(v) is float and math.isfinite(v) for v in stats.values())
+        assert stats["step"] == s and stats["masker_updated"] == float(due)
+        changed = lambda before, m: any(not torch.equal(a, b) for a, b in zip(before, m.parameters(), strict=False))  # noqa: E731
+        assert changed(masker_before, engine.masker) == due
+        assert changed(head_before, engine.head) == due
+        assert changed(mae_before, engine.mae)  # a pretrain step every iteration
+        assert 0 < stats["mask_prob_mean"] < 1 and 0 < stats["mask_entropy"] <= math.log(2)
+        assert stats["lr_masker"] == 3e-3
+
+
+def _params(engine):
+    return [p.detach().clone() for m in (engine.mae, engine.head, engine.masker) for p in m.parameters()]
+
+
+@pytest.mark.parametrize("config", [MLOConfig(), MLOConfig(hypergrad="unroll", unroll_steps=2)],
+                         ids=["darts", "unroll_k2"])
+def test_state_dict_round_trip_continues_identically(config):
+    engine, g = make_engine(seed=1, config=config)
+    sched = torch.optim.lr_scheduler.StepLR(engine.mae_optimizer, step_size=3, gamma=0.5)
+    engine.schedulers["mae"] = sched
+    batches = [regions_batch(8, g) for _ in range(10)]
+    for x, _ in batches[:4]:
+        engine.step(x, train_batch=batches[-1], val_batch=batches[-2])
+    buf = io.BytesIO()
+    torch.save(engine.state_dict(), buf)
+    ref = [engine.step(x, train_batch=batches[-1], val_batch=batches[-2]) for x, _ in batches[4:8]]
+    ref_params = _params(engine)
+
+    other, _ = make_engine(seed=7, config=config)  # different initial weights
+    other.schedulers["mae"] = torch.optim.lr_scheduler.StepLR(other.mae_optimizer, step_size=3, gamma=0.5)
+    buf.seek(0)
+    other.load_state_dict(torch.load(buf, weights_only=False))
+    got = [other.step(x, train_batch=batches[-1], val_batch=batches[-2]) for x, _ in batches[4:8]]
+    assert got == ref  # bit-identical stats, lr schedule included
+    assert all(torch.equal(a, b) for a, b in zip(_params(other), ref_params, strict=False))
+
+
+def test_unroll_window_refuses_mid_cycle_checkpoint():
+    engine, g = make_engine(config=MLOConfig(hypergrad="unroll", unroll_steps=2))
+    engine.step(regions_batch(8, g)[0])
+    with pytest.raises(RuntimeError, match="unroll window"):
+        engine.state_dict()
+
+
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["no_clip", "clip"])
+def test_darts_and_unroll_take_the_same_real_steps(clip):
+    """The hypergradient method changes only the masker's update: the MAE and head steps are the same,
+    gradient clipping included (float64, so that only the methods and not rounding are compared)."""
+    engines = []
+    for method, k in (("darts", 1), ("unroll", 2)):
+        config = MLOConfig(hypergrad=method, unroll_steps=k, grad_clip=clip, head_grad_clip=clip)
+        engine, _ = make_engine(seed=3, config=config, mae=small_mae(3).double())
+        engine.head.double(), engine.masker.double()
+        engines.append(engine)
+    g = torch.Generator().manual_seed(0)
+    batches = [[t.double() if t.is_floating_point() else t for t in regions_batch(8, g)] for _ in range(4)]
+    for x, _ in batches[:2]:
+        sa, sb = (e.step(x, train_batch=batches[2], val_batch=batches[3]) for e in engines)
+        assert sa["pretrain_loss"] == pytest.approx(sb["pretrain_loss"], rel=1e-10)
+    assert sa["val_loss"] == pytest.approx(sb["val_loss"], rel=1e-10)
+    assert sa["head_loss"] == pytest.approx(sb["head_loss"], rel=1e-10)
+    a, b = engines
+    for m in ("mae", "head"):
+        for p, q in zip(getattr(a, m).parameters(), getattr(b, m).parameters(), strict=False):
+            torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10)
+
+
+def _official_mae():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import models_mae
+
+        from maskkit.adapters.official_mae import timm_compat, wrap
+
+        with timm_compat():
+            return wrap(models_mae.mae_vit_tiny_patch4(img_size=16, in_chans=1))
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+def _hf_mae():
+    pytest.importorskip("transformers")
+    from maskkit.adapters.hf import create_hf_mae, wrap
+
+    return wrap(create_hf_mae(image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                              num_attention_heads=2, intermediate_size=64, decoder_hidden_size=16,
+                              decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                              decoder_intermediate_size=32))
+
+
+@pytest.mark.parametrize("build", [_official_mae, _hf_mae], ids=["official_wrap", "hf"])
+@pytest.mark.parametrize("hypergrad", ["darts", "unroll"])
+def test_other_adapters(build, hypergrad):
+    torch.manual_seed(0)
+    engine, g = make_engine(config=MLOConfig(hypergrad=hypergrad), mae=build())
+    masker_before = [p.detach().clone() for p in engine.masker.parameters()]
+    for _ in range(2):
+        stats = engine.step(regions_batch(8, g)[0])
+    assert math.isfinite(stats["val_loss"]) and stats["masker_grad_norm"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(masker_before, engine.masker.parameters(), strict=False))
+
+
+def test_default_optimizers_groups():
+    mae = small_mae()
+    head, masker = nn.Linear(32, 2), create_policy("learned", embed_dim=32, num_patches=16)
+    opts = default_optimizers(mae, head, masker, preset="imagenet")
+    groups = opts["mae_optimizer"].param_groups
+    names = {id(p): n for n, p in mae.named_parameters()}
+    decayed = [names[id(p)] for gr in groups if gr["weight_decay"] > 0 for p in gr["params"]]
+    skipped = [names[id(p)] for gr in groups if gr["weight_decay"] == 0 for p in gr["params"]]
+    assert all(mae.get_parameter(n).ndim > 1 for n in decayed)
+    assert not any(k in n for n in decayed for k in ("pos_embed", "cls_token", "mask_token"))
+    assert "encoder.cls_token" in skipped and "mask_token" in skipped and any(n.endswith(".bias") for n in skipped)
+    assert groups[0]["lr"] == 1.5e-4 and groups[0]["betas"] == (0.9, 0.95) and groups[0]["weight_decay"] == 0.05
+    assert opts["head_optimizer"].param_groups[0]["lr"] == 5e-4
+    assert opts["masker_optimizer"].param_groups[0]["lr"] == 5e-5
+    with pytest.raises(ValueError, match="preset"):
+        default_optimizers(mae, head, masker, preset="mnist")
+
+
+def test_bad_input():
+    engine, g = make_engine()
+    engine.train_batches = None
+    engine.step(regions_batch(8, g)[0])  # not a masker step: no labeled batch needed
+    with pytest.raises(ValueError, match="train_batch"):
+        engine.step(regions_batch(8, g)[0])
+    with pytest.raises(ValueError, match="images"):
+        engine.step(torch.zeros(16, 16))
+    with pytest.raises(ValueError, match="unroll_steps"):
+        MLOConfig(hypergrad="unroll", unroll_steps=3, masker_every=2)
+    with pytest.raises(ValueError, match="hypergrad"):
+        MLOConfig(hypergrad="reinforce")
+    with pytest.raises(ValueError, match="masker_every"):
+        MLOConfig(masker_every=0)
+    with pytest.raises(TypeError, match="learnable MaskPolicy"):
+        MLOEngine(small_mae(), create_policy("random"), nn.Linear(32, 2), mae_optimizer=engine.mae_optimizer,
+                  head_optimizer=engine.head_optimizer, masker_optimizer=engine.masker_optimizer)
+
+
+def test_official_loop_example_runs():
+    import os
+    import re
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "official_mae_mlo.py"), "--epochs", "1", "--num_samples", "256",
+         "--batch_size", "32"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    final = re.search(r"final loss: (\S+), validation accuracy of the head: (\S+)", proc.stdout)
+    assert final and math.isfinite(float(final.group(1))) and 0.0 <= float(final.group(2)) <= 1.0
+    assert "val_loss" in proc.stdout  # the masker/head steps ran inside the loop
