@@ -30,8 +30,9 @@ import math
 
 import models_mae  # the official file (here: its test double next to this script)
 import torch
+from digits16 import digits_dataset
 from engine_pretrain import train_one_epoch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from maskkit import create_policy  # maskkit
 from maskkit.adapters.official_mae import timm_compat, use_policy  # maskkit
@@ -55,16 +56,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--policy", default="attention", type=str)  # maskkit
     return parser
-
-
-def digits_dataset(num_samples: int) -> TensorDataset:
-    """sklearn's 8x8 digits, scaled to [0, 1] and upsampled 2x to 16x16 grey images [M, 1, 16, 16]."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = torch.tensor(digits.images[:num_samples], dtype=torch.float32) / 16.0  # [M, 8, 8]
-    images = images.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2).unsqueeze(1)  # [M, 1, 16, 16]
-    return TensorDataset(images, torch.tensor(digits.target[:num_samples]))
 
 
 def main(args: argparse.Namespace) -> dict[str, float]:

@@ -34,9 +34,10 @@ from typing import Any, Callable, Iterable
 
 import models_mae  # the official file (here: its test double next to this script)
 import torch
+from digits16 import digits_dataset
 from engine_pretrain import adjust_learning_rate
 from torch import nn
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, Subset
 
 from maskkit import create_policy  # maskkit
 from maskkit.adapters.official_mae import timm_compat, wrap  # maskkit
@@ -61,16 +62,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hypergrad", default="darts", choices=["darts", "unroll"])  # maskkit
     parser.add_argument("--masker_every", default=2, type=int)  # maskkit
     return parser
-
-
-def digits_dataset(num_samples: int) -> TensorDataset:
-    """sklearn's 8x8 digits, scaled to [0, 1] and upsampled 2x to 16x16 grey images [M, 1, 16, 16]."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = torch.tensor(digits.images[:num_samples], dtype=torch.float32) / 16.0  # [M, 8, 8]
-    images = images.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2).unsqueeze(1)  # [M, 1, 16, 16]
-    return TensorDataset(images, torch.tensor(digits.target[:num_samples]))
 
 
 def endless(loader: DataLoader, device: torch.device) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
