@@ -58,6 +58,16 @@ class Init(str, Enum):
     random = "random"
 
 
+class Amp(str, Enum):
+    none = "none"
+    bf16 = "bf16"
+
+
+class MaskNoise(str, Enum):
+    rank = "rank"
+    sample = "sample"
+
+
 class Augment(str, Enum):
     auto = "auto"
     none = "none"
@@ -81,7 +91,10 @@ def one_line_errors() -> Iterator[None]:
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if isinstance(err, KeyError):
             text = f"missing entry {text}"
-        err_console.print(f"Error: {text}", markup=False, highlight=False)
+        if _DIST is not None and _DIST.enabled and not _DIST.is_main:  # quiet rank: still name its failure
+            Console(stderr=True, soft_wrap=True).print(f"Error (rank {_DIST.rank}): {text}", markup=False, highlight=False)
+        else:
+            err_console.print(f"Error: {text}", markup=False, highlight=False)
         raise typer.Exit(code=1) from None
 
 
@@ -195,6 +208,9 @@ DEFAULT_STEPS = 600
 #: options that may be combined with --resume (everything else comes from the run's config.json).
 RESUME_OPTIONS = ("resume", "steps", "device", "progress")
 
+#: set by pretrain under torchrun: this process's place in the group (maskkit.distributed.DistContext)
+_DIST: Any = None
+
 
 @app.command(
     "pretrain",
@@ -233,9 +249,19 @@ def pretrain_command(
     head_lr: float = typer.Option(1e-2, help="Learning rate of the classification head (level 2 of the learned masker)."),
     masker_optimizer: str = typer.Option("adamw", help="Optimizer of the learned masker."),
     masker_lr: float = typer.Option(1e-3, help="Learning rate of the learned masker."),
+    freeze_masker: bool = typer.Option(
+        False, "--freeze-masker", help="Control run: keep the learned masker at its initialisation (no MLO)."
+    ),
     log_every: int = typer.Option(10, help="Write a metrics.jsonl line every this many steps."),
     ckpt_every: int = typer.Option(100, help="Checkpoint every this many steps (and at the end)."),
-    keep_checkpoints: int = typer.Option(2, help="How many checkpoints to keep."),
+    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", "--keep-last", help="How many checkpoints to keep (the newest)."),
+    skip_nonfinite: bool = typer.Option(
+        False, "--skip-nonfinite", help="Skip a batch with a non-finite loss or hypergradient (counted in metrics.jsonl) instead of stopping."
+    ),
+    amp: Amp = typer.Option(Amp.none, help="bf16: autocast the MAE forward of the real pretrain steps to bfloat16 (hypergradients stay float32)."),
+    mask_noise: MaskNoise = typer.Option(
+        MaskNoise.rank, help="rank: each process draws its own masks; sample: random-policy masks keyed by step and sample (same for any process count)."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """MAE pretraining with any masking policy; `learned` trains the masker by multi-level optimisation.
@@ -243,11 +269,48 @@ def pretrain_command(
     Policy options pass through as --<policy>-<option> VALUE (e.g. --attention-mode hint).
     With no options: the learned masker on the bundled 8x8 digits, a few CPU minutes.
     """
-    with one_line_errors():
+    with _distributed(device), one_line_errors():
         if resume is not None:
             _resume(ctx, resume, steps, device, progress)
             return
         _pretrain_new(ctx, locals())
+
+
+@contextlib.contextmanager
+def _distributed(device: str) -> Iterator[None]:
+    """Under torchrun: join the process group (gloo on CPU, nccl on CUDA); rank 0 alone prints and writes."""
+    global _DIST
+    from maskkit.distributed import SINGLE, cleanup, init_from_env, launched_by_torchrun
+
+    if not launched_by_torchrun():
+        _DIST = SINGLE
+        yield
+        return
+    from maskkit.cli import runs
+
+    with one_line_errors():
+        _DIST = init_from_env(runs.resolve_device(device).type)
+    quiet = console.quiet, err_console.quiet
+    if not _DIST.is_main:
+        console.quiet = err_console.quiet = True
+    try:
+        yield
+    finally:
+        console.quiet, err_console.quiet = quiet
+        cleanup(_DIST)
+        _DIST = SINGLE
+
+
+def _device(name: str) -> Any:
+    """The device of this process: under torchrun on CUDA, cuda:LOCAL_RANK."""
+    from maskkit.cli import runs
+
+    dev = runs.resolve_device(name)
+    if _DIST is not None and _DIST.enabled and dev.type == "cuda":
+        import torch
+
+        dev = torch.device("cuda", _DIST.local_rank)
+    return dev
 
 
 def _pretrain_new(ctx: typer.Context, args: dict[str, Any]) -> None:
@@ -272,8 +335,13 @@ def _pretrain_new(ctx: typer.Context, args: dict[str, Any]) -> None:
     for name in ("batch_size", "log_every", "ckpt_every", "keep_checkpoints", "masker_every", "unroll_steps"):
         if args[name] < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be a positive integer, got {args[name]}")
-    dev = runs.resolve_device(args["device"])
-    out = args["out"] or _fresh_run_dir(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    from maskkit.distributed import barrier, broadcast_object
+
+    dist = _DIST
+    dev = _device(args["device"])
+    out = args["out"] or broadcast_object(
+        _fresh_run_dir(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")) if dist.is_main else None, dist
+    )  # one directory for all ranks: rank 0's
     if any((out / name).exists() for name in (runs.CONFIG, runs.METRICS, runs.MODEL, runs.CHECKPOINTS)):
         raise CommandError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
     if out.exists() and not out.is_dir():
@@ -323,9 +391,12 @@ def _pretrain_new(ctx: typer.Context, args: dict[str, Any]) -> None:
         hypergrad=args["hypergrad"].value, masker_every=args["masker_every"], unroll_steps=args["unroll_steps"],
         head_optimizer=args["head_optimizer"], head_lr=args["head_lr"],
         masker_optimizer=args["masker_optimizer"], masker_lr=args["masker_lr"],
+        freeze_masker=args["freeze_masker"],
+        skip_nonfinite=args["skip_nonfinite"], amp=args["amp"].value, mask_noise=args["mask_noise"].value,
+        world_size=dist.world_size,
     )  # fmt: skip
     batcher = Batcher(data, section["mean"], section["std"], dev, section["augment"])
-    trainer = Pretrainer(mae, pol, batcher, splits, train_cfg, dev)  # builds optimizers and the engine: may fail
+    trainer = Pretrainer(mae, pol, batcher, splits, train_cfg, dev, dist)  # builds optimizers and engine: may fail
 
     spec = runs.RunSpec(
         dataset=section,
@@ -336,11 +407,13 @@ def _pretrain_new(ctx: typer.Context, args: dict[str, Any]) -> None:
         versions={"maskkit": __version__, "torch": torch.__version__},
         command=list(sys.argv),
     )
-    # -- now write
-    runs.check_writable(out)
-    from maskkit.checkpoint import atomic_write_text
+    # -- now write (rank 0 only, after every rank has checked the directory)
+    barrier(dist)
+    if dist.is_main:
+        runs.check_writable(out)
+        from maskkit.checkpoint import atomic_write_text
 
-    atomic_write_text(out / runs.CONFIG, spec.to_json())
+        atomic_write_text(out / runs.CONFIG, spec.to_json())
     _describe(spec, out)
     _train(trainer, out, spec, args["progress"])
 
@@ -388,7 +461,8 @@ def _train(trainer: Any, out: Path, spec: Any, show_progress: bool) -> None:
         TextColumn("left"),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=console, disable=not show_progress, transient=False) as bar:
+    main = _DIST is None or _DIST.is_main
+    with Progress(*columns, console=console, disable=not (show_progress and main), transient=False) as bar:
         task = bar.add_task("pretrain", total=cfg.steps, completed=start_step, loss=float("nan"), ips=0.0)
 
         def on_step(step: int, metrics: dict[str, float]) -> None:
@@ -416,6 +490,8 @@ def _train(trainer: Any, out: Path, spec: Any, show_progress: bool) -> None:
     }
     if final["head"] is None:
         del final["head"]
+    if not main:
+        return  # rank 0 writes the final weights and the summary
     save_checkpoint(out / runs.MODEL, final)
     last = records[-1] if records else {}
     summary = {
@@ -457,7 +533,8 @@ def _resume(ctx: typer.Context, run_dir: Path, steps: int | None, device: str, s
         extra = [f"--{n.replace('_', '-')}" for n in given] + [a for a in ctx.args if a.startswith("--")]
         raise CommandError(f"--resume takes its settings from the run's config.json; drop {', '.join(extra)}")
     spec = runs.RunSpec.read(run_dir)
-    dev = runs.resolve_device(device) if device != "auto" else runs.resolve_device(spec.device)
+    dev = _device(device) if device != "auto" else _device(spec.device)
+    dist = _DIST
     try:
         path, state, skipped = load_latest(run_dir / runs.CHECKPOINTS)
     except CheckpointError as err:
@@ -473,15 +550,24 @@ def _resume(ctx: typer.Context, run_dir: Path, steps: int | None, device: str, s
         cfg.steps = steps
     elif int(state["step"]) >= cfg.steps:
         raise CommandError(f"run {run_dir} is complete ({state['step']} of {cfg.steps} steps); extend it with --steps N")
-    trainer = Pretrainer(run.mae, run.policy, run.batcher, run.splits, cfg, dev)
+    if cfg.world_size != dist.world_size:
+        raise CommandError(
+            f"run {run_dir} was trained by {cfg.world_size} process(es); resume it with the same number "
+            f"(torchrun --nproc_per_node {cfg.world_size}), not {dist.world_size}"
+        )
+    trainer = Pretrainer(run.mae, run.policy, run.batcher, run.splits, cfg, dev, dist)
     trainer.load_state_dict(state)
-    runs.check_writable(run_dir)
-    if steps is not None and steps != spec.train["steps"]:
-        spec.train["steps"] = steps
-        from maskkit.checkpoint import atomic_write_text
+    from maskkit.distributed import barrier
 
-        atomic_write_text(run_dir / runs.CONFIG, spec.to_json())
-    MetricsLog(run_dir / runs.METRICS).truncate_after(trainer.step_count)
+    barrier(dist)  # every rank has read the checkpoint before rank 0 changes the directory
+    if dist.is_main:
+        runs.check_writable(run_dir)
+        if steps is not None and steps != spec.train["steps"]:
+            spec.train["steps"] = steps
+            from maskkit.checkpoint import atomic_write_text
+
+            atomic_write_text(run_dir / runs.CONFIG, spec.to_json())
+        MetricsLog(run_dir / runs.METRICS).truncate_after(trainer.step_count)
     console.print(f"[bold]maskkit pretrain --resume[/bold] {run_dir}: from {path.name} (step {trainer.step_count})")
     _train(trainer, run_dir, spec, show_progress)
 
@@ -578,54 +664,80 @@ def visualize_command(
 
 # ---- bench ------------------------------------------------------------------------------------
 
-BENCH_SIZES = {"tiny": {"batch": 64, "num_patches": 64, "dim": 192}, "vit-b": {"batch": 256, "num_patches": 196, "dim": 768}}
+#: bench size -> policy rows (batch, patches, width; the MAE whose attention the attention policy reads)
+#: and MLO rows (MAE preset, batch); `trivial` is for tests (seconds, no RSS subprocesses).
+BENCH_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"batch": 64, "num_patches": 64, "dim": 192, "mae": "tiny", "mlo_batch": 64, "repeats": 30},
+    "vit-b": {"batch": 256, "num_patches": 196, "dim": 768, "mae": "vit-b", "mlo_batch": 64, "repeats": 20},
+    "trivial": {"batch": 4, "num_patches": 16, "dim": 64, "mae": "micro", "mlo_batch": 4, "repeats": 2,
+                "mlo_repeats": 2, "warmup": 1, "rss": False},
+}
 
 
 @app.command("bench")
 def bench_command(
-    preset: str = typer.Option("tiny", help="Model size: tiny | vit-b."),
+    preset: str = typer.Option("tiny", help="Size: tiny | vit-b | trivial (tests)."),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N."),
     batch: Optional[int] = typer.Option(None, help="Batch size (default: tiny 64; vit-b 256 for policies, 64 for MLO)."),
-    repeats: Optional[int] = typer.Option(None, help="Timed repeats (default: the benchmarks' own)."),
+    repeats: Optional[int] = typer.Option(None, help="Timed repeats (default: tiny 30 policy rounds, 7 MLO cycles)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON here."),
     skip_mlo: bool = typer.Option(False, "--skip-mlo", help="Only the policy-overhead rows."),
+    rss: bool = typer.Option(True, "--rss/--no-rss", help="CPU: peak RSS of each MLO contender in a fresh process."),
 ) -> None:
-    """Seconds per iteration and peak memory: masking policies vs MAE's random_masking, MLO vs a plain MAE step."""
+    """Seconds per iteration and peak memory: masking policies vs MAE's random_masking, MLO vs a plain MAE step.
+
+    attention_policy includes the unmasked no-grad encoder pass that reads the attention; the JSON's
+    `params` holds the learned masker's parameter counts (paper vs token arch) at ViT-B sizes.
+    """
     with one_line_errors():
         import torch
 
-        from maskkit.bench import bench_policy_overhead
+        from maskkit.adapters.timm import create_mae
+        from maskkit.bench import bench_policy_overhead, masker_parameter_counts
         from maskkit.cli import runs
 
         if preset not in BENCH_SIZES:
             raise CommandError(f"unknown bench preset {preset!r}; choose one of {', '.join(BENCH_SIZES)}")
+        for name, value in (("batch", batch), ("repeats", repeats)):
+            if value is not None and value < 1:
+                raise CommandError(f"--{name} must be a positive integer, got {value}")
         dev = runs.resolve_device(device)
         if json_path is not None:
             runs.check_writable(json_path.parent if str(json_path.parent) else Path("."))
         size = BENCH_SIZES[preset]
-        kwargs: dict[str, Any] = {"device": str(dev)}
-        if repeats is not None:
-            kwargs["repeats"] = repeats
+        warmup = {"warmup": size["warmup"]} if "warmup" in size else {}
+        encoder = create_mae(size["mae"], seed=0)
         rows = bench_policy_overhead(
-            batch=batch or size["batch"], num_patches=size["num_patches"], dim=size["dim"], **kwargs
-        )
+            batch=batch or size["batch"], num_patches=size["num_patches"], dim=size["dim"], device=str(dev),
+            repeats=repeats or size["repeats"], encoder=encoder, **warmup,
+        )  # fmt: skip
         if not skip_mlo:
             from maskkit.mlo_bench import bench_mlo
 
-            rows += bench_mlo(preset=preset, batch=batch or 64, **kwargs)
+            rows += bench_mlo(
+                preset=size["mae"], device=str(dev), batch=batch or size["mlo_batch"], rss=rss and size.get("rss", True),
+                repeats=repeats or size.get("mlo_repeats", 7), **warmup,
+            )  # fmt: skip
+        params = masker_parameter_counts()
         table = Table(title=f"maskkit bench ({preset}, {dev})")
-        rss = any(row.get("rss_mb") is not None for row in rows)
-        for col in ("name", "seconds", "peak_mem_mb", *(["rss_mb"] if rss else []), "baseline", "ratio"):
+        has_rss = any(row.get("rss_mb") is not None for row in rows)
+        for col in ("name", "seconds", "peak_mem_mb", *(["rss_mb"] if has_rss else []), "baseline", "ratio"):
             table.add_column(col, justify="left" if col in ("name", "baseline") else "right")
         for row in rows:
             cells = [row["name"], f"{row['seconds']:.3e}", _fmt(row.get("peak_mem_mb"))]
-            cells += [_fmt(row.get("rss_mb"))] if rss else []
+            cells += [_fmt(row.get("rss_mb"))] if has_rss else []
             table.add_row(*cells, str(row.get("baseline") or "-"), _fmt(row.get("ratio")))
         console.print(table)
+        for p in params:
+            console.print(
+                f"learned masker parameters at ViT-B, {p['num_patches']} patches ({p['size']}): "
+                f"paper {p['paper']:,}, token {p['token']:,}", highlight=False,
+            )  # fmt: skip
         if json_path is not None:
             from maskkit.checkpoint import atomic_write_text
 
-            payload = {"device": str(dev), "torch": torch.__version__, "rows": rows}
+            payload = {"device": str(dev), "torch": torch.__version__, "preset": preset,
+                       "threads": torch.get_num_threads(), "rows": rows, "params": params}  # fmt: skip
             atomic_write_text(json_path, json.dumps(payload, indent=2) + "\n")
             console.print(f"wrote {json_path}", highlight=False)
 

@@ -87,6 +87,19 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> str:
     return digest
 
 
+def verify_checkpoint(path: str | os.PathLike[str], digest: str | None = None) -> None:
+    """Read `path` back and check its SHA-256 (against `digest`, else its sidecar); CheckpointError if wrong."""
+    path = Path(path)
+    expected = digest
+    if expected is None:
+        sidecar = Path(f"{path}.sha256")
+        if not sidecar.is_file():
+            raise CheckpointError(f"checkpoint {path} has no checksum file {sidecar.name}")
+        expected = sidecar.read_text().strip()
+    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+        raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch)")
+
+
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (weights_only); CheckpointError names the file and the problem."""
     path = Path(path)
@@ -144,7 +157,10 @@ def load_latest(
 
 
 def prune_checkpoints(directory: str | os.PathLike[str], keep: int) -> None:
-    """Delete all but the newest `keep` (>= 1) checkpoints and their sidecars."""
+    """Delete all but the newest `keep` (>= 1) checkpoints and their sidecars, and temporary files
+    left by a write that a crash interrupted (`.checkpoint-*.tmp`; call it after a save returned)."""
+    for stale in Path(directory).glob(".checkpoint-*.tmp"):
+        stale.unlink(missing_ok=True)
     paths = list_checkpoints(directory)
     for path in paths[: max(len(paths) - max(keep, 1), 0)]:
         path.unlink(missing_ok=True)

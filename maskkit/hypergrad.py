@@ -232,23 +232,32 @@ def pretrain_step(
     generator: torch.Generator | None = None,
     grad_clip: float | None = None,
     keep_params: bool = False,
+    autocast_dtype: torch.dtype | None = None,
 ) -> PretrainStep:
     """One real MAE step on the probability-weighted loss (weights detached from the masker).
 
     keep_params: keep W before the step and the masker's graph, for `darts_masker_grad`.
+    autocast_dtype: e.g. torch.bfloat16 to run the MAE's encode/decode forward under autocast;
+        the masker, the loss's reduction and everything the hypergradient computes stay float32.
     """
     params = optimizer_params(optimizer)
     before = [p.detach().clone() for p in params] if keep_params else None
     tokens = mae.patch_tokens(images)  # [B, N, D]
     with torch.set_grad_enabled(keep_params):  # the masker's graph only when a hypergradient follows
         plan = _masker(masker, mae, images, tokens, ratio, generator)
-    out = mae_forward(mae, images, plan.detach(), tokens=tokens)
+    with torch.autocast(images.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        out = mae_forward(mae, images, plan.detach(), tokens=tokens)
+    loss = out.loss if autocast_dtype is None else out.loss.float()
     optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
+    loss.backward()
     coef = _clip(params, grad_clip)
     optimizer.step()
-    return PretrainStep(images=images, plan=plan, loss=out.loss.detach(), params_before=before, clip_coef=coef,
-                        per_patch=out.per_patch.detach() if keep_params else None)
+    return PretrainStep(images=images, plan=plan, loss=loss.detach(), params_before=before, clip_coef=coef,
+                        per_patch=_as(out.per_patch.detach(), loss) if keep_params else None)
+
+
+def _as(x: Tensor, like: Tensor) -> Tensor:
+    return x.to(like.dtype)
 
 
 # --------------------------------------------------------------------------- finetune level
@@ -394,6 +403,16 @@ def darts_masker_grad(
 # --------------------------------------------------------------------------- unroll
 
 
+GradMap = Any  # Callable[[list[Tensor | None]], list[Tensor | None]]
+
+
+def _then(first: GradMap | None, second: GradMap | None) -> GradMap | None:
+    """The composition second(first(grads)) of two optional gradient maps."""
+    if first is None or second is None:
+        return first or second
+    return lambda grads: second(first(grads))
+
+
 def _clipper(max_norm: float):
     """clip_grad_norm_ as a differentiable map of the gradient list (None entries kept)."""
 
@@ -417,10 +436,13 @@ class UnrollWindow:
     """
 
     def __init__(self, mae: nn.Module, masker: nn.Module, mae_optimizer: torch.optim.Optimizer, *,
-                 first_order: bool = False) -> None:
+                 first_order: bool = False, grad_sync: GradMap | None = None) -> None:
+        """grad_sync: a differentiable map applied to every unrolled step's gradients after
+        clipping, before the update (e.g. the mean across data-parallel ranks, as the real steps'
+        optimizer pre-hooks do)."""
         from maskkit.unroll import unroll
 
-        self.mae, self.masker, self.first_order = mae, masker, first_order
+        self.mae, self.masker, self.first_order, self.grad_sync = mae, masker, first_order, grad_sync
         self._ctx = unroll(mae, mae_optimizer, first_order=first_order)
         self.u = self._ctx.__enter__()
         self.steps = 0
@@ -435,7 +457,7 @@ class UnrollWindow:
         self._check_open()
         tokens, plan = masker_plan(self.u.fmodel, self.masker, images, ratio=ratio, generator=generator)
         out = mae_forward(self.u.fmodel, images, plan, tokens=tokens)
-        self.u.step(out.loss, grad_callback=None if grad_clip is None else _clipper(grad_clip))
+        self.u.step(out.loss, grad_callback=_then(None if grad_clip is None else _clipper(grad_clip), self.grad_sync))
         self.steps += 1
         return out
 
@@ -456,7 +478,8 @@ class UnrollWindow:
                 feats = self.u.fmodel.features(torch.cat([x_tr, x_va]))  # [B_tr + B_va, D] at W'
             with unroll(head, head_optimizer, first_order=self.first_order, math_sdpa=False) as uh:
                 head_loss = F.cross_entropy(uh.fmodel(feats[:n_tr]), y_tr)
-                uh.step(head_loss, grad_callback=None if head_grad_clip is None else _clipper(head_grad_clip))
+                uh.step(head_loss, grad_callback=_then(
+                    None if head_grad_clip is None else _clipper(head_grad_clip), self.grad_sync))
                 logits_va = uh.fmodel(feats[n_tr:])  # at C'
                 val_loss = F.cross_entropy(logits_va, y_va)
                 grads = _zeros_for_none(

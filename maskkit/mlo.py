@@ -71,6 +71,9 @@ class MLOConfig:
             pretrain step's per-patch losses; error O(eps)). Default "central".
         first_order: unroll without second-order terms (hypergrad="unroll" only). Default False.
         grad_clip, head_grad_clip, masker_grad_clip: max gradient norm per level, or None. Default None.
+        amp: "bf16" runs the MAE forward of the real pretrain steps under bfloat16 autocast; the
+            finetune step, the validation loss, the darts finite differences and the steps inside an
+            unroll window stay float32. Default "none".
     """
 
     ratio: float = 0.75
@@ -85,9 +88,12 @@ class MLOConfig:
     grad_clip: float | None = None
     head_grad_clip: float | None = None
     masker_grad_clip: float | None = None
+    amp: str = "none"
 
     def __post_init__(self) -> None:
         self.ratio = check_ratio(self.ratio)
+        if self.amp not in ("none", "bf16"):
+            raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
         for name in ("masker_every", "unroll_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -146,6 +152,9 @@ class MLOEngine:
         train_batches, val_batches: callables returning the next labeled (images, labels)
             batch, used when `step` is not given one.
         generator: torch.Generator for the masker's random draws (e.g. Gumbel selection).
+        grad_sync: optional differentiable map of the gradient lists of the unrolled MAE and head
+            steps (hypergrad="unroll"), e.g. `maskkit.distributed.differentiable_mean`: those steps
+            do not go through optimizer.step(), so data parallelism averages them here.
     """
 
     def __init__(
@@ -162,6 +171,7 @@ class MLOEngine:
         train_batches: Callable[[], Batch] | None = None,
         val_batches: Callable[[], Batch] | None = None,
         generator: torch.Generator | None = None,
+        grad_sync: Callable[[list], list] | None = None,
     ) -> None:
         if not is_mae(mae):
             raise TypeError(f"mae must be an nn.Module with the MAE protocol (maskkit.mae), got {type(mae).__name__}")
@@ -188,6 +198,7 @@ class MLOEngine:
             raise TypeError(f"config must be an MLOConfig, got {type(self.config).__name__}")
         self.train_batches, self.val_batches = train_batches, val_batches
         self.generator = generator
+        self.grad_sync = grad_sync
         self.step_count = 0
         self._window: UnrollWindow | None = None
 
@@ -217,13 +228,15 @@ class MLOEngine:
         stats: dict[str, float] = {"step": float(s)}
         if self._in_unroll_window(s):
             if self._window is None:
-                self._window = UnrollWindow(self.mae, self.masker, self.mae_optimizer, first_order=cfg.first_order)
+                self._window = UnrollWindow(self.mae, self.masker, self.mae_optimizer, first_order=cfg.first_order,
+                                            grad_sync=self.grad_sync)
             out = self._window.pretrain_step(images, ratio=cfg.ratio, generator=self.generator, grad_clip=cfg.grad_clip)
             loss, probs, record = out.loss.detach(), out.plan.weights, None
         else:
             record = pretrain_step(self.mae, self.masker, self.mae_optimizer, images, ratio=cfg.ratio,
                                    generator=self.generator, grad_clip=cfg.grad_clip,
-                                   keep_params=due and cfg.hypergrad == "darts")
+                                   keep_params=due and cfg.hypergrad == "darts",
+                                   autocast_dtype=torch.bfloat16 if cfg.amp == "bf16" else None)
             loss, probs = record.loss, record.plan.weights
         self._scheduler_step("mae")
         stats["pretrain_loss"] = float(loss)

@@ -9,8 +9,10 @@ plain MAE step through `mae_step_loss`.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,12 +29,49 @@ from maskkit.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    verify_checkpoint,
 )
 from maskkit.data import Batcher, BatchStream
+from maskkit.distributed import (
+    SINGLE,
+    DistContext,
+    any_flag,
+    average_gradients_on_step,
+    broadcast_module_,
+    differentiable_mean,
+    gather_objects,
+    mean_floats,
+)
 from maskkit.mae import mae_step_loss
 from maskkit.optim import create_optimizer, warmup_cosine
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+
+#: fault injection for tests: "STREAM:STEP[,STREAM:STEP...]" (STREAM train | labeled | val) fills the
+#: batch that STREAM yields at training step STEP (1-based) with NaN pixels.
+INJECT_NAN_ENV = "MASKKIT_INJECT_NAN"
+STREAMS = ("train", "labeled", "val")
+AMP_MODES = ("none", "bf16")
+MASK_NOISE = ("rank", "sample")
+#: offset between the generator seeds of neighbouring ranks
+RANK_SEED_STRIDE = 7919
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss, hypergradient or weight: the run stops before anything is saved."""
+
+
+def parse_inject_nan(text: str | None) -> dict[str, set[int]]:
+    """`MASKKIT_INJECT_NAN`'s value -> {stream: {steps}}; ValueError on a malformed entry."""
+    faults: dict[str, set[int]] = {}
+    for item in (text or "").replace(" ", "").split(","):
+        if not item:
+            continue
+        stream, _, step = item.partition(":")
+        if stream not in STREAMS or not step.isdigit() or int(step) < 1:
+            raise ValueError(f"{INJECT_NAN_ENV} entries are STREAM:STEP with STREAM in {STREAMS}, got {item!r}")
+        faults.setdefault(stream, set()).add(int(step))
+    return faults
 
 
 @dataclass
@@ -58,6 +97,12 @@ class TrainConfig:
     head_lr: float = 1e-2
     masker_optimizer: str = "adamw"
     masker_lr: float = 1e-3
+    freeze_masker: bool = False  # control: learned policy at its initialisation, no MLO feedback
+    # robustness, precision, processes
+    skip_nonfinite: bool = False  # skip a batch whose loss/hypergradient is not finite (else stop)
+    amp: str = "none"  # "bf16": autocast the MAE forward of the real pretrain steps (hypergradients stay fp32)
+    mask_noise: str = "rank"  # "sample": random-policy noise keyed by (step, global sample position)
+    world_size: int = 1  # processes (torchrun); batch_size is per process
 
 
 class ClassifierHead(nn.Module):
@@ -89,6 +134,9 @@ class Pretrainer:
         splits: disjoint index arrays `train` (pretraining + head), `val` (masker), `test` (unused here).
         config: optimisation settings.
         device: where the batches go.
+        dist: the process group (`maskkit.distributed.init_from_env()`); each rank takes its shard
+            of every global batch (config.batch_size * world_size), draws its own masks, and the
+            gradients of every optimizer are averaged across ranks before each step.
     """
 
     def __init__(
@@ -99,25 +147,78 @@ class Pretrainer:
         splits: dict[str, np.ndarray],
         config: TrainConfig,
         device: torch.device,
+        dist: DistContext = SINGLE,
     ) -> None:
         self.mae = mae
         self.policy = policy
         self.batcher = batcher
         self.config = config
         self.device = device
+        self.dist = dist
         self.step_count = 0
+        self.skipped = 0
+        self._check_config(policy)
         seed = config.seed
-        self.streams = {"train": BatchStream(splits["train"], config.batch_size, seed)}
-        # generators on CPU for augmentation, on the device for the policies' random draws
-        self.generators = {"augment": _generator(torch.device("cpu"), seed + 1), "mask": _generator(device, seed + 2)}
+        self.streams = {"train": self._stream(splits["train"], seed, "train")}
+        # generators on CPU for augmentation, on the device for the policies' random draws; each rank its own
+        rank_seed = seed + RANK_SEED_STRIDE * dist.rank
+        self.generators = {
+            "augment": _generator(torch.device("cpu"), rank_seed + 1),
+            "mask": _generator(device, rank_seed + 2),
+        }
+        self.inject_nan = parse_inject_nan(os.environ.get(INJECT_NAN_ENV))
         self.optimizer = create_optimizer(config.optimizer, mae, lr=config.lr, weight_decay=config.weight_decay)
         schedule = warmup_cosine(config.steps, config.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.head: nn.Module | None = None
         self.engine: Any = None
-        if getattr(policy, "learnable", False):
+        if getattr(policy, "learnable", False) and config.freeze_masker:
+            policy.requires_grad_(False)  # same selection and loss weighting, plain MAE steps, no feedback
+        elif getattr(policy, "learnable", False):
             self._build_engine(splits)
         self._window: dict[str, tuple[float, int]] = {}
+        if dist.enabled:  # same start everywhere, then every optimizer averages its gradients first
+            for module in (self.mae, self.policy, self.head):
+                if module is not None:
+                    broadcast_module_(module, dist)
+            optimizers = [self.optimizer]
+            if self.engine is not None:
+                optimizers += [self.engine.head_optimizer, self.engine.masker_optimizer]
+            self._hooks = [average_gradients_on_step(opt, dist) for opt in optimizers]
+
+    def _check_config(self, policy: nn.Module) -> None:
+        cfg, learned = self.config, getattr(policy, "learnable", False) and not self.config.freeze_masker
+        if cfg.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {cfg.amp!r}")
+        if cfg.mask_noise not in MASK_NOISE:
+            raise ValueError(f"mask_noise must be one of {MASK_NOISE}, got {cfg.mask_noise!r}")
+        if cfg.world_size != self.dist.world_size:
+            raise ValueError(f"the run is set up for {cfg.world_size} processes but {self.dist.world_size} are running")
+        if learned and cfg.mask_noise != "rank":
+            raise ValueError("--mask-noise sample needs a policy that takes noise (e.g. random), not the learned one")
+        if learned and cfg.skip_nonfinite and cfg.hypergrad == "unroll" and cfg.unroll_steps > 1:
+            raise ValueError("--skip-nonfinite with --hypergrad unroll needs --unroll-steps 1 "
+                             "(a bad batch inside a longer unroll window cannot be undone alone)")
+
+    def _stream(self, indices: np.ndarray, seed: int, name: str) -> BatchStream:
+        """A stream of GLOBAL batches (batch_size per rank x world_size); `_shard` takes this rank's part."""
+        world = self.dist.world_size
+        stream = BatchStream(indices, self.config.batch_size * world, seed)
+        if stream.batch_size < world:
+            raise ValueError(f"the {name} split ({len(indices)} images) is too small for {world} processes")
+        return stream
+
+    def _shard(self, index: np.ndarray) -> np.ndarray:
+        """This rank's contiguous part of a global batch (rank r takes positions r*b .. r*b+b-1)."""
+        b = len(index) // self.dist.world_size
+        return index[self.dist.rank * b : (self.dist.rank + 1) * b]
+
+    def _poison(self, images: torch.Tensor, stream: str) -> torch.Tensor:
+        """Fault injection (MASKKIT_INJECT_NAN): NaN pixels in this stream's batch at this step."""
+        if self.step_count + 1 in self.inject_nan.get(stream, ()):
+            images = images.clone()
+            images[0] = float("nan")  # one bad image is enough to poison the whole batch's loss
+        return images
 
     # ---- the learned masker ---------------------------------------------------------------
 
@@ -132,8 +233,8 @@ class Pretrainer:
         if data.labels is None:
             raise ValueError(f"a learnable policy needs labels, but dataset {data.name!r} has none")
         self.head = ClassifierHead(self.mae.embed_dim, data.num_classes).to(self.device)
-        self.streams["labeled"] = BatchStream(splits["train"], cfg.batch_size, cfg.seed + 10)
-        self.streams["val"] = BatchStream(splits["val"], cfg.batch_size, cfg.seed + 20)
+        self.streams["labeled"] = self._stream(splits["train"], cfg.seed + 10, "train")
+        self.streams["val"] = self._stream(splits["val"], cfg.seed + 20, "val")
         # the reference's head and masker optimizers: AdamW with torch's defaults (betas 0.9/0.999, wd 0.01)
         head_opt = create_optimizer(
             cfg.head_optimizer, self.head, lr=cfg.head_lr, weight_decay=0.01, betas=(0.9, 0.999)
@@ -154,47 +255,117 @@ class Pretrainer:
                 masker_every=cfg.masker_every,
                 unroll_steps=cfg.unroll_steps,
                 hypergrad=cfg.hypergrad,
+                amp=cfg.amp,
             ),
             train_batches=lambda: self._labeled_batch("labeled"),
             val_batches=lambda: self._labeled_batch("val"),
             generator=self.generators["mask"],
+            grad_sync=differentiable_mean(self.dist),  # unrolled steps bypass optimizer.step()
         )
 
     def _labeled_batch(self, stream: str) -> tuple[torch.Tensor, torch.Tensor]:
-        index = self.streams[stream].next()
-        return self.batcher.images(index), self.batcher.labels(index)
+        index = self._shard(self.streams[stream].next())
+        return self._poison(self.batcher.images(index), stream), self.batcher.labels(index)
 
     # ---- steps --------------------------------------------------------------------------------
 
     def step(self) -> dict[str, float]:
-        """One training iteration; returns its metrics (loss, lr, and the engine's own)."""
-        index = self.streams["train"].next()
-        images = self.batcher.images(index, self.generators["augment"])  # [B, C, H, W]
+        """One training iteration; returns its metrics (loss, lr, and the engine's own).
+
+        A non-finite loss, hypergradient or weight on any rank raises NonFiniteError on every rank
+        before anything is saved; with `skip_nonfinite` the batch is skipped instead (no update at
+        any level, optimizer states untouched) and counted in `self.skipped`.
+        """
+        cfg = self.config
+        index = self._shard(self.streams["train"].next())
+        images = self._poison(self.batcher.images(index, self.generators["augment"]), "train")  # [B, C, H, W]
         self.mae.train()
         if self.engine is not None:
+            snapshot = copy.deepcopy(self.engine.state_dict()) if cfg.skip_nonfinite else None
             raw = self.engine.step(images)
             metrics = {k: float(v) for k, v in raw.items() if k not in ("step", "lr_mae")}
             metrics["loss"] = metrics.pop("pretrain_loss")
+            bad = self._nonfinite_metric(metrics) or self._nonfinite_weights()
+            if any_flag(bad is not None, self.dist):
+                if snapshot is None:
+                    raise self._error(bad, metrics)
+                self.engine.load_state_dict(snapshot)  # undo the pretrain, head and masker steps
+                return self._skip(metrics)
         else:
-            out = mae_step_loss(
-                self.mae, self.policy, images, ratio=self.config.mask_ratio, generator=self.generators["mask"]
-            )
-            loss = out.loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite MAE loss ({loss.item()}) at step {self.step_count + 1}")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
+            context: dict[str, Any] = {"generator": self.generators["mask"]}
+            if cfg.mask_noise == "sample":
+                context["noise"] = self._sample_noise(images.shape[0])
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+                out = mae_step_loss(self.mae, self.policy, images, ratio=cfg.mask_ratio, **context)
+            loss = out.loss.float() if cfg.amp == "bf16" else out.loss
             metrics = {"loss": loss.item()}
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"non-finite loss ({metrics['loss']}) at step {self.step_count + 1}")
+            self.optimizer.zero_grad(set_to_none=True)
+            bad = None if math.isfinite(metrics["loss"]) else "pretrain loss"
+            if not any_flag(bad is not None, self.dist):
+                loss.backward()
+                bad = self._nonfinite_grads()
+            if any_flag(bad is not None, self.dist):  # checked before the step: nothing to undo
+                if not cfg.skip_nonfinite:
+                    raise self._error(bad, metrics)
+                self.optimizer.zero_grad(set_to_none=True)
+                return self._skip(metrics)
+            self.optimizer.step()  # (under torchrun, a pre-hook first averages the gradients)
+            self.scheduler.step()
+        metrics = mean_floats(metrics, self.dist)  # the same numbers on every rank, hence in the log
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         self.step_count += 1
         for key, value in metrics.items():  # per-key sums and counts: masker metrics come every few steps
             total, count = self._window.get(key, (0.0, 0))
             self._window[key] = (total + value, count + 1)
         return metrics
+
+    # ---- non-finite numbers ---------------------------------------------------------------
+
+    _LEVELS = (("loss", "pretrain loss"), ("head_loss", "head (finetune) loss"), ("val_loss", "validation loss"),
+               ("masker_grad_norm", "masker hypergradient"))
+
+    def _nonfinite_metric(self, metrics: dict[str, float]) -> str | None:
+        for key, level in self._LEVELS:
+            if key in metrics and not math.isfinite(metrics[key]):
+                return level
+        return None
+
+    def _nonfinite_weights(self) -> str | None:
+        for name, module in (("MAE", self.mae), ("masker", self.policy), ("head", self.head)):
+            params = [p.detach() for p in module.parameters()] if module is not None else []
+            if params and not bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all()):
+                return f"{name} weights"
+        return None
+
+    def _nonfinite_grads(self) -> str | None:
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+            return "MAE gradient"
+        return None
+
+    def _error(self, level: str | None, metrics: dict[str, float]) -> NonFiniteError:
+        value = {v: metrics.get(k) for k, v in self._LEVELS}.get(level or "")
+        shown = f" ({value})" if value is not None else ""
+        where = f" on rank {self.dist.rank}" if self.dist.enabled and level else ""
+        return NonFiniteError(
+            f"non-finite {level or 'number on another rank'}{shown}{where} at step {self.step_count + 1}; "
+            "nothing from this step was saved (--skip-nonfinite skips such batches instead)"
+        )
+
+    def _skip(self, metrics: dict[str, float]) -> dict[str, float]:
+        self.skipped += 1
+        self.step_count += 1
+        return {**metrics, "skipped": 1.0}
+
+    def _sample_noise(self, batch: int) -> torch.Tensor:
+        """Masking noise [b, N] keyed by (seed, step, global sample position): the same for any world size."""
+        n = self.mae.num_patches
+        first = self.dist.rank * batch
+        rows = []
+        for i in range(batch):
+            key = (self.config.seed * 1_000_003 + self.step_count * 100_003 + first + i) % (2**62)
+            rows.append(torch.rand(n, generator=torch.Generator().manual_seed(key)))
+        return torch.stack(rows).to(self.device)
 
     def pop_window(self) -> dict[str, float]:
         """Mean of every metric since the last call (what a metrics.jsonl line holds)."""
@@ -217,13 +388,18 @@ class Pretrainer:
     # ---- state ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the run exactly (weights_only-loadable)."""
+        """Everything needed to continue the run exactly (weights_only-loadable).
+
+        Under torchrun every rank must call it (the ranks' generator and RNG states are gathered).
+        """
+        own = {"generators": {name: g.get_state().cpu() for name, g in self.generators.items()}, "rng": rng_state()}
         state: dict[str, Any] = {
             "version": STATE_VERSION,
             "step": self.step_count,
+            "skipped": self.skipped,
+            "world_size": self.dist.world_size,
             "streams": {name: s.state_dict() for name, s in self.streams.items()},
-            "generators": {name: g.get_state() for name, g in self.generators.items()},
-            "rng": rng_state(),
+            "ranks": gather_objects(own, self.dist),  # [world_size] generator + RNG states, rank order
             "window": {k: [total, count] for k, (total, count) in self._window.items()},
             "config": asdict(self.config),
         }
@@ -242,6 +418,11 @@ class Pretrainer:
             raise ValueError(f"checkpoint format {state.get('version')!r} is not {STATE_VERSION}")
         if ("engine" in state) != (self.engine is not None):
             raise ValueError("checkpoint and run disagree on whether the policy is learned")
+        if int(state.get("world_size", 1)) != self.dist.world_size or len(state["ranks"]) != self.dist.world_size:
+            raise ValueError(
+                f"the checkpoint was written by {state.get('world_size')} process(es); resume with the same "
+                f"number (torchrun --nproc_per_node {state.get('world_size')}), not {self.dist.world_size}"
+            )
         try:
             if self.engine is not None:
                 self.engine.load_state_dict(state["engine"])
@@ -252,20 +433,32 @@ class Pretrainer:
                 self.scheduler.load_state_dict(state["scheduler"])
             for name, stream in self.streams.items():
                 stream.load_state_dict(state["streams"][name])
+            own = state["ranks"][self.dist.rank]
             for name, gen in self.generators.items():
-                gen.set_state(state["generators"][name])
+                gen.set_state(own["generators"][name])
         except (KeyError, RuntimeError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
             raise ValueError(f"checkpoint does not match this run: {first}") from None
-        set_rng_state(state["rng"])
+        set_rng_state(own["rng"])
+        self.skipped = int(state.get("skipped", 0))
         self._window = {k: (float(total), int(count)) for k, (total, count) in state["window"].items()}
         self.step_count = int(state["step"])
 
     def save(self, ckpt_dir: str | Path) -> Path:
-        """Checkpoint the run into `ckpt_dir` atomically and prune old ones."""
+        """Checkpoint the run into `ckpt_dir` atomically (rank 0 writes) and prune old ones.
+
+        Refuses (NonFiniteError) to write non-finite weights; older checkpoints are pruned only
+        after the new one has been read back and its checksum verified.
+        """
+        bad = self._nonfinite_weights()
+        if any_flag(bad is not None, self.dist):
+            raise self._error(bad, {})
         path = checkpoint_path(ckpt_dir, self.step_count)
-        save_checkpoint(path, self.state_dict())
-        prune_checkpoints(ckpt_dir, self.config.keep_checkpoints)
+        state = self.state_dict()  # a collective under torchrun: every rank takes part
+        if self.dist.is_main:
+            digest = save_checkpoint(path, state)
+            verify_checkpoint(path, digest)
+            prune_checkpoints(ckpt_dir, self.config.keep_checkpoints)
         return path
 
 
@@ -308,11 +501,12 @@ def train(
 ) -> list[dict[str, Any]]:
     """Run `trainer` to `config.steps`, logging every `log_every` and checkpointing every `ckpt_every`.
 
-    Returns the records written to metrics.jsonl by this call.
+    Returns the records written to metrics.jsonl by this call (under torchrun: only rank 0 writes,
+    every rank returns the same records).
     """
     cfg = trainer.config
     run_dir = Path(run_dir)
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    log = MetricsLog(run_dir / "metrics.jsonl") if trainer.dist.is_main else None
     ckpt_dir = run_dir / "checkpoints"
     written = []
     pending = False
@@ -323,7 +517,10 @@ def train(
             on_step(step, metrics)
         if step % cfg.log_every == 0 or step == cfg.steps:
             record = {"step": step, "epoch": round(trainer.epoch, 4), **trainer.pop_window()}
-            log.append(record)
+            if cfg.skip_nonfinite:
+                record["skipped"] = trainer.skipped  # batches skipped so far (non-finite numbers)
+            if log is not None:
+                log.append(record)
             written.append(record)
         if (step % cfg.ckpt_every == 0 or step == cfg.steps or pending) and trainer.can_checkpoint():
             trainer.save(ckpt_dir)

@@ -1,0 +1,170 @@
+"""Data parallel pretraining on CPU (gloo, 2 processes): ranks stay identical at all three levels
+(MAE, head, masker), 2 processes x batch B match 1 process x batch 2B with fixed masks, and a
+`torchrun ... maskkit pretrain` killed with SIGKILL resumes bit-identically under torchrun."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from maskkit.checkpoint import load_checkpoint
+from maskkit.cli import runs
+from maskkit.data import Batcher, channel_stats, load_dataset, make_splits
+from maskkit.distributed import SINGLE, DistContext, cleanup, init_from_env
+from maskkit.registry import create_policy
+from maskkit.training import Pretrainer, TrainConfig
+
+TORCHRUN = shutil.which("torchrun")
+STEPS = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build(policy: str, batch: int, dist: DistContext, **train) -> Pretrainer:
+    """A micro MAE on digits with `policy`, as `maskkit pretrain` builds it."""
+    torch.manual_seed(0)
+    data = load_dataset("digits", None)
+    splits = make_splits(data, 0)
+    mean, std = channel_stats(data, splits["train"])
+    device = torch.device("cpu")
+    mae = runs.build_mae({"preset": "micro", "img_size": 8, "patch_size": 2, "in_chans": 1,
+                          "norm_pix_loss": False, "init_seed": 0}).to(device)
+    kwargs = {"ratio": 0.75, **({"embed_dim": mae.embed_dim, "hidden_dim": 8} if policy == "learned" else {})}
+    pol = create_policy(policy, **kwargs)
+    cfg = TrainConfig(steps=STEPS, batch_size=batch, world_size=dist.world_size, log_every=1, **train)
+    return Pretrainer(mae, pol, Batcher(data, mean, std, device), splits, cfg, device, dist)
+
+
+def weights(trainer: Pretrainer) -> dict[str, dict[str, torch.Tensor]]:
+    out = {"mae": trainer.mae.state_dict(), "policy": trainer.policy.state_dict()}
+    if trainer.head is not None:
+        out["head"] = trainer.head.state_dict()
+    return {k: {n: t.detach().clone() for n, t in v.items()} for k, v in out.items()}
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist = init_from_env("cpu")
+    try:
+        result = {}
+        for name, policy, train in (("learned", "learned", {"hypergrad": "darts", "masker_every": 2}),
+                                    ("unroll", "learned", {"hypergrad": "unroll", "masker_every": 2, "unroll_steps": 2}),
+                                    ("random", "random", {"mask_noise": "sample", "optimizer": "sgd", "lr": 0.05})):
+            trainer = build(policy, 8, dist, **train)
+            init = weights(trainer)
+            losses = [trainer.step()["loss"] for _ in range(STEPS)]
+            result[name] = {"init": init, "final": weights(trainer), "losses": losses,
+                            "mask_seed": trainer.generators["mask"].initial_seed()}
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    finally:
+        cleanup(dist)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.parametrize("method", ["learned", "unroll"], ids=["darts", "unroll"])
+def test_ranks_stay_identical_at_all_three_levels(two_ranks, method):
+    a, b = two_ranks[0][method], two_ranks[1][method]
+    assert a["mask_seed"] != b["mask_seed"]  # every rank draws its own masks
+    assert a["losses"] == b["losses"]  # logged metrics are the ranks' mean
+    for level in ("mae", "policy", "head"):
+        for name, t in a["final"][level].items():
+            assert torch.equal(t, b["final"][level][name]), (level, name)
+        assert any(not torch.equal(t, a["init"][level][n]) for n, t in a["final"][level].items()), level
+
+
+def test_two_processes_of_b_match_one_process_of_2b(two_ranks):
+    torch.set_num_threads(1)
+    single = build("random", 16, SINGLE, mask_noise="sample", optimizer="sgd", lr=0.05)
+    losses = [single.step()["loss"] for _ in range(STEPS)]
+    ddp = two_ranks[0]["random"]
+    np.testing.assert_allclose(ddp["losses"], losses, rtol=1e-5)
+    for name, t in weights(single)["mae"].items():
+        torch.testing.assert_close(ddp["final"]["mae"][name], t, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(t, ddp["init"]["mae"][n]) for n, t in ddp["final"]["mae"].items())
+
+
+def test_a_world_size_mismatch_is_refused_before_any_collective():
+    two = DistContext(rank=0, world_size=2)  # no process group: the refusal must come first
+    with pytest.raises(ValueError, match="set up for 1 processes but 2 are running"):
+        Pretrainer(*_parts(), TrainConfig(steps=1, batch_size=8), torch.device("cpu"), two)
+
+
+def _parts():
+    trainer = build("random", 8, SINGLE)
+    splits = {"train": trainer.streams["train"].indices, "val": trainer.streams["train"].indices}
+    return trainer.mae, trainer.policy, trainer.batcher, splits
+
+
+# ---- torchrun + maskkit pretrain: kill and resume ------------------------------------------------
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+ENV.pop("MASKKIT_INJECT_NAN", None)
+ARGS = ["--learned-hidden-dim", "8", "--hypergrad", "darts", "--steps", "10", "--batch-size", "16",
+        "--log-every", "1", "--ckpt-every", "2", "--no-progress"]
+
+
+def descendants(pid: int) -> list[int]:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [d for c in map(int, children) for d in (c, *descendants(c))]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and everything below it at once, as a power cut would."""
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def torchrun(*args: object) -> subprocess.Popen:
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "maskkit.cli", "pretrain", *map(str, args)]
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.skipif(TORCHRUN is None or not Path("/proc/self/task").is_dir(), reason="needs torchrun and /proc")
+def test_torchrun_pretrain_killed_and_resumed_is_bit_identical(tmp_path):
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    reference = torchrun("--out", full, *ARGS)
+    proc = torchrun("--out", crashed, *ARGS)
+    metrics = crashed / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while (not metrics.is_file() or metrics.read_text().count("\n") < 5) and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.005)
+    kill_tree(proc.pid)  # torchrun and both workers (which torchrun starts in sessions of their own)
+    proc.wait()
+    assert not (crashed / "model.pt").exists(), "the run finished before it could be killed"
+    for p in (reference, torchrun("--resume", crashed, "--no-progress")):
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+    assert (full / "metrics.jsonl").read_bytes() == (crashed / "metrics.jsonl").read_bytes()
+    a, b = load_checkpoint(full / "model.pt"), load_checkpoint(crashed / "model.pt")
+    for level in ("mae", "policy", "head"):
+        assert all(torch.equal(a[level][k], b[level][k]) for k in a[level]), level
+    assert load_checkpoint(sorted((full / "checkpoints").glob("*.pt"))[-1])["world_size"] == 2
