@@ -7,10 +7,10 @@ import math
 import pytest
 import timm
 import torch
-from maskkit.adapters.timm import TimmMAE, create_mae, get_preset, list_presets, sincos_pos_embed_2d
 from timm.models.vision_transformer import VisionTransformer
 
 import maskkit
+from maskkit.adapters.timm import TimmMAE, create_mae, get_preset, list_presets, sincos_pos_embed_2d
 from maskkit.mae import is_mae, mae_forward, policy_context
 from maskkit.plan import MaskPlan
 

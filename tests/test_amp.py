@@ -21,12 +21,7 @@ from maskkit.training import Pretrainer, TrainConfig
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(policy: str, amp: str, **train) -> tuple[Pretrainer, list[torch.dtype]]:

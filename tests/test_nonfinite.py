@@ -27,12 +27,7 @@ CASES = [  # (policy args, injected fault, level named in the message)
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pretrain(run: Path, policy: list[str], *extra: str):

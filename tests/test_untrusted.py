@@ -26,12 +26,7 @@ class Payload:
         return (pathlib.Path.touch, (pathlib.Path(self.marker),))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def plant(path: pathlib.Path, marker: pathlib.Path) -> None:

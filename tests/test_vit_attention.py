@@ -8,9 +8,10 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from maskkit.adapters.vit_attention import cls_attention, last_block_cls_attention
 from timm.models.vision_transformer import Block
 from torch import nn
+
+from maskkit.adapters.vit_attention import cls_attention, last_block_cls_attention
 
 
 def _block(dim: int = 32, heads: int = 4, qk_norm: bool = False, seed: int = 0) -> Block:
