@@ -99,6 +99,7 @@ def bench_policy_overhead(
     warmup: int = 10,
     device: str = "cpu",
     seed: int = 0,
+    encoder: nn.Module | None = None,
 ) -> list[dict[str, Any]]:
     """Median seconds and peak memory of the masking step: plain function vs the policies.
 
@@ -106,9 +107,13 @@ def bench_policy_overhead(
       mae_random_masking: `plain_random_masking` (the baseline);
       random_policy: `RandomPolicy` with the same noise, plus `plan.gather(x)` for x_masked
         (plan.mask is already the float mask), vs mae_random_masking;
-      attention_policy: `AttentionPolicy(mode="high")` given a precomputed attention tensor plus
-        `plan.gather(x)`, vs random_policy. This is the policy's own cost; reading attention
-        from an encoder (one unmasked forward pass) is not included.
+      attention_policy: `AttentionPolicy(mode="high")` plus `plan.gather(x)`, vs random_policy.
+        With `encoder` (an MAE whose num_patches and embed_dim equal `num_patches` and `dim`),
+        the policy reads the CLS attention itself from `encoder.cls_attention(images)` on
+        unmasked images without grad, as it does in training: that pass is its real cost. The
+        row then also holds `select_seconds`, the policy given a precomputed attention tensor
+        (its own cost, attention read excluded), and `select_ratio` against random_policy.
+        Without `encoder` the row is the precomputed-attention cost only (`includes_encoder`).
     Every repeat runs each contender once, in turn (interleaved), after `warmup` rounds.
     """
     dev = torch.device(device)
@@ -118,6 +123,16 @@ def bench_policy_overhead(
     attention = torch.rand(batch, num_patches, generator=gen).softmax(dim=1).to(dev)  # [B, N]
     random_policy = RandomPolicy(ratio)
     attention_policy = AttentionPolicy(ratio, mode="high")
+    images = None
+    if encoder is not None:
+        if (encoder.num_patches, encoder.embed_dim) != (num_patches, dim):
+            raise ValueError(
+                f"encoder has {encoder.num_patches} patches of width {encoder.embed_dim}, "
+                f"the benchmark {num_patches} of width {dim}"
+            )
+        size = tuple(getattr(encoder, "img_size", (32, 32)))
+        images = torch.randn(batch, encoder.in_chans, *size, generator=gen).to(dev)  # [B, C, H, W]
+        encoder = encoder.to(dev).eval()
 
     def plain() -> Any:
         return plain_random_masking(x, ratio, noise)
@@ -126,15 +141,21 @@ def bench_policy_overhead(
         plan = random_policy(x, noise=noise)
         return plan.gather(x), plan.mask, plan.ids_restore
 
-    def attention_guided() -> Any:
+    def attention_select() -> Any:
         plan = attention_policy(x, attention=attention)
+        return plan.gather(x), plan.mask, plan.ids_restore
+
+    def attention_guided() -> Any:  # reads the attention from the encoder, as in training
+        plan = attention_policy(x, images=images, encoder=encoder)
         return plan.gather(x), plan.mask, plan.ids_restore
 
     contenders: list[tuple[str, Callable[[], Any], str | None]] = [
         ("mae_random_masking", plain, None),
         ("random_policy", policy, "mae_random_masking"),
-        ("attention_policy", attention_guided, "random_policy"),
+        ("attention_policy", attention_select if encoder is None else attention_guided, "random_policy"),
     ]
+    if encoder is not None:
+        contenders.append(("attention_select", attention_select, "random_policy"))
     times: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
     with torch.no_grad():
         for round_ in range(warmup + repeats):
@@ -148,6 +169,8 @@ def bench_policy_overhead(
         medians = {name: statistics.median(ts) for name, ts in times.items()}
         rows = []
         for name, fn, baseline in contenders:
+            if name == "attention_select":
+                continue  # reported inside the attention_policy row
             rows.append(
                 {
                     "name": name,
@@ -157,6 +180,44 @@ def bench_policy_overhead(
                     "ratio": None if baseline is None else medians[name] / medians[baseline],
                 }
             )
+        attention_row = rows[-1]
+        attention_row["includes_encoder"] = encoder is not None
+        if encoder is not None:
+            attention_row["select_seconds"] = medians["attention_select"]
+            attention_row["select_ratio"] = medians["attention_select"] / medians["random_policy"]
+    return rows
+
+
+#: ViT-B (width 768) at the two patch counts of issue 7: CIFAR 32x32 with patch 2, ImageNet 224 with patch 16.
+PARAM_SIZES = {"cifar_p2": 256, "imagenet_p16": 196}
+
+
+def masker_parameter_counts(
+    embed_dim: int = 768, sizes: dict[str, int] | None = None
+) -> list[dict[str, Any]]:
+    """Parameters of the learned masker, arch `paper` against `token`, at each patch count.
+
+    Built on the meta device, so nothing is allocated. Rows: {"size", "num_patches",
+    "embed_dim", "paper", "token", "ratio" (paper / token)}.
+    """
+    from maskkit.registry import create_policy
+
+    rows = []
+    for size, n in (sizes or PARAM_SIZES).items():
+        counts = {}
+        for arch in ("paper", "token"):
+            with torch.device("meta"):
+                masker = create_policy("learned", arch=arch, embed_dim=embed_dim, num_patches=n)
+            counts[arch] = count_parameters(masker)
+        rows.append(
+            {
+                "size": size,
+                "num_patches": n,
+                "embed_dim": embed_dim,
+                **counts,
+                "ratio": counts["paper"] / counts["token"],
+            }
+        )
     return rows
 
 
@@ -175,3 +236,8 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B=256 N=196 D=768, ratio 0.75")
     print(format_rows(bench_policy_overhead()))
+    for row in masker_parameter_counts():
+        print(
+            f"masker parameters, ViT-B {row['size']} ({row['num_patches']} patches): "
+            f"paper {row['paper']:,}, token {row['token']:,} ({row['ratio']:.1f}x)"
+        )

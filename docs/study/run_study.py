@@ -1,0 +1,236 @@
+"""The MNIST-5k reproduction study of issue 7: every row is a `maskkit` command; resumable.
+
+    python docs/study/run_study.py                  # run what is missing (2 workers, 1 thread each)
+    python docs/study/run_study.py --dry-run        # print the commands only
+    python docs/study/run_study.py --seeds 0 --workers 1
+
+Each job pretrains one arm for one seed (`maskkit pretrain ... --out runs/study/<arm>-s<seed>`),
+then runs `maskkit evaluate` (linear probe; `--finetune` adds a short fine-tune) and appends one
+JSON line to docs/study/results.jsonl. A job whose line is there is skipped; a run directory left
+half-way by an interruption is continued with `maskkit pretrain --resume`. Jobs are ordered seed
+by seed (every arm of seed 0 first), so a partial table stays balanced. Floors per seed: the same
+linear probe on an untrained encoder (`maskkit evaluate --init random`) and on raw pixels
+(docs/study/raw_pixel_probe.py). `random-eqtime` is the random arm trained for as many steps as fit in the
+wall time of `learned-darts-topk` (EQTIME_STEPS, from a measurement on an idle machine). Summarise with docs/study/summarize.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "docs" / "study" / "results.jsonl"
+RUNS = ROOT / "runs" / "study"
+DATA = "npz:" + str((ROOT / ".." / "shared" / "data" / "mnist5k.npz").resolve())
+
+STEPS = 500  # pretraining iterations of every arm (see docs/results.md for how this was chosen)
+BATCH = 64
+COMMON = [
+    "--model",
+    "pilot",
+    "--batch-size",
+    str(BATCH),
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--log-every",
+    "10",
+    "--ckpt-every",
+    "100",
+]
+
+#: arm -> policy options (everything else is COMMON)
+ARMS: dict[str, list[str]] = {
+    "random": ["--policy", "random"],
+    "attention-high": ["--policy", "attention", "--attention-mode", "high"],
+    "attention-hint": ["--policy", "attention", "--attention-mode", "hint"],
+    "learned-darts-topk": ["--policy", "learned", "--hypergrad", "darts", "--learned-selection", "topk"],
+    "learned-darts-gumbel": ["--policy", "learned", "--hypergrad", "darts", "--learned-selection", "gumbel"],
+    "learned-unroll-k1": [
+        "--policy",
+        "learned",
+        "--hypergrad",
+        "unroll",
+        "--unroll-steps",
+        "1",
+        "--learned-selection",
+        "topk",
+    ],
+    "frozen-masker": ["--policy", "learned", "--freeze-masker", "--learned-selection", "topk"],
+}
+#: `random-eqtime`: random masking for the wall time of STEPS steps of `learned-darts-topk`. Measured
+#: per-step cost on this machine (pilot preset, batch 64, 1 thread, idle machine, 40 steps each):
+#: random 3.99 s, darts top-k 13.02 s, a ratio of 3.26; a fixed count keeps the row independent of
+#: the machine's load while the study runs (the table also reports the measured wall times).
+EQTIME_STEPS = round(STEPS * 13.02 / 3.99)
+LOCK = threading.Lock()
+
+
+def done_keys() -> set[str]:
+    if not RESULTS.is_file():
+        return set()
+    keys = set()
+    for line in RESULTS.read_text().splitlines():
+        try:
+            keys.add(json.loads(line)["key"])
+        except (json.JSONDecodeError, KeyError):
+            pass
+    return keys
+
+
+def record(entry: dict) -> None:
+    with LOCK:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        with open(RESULTS, "a") as f:
+            f.write(json.dumps(entry, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def result(key: str) -> dict | None:
+    if not RESULTS.is_file():
+        return None
+    for line in RESULTS.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("key") == key:
+            return entry
+    return None
+
+
+def sh(cmd: list[str], dry: bool) -> None:
+    print("$ " + " ".join(cmd), flush=True)
+    if dry:
+        return
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    done = subprocess.run(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
+
+
+def pretrain(arm: str, seed: int, steps: int, dry: bool, name: str | None = None) -> Path:
+    out = RUNS / f"{name or arm}-s{seed}"
+    if (out / "summary.json").is_file() and (out / "model.pt").is_file():
+        return out
+    if (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("*.pt")):
+        sh(["maskkit", "pretrain", "--resume", str(out), "--no-progress"], dry)
+        return out
+    if out.exists() and not dry:
+        shutil.rmtree(out)  # interrupted before its first checkpoint
+    policy = ARMS["random" if arm == "random-eqtime" else arm]
+    sh(
+        [
+            "maskkit",
+            "pretrain",
+            "--dataset",
+            DATA,
+            *COMMON,
+            "--steps",
+            str(steps),
+            "--seed",
+            str(seed),
+            *policy,
+            "--out",
+            str(out),
+        ],
+        dry,
+    )
+    return out
+
+
+def evaluate(out: Path, protocol: str, init: str, dry: bool) -> dict:
+    sh(["maskkit", "evaluate", str(out), "--protocol", protocol, "--init", init, "--device", "cpu"], dry)
+    if dry:
+        return {}
+    key = protocol if init == "pretrained" else f"{protocol}-random"
+    return json.loads((out / "eval.json").read_text())[key]
+
+
+def job(arm: str, seed: int, args: argparse.Namespace) -> None:
+    steps = args.steps
+    label = arm if steps == STEPS else f"{arm}@{steps}"  # another budget: its own rows and run dirs
+    key = f"{label}/s{seed}"
+    if key in done_keys():
+        return
+    if steps != STEPS and arm in ("random-eqtime", "untrained", "raw-pixels"):
+        raise ValueError(f"arm {arm} exists only at the study's budget of {STEPS} steps")
+    if arm == "random-eqtime":
+        steps = EQTIME_STEPS
+    if arm in ("untrained", "raw-pixels"):  # on the random run's architecture and splits: wait for it
+        while not args.dry_run and result(f"random/s{seed}") is None:
+            time.sleep(10)
+    if arm == "untrained":
+        out = pretrain("random", seed, STEPS, args.dry_run)
+        ev = evaluate(out, "linear", "random", args.dry_run)
+        entry = {"linear": ev.get("top1")}
+    elif arm == "raw-pixels":
+        out = pretrain("random", seed, STEPS, args.dry_run)
+        cmd = [sys.executable, str(ROOT / "docs" / "study" / "raw_pixel_probe.py"), str(out)]
+        sh(cmd, args.dry_run)
+        entry = {} if args.dry_run else {"linear": json.loads((out / "raw_pixels.json").read_text())["top1"]}
+    else:
+        out = pretrain(arm, seed, steps, args.dry_run, name=label)
+        entry = {"linear": evaluate(out, "linear", "pretrained", args.dry_run).get("top1")}
+        if args.finetune:
+            entry["finetune"] = evaluate(out, "finetune", "pretrained", args.dry_run).get("top1")
+        if not args.dry_run:
+            summary = json.loads((out / "summary.json").read_text())
+            last = summary.get("final", {})
+            entry.update(
+                pretrain_seconds=summary["seconds"],
+                steps=summary["steps"],
+                steps_timed=summary.get("steps_this_call", summary["steps"]),
+                final_loss=last.get("loss"),
+                mask_prob_mean=last.get("mask_prob_mean"),
+                mask_prob_std=last.get("mask_prob_std"),
+                val_acc=last.get("val_acc"),
+            )
+    if not args.dry_run:
+        record({"key": key, "arm": label, "seed": seed, "run": str(out.relative_to(ROOT)), **entry})
+        print(f"done {key}: {entry}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", default=[*ARMS, "random-eqtime", "untrained", "raw-pixels"])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=STEPS, help="another budget: rows <arm>@<steps>")
+    parser.add_argument("--finetune", action="store_true", help="also a fine-tune evaluation (slow)")
+    parser.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args()
+    jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
+    if args.dry_run:
+        for arm, seed in jobs:
+            job(arm, seed, args)
+        return
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        futures = {pool.submit(job, arm, seed, args): (arm, seed) for arm, seed in jobs}
+        failed = []
+        for fut, (arm, seed) in futures.items():
+            try:
+                fut.result()
+            except Exception as err:  # noqa: BLE001 - report every failed job, keep the others
+                print(f"FAILED {arm}/s{seed}: {err}", flush=True)
+                failed.append(f"{arm}/s{seed}")
+    if failed:
+        raise SystemExit(f"{len(failed)} jobs failed (rerun to retry): {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Build the study's table from docs/study/results.jsonl into docs/results.md (between markers).
+
+python docs/study/summarize.py            # rewrite the table in docs/results.md
+python docs/study/summarize.py --print    # print it only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "docs" / "study" / "results.jsonl"
+DOC = ROOT / "docs" / "results.md"
+BEGIN, END = "<!-- study-table:begin -->", "<!-- study-table:end -->"
+
+ORDER = [
+    ("random", "random (MAE)"),
+    ("attention-high", "attention, high"),
+    ("attention-hint", "attention, hint"),
+    ("learned-darts-topk", "learned, MLO darts, top-k"),
+    ("learned-darts-gumbel", "learned, MLO darts, gumbel"),
+    ("learned-unroll-k1", "learned, MLO unroll K=1, top-k"),
+    ("frozen-masker", "control: masker frozen at init, top-k"),
+    ("random-eqtime", "random at the wall time of MLO darts top-k"),
+    ("untrained", "floor: untrained encoder (`--init random`)"),
+    ("raw-pixels", "floor: raw pixels"),
+]
+
+
+def load() -> dict[str, dict[int, dict]]:
+    table: dict[str, dict[int, dict]] = {}
+    for line in RESULTS.read_text().splitlines() if RESULTS.is_file() else []:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "pretrain_seconds" in entry and "steps_timed" not in entry:  # older lines: from the run's summary
+            summary = ROOT / entry["run"] / "summary.json"
+            if summary.is_file():
+                entry["steps_timed"] = json.loads(summary.read_text()).get("steps_this_call", entry["steps"])
+        table.setdefault(entry["arm"], {})[int(entry["seed"])] = entry  # the last line of a key wins
+    return table
+
+
+def mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+
+
+LONG = [
+    ("random-eqtime", "random (MAE) (the `random-eqtime` runs)"),
+    ("learned-darts-topk@1632", "learned, MLO darts, top-k"),
+    ("learned-darts-gumbel@1632", "learned, MLO darts, gumbel"),
+    ("frozen-masker@1632", "control: masker frozen at init, top-k"),
+    ("untrained", "floor: untrained encoder"),
+    ("raw-pixels", "floor: raw pixels"),
+]
+
+
+def render(
+    table: dict[str, dict[int, dict]], order: list[tuple[str, str]] = ORDER, only: set[int] | None = None
+) -> str:
+    """Markdown table of `order`'s arms; `only`: restrict to these seeds."""
+    lines = [
+        "| arm | seeds | linear probe top-1 % (mean ± std) | per seed | finetune top-1 % | pretrain steps | pretrain wall s | final masking prob. mean ± std (learned) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for arm, label in order:
+        runs = {s: e for s, e in table.get(arm, {}).items() if only is None or s in only}
+        seeds = sorted(runs)
+        lin = [runs[s]["linear"] for s in seeds if runs[s].get("linear") is not None]
+        ft = [runs[s]["finetune"] for s in seeds if runs[s].get("finetune") is not None]
+        per_seed = ", ".join(
+            f"s{s}: {100 * runs[s]['linear']:.1f}" for s in seeds if runs[s].get("linear") is not None
+        )
+        steps = sorted({runs[s]["steps"] for s in seeds if runs[s].get("steps")})
+        # a resumed run times only its last call: scale to all its steps (marked *)
+        wall = [
+            runs[s]["pretrain_seconds"] * runs[s]["steps"] / runs[s].get("steps_timed", runs[s]["steps"])
+            for s in seeds
+            if runs[s].get("pretrain_seconds")
+        ]
+        scaled = any(runs[s].get("steps_timed", runs[s].get("steps")) != runs[s].get("steps") for s in seeds)
+        probs = [
+            (runs[s]["mask_prob_mean"], runs[s].get("mask_prob_std"))
+            for s in seeds
+            if runs[s].get("mask_prob_mean") is not None
+        ]
+        prob_text = ", ".join(f"{m:.2f} ± {sd:.2f}" for m, sd in probs) if probs else "-"
+        lines.append(
+            f"| {label} | {len(seeds)} | {mean_std(lin, 100)} | {per_seed or '-'} | {mean_std(ft, 100)} | "
+            f"{', '.join(map(str, steps)) or '-'} | {mean_std(wall, 1, 0)}{'*' if scaled else ''} | {prob_text} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--print", action="store_true")
+    args = parser.parse_args()
+    table = load()
+    # the longer budget's table: only the seeds for which every one of its arms has finished
+    complete = set.intersection(*(set(table.get(arm, {})) for arm, _ in LONG))
+    text = (
+        "**Equal iterations (500 steps; every arm, 3 seeds where finished).**\n\n"
+        + render(table)
+        + f"\n\n**Longer budget (1632 steps = the wall time of 500 MLO darts steps; seeds "
+        f"{', '.join(map(str, sorted(complete))) or 'none yet'}).**\n\n" + render(table, LONG, only=complete)
+    )
+    if args.print or not DOC.is_file():
+        print(text)
+        return
+    doc = DOC.read_text()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{DOC} has no {BEGIN} ... {END} markers")
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    DOC.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    print(f"wrote the table into {DOC}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""`maskkit bench` at a trivial size: the JSON's keys, rows, baselines and ratios; masker parameter counts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from maskkit.bench import bench_policy_overhead, count_parameters, masker_parameter_counts
+from maskkit.cli.app import app
+from maskkit.registry import create_policy
+
+ROWS = {
+    "mae_random_masking": None,
+    "random_policy": "mae_random_masking",
+    "attention_policy": "random_policy",
+    "mae_step": None,
+    "mlo_darts": "mae_step",
+    "mlo_darts_direct": "mae_step",
+    "mlo_unroll_k1": "mae_step",
+    "mlo_unroll_k2": "mae_step",
+}
+
+
+def test_bench_json_trivial(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--preset", "trivial", "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    assert {"device", "torch", "rows", "params"} <= set(payload)
+    assert payload["device"] == "cpu" and payload["torch"] == torch.__version__
+    rows = {r["name"]: r for r in payload["rows"]}
+    assert list(rows) == list(ROWS)  # every row once, in this order
+    for name, baseline in ROWS.items():
+        row = rows[name]
+        assert {"name", "seconds", "peak_mem_mb", "baseline", "ratio"} <= set(row)
+        assert row["baseline"] == baseline
+        assert row["seconds"] > 0 and row["peak_mem_mb"] >= 0
+        if baseline is not None:
+            assert row["ratio"] == pytest.approx(row["seconds"] / rows[baseline]["seconds"])
+    att = rows["attention_policy"]  # the encoder pass that reads attention is part of its cost
+    assert att["includes_encoder"] is True
+    assert att["select_ratio"] == pytest.approx(att["select_seconds"] / rows["random_policy"]["seconds"])
+    assert {p["num_patches"] for p in payload["params"]} == {256, 196}
+
+
+def test_masker_parameter_counts_match_built_maskers():
+    """Meta-device counts equal those of maskers really built (small width, so it is cheap)."""
+    rows = masker_parameter_counts(embed_dim=32, sizes={"a": 16, "b": 9})
+    for row in rows:
+        for arch in ("paper", "token"):
+            built = create_policy("learned", arch=arch, embed_dim=32, num_patches=row["num_patches"])
+            assert row[arch] == count_parameters(built)
+        assert row["ratio"] == pytest.approx(row["paper"] / row["token"])
+
+
+def test_attention_row_rejects_mismatched_encoder():
+    from maskkit.adapters.timm import create_mae
+
+    with pytest.raises(ValueError, match="patches"):
+        bench_policy_overhead(
+            batch=2, num_patches=17, dim=64, repeats=1, warmup=0, encoder=create_mae("micro")
+        )
