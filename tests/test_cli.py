@@ -161,6 +161,21 @@ def test_learned_policy_runs_the_mlo_engine(tmp_path):
     assert Image.open(tmp_path / "learned.png").size[0] == 4 + 5 * (96 + 4)  # five columns: heat-map added
 
 
+def test_frozen_masker_control_keeps_the_initial_masker(tmp_path):
+    # the study's control: same masker, selection and loss weighting as `learned`, no MLO feedback
+    args = ["--learned-hidden-dim", "16", "--hypergrad", "darts", *FAST]
+    frozen, longer, learned = tmp_path / "frozen", tmp_path / "longer", tmp_path / "learned"
+    ok("pretrain", "--out", frozen, "--freeze-masker", *args)
+    ok("pretrain", "--out", longer, "--freeze-masker", *args[:-len(FAST)], *FAST[:1], "12", *FAST[2:])
+    ok("pretrain", "--out", learned, *args)
+    a, b, c = (load_checkpoint(run / "model.pt") for run in (frozen, longer, learned))
+    assert "head" not in a and "head" in c
+    # 6 or 12 MAE steps: the masker is bit-identical (its initialisation); MLO moved it
+    assert all(torch.equal(a["policy"][k], b["policy"][k]) for k in a["policy"])
+    assert not all(torch.equal(a["policy"][k], c["policy"][k]) for k in a["policy"])
+    assert not all(torch.equal(a["mae"][k], b["mae"][k]) for k in a["mae"])  # the MAE did train
+
+
 def test_learned_run_resumes_exactly(tmp_path):
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     args = ["--learned-hidden-dim", "16", *FAST]
