@@ -8,7 +8,6 @@ Public API (see the README for a tour):
 - the MAE protocol: `MAEProtocol`, `patch_loss`, `masked_loss`, `mae_forward`, `mae_step_loss`, `MAEOutput`
 """
 
-from maskkit.bench import count_parameters
 from maskkit.mae import MAEOutput, MAEProtocol, is_mae, mae_forward, mae_step_loss, masked_loss, patch_loss
 from maskkit.mlo import MLOConfig, MLOEngine, default_optimizers
 from maskkit.plan import MaskPlan, check_ratio, gather_tokens, num_visible
@@ -23,7 +22,6 @@ __all__ = [
     "AttentionPolicy",
     "BlockPolicy",
     "LearnedMasker",
-    "count_parameters",
     "MAEOutput",
     "MLOConfig",
     "MLOEngine",
