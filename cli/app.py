@@ -104,8 +104,10 @@ def one_line_errors() -> Iterator[None]:
 @app.command("policies")
 def policies_command() -> None:
     """List the registered masking policies (third-party ones included) and their options."""
-    from maskkit.registry import list_policies, policy_options, policy_summary
+    from maskkit.registry import list_policies, load_plugins, policy_options, policy_summary
 
+    with one_line_errors():
+        load_plugins()
     table = Table(title="masking policies", show_lines=True)
     table.add_column("policy", style="bold")
     table.add_column("summary")

@@ -11,7 +11,10 @@ the CLI included:
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -98,6 +101,38 @@ def policy_summary(name: str) -> str:
     return doc.splitlines()[0] if doc else ""
 
 
+PLUGINS_ENV = "MASKKIT_PLUGINS"
+ENTRY_POINT_GROUP = "maskkit.policies"
+_plugins_loaded = False
+
+
+def load_plugins() -> list[str]:
+    """Import third-party policy modules so that their `@register_policy` runs; returns their names.
+
+    Modules come from the `MASKKIT_PLUGINS` environment variable (comma-separated module names) and
+    from installed packages' `maskkit.policies` entry points. Runs once per process.
+    """
+    global _plugins_loaded
+    if _plugins_loaded:
+        return []
+    _plugins_loaded = True
+    names = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # a plugin's own failure, reported in one line
+            raise ValueError(f"cannot import policy plugin {name!r} named in {PLUGINS_ENV}: {err}") from None
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry.load()
+        except Exception as err:
+            raise ValueError(f"cannot load policy plugin entry point {entry.name!r} ({entry.value}): {err}") from None
+        names.append(entry.value)
+    return names
+
+
 def _ensure_builtins() -> None:
-    # Importing the package registers the built-in policies.
+    # Importing the package registers the built-in policies; plugins register theirs.
     import maskkit.policies  # noqa: F401
+
+    load_plugins()

@@ -116,3 +116,54 @@ def test_options_of_builtins_have_documented_defaults():
     assert learned["arch"] == "token" and learned["selection"] == "topk" and learned["embed_dim"] == 192
     attention = {o.name: o.default for o in policy_options("attention")}
     assert attention == {"ratio": 0.75, "mode": "high", "hint_ratio": 0.1}
+
+
+PLUGIN = '''
+import torch
+import maskkit
+
+
+@maskkit.register_policy("plugin_center")
+class PluginCenter(maskkit.MaskPolicy):
+    """Hide the patches nearest the centre (a third-party plugin)."""
+
+    def forward(self, tokens, *, ratio=None, **context):
+        b, n, _ = tokens.shape
+        side = int(n ** 0.5)
+        yy, xx = torch.meshgrid(*(torch.arange(side),) * 2, indexing="ij")
+        dist = ((yy - (side - 1) / 2) ** 2 + (xx - (side - 1) / 2) ** 2).flatten().float()
+        return maskkit.MaskPlan.from_scores(-dist.expand(b, n), self.resolve_ratio(ratio, n))
+'''
+
+
+def test_plugins_named_in_the_environment_reach_the_cli(clean_registry, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from maskkit.cli.app import app
+
+    (tmp_path / "maskkit_test_plugin.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(registry.PLUGINS_ENV, "maskkit_test_plugin")
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    result = CliRunner().invoke(app, ["policies"])
+    assert result.exit_code == 0 and "plugin_center" in result.output
+    plan = create_policy("plugin_center", ratio=0.75)(torch.zeros(1, 16, 4))
+    assert plan.mask.view(4, 4)[1:3, 1:3].eq(1).all()  # the 2x2 centre is hidden
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["pretrain", "--policy", "plugin_center", "--steps", "2", "--batch-size", "8",
+                                      "--no-progress", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert '"name": "plugin_center"' in (run / "config.json").read_text()
+
+
+def test_a_missing_plugin_is_a_one_line_error(monkeypatch):
+    from typer.testing import CliRunner
+
+    from maskkit.cli.app import app
+
+    monkeypatch.setenv(registry.PLUGINS_ENV, "no_such_maskkit_plugin")
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    result = CliRunner().invoke(app, ["policies"])
+    assert result.exit_code == 1
+    assert "cannot import policy plugin 'no_such_maskkit_plugin'" in result.output
+    assert "Traceback" not in result.output
