@@ -233,7 +233,7 @@ def pretrain_command(
     lr: float = typer.Option(1.5e-3, help="MAE learning rate (peak of warm-up + cosine)."),
     weight_decay: float = typer.Option(0.05, help="MAE weight decay (none on biases, norms, embeddings, tokens)."),
     warmup_steps: Optional[int] = typer.Option(None, help="Linear warm-up iterations (default 5% of the steps)."),
-    optimizer: str = typer.Option("adamw", help="MAE optimizer: adamw | adam | sgd | lamb | lars | ... (torch-optimizer)."),
+    optimizer: str = typer.Option("adamw", help="MAE optimizer: adamw | adam | sgd | lamb | lars | ... (torch-optimizer); the learned policy's hypergradient needs adamw, adam or sgd."),
     mask_ratio: float = typer.Option(0.75, help="Fraction of patches hidden, in (0, 1)."),
     patch_size: Optional[int] = typer.Option(None, help="Patch side (default: the preset's, if it fits the images)."),
     norm_pix_loss: bool = typer.Option(False, "--norm-pix-loss", help="Normalise each target patch (MAE)."),

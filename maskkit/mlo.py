@@ -200,6 +200,7 @@ class MLOEngine:
         self.generator = generator
         self.grad_sync = grad_sync
         self.step_count = 0
+        _check_differentiable_optimizers(self.config, mae_optimizer, head_optimizer)
         self._window: UnrollWindow | None = None
 
     # ---- schedule -----------------------------------------------------------------------------
@@ -329,6 +330,22 @@ class MLOEngine:
                 raise ValueError("the checkpoint holds a generator state but this engine has no generator")
             self.generator.set_state(state["generator"])
         self.step_count = int(state["step"])
+
+
+def _check_differentiable_optimizers(config: MLOConfig, mae_optimizer: torch.optim.Optimizer,
+                                     head_optimizer: torch.optim.Optimizer) -> None:
+    """Fail at construction, not at the first masker step, when a hypergradient cannot use an optimizer."""
+    from maskkit.unroll import check_optimizer
+
+    supported = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+    for level, opt in (("MAE", mae_optimizer), ("head", head_optimizer)):
+        if config.hypergrad == "unroll":
+            check_optimizer(opt)  # UnrollError (a ValueError) naming the optimizer
+        elif config.darts_scale == "optimizer" and not isinstance(opt, supported):
+            raise ValueError(
+                f"the darts hypergradient needs the derivative of the {level} optimizer's update, known for "
+                f"SGD, Adam and AdamW, not {type(opt).__name__}: use one of those, or darts_scale='lr'"
+            )
 
 
 def _mask_stats(probs: Tensor) -> dict[str, float]:

@@ -313,6 +313,8 @@ def test_module_entry_point():
      (["--policy", "attention", "--attention-mode", "sideways"], "attention mode must be one of"),
      (["--policy", "random", "--bogus"], "no such option: --bogus"),
      (["--optimizer", "nadamx"], "unknown optimizer 'nadamx'"),
+     (["--optimizer", "lars"], "darts hypergradient needs the derivative of the MAE optimizer's update"),
+     (["--optimizer", "lamb", "--hypergrad", "unroll"], "torch_optimizer.lamb.Lamb is not supported"),
      (["--steps", "5", "--epochs", "1"], "give --steps or --epochs, not both")],
 )
 def test_bad_pretrain_options(tmp_path, args, message):

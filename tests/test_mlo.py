@@ -241,3 +241,16 @@ def test_official_loop_example_runs():
     final = re.search(r"final loss: (\S+), validation accuracy of the head: (\S+)", proc.stdout)
     assert final and math.isfinite(float(final.group(1))) and 0.0 <= float(final.group(2)) <= 1.0
     assert "val_loss" in proc.stdout  # the masker/head steps ran inside the loop
+
+
+@pytest.mark.parametrize("hypergrad", ["darts", "unroll"])
+def test_optimizers_without_a_known_derivative_are_refused_at_construction(hypergrad):
+    import torch_optimizer
+
+    mae = create_mae("micro", seed=0)
+    masker = create_policy("learned", embed_dim=mae.embed_dim, num_patches=mae.num_patches, hidden_dim=8)
+    head = torch.nn.Linear(mae.embed_dim, 10)
+    opts = default_optimizers(mae, head, masker)
+    opts["mae_optimizer"] = torch_optimizer.Lamb(mae.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="Lamb"):
+        MLOEngine(mae, masker, head, **opts, config=MLOConfig(hypergrad=hypergrad))
