@@ -57,7 +57,7 @@ class MLOConfig:
     """The schedule and the hypergradient of the MLO engine (defaults: the MLO-MAE reference).
 
     Args:
-        ratio: mask ratio of the pretrain step. Default 0.75.
+        ratio: mask ratio of the pretrain step, or None for the masker's own ratio. Default None.
         masker_every: one finetune step and one masker step after every this many pretrain steps. Default 2.
         unroll_steps: K, pretrain steps unrolled by hypergrad="unroll" (<= masker_every). Default 1.
         hypergrad: "darts" (finite differences, no double backward through the MAE) or "unroll"
@@ -76,7 +76,7 @@ class MLOConfig:
             unroll window stay float32. Default "none".
     """
 
-    ratio: float = 0.75
+    ratio: float | None = None
     masker_every: int = 2
     unroll_steps: int = 1
     hypergrad: str = "darts"
@@ -91,7 +91,8 @@ class MLOConfig:
     amp: str = "none"
 
     def __post_init__(self) -> None:
-        self.ratio = check_ratio(self.ratio)
+        if self.ratio is not None:
+            self.ratio = check_ratio(self.ratio)
         if self.amp not in ("none", "bf16"):
             raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
         for name in ("masker_every", "unroll_steps"):
@@ -130,6 +131,9 @@ def default_optimizers(
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown optimizer preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if not getattr(masker, "learnable", False) or not trainable(masker):
+        raise TypeError(f"masker must be a learnable MaskPolicy with parameters (e.g. 'learned'), "
+                        f"got {type(masker).__name__}")
     cfg = PRESETS[preset]
     return {
         "mae_optimizer": torch.optim.AdamW(param_groups(mae, cfg["mae_wd"]), lr=cfg["mae_lr"], betas=(0.9, 0.95)),

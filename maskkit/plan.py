@@ -69,6 +69,10 @@ class MaskPlan:
 
         scores: [B, N]; ties are broken by torch.argsort exactly as in the official code.
         """
+        if scores.dim() != 2:
+            raise ValueError(f"scores must be [B, N], got shape {tuple(scores.shape)}")
+        if weights is not None and weights.shape != scores.shape:
+            raise ValueError(f"weights must have the scores' shape {tuple(scores.shape)}, got {tuple(weights.shape)}")
         batch, n = scores.shape
         ratio = check_ratio(ratio, n)
         keep = num_visible(n, ratio)

@@ -254,3 +254,22 @@ def test_optimizers_without_a_known_derivative_are_refused_at_construction(hyper
     opts["mae_optimizer"] = torch_optimizer.Lamb(mae.parameters(), lr=1e-3)
     with pytest.raises(ValueError, match="Lamb"):
         MLOEngine(mae, masker, head, **opts, config=MLOConfig(hypergrad=hypergrad))
+
+
+def test_default_optimizers_refuse_a_masker_without_parameters():
+    mae = create_mae("micro", seed=0)
+    with pytest.raises(TypeError, match="masker must be a learnable MaskPolicy"):
+        default_optimizers(mae, nn.Linear(mae.embed_dim, 10), create_policy("random"))
+
+
+def test_the_masker_ratio_is_used_unless_the_config_sets_one():
+    mae = create_mae("micro", seed=0)
+    masker = create_policy("learned", ratio=0.5, embed_dim=mae.embed_dim, num_patches=mae.num_patches, hidden_dim=8)
+    head = nn.Linear(mae.embed_dim, 10)
+    images = torch.rand(4, 1, 8, 8)
+    seen = []
+    masker.register_forward_hook(lambda module, args, plan: seen.append(int(plan.mask.sum(1)[0])))
+    for ratio, hidden in ((None, 8), (0.75, 12)):  # N = 16 patches
+        engine = MLOEngine(mae, masker, head, **default_optimizers(mae, head, masker), config=MLOConfig(ratio=ratio))
+        engine.step(images)
+        assert seen[-1] == hidden

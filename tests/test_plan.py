@@ -124,3 +124,10 @@ def test_loss_weights_detach_and_to():
     moved = plan.to("cpu")
     assert torch.equal(moved.mask, plan.mask) and torch.equal(moved.ids_keep, plan.ids_keep)
     assert torch.equal(MaskPlan.from_scores(scores, 0.5).loss_weights(), plan.mask)
+
+
+def test_bad_score_and_weight_shapes_are_named():
+    with pytest.raises(ValueError, match=r"scores must be \[B, N\], got shape \(16,\)"):
+        MaskPlan.from_scores(torch.rand(16), 0.75)
+    with pytest.raises(ValueError, match="weights must have the scores' shape"):
+        MaskPlan.from_scores(torch.rand(2, 16), 0.75, weights=torch.rand(2, 8))

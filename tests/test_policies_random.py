@@ -64,3 +64,8 @@ def test_random_is_uniform_over_patches():
     plan = RandomPolicy(0.75)(x, generator=torch.Generator().manual_seed(0))
     freq = plan.mask.mean(dim=0)
     assert torch.allclose(freq, torch.full((16,), 0.75), atol=0.035)
+
+
+def test_tokens_without_a_width_dimension_are_refused():
+    with pytest.raises(ValueError, match=r"tokens must be \[B, N, D\]"):
+        RandomPolicy(0.75)(torch.rand(2, 16))

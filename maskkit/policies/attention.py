@@ -71,7 +71,7 @@ class AttentionPolicy(MaskPolicy):
         noise: Tensor | None = None,
         **context: Any,
     ) -> MaskPlan:
-        batch, n = tokens.shape[:2]  # tokens: [B, N, D]
+        batch, n = self.token_grid(tokens)  # tokens: [B, N, D]
         ratio = self.resolve_ratio(ratio, n)
         attn = self._scores(batch, n, attention, encoder, images)  # [B, N]
         if self.mode == "high":

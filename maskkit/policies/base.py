@@ -30,6 +30,13 @@ class MaskPolicy(nn.Module):
         """The per-call ratio if given, else the policy's own; validated against N."""
         return check_ratio(self.ratio if ratio is None else ratio, num_patches)
 
+    @staticmethod
+    def token_grid(tokens: Tensor) -> tuple[int, int]:
+        """(B, N) of patch tokens [B, N, D], or ValueError naming the shape."""
+        if not isinstance(tokens, Tensor) or tokens.dim() != 3:
+            raise ValueError(f"tokens must be [B, N, D], got shape {tuple(getattr(tokens, 'shape', ()))}")
+        return tokens.shape[0], tokens.shape[1]
+
     def forward(self, tokens: Tensor, *, ratio: float | None = None, **context: Any) -> MaskPlan:  # noqa: D102
         raise NotImplementedError
 

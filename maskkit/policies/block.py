@@ -77,7 +77,7 @@ class BlockPolicy(MaskPolicy):
         generator: torch.Generator | None = None,
         **context: Any,
     ) -> MaskPlan:
-        batch, n = tokens.shape[:2]  # tokens: [B, N, D]
+        batch, n = self.token_grid(tokens)  # tokens: [B, N, D]
         ratio = self.resolve_ratio(ratio, n)
         rows, cols = self._grid_for(n)
         target = n - num_visible(n, ratio)

@@ -196,7 +196,7 @@ class LearnedMasker(MaskPolicy):
         noise: Tensor | None = None,
         **context: Any,
     ) -> MaskPlan:
-        batch, n = tokens.shape[:2]  # tokens: [B, N, D]
+        batch, n = self.token_grid(tokens)  # tokens: [B, N, D]
         ratio = self.resolve_ratio(ratio, n)
         logits = self.logits(tokens)  # [B, N]
         probs = torch.sigmoid(logits)  # [B, N]

@@ -32,7 +32,7 @@ class RandomPolicy(MaskPolicy):
         generator: torch.Generator | None = None,
         **context: Any,
     ) -> MaskPlan:
-        batch, n = tokens.shape[:2]  # tokens: [B, N, D]
+        batch, n = self.token_grid(tokens)  # tokens: [B, N, D]
         ratio = self.resolve_ratio(ratio, n)
         if noise is None:
             noise = torch.rand(batch, n, device=tokens.device, generator=generator)  # [B, N]
