@@ -8,7 +8,7 @@ import torch
 from maskkit.bench import count_parameters
 from maskkit.plan import num_visible
 from maskkit.policies import LearnedMasker
-from maskkit.policies.learned import gumbel_from_uniform, sincos_pos_embed_2d
+from maskkit.policies.learned import gumbel_from_uniform, position_code
 
 SMALL = {
     "token": dict(embed_dim=6, hidden_dim=8, pos_dim=4),
@@ -152,7 +152,7 @@ def test_token_arch_works_at_any_square_resolution_with_fixed_params():
 
 
 def test_position_code_distinguishes_patches():
-    pos = sincos_pos_embed_2d(3, 8)  # [9, 8]
+    pos = position_code(3, 8)  # [9, 8]
     assert pos.shape == (9, 8)
     assert torch.cdist(pos, pos).add(torch.eye(9)).min() > 0.1  # no two patches share a code
     assert torch.allclose(pos[0], torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]))  # row 0, col 0

@@ -30,13 +30,14 @@ def grid_side(num_patches: int) -> int:
     return side
 
 
-def sincos_pos_embed_2d(
+def position_code(
     side: int, dim: int, dtype: torch.dtype = torch.float32, device: Any = None
 ) -> Tensor:
     """Fixed 2-D sin-cos position code of a side x side grid, row-major: [side*side, dim].
 
     The first half of `dim` encodes the row, the second half the column, each as
-    [sin(p * w_i), cos(p * w_i)] with w_i = 10000^(-i / (dim/4)), i < dim/4 (as MAE's sin-cos).
+    [sin(p * w_i), cos(p * w_i)] with w_i = 10000^(-i / (dim/4)), i < dim/4 (MAE's frequencies; MAE
+    itself puts the column first: the masker's own input needs no particular order).
     """
     if dim % 4:
         raise ValueError(f"sin-cos position width must be divisible by 4, got {dim}")
@@ -179,7 +180,7 @@ class LearnedMasker(MaskPolicy):
             return self.net(x)  # [B, N]
         x = self.norm(x)  # [B, N, D]
         if self.pos_dim:
-            pos = sincos_pos_embed_2d(grid_side(n), self.pos_dim, dtype=x.dtype, device=x.device)  # [N, P]
+            pos = position_code(grid_side(n), self.pos_dim, dtype=x.dtype, device=x.device)  # [N, P]
             x = torch.cat([x, pos.unsqueeze(0).expand(batch, -1, -1)], dim=-1)  # [B, N, D + P]
         return self.net(x).squeeze(-1)  # [B, N]
 
