@@ -58,6 +58,11 @@ class Init(str, Enum):
     random = "random"
 
 
+class ScoreSplit(str, Enum):
+    test = "test"
+    val = "val"
+
+
 class Amp(str, Enum):
     none = "none"
     bf16 = "bf16"
@@ -251,6 +256,9 @@ def pretrain_command(
     head_lr: float = typer.Option(1e-2, help="Learning rate of the classification head (level 2 of the learned masker)."),
     masker_optimizer: str = typer.Option("adamw", help="Optimizer of the learned masker."),
     masker_lr: float = typer.Option(1e-3, help="Learning rate of the learned masker."),
+    masker_start: int = typer.Option(
+        0, help="Masker warm-up: MAE steps before the masker's first update (the head trains meanwhile)."
+    ),
     freeze_masker: bool = typer.Option(
         False, "--freeze-masker", help="Control run: keep the learned masker at its initialisation (no MLO)."
     ),
@@ -337,6 +345,8 @@ def _pretrain_new(ctx: typer.Context, args: dict[str, Any]) -> None:
     for name in ("batch_size", "log_every", "ckpt_every", "keep_checkpoints", "masker_every", "unroll_steps"):
         if args[name] < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be a positive integer, got {args[name]}")
+    if args["masker_start"] < 0:
+        raise CommandError(f"--masker-start must be a non-negative integer, got {args['masker_start']}")
     from maskkit.distributed import barrier, broadcast_object
 
     dist = _DIST
@@ -392,7 +402,7 @@ def _pretrain_new(ctx: typer.Context, args: dict[str, Any]) -> None:
         log_every=args["log_every"], ckpt_every=args["ckpt_every"], keep_checkpoints=args["keep_checkpoints"],
         hypergrad=args["hypergrad"].value, masker_every=args["masker_every"], unroll_steps=args["unroll_steps"],
         head_optimizer=args["head_optimizer"], head_lr=args["head_lr"],
-        masker_optimizer=args["masker_optimizer"], masker_lr=args["masker_lr"],
+        masker_optimizer=args["masker_optimizer"], masker_lr=args["masker_lr"], masker_start=args["masker_start"],
         freeze_masker=args["freeze_masker"],
         skip_nonfinite=args["skip_nonfinite"], amp=args["amp"].value, mask_noise=args["mask_noise"].value,
         world_size=dist.world_size,
@@ -586,9 +596,15 @@ def evaluate_command(
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: linear 0.1 x batch/256, finetune 1e-3)."),
     init: Init = typer.Option(Init.pretrained, help="pretrained weights, or random: the run's untrained initialisation."),
     seed: int = typer.Option(0, help="Seed of the probe / fine-tuning."),
+    split: ScoreSplit = typer.Option(
+        ScoreSplit.test, help="test (held out), or val to choose settings without the test split."
+    ),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
 ) -> None:
-    """Top-1 accuracy of the run's encoder on its test split (never seen in pretraining); writes eval.json."""
+    """Top-1 accuracy of the run's encoder on its test split (never seen in pretraining); writes eval.json.
+
+    With --split val it scores on the validation split instead, under the key <protocol>@val.
+    """
     with one_line_errors():
         from maskkit.cli import runs
         from maskkit.evaluate import evaluate_encoder
@@ -605,18 +621,21 @@ def evaluate_command(
             source = runs.load_weights(run, run_dir)
         runs.check_writable(run_dir)
         result = evaluate_encoder(
-            run.mae, run.batcher, run.splits, protocol.value, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed
+            run.mae, run.batcher, run.splits, protocol.value, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+            score_split=split.value,
         )
         key = protocol.value if init == Init.pretrained else f"{protocol.value}-random"
+        if split == ScoreSplit.val:
+            key += "@val"
         record = {**asdict(result), "init": init.value, "weights": source["source"], "step": source["step"],
                   "seed": seed}  # fmt: skip
         runs.merge_json(run_dir / runs.EVAL, key, record)
         table = Table(title=f"evaluation of {run_dir}")
         table.add_column("protocol")
         table.add_column("init")
-        table.add_column("test top-1", justify="right")
+        table.add_column(f"{split.value} top-1", justify="right")
         table.add_column("train top-1", justify="right")
-        table.add_column("train / test images", justify="right")
+        table.add_column(f"train / {split.value} images", justify="right")
         table.add_row(
             result.protocol, init.value, f"{100 * result.top1:.2f}%", f"{100 * result.train_top1:.2f}%",
             f"{result.num_train} / {result.num_test}",

@@ -195,16 +195,23 @@ def evaluate_encoder(
     batch_size: int | None = None,
     lr: float | None = None,
     seed: int = 0,
+    score_split: str = "test",
 ) -> EvalResult:
-    """Run `protocol` ("linear" or "finetune") on the labeled `train` split, scored on `test`.
+    """Run `protocol` ("linear" or "finetune") on the labeled `train` split, scored on `score_split`.
 
     Defaults: linear 90 epochs, batch 256, LARS lr 1.0 x batch/256; finetune 50 epochs, batch
     128, AdamW lr 1e-3; on small data the epochs grow until there are at least
-    MIN_DEFAULT_STEPS optimizer steps. The `val` split (the masker's) is never used.
+    MIN_DEFAULT_STEPS optimizer steps. score_split "test" (default) reports the held-out result;
+    "val" is for choosing settings without looking at the test split (the learned masker also
+    uses `val` for its validation loss, so a learned arm's `val` score is slightly optimistic).
     """
     if batcher.data.labels is None:
         raise ValueError(f"evaluation needs labels, but dataset {batcher.data.name!r} has none")
-    train_index, test_index = splits["train"], splits["test"]
+    if score_split not in ("test", "val"):
+        raise ValueError(f"score_split must be 'test' or 'val', got {score_split!r}")
+    if len(splits.get(score_split, ())) == 0:
+        raise ValueError(f"the run has no {score_split!r} split to score on")
+    train_index, test_index = splits["train"], splits[score_split]
     if protocol == "linear":
         bs = min(batch_size or 256, len(train_index))
         feats = extract_features(mae, batcher.images, np.concatenate([train_index, test_index]))

@@ -35,7 +35,7 @@ from maskkit.hypergrad import (
 )
 from maskkit.mae import is_mae
 from maskkit.optim import param_groups
-from maskkit.plan import check_ratio
+from maskkit.plan import MaskPlan, check_ratio
 from maskkit.policies.base import MaskPolicy
 
 Batch = tuple[Tensor, Tensor]
@@ -70,6 +70,10 @@ class MLOConfig:
         darts_fd: "central" (two MAE forwards, as DARTS/betty) or "forward" (one forward, reusing the
             pretrain step's per-patch losses; error O(eps)). Default "central".
         first_order: unroll without second-order terms (hypergrad="unroll" only). Default False.
+        masker_start: masker warm-up, in pretrain steps: the masker is first updated at the end of
+            the first cycle that ends at or after this step. Before that the head still steps
+            (plainly, without a hypergradient), so its validation loss means something when the
+            masker starts. Default 0 (from the first cycle, as the reference).
         grad_clip, head_grad_clip, masker_grad_clip: max gradient norm per level, or None. Default None.
         amp: "bf16" runs the MAE forward of the real pretrain steps under bfloat16 autocast; the
             finetune step, the validation loss, the darts finite differences and the steps inside an
@@ -85,6 +89,7 @@ class MLOConfig:
     darts_r: float = 0.01
     darts_fd: str = "central"
     first_order: bool = False
+    masker_start: int = 0
     grad_clip: float | None = None
     head_grad_clip: float | None = None
     masker_grad_clip: float | None = None
@@ -109,6 +114,8 @@ class MLOConfig:
             raise ValueError(f"darts_fd must be one of {DARTS_FDS}, got {self.darts_fd!r}")
         if not (isinstance(self.darts_r, (int, float)) and self.darts_r > 0):
             raise ValueError(f"darts_r must be a positive number, got {self.darts_r!r}")
+        if isinstance(self.masker_start, bool) or not isinstance(self.masker_start, int) or self.masker_start < 0:
+            raise ValueError(f"masker_start must be a non-negative integer, got {self.masker_start!r}")
         if self.hypergrad == "unroll" and self.unroll_steps > self.masker_every:
             raise ValueError(
                 f"unroll_steps ({self.unroll_steps}) must not exceed masker_every ({self.masker_every}): "
@@ -214,9 +221,17 @@ class MLOEngine:
         step = self.step_count if step is None else step
         return (step + 1) % self.config.masker_every == 0
 
+    def masker_learning(self, step: int | None = None) -> bool:
+        """Whether the cycle of iteration `step` (default: the next one) ends with a masker update
+        (False during the masker warm-up, `config.masker_start`)."""
+        step = self.step_count if step is None else step
+        every = self.config.masker_every
+        cycle_end = step - step % every + every - 1  # the cycle's last iteration
+        return cycle_end >= self.config.masker_start
+
     def _in_unroll_window(self, step: int) -> bool:
         every, k = self.config.masker_every, self.config.unroll_steps
-        return self.config.hypergrad == "unroll" and step % every >= every - k
+        return self.config.hypergrad == "unroll" and step % every >= every - k and self.masker_learning(step)
 
     # ---- one iteration ------------------------------------------------------------------------
 
@@ -226,6 +241,7 @@ class MLOEngine:
             raise ValueError(f"images must be a [B, C, H, W] tensor, got {getattr(images, 'shape', type(images))}")
         cfg, s = self.config, self.step_count
         due = self.masker_due(s)
+        learning = due and self.masker_learning(s)
         if due:  # fetch labeled batches first, so a missing one fails before any update
             train_batch = self._batch(train_batch, self.train_batches, "train_batch")
             val_batch = self._batch(val_batch, self.val_batches, "val_batch")
@@ -236,13 +252,13 @@ class MLOEngine:
                 self._window = UnrollWindow(self.mae, self.masker, self.mae_optimizer, first_order=cfg.first_order,
                                             grad_sync=self.grad_sync)
             out = self._window.pretrain_step(images, ratio=cfg.ratio, generator=self.generator, grad_clip=cfg.grad_clip)
-            loss, probs, record = out.loss.detach(), out.plan.weights, None
+            loss, probs, record = out.loss.detach(), _probs(out.plan), None
         else:
             record = pretrain_step(self.mae, self.masker, self.mae_optimizer, images, ratio=cfg.ratio,
                                    generator=self.generator, grad_clip=cfg.grad_clip,
-                                   keep_params=due and cfg.hypergrad == "darts",
+                                   keep_params=learning and cfg.hypergrad == "darts",
                                    autocast_dtype=torch.bfloat16 if cfg.amp == "bf16" else None)
-            loss, probs = record.loss, record.plan.weights
+            loss, probs = record.loss, _probs(record.plan)
         self._scheduler_step("mae")
         stats["pretrain_loss"] = float(loss)
         stats.update(_mask_stats(probs.detach()))
@@ -252,17 +268,21 @@ class MLOEngine:
                 window, self._window = self._window, None
                 grads, ft = window.finish(self.head, self.head_optimizer, train_batch, val_batch,
                                           head_grad_clip=cfg.head_grad_clip)
-            else:
+            elif learning:
                 ft = finetune_step(self.mae, self.head, self.head_optimizer, train_batch, val_batch,
                                    mae_params=optimizer_params(self.mae_optimizer), paths=cfg.darts_paths,
                                    scale=cfg.darts_scale, grad_clip=cfg.head_grad_clip)
                 grads = darts_masker_grad(self.mae, self.masker, record, ft.vector, self.mae_optimizer,
                                           scale=cfg.darts_scale, r=cfg.darts_r, fd=cfg.darts_fd)
+            else:  # masker warm-up: a plain head step, no hypergradient
+                ft = finetune_step(self.mae, self.head, self.head_optimizer, train_batch, val_batch,
+                                   paths=None, grad_clip=cfg.head_grad_clip)
             self._scheduler_step("head")
-            stats["masker_grad_norm"] = self._masker_update(grads)
-            self._scheduler_step("masker")
+            if learning:
+                stats["masker_grad_norm"] = self._masker_update(grads)
+                self._scheduler_step("masker")
             stats.update(head_loss=float(ft.head_loss), val_loss=float(ft.val_loss), val_acc=float(ft.val_acc))
-        stats["masker_updated"] = float(due)
+        stats["masker_updated"] = float(learning)
         for level, opt in (("mae", self.mae_optimizer), ("head", self.head_optimizer), ("masker", self.masker_optimizer)):
             stats[f"lr_{level}"] = float(opt.param_groups[0]["lr"])
         self.step_count += 1
@@ -350,6 +370,11 @@ def _check_differentiable_optimizers(config: MLOConfig, mae_optimizer: torch.opt
                 f"the darts hypergradient needs the derivative of the {level} optimizer's update, known for "
                 f"SGD, Adam and AdamW, not {type(opt).__name__}: use one of those, or darts_scale='lr'"
             )
+
+
+def _probs(plan: MaskPlan) -> Tensor:
+    """The masking probabilities of a learned policy's plan (its weights when it sets no `probs`)."""
+    return plan.weights if plan.probs is None else plan.probs
 
 
 def _mask_stats(probs: Tensor) -> dict[str, float]:

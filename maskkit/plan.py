@@ -55,6 +55,8 @@ class MaskPlan:
         weights: [B, N] per-patch weights of the reconstruction loss, or None for 1.
             A learned policy stores its masking probabilities here, differentiably.
         scores: [B, N] the score that was sorted (ascending = kept first), for inspection.
+        probs: [B, N] a learned policy's masking probabilities, for inspection, or None; they
+            are the weights unless the policy weights its loss otherwise.
     """
 
     ids_keep: Tensor
@@ -62,6 +64,7 @@ class MaskPlan:
     mask: Tensor
     weights: Tensor | None = None
     scores: Tensor | None = None
+    probs: Tensor | None = None
 
     @classmethod
     def from_scores(cls, scores: Tensor, ratio: float, weights: Tensor | None = None) -> MaskPlan:
@@ -129,6 +132,7 @@ class MaskPlan:
             self,
             weights=None if self.weights is None else self.weights.detach(),
             scores=None if self.scores is None else self.scores.detach(),
+            probs=None if self.probs is None else self.probs.detach(),
         )
 
     def to(self, device: torch.device | str) -> MaskPlan:
@@ -138,6 +142,7 @@ class MaskPlan:
             mask=self.mask.to(device),
             weights=None if self.weights is None else self.weights.to(device),
             scores=None if self.scores is None else self.scores.to(device),
+            probs=None if self.probs is None else self.probs.to(device),
         )
 
 

@@ -97,6 +97,7 @@ class TrainConfig:
     head_lr: float = 1e-2
     masker_optimizer: str = "adamw"
     masker_lr: float = 1e-3
+    masker_start: int = 0  # masker warm-up in MAE steps (the head still trains); MLOConfig.masker_start
     freeze_masker: bool = False  # control: learned policy at its initialisation, no MLO feedback
     # robustness, precision, processes
     skip_nonfinite: bool = False  # skip a batch whose loss/hypergradient is not finite (else stop)
@@ -255,6 +256,7 @@ class Pretrainer:
                 masker_every=cfg.masker_every,
                 unroll_steps=cfg.unroll_steps,
                 hypergrad=cfg.hypergrad,
+                masker_start=cfg.masker_start,
                 amp=cfg.amp,
             ),
             train_batches=lambda: self._labeled_batch("labeled"),

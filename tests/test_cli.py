@@ -176,6 +176,20 @@ def test_frozen_masker_control_keeps_the_initial_masker(tmp_path):
     assert not all(torch.equal(a["mae"][k], b["mae"][k]) for k in a["mae"])  # the MAE did train
 
 
+def test_masker_start_and_weighting_reach_the_engine(tmp_path):
+    run = tmp_path / "warm"
+    ok("pretrain", "--out", run, "--learned-hidden-dim", "16", "--masker-start", "4", "--learned-weighting",
+       "straight", *FAST)
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["masker_start"] == 4 and config["policy"]["options"]["weighting"] == "straight"
+    updated = {r["step"]: r["masker_updated"] for r in metrics(run)}  # means over 2-step windows
+    assert updated == {2: 0.0, 4: 0.0, 6: 0.5}  # masker steps end iterations 2, 4, 6: only the last learns
+    assert all(r["mask_prob_mean"] < 0.9 for r in metrics(run))  # probabilities, not the straight weights (1)
+    fails("--masker-start must be a non-negative integer", "pretrain", "--out", tmp_path / "bad",
+          "--masker-start", "-1", *FAST)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_learned_run_resumes_exactly(tmp_path):
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     args = ["--learned-hidden-dim", "16", *FAST]
@@ -253,8 +267,11 @@ def test_npz_run_evaluate_and_visualize(tmp_path):
     assert config["model"]["in_chans"] == 3 and config["model"]["num_patches"] == 16
     ok("evaluate", run, "--protocol", "linear", "--epochs", "20")
     ok("evaluate", run, "--protocol", "finetune", "--epochs", "2")
+    val = ok("evaluate", run, "--protocol", "linear", "--epochs", "20", "--split", "val")
+    assert "val top-1" in val.output
     results = json.loads((run / "eval.json").read_text())
-    assert set(results) == {"linear", "finetune"} and results["linear"]["num_test"] == 24
+    assert set(results) == {"linear", "finetune", "linear@val"} and results["linear"]["num_test"] == 24
+    assert results["linear@val"]["num_test"] == 12  # scored on the 12 validation images, test result kept
     ok("visualize", run, "-o", tmp_path / "npz.png", "--num-images", "3", "--tile", "48")
     png = np.asarray(Image.open(tmp_path / "npz.png").convert("RGB"))
     assert png.shape == (18 + 4 + 3 * (48 + 4), 4 + 4 * (48 + 4), 3) and png.std() > 20

@@ -87,6 +87,10 @@ def test_evaluate_encoder_protocols_and_errors(small):
     a = evaluate_encoder(mae, batcher, splits, "linear", epochs=5, seed=1)
     b = evaluate_encoder(mae, batcher, splits, "linear", epochs=5, seed=1)
     assert a == b and a.num_test == len(splits["test"])
+    on_val = evaluate_encoder(mae, batcher, splits, "linear", epochs=5, seed=1, score_split="val")
+    assert on_val.num_test == len(splits["val"]) and on_val.num_train == a.num_train
+    with pytest.raises(ValueError, match="score_split"):
+        evaluate_encoder(mae, batcher, splits, "linear", score_split="train")
     with pytest.raises(ValueError, match="unknown evaluation protocol"):
         evaluate_encoder(mae, batcher, splits, "knn")
     unlabeled = Batcher(type(batcher.data)("x", batcher.data.images, None), [0.3], [0.4], torch.device("cpu"))

@@ -273,3 +273,55 @@ def test_the_masker_ratio_is_used_unless_the_config_sets_one():
         engine = MLOEngine(mae, masker, head, **default_optimizers(mae, head, masker), config=MLOConfig(ratio=ratio))
         engine.step(images)
         assert seen[-1] == hidden
+
+
+@pytest.mark.parametrize("hypergrad", ["darts", "unroll"])
+def test_masker_warmup_trains_the_head_but_not_the_masker(hypergrad):
+    """masker_start=5, masker_every=2: cycles end at steps 1, 3, 5, 7; the masker first moves at 5."""
+    cfg = MLOConfig(masker_every=2, masker_start=5, hypergrad=hypergrad)
+    engine, g = make_engine(config=cfg)
+    assert [engine.masker_learning(s) for s in range(8)] == [False] * 4 + [True] * 4
+    for s in range(8):
+        masker_before = [p.detach().clone() for p in engine.masker.parameters()]
+        head_before = [p.detach().clone() for p in engine.head.parameters()]
+        stats = engine.step(regions_batch(8, g)[0])
+        due, learning = (s + 1) % 2 == 0, s >= 5
+        changed = lambda before, m: any(not torch.equal(a, b) for a, b in zip(before, m.parameters(), strict=False))  # noqa: E731
+        assert changed(head_before, engine.head) == due  # the head trains during the warm-up too
+        assert changed(masker_before, engine.masker) == (due and learning)
+        assert stats["masker_updated"] == float(due and learning)
+        assert ("masker_grad_norm" in stats) == (due and learning)
+        assert ("val_loss" in stats) == due
+
+
+def test_masker_warmup_changes_nothing_but_the_masker_updates():
+    """Before masker_start the run is an MLO run whose masker optimizer never steps: the MAE takes
+    exactly the steps it takes in an engine with a frozen masker (masker lr 0)."""
+    a, ga = make_engine(seed=3, config=MLOConfig(masker_start=6))
+    b, gb = make_engine(seed=3, lrs=(1e-3, 1e-2, 0.0))
+    for _ in range(6):
+        a.step(regions_batch(8, ga)[0])
+        b.step(regions_batch(8, gb)[0])
+    for p, q in zip(a.mae.parameters(), b.mae.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for p, q in zip(a.head.parameters(), b.head.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_masker_start_is_checked():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="masker_start"):
+            MLOConfig(masker_start=bad)
+
+
+@pytest.mark.parametrize("weighting", ["normalized", "straight"])
+def test_mask_statistics_are_of_the_probabilities_whatever_the_weighting(weighting):
+    engine, g = make_engine(seed=2)
+    engine.masker.weighting = weighting
+    images = regions_batch(8, torch.Generator().manual_seed(5))[0]
+    stats = engine.step(images)
+    with torch.no_grad():
+        probs = engine.masker.probabilities(engine.mae.patch_tokens(images))
+    # the first step's masker is the one that chose the masks; the MAE step moved the tokens only a little
+    assert abs(stats["mask_prob_mean"] - float(probs.mean())) < 1e-3
+    assert stats["mask_prob_mean"] != pytest.approx(1.0)

@@ -121,6 +121,9 @@ def test_loss_weights_detach_and_to():
     plan = MaskPlan.from_scores(scores, 0.5, weights=weights * 1)
     assert torch.allclose(plan.loss_weights(), torch.tensor([[0.2, 0.0, 0.6, 0.0]]))
     assert plan.weights.requires_grad and not plan.detach().weights.requires_grad
+    with_probs = MaskPlan.from_scores(scores, 0.5, weights=weights * 1)
+    with_probs.probs = weights * 2
+    assert not with_probs.detach().probs.requires_grad and torch.equal(with_probs.to("cpu").probs, weights * 2)
     moved = plan.to("cpu")
     assert torch.equal(moved.mask, plan.mask) and torch.equal(moved.ids_keep, plan.ids_keep)
     assert torch.equal(MaskPlan.from_scores(scores, 0.5).loss_weights(), plan.mask)

@@ -8,7 +8,7 @@ import torch
 from maskkit.bench import count_parameters
 from maskkit.plan import num_visible
 from maskkit.policies import LearnedMasker
-from maskkit.policies.learned import gumbel_from_uniform, position_code
+from maskkit.policies.learned import gumbel_from_uniform, position_code, weights_from_probs
 
 SMALL = {
     "token": dict(embed_dim=6, hidden_dim=8, pos_dim=4),
@@ -187,3 +187,51 @@ def test_masker_is_learnable_and_saves_state():
     clone.load_state_dict(masker.state_dict())
     tokens = tokens_for()
     assert torch.equal(clone.probabilities(tokens), masker.probabilities(tokens))
+
+
+def test_weightings_against_a_direct_computation():
+    """prob: p; normalized: p / mean(p over the image's hidden patches); straight: 1 with p's gradient."""
+    masker = spread(LearnedMasker(**SMALL["token"]), std=0.5).double()
+    tokens = tokens_for(batch=3, dtype=torch.float64, seed=4)
+    p = masker.probabilities(tokens).detach()
+    plans = {}
+    for weighting in ("prob", "normalized", "straight"):
+        masker.weighting = weighting
+        plans[weighting] = masker(tokens)
+        assert torch.equal(plans[weighting].probs, masker.probabilities(tokens))  # probs kept for inspection
+        assert torch.equal(plans[weighting].mask, plans["prob"].mask)  # weighting never changes selection
+    mask = plans["prob"].mask
+    torch.testing.assert_close(plans["prob"].weights, p, rtol=0, atol=0)
+    for b in range(3):
+        hidden = mask[b].bool()
+        expected = p[b] / p[b][hidden].mean()
+        torch.testing.assert_close(plans["normalized"].weights[b], expected, rtol=1e-12, atol=0)
+        assert float(plans["normalized"].weights[b][hidden].mean().detach()) == pytest.approx(1.0, abs=1e-12)
+    assert torch.equal(plans["straight"].weights, torch.ones_like(p))
+
+
+def test_straight_through_has_the_gradient_of_prob_weighting():
+    masker = spread(LearnedMasker(**SMALL["token"]), std=0.5).double()
+    tokens = tokens_for(dtype=torch.float64, seed=2)
+    per_patch = torch.rand(2, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grads = {}
+    for weighting in ("prob", "straight"):
+        masker.weighting = weighting
+        masker.zero_grad()
+        plan = masker(tokens)
+        (per_patch * plan.mask * plan.weights).sum().backward()
+        grads[weighting] = [p.grad.clone() for p in masker.parameters()]
+    for a, b in zip(grads["prob"], grads["straight"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+def test_normalized_weights_gradient_matches_finite_differences():
+    p = torch.rand(2, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.8 + 0.1
+    mask = (torch.arange(8) % 3 != 0).double().expand(2, 8)
+    loss = torch.rand(2, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    f = lambda q: (loss * mask * weights_from_probs(q, mask, "normalized")).sum()  # noqa: E731
+    assert torch.autograd.gradcheck(f, (p.clone().requires_grad_(True),))
+    with pytest.raises(ValueError, match="weighting"):
+        weights_from_probs(p, mask, "softmax")
+    with pytest.raises(ValueError, match="weighting"):
+        LearnedMasker(weighting="softmax")

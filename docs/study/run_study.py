@@ -3,6 +3,7 @@
     python docs/study/run_study.py                  # run what is missing (2 workers, 1 thread each)
     python docs/study/run_study.py --dry-run        # print the commands only
     python docs/study/run_study.py --seeds 0 --workers 1
+    python docs/study/run_study.py --steps 1632 --seeds 0 --split val --arms random gumbel-straight  # explore
 
 Each job pretrains one arm for one seed (`maskkit pretrain ... --out runs/study/<arm>-s<seed>`),
 then runs `maskkit evaluate` (linear probe; `--finetune` adds a short fine-tune) and appends one
@@ -66,12 +67,27 @@ ARMS: dict[str, list[str]] = {
         "topk",
     ],
     "frozen-masker": ["--policy", "learned", "--freeze-masker", "--learned-selection", "topk"],
+    "frozen-masker-gumbel": ["--policy", "learned", "--freeze-masker", "--learned-selection", "gumbel"],
 }
+#: the exploration (issue 7: what makes learned masks pay), chosen on the validation split
+#: (`--split val`); each is MLO darts with one change from `learned-darts-gumbel` / `-topk`.
+GUMBEL = ARMS["learned-darts-gumbel"]
+EXPLORE: dict[str, list[str]] = {
+    "gumbel-normalized": [*GUMBEL, "--learned-weighting", "normalized"],
+    "gumbel-straight": [*GUMBEL, "--learned-weighting", "straight"],
+    "topk-straight": [*ARMS["learned-darts-topk"], "--learned-weighting", "straight"],
+    "gumbel-warmup400": [*GUMBEL, "--masker-start", "400"],
+    "gumbel-masker-lr1e-4": [*GUMBEL, "--masker-lr", "1e-4"],
+}
+ARMS.update(EXPLORE)
 #: `random-eqtime`: random masking for the wall time of STEPS steps of `learned-darts-topk`. Measured
 #: per-step cost on this machine (pilot preset, batch 64, 1 thread, idle machine, 40 steps each):
 #: random 3.99 s, darts top-k 13.02 s, a ratio of 3.26; a fixed count keeps the row independent of
 #: the machine's load while the study runs (the table also reports the measured wall times).
 EQTIME_STEPS = round(STEPS * 13.02 / 3.99)
+#: fine-tuning epochs (batch 128, AdamW lr 1e-3): 10 epochs of the 3,500 train images = 280 steps;
+#: the default (50 epochs, >= 1,000 steps) costs about 10 CPU minutes per run, too much for 20 runs.
+FINETUNE_EPOCHS = 10
 LOCK = threading.Lock()
 
 
@@ -130,7 +146,7 @@ def pretrain(arm: str, seed: int, steps: int, dry: bool, name: str | None = None
         return out
     if out.exists() and not dry:
         shutil.rmtree(out)  # interrupted before its first checkpoint
-    policy = ARMS["random" if arm == "random-eqtime" else arm]
+    policy = ARMS["random" if arm.startswith("random") else arm]
     sh(
         [
             "maskkit",
@@ -151,20 +167,26 @@ def pretrain(arm: str, seed: int, steps: int, dry: bool, name: str | None = None
     return out
 
 
-def evaluate(out: Path, protocol: str, init: str, dry: bool) -> dict:
-    sh(["maskkit", "evaluate", str(out), "--protocol", protocol, "--init", init, "--device", "cpu"], dry)
+def evaluate(out: Path, protocol: str, init: str, dry: bool, split: str = "test") -> dict:
+    extra = ["--epochs", str(FINETUNE_EPOCHS)] if protocol == "finetune" else []
+    sh(["maskkit", "evaluate", str(out), "--protocol", protocol, "--init", init, "--device", "cpu",
+        "--split", split, *extra], dry)  # fmt: skip
     if dry:
         return {}
-    key = protocol if init == "pretrained" else f"{protocol}-random"
+    key = (protocol if init == "pretrained" else f"{protocol}-random") + ("@val" if split == "val" else "")
     return json.loads((out / "eval.json").read_text())[key]
 
 
 def job(arm: str, seed: int, args: argparse.Namespace) -> None:
     steps = args.steps
     label = arm if steps == STEPS else f"{arm}@{steps}"  # another budget: its own rows and run dirs
-    key = f"{label}/s{seed}"
+    if arm == "random" and steps == EQTIME_STEPS:
+        label = "random-eqtime"  # the same runs
+    key = f"{label}/s{seed}" + ("@val" if args.split == "val" else "")
     if key in done_keys():
         return
+    if args.split == "val" and arm in ("untrained", "raw-pixels", "random-eqtime"):
+        raise ValueError(f"arm {arm} has no --split val row (use 'random' with --steps {EQTIME_STEPS})")
     if steps != STEPS and arm in ("random-eqtime", "untrained", "raw-pixels"):
         raise ValueError(f"arm {arm} exists only at the study's budget of {STEPS} steps")
     if arm == "random-eqtime":
@@ -183,9 +205,11 @@ def job(arm: str, seed: int, args: argparse.Namespace) -> None:
         entry = {} if args.dry_run else {"linear": json.loads((out / "raw_pixels.json").read_text())["top1"]}
     else:
         out = pretrain(arm, seed, steps, args.dry_run, name=label)
-        entry = {"linear": evaluate(out, "linear", "pretrained", args.dry_run).get("top1")}
+        metric = "linear" if args.split == "test" else "linear_val"
+        entry = {metric: evaluate(out, "linear", "pretrained", args.dry_run, args.split).get("top1")}
         if args.finetune:
-            entry["finetune"] = evaluate(out, "finetune", "pretrained", args.dry_run).get("top1")
+            metric = "finetune" if args.split == "test" else "finetune_val"
+            entry[metric] = evaluate(out, "finetune", "pretrained", args.dry_run, args.split).get("top1")
         if not args.dry_run:
             summary = json.loads((out / "summary.json").read_text())
             last = summary.get("final", {})
@@ -212,6 +236,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=STEPS, help="another budget: rows <arm>@<steps>")
     parser.add_argument("--finetune", action="store_true", help="also a fine-tune evaluation (slow)")
+    parser.add_argument("--split", choices=["test", "val"], default="test",
+                        help="score on test (the tables) or val (choosing settings: rows <key>@val)")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]

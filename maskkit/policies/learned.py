@@ -8,6 +8,7 @@ downstream-feedback hypergradient reaches the masker's parameters.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from maskkit.registry import register_policy
 
 ARCHS = ("token", "paper")
 SELECTIONS = ("topk", "gumbel")
+WEIGHTINGS = ("prob", "normalized", "straight")
 DEFAULT_HIDDEN = {"paper": 512, "token": 128}
 
 
@@ -55,6 +57,22 @@ def position_code(
     return torch.cat([code(rows), code(cols)], dim=1).to(dtype)  # [N, dim]
 
 
+def weights_from_probs(probs: Tensor, mask: Tensor, weighting: str = "prob") -> Tensor:
+    """Per-patch loss weights [B, N] from masking probabilities [B, N] and the mask [B, N] (1 = hidden).
+
+    "prob": probs. "normalized": probs / (mean of probs over each image's hidden patches).
+    "straight": 1 in value, d/d probs = 1 (straight-through).
+    """
+    if weighting == "prob":
+        return probs
+    if weighting == "normalized":
+        hidden_mean = (probs * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True)  # [B, 1]
+        return probs / hidden_mean
+    if weighting == "straight":
+        return (probs - probs.detach()) + 1.0  # exactly 1: the difference is exactly 0
+    raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
 def gumbel_from_uniform(noise: Tensor) -> Tensor:
     """Standard Gumbel samples -log(-log(u)) from uniforms u in [0, 1] (clamped away from 0 and 1)."""
     tiny = torch.finfo(noise.dtype).tiny
@@ -82,8 +100,14 @@ class LearnedMasker(MaskPolicy):
             standard Gumbel noise from `noise` [B, N] (uniforms) or `generator`. As the
             temperature goes to 0 this becomes topk.
 
-    `plan.weights` holds the probabilities sigmoid(logits) [B, N], differentiable w.r.t. the
-    masker's parameters. With `detach_input` the tokens are detached first, so the MAE gets no
+    Loss weights (`plan.weights` [B, N], differentiable w.r.t. the masker's parameters):
+        prob (default, as the paper): the probabilities p = sigmoid(logits).
+        normalized: p divided, per image, by its mean over the hidden patches, so the weights of
+            an image's hidden patches average 1: the masker cannot scale the whole loss (and so
+            the MAE's effective learning rate) up or down, only shift weight between patches.
+        straight: (p - p.detach()) + 1, i.e. value 1 (the MAE trains exactly as with unweighted
+            masks) and the gradient of p (the same gradient w.r.t. p as "prob"): the masker acts
+            on the MAE only through which patches it hides. With `detach_input` the tokens are detached first, so the MAE gets no
     gradient through the masker.
 
     Args:
@@ -95,6 +119,7 @@ class LearnedMasker(MaskPolicy):
         hidden_dim: MLP width; None means 512 for "paper" (as the reference), 128 for "token".
         selection: "topk" or "gumbel". Default "topk".
         temperature: Gumbel-top-k temperature (> 0). Default 1.0.
+        weighting: "prob", "normalized" or "straight" (above). Default "prob".
         detach_input: detach tokens before the masker. Default True.
         pos_dim: width of the sin-cos position code of the "token" arch (divisible by 4). Default 32.
     """
@@ -110,6 +135,7 @@ class LearnedMasker(MaskPolicy):
         hidden_dim: int | None = None,
         selection: str = "topk",
         temperature: float = 1.0,
+        weighting: str = "prob",
         detach_input: bool = True,
         pos_dim: int = 32,
     ) -> None:
@@ -118,6 +144,8 @@ class LearnedMasker(MaskPolicy):
             raise ValueError(f"learned masker arch must be one of {ARCHS}, got {arch!r}")
         if selection not in SELECTIONS:
             raise ValueError(f"learned masker selection must be one of {SELECTIONS}, got {selection!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"learned masker weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         _check_positive_int("embed_dim", embed_dim)
         if num_patches is not None:
             _check_positive_int("num_patches", num_patches)
@@ -132,6 +160,7 @@ class LearnedMasker(MaskPolicy):
         self.hidden_dim = hidden_dim
         self.selection = selection
         self.temperature = float(temperature)
+        self.weighting = weighting
         self.detach_input = detach_input
         self.pos_dim = pos_dim
 
@@ -210,13 +239,14 @@ class LearnedMasker(MaskPolicy):
                 raise ValueError(f"noise must have shape {(batch, n)}, got {tuple(noise.shape)}")
             gumbel = gumbel_from_uniform(noise.to(logits))  # [B, N]
             scores = logits.detach() / self.temperature + gumbel  # the top N - K are hidden
-        return MaskPlan.from_scores(scores, ratio, weights=probs)
+        plan = MaskPlan.from_scores(scores, ratio)
+        return replace(plan, weights=weights_from_probs(probs, plan.mask, self.weighting), probs=probs)
 
     def extra_repr(self) -> str:
         return (
             f"ratio={self.ratio}, arch={self.arch!r}, embed_dim={self.embed_dim}, "
             f"num_patches={self.num_patches}, hidden_dim={self.hidden_dim}, selection={self.selection!r}, "
-            f"temperature={self.temperature}, detach_input={self.detach_input}"
+            f"temperature={self.temperature}, weighting={self.weighting!r}, detach_input={self.detach_input}"
         )
 
 
