@@ -212,6 +212,10 @@ def parse_policy_options(policy: str, extra: list[str], pairs: list[str]) -> dic
 
 DEFAULT_STEPS = 600
 
+#: pretrain options of the learned masker's MLO training, refused with any other policy.
+LEARNED_ONLY = ("hypergrad", "masker_every", "unroll_steps", "head_optimizer", "head_lr", "masker_optimizer",
+                "masker_lr", "masker_start", "freeze_masker")  # fmt: skip
+
 #: options that may be combined with --resume (everything else comes from the run's config.json).
 RESUME_OPTIONS = ("resume", "steps", "device", "progress")
 
@@ -323,6 +327,12 @@ def _device(name: str) -> Any:
     return dev
 
 
+def _given_on_command_line(ctx: typer.Context, name: str) -> bool:
+    """Whether option `name` was typed (not defaulted); by name, as typer ships its own copy of click."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
 def _pretrain_new(ctx: typer.Context, args: dict[str, Any]) -> None:
     import torch
 
@@ -338,8 +348,13 @@ def _pretrain_new(ctx: typer.Context, args: dict[str, Any]) -> None:
     # -- validate everything before touching the disk
     check_ratio(args["mask_ratio"])
     get_preset(args["model"])
-    get_policy_class(args["policy"])
+    policy_class = get_policy_class(args["policy"])
     options = parse_policy_options(args["policy"], list(ctx.args), args["policy_opt"])
+    if not getattr(policy_class, "learnable", False):
+        given = [n for n in LEARNED_ONLY if _given_on_command_line(ctx, n)]
+        if given:
+            flags = ", ".join("--" + n.replace("_", "-") for n in given)
+            raise CommandError(f"{flags} only apply to a learnable policy (e.g. --policy learned), not {args['policy']!r}")
     if args["steps"] is not None and args["epochs"] is not None:
         raise CommandError("give --steps or --epochs, not both")
     for name in ("batch_size", "log_every", "ckpt_every", "keep_checkpoints", "masker_every", "unroll_steps"):

@@ -188,6 +188,10 @@ def test_masker_start_and_weighting_reach_the_engine(tmp_path):
     fails("--masker-start must be a non-negative integer", "pretrain", "--out", tmp_path / "bad",
           "--masker-start", "-1", *FAST)
     assert not (tmp_path / "bad").exists()
+    # options of the MLO training are refused with a policy that has no masker, not silently ignored
+    fails("--masker-lr, --freeze-masker only apply to a learnable policy", "pretrain", "--policy", "random",
+          "--masker-lr", "1e-4", "--freeze-masker", "--out", tmp_path / "bad", *FAST)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_learned_run_resumes_exactly(tmp_path):

@@ -71,6 +71,7 @@ ARMS: dict[str, list[str]] = {
 }
 #: the exploration (issue 7: what makes learned masks pay), chosen on the validation split
 #: (`--split val`); each is MLO darts with one change from `learned-darts-gumbel` / `-topk`.
+MAIN_ARMS = [*ARMS]
 GUMBEL = ARMS["learned-darts-gumbel"]
 EXPLORE: dict[str, list[str]] = {
     "gumbel-normalized": [*GUMBEL, "--learned-weighting", "normalized"],
@@ -177,13 +178,19 @@ def evaluate(out: Path, protocol: str, init: str, dry: bool, split: str = "test"
     return json.loads((out / "eval.json").read_text())[key]
 
 
+def finetune_metric(args: argparse.Namespace) -> str:
+    return "finetune" if args.split == "test" else "finetune_val"
+
+
 def job(arm: str, seed: int, args: argparse.Namespace) -> None:
     steps = args.steps
     label = arm if steps == STEPS else f"{arm}@{steps}"  # another budget: its own rows and run dirs
     if arm == "random" and steps == EQTIME_STEPS:
         label = "random-eqtime"  # the same runs
     key = f"{label}/s{seed}" + ("@val" if args.split == "val" else "")
-    if key in done_keys():
+    previous = result(key)
+    finetune = args.finetune and arm != "raw-pixels"  # the raw-pixel floor is a probe only
+    if previous is not None and (not finetune or previous.get(finetune_metric(args)) is not None):
         return
     if args.split == "val" and arm in ("untrained", "raw-pixels", "random-eqtime"):
         raise ValueError(f"arm {arm} has no --split val row (use 'random' with --steps {EQTIME_STEPS})")
@@ -194,10 +201,20 @@ def job(arm: str, seed: int, args: argparse.Namespace) -> None:
     if arm in ("untrained", "raw-pixels"):  # on the random run's architecture and splits: wait for it
         while not args.dry_run and result(f"random/s{seed}") is None:
             time.sleep(10)
+    if previous is not None:  # finished earlier without a fine-tune: add it
+        out = ROOT / previous["run"]
+        init = "random" if arm == "untrained" else "pretrained"
+        entry = {**previous, finetune_metric(args): evaluate(out, "finetune", init, args.dry_run, args.split).get("top1")}
+        if not args.dry_run:
+            record(entry)
+            print(f"done {key} (fine-tune added): {entry}", flush=True)
+        return
     if arm == "untrained":
         out = pretrain("random", seed, STEPS, args.dry_run)
         ev = evaluate(out, "linear", "random", args.dry_run)
         entry = {"linear": ev.get("top1")}
+        if args.finetune:
+            entry["finetune"] = evaluate(out, "finetune", "random", args.dry_run).get("top1")
     elif arm == "raw-pixels":
         out = pretrain("random", seed, STEPS, args.dry_run)
         cmd = [sys.executable, str(ROOT / "docs" / "study" / "raw_pixel_probe.py"), str(out)]
@@ -208,8 +225,7 @@ def job(arm: str, seed: int, args: argparse.Namespace) -> None:
         metric = "linear" if args.split == "test" else "linear_val"
         entry = {metric: evaluate(out, "linear", "pretrained", args.dry_run, args.split).get("top1")}
         if args.finetune:
-            metric = "finetune" if args.split == "test" else "finetune_val"
-            entry[metric] = evaluate(out, "finetune", "pretrained", args.dry_run, args.split).get("top1")
+            entry[finetune_metric(args)] = evaluate(out, "finetune", "pretrained", args.dry_run, args.split).get("top1")
         if not args.dry_run:
             summary = json.loads((out / "summary.json").read_text())
             last = summary.get("final", {})
@@ -223,7 +239,7 @@ def job(arm: str, seed: int, args: argparse.Namespace) -> None:
                 val_acc=last.get("val_acc"),
             )
     if not args.dry_run:
-        record({"key": key, "arm": label, "seed": seed, "run": str(out.relative_to(ROOT)), **entry})
+        record({"key": key, "arm": label, "seed": seed, "split": args.split, "run": str(out.relative_to(ROOT)), **entry})
         print(f"done {key}: {entry}", flush=True)
 
 
@@ -232,7 +248,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", default=[*ARMS, "random-eqtime", "untrained", "raw-pixels"])
+    parser.add_argument("--arms", nargs="+", default=[*MAIN_ARMS, "random-eqtime", "untrained", "raw-pixels"],
+                        help=f"arms to run (default: the main ones); exploration arms: {', '.join(EXPLORE)}")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=STEPS, help="another budget: rows <arm>@<steps>")
     parser.add_argument("--finetune", action="store_true", help="also a fine-tune evaluation (slow)")

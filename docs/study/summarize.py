@@ -41,7 +41,8 @@ def load() -> dict[str, dict[int, dict]]:
             summary = ROOT / entry["run"] / "summary.json"
             if summary.is_file():
                 entry["steps_timed"] = json.loads(summary.read_text()).get("steps_this_call", entry["steps"])
-        table.setdefault(entry["arm"], {})[int(entry["seed"])] = entry  # the last line of a key wins
+        arm = entry["arm"] + ("@val" if entry.get("split") == "val" else "")  # val rows: the exploration
+        table.setdefault(arm, {})[int(entry["seed"])] = entry  # the last line of a key wins
     return table
 
 
@@ -62,6 +63,45 @@ LONG = [
     ("untrained", "floor: untrained encoder"),
     ("raw-pixels", "floor: raw pixels"),
 ]
+
+
+#: the exploration (validation split, 1632 steps): key in the table, label, the one change
+EXPLORE = [
+    ("random-eqtime@val", "random (MAE)", "-"),
+    ("learned-darts-topk@1632@val", "MLO darts, top-k", "the paper's selection"),
+    ("learned-darts-gumbel@1632@val", "MLO darts, gumbel", "(the base of the rows below)"),
+    ("gumbel-normalized@1632@val", "MLO darts, gumbel", "loss weights normalised per image (`--learned-weighting normalized`)"),
+    ("gumbel-straight@1632@val", "MLO darts, gumbel", "straight-through weights (`--learned-weighting straight`)"),
+    ("gumbel-warmup400@1632@val", "MLO darts, gumbel", "masker warm-up, first update after 400 steps (`--masker-start 400`)"),
+    ("gumbel-masker-lr1e-4@1632@val", "MLO darts, gumbel", "masker lr 1e-4 instead of 1e-3 (`--masker-lr 1e-4`)"),
+    ("topk-straight@1632@val", "MLO darts, top-k", "straight-through weights"),
+    ("frozen-masker@1632@val", "control: masker frozen at init, top-k", "-"),
+    ("frozen-masker-gumbel@1632@val", "control: masker frozen at init, gumbel", "-"),
+]
+
+
+def render_explore(table: dict[str, dict[int, dict]], order: list[tuple[str, str, str]] = EXPLORE) -> str:
+    """Markdown table of the exploration rows (linear probe on the validation split)."""
+    lines = [
+        "| arm | change | seeds | linear probe top-1 % on **val** | per seed | level-2 head val acc % (last log) | final masking prob. mean | final MAE loss | pretrain wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for arm, label, change in order:
+        runs = table.get(arm, {})
+        if not runs:
+            continue
+        seeds = sorted(runs)
+        lin = [runs[s]["linear_val"] for s in seeds if runs[s].get("linear_val") is not None]
+        per_seed = ", ".join(f"s{s}: {100 * runs[s]['linear_val']:.1f}" for s in seeds if runs[s].get("linear_val") is not None)
+        head = [runs[s]["val_acc"] for s in seeds if runs[s].get("val_acc") is not None]
+        probs = [runs[s]["mask_prob_mean"] for s in seeds if runs[s].get("mask_prob_mean") is not None]
+        loss = [runs[s]["final_loss"] for s in seeds if runs[s].get("final_loss") is not None]
+        wall = [runs[s]["pretrain_seconds"] for s in seeds if runs[s].get("pretrain_seconds")]
+        lines.append(
+            f"| {label} | {change} | {len(seeds)} | {mean_std(lin, 100)} | {per_seed or '-'} | {mean_std(head, 100)} | "
+            f"{mean_std(probs, 1, 2)} | {mean_std(loss, 1, 3)} | {mean_std(wall, 1, 0)} |"
+        )
+    return "\n".join(lines)
 
 
 def render(
@@ -113,6 +153,10 @@ def main() -> None:
         + render(table)
         + f"\n\n**Longer budget (1632 steps = the wall time of 500 MLO darts steps; seeds "
         f"{', '.join(map(str, sorted(complete))) or 'none yet'}).**\n\n" + render(table, LONG, only=complete)
+    )
+    text += (
+        "\n\n**Exploration: what makes learned masks pay (1632 steps, scored on the validation split; "
+        "chosen there, never on the test split).**\n\n" + render_explore(table)
     )
     if args.print or not DOC.is_file():
         print(text)
