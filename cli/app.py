@@ -58,6 +58,11 @@ class Init(str, Enum):
     random = "random"
 
 
+class Level2(str, Enum):
+    head = "head"
+    ridge = "ridge"
+
+
 class ScoreSplit(str, Enum):
     test = "test"
     val = "val"
@@ -214,7 +219,7 @@ DEFAULT_STEPS = 600
 
 #: pretrain options of the learned masker's MLO training, refused with any other policy.
 LEARNED_ONLY = ("hypergrad", "masker_every", "unroll_steps", "head_optimizer", "head_lr", "masker_optimizer",
-                "masker_lr", "masker_start", "freeze_masker")  # fmt: skip
+                "masker_lr", "masker_start", "level2", "freeze_masker")  # fmt: skip
 
 #: options that may be combined with --resume (everything else comes from the run's config.json).
 RESUME_OPTIONS = ("resume", "steps", "device", "progress")
@@ -260,6 +265,9 @@ def pretrain_command(
     head_lr: float = typer.Option(1e-2, help="Learning rate of the classification head (level 2 of the learned masker)."),
     masker_optimizer: str = typer.Option("adamw", help="Optimizer of the learned masker."),
     masker_lr: float = typer.Option(1e-3, help="Learning rate of the learned masker."),
+    level2: Level2 = typer.Option(
+        Level2.head, help="Learned masker's level 2: head (a trained linear head, the paper) or ridge (a ridge probe refit on every labeled batch)."
+    ),
     masker_start: int = typer.Option(
         0, help="Masker warm-up: MAE steps before the masker's first update (the head trains meanwhile)."
     ),
@@ -360,6 +368,8 @@ def _pretrain_new(ctx: typer.Context, args: dict[str, Any]) -> None:
     for name in ("batch_size", "log_every", "ckpt_every", "keep_checkpoints", "masker_every", "unroll_steps"):
         if args[name] < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be a positive integer, got {args[name]}")
+    if args["level2"] == Level2.ridge and args["hypergrad"] != Hypergrad.darts:
+        raise CommandError("--level2 ridge needs --hypergrad darts")
     if args["masker_start"] < 0:
         raise CommandError(f"--masker-start must be a non-negative integer, got {args['masker_start']}")
     from maskkit.distributed import barrier, broadcast_object
@@ -418,7 +428,7 @@ def _pretrain_new(ctx: typer.Context, args: dict[str, Any]) -> None:
         hypergrad=args["hypergrad"].value, masker_every=args["masker_every"], unroll_steps=args["unroll_steps"],
         head_optimizer=args["head_optimizer"], head_lr=args["head_lr"],
         masker_optimizer=args["masker_optimizer"], masker_lr=args["masker_lr"], masker_start=args["masker_start"],
-        freeze_masker=args["freeze_masker"],
+        level2=args["level2"].value, freeze_masker=args["freeze_masker"],
         skip_nonfinite=args["skip_nonfinite"], amp=args["amp"].value, mask_noise=args["mask_noise"].value,
         world_size=dist.world_size,
     )  # fmt: skip

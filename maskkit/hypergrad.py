@@ -342,6 +342,53 @@ def finetune_step(
     return FinetuneStep(head_loss=head_loss.detach(), val_loss=val_loss.detach(), val_acc=val_acc, vector=vector)
 
 
+def ridge_step(
+    mae: nn.Module,
+    train_batch: Any,
+    val_batch: Any,
+    *,
+    ridge: float = 0.1,
+    num_classes: int | None = None,
+    mae_params: Sequence[Tensor] | None = None,
+) -> FinetuneStep:
+    """Level 2 in closed form: a ridge-regression probe fit on the train batch's features, scored on
+    the validation batch; v = dL3/dW through both batches' features and the fit itself.
+
+    Features F get a bias column; the fit is W = F_tr^T (F_tr F_tr^T + lam I)^-1 Y_tr (dual form,
+    one B_tr x B_tr solve) with Y one-hot (num_classes columns; None: the largest label + 1) and
+    lam = ridge * trace(F_tr F_tr^T) / B_tr (scale free).
+    L3 is the validation mean squared error sum_k (F_va W - Y_va)^2 / B_va. A probe refit at every
+    step measures the features themselves: a trained head's validation loss also rises when the
+    features merely move away from what the head was fit to.
+    """
+    if not (isinstance(ridge, (int, float)) and ridge > 0):
+        raise ValueError(f"ridge must be a positive number, got {ridge!r}")
+    x_tr, y_tr = _as_batch(train_batch, "train_batch")
+    x_va, y_va = _as_batch(val_batch, "val_batch")
+    n_tr = x_tr.shape[0]
+    feats = mae.features(torch.cat([x_tr, x_va]))  # [B_tr + B_va, D]
+    ones = torch.ones(feats.shape[0], 1, dtype=feats.dtype, device=feats.device)
+    f = torch.cat([feats, ones], dim=1)  # [B, D + 1]
+    f_tr, f_va = f[:n_tr], f[n_tr:]
+    labels = torch.cat([y_tr, y_va])
+    classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    targets = F.one_hot(labels, classes).to(f.dtype)  # [B, classes]
+    t_tr, t_va = targets[:n_tr], targets[n_tr:]
+    gram = f_tr @ f_tr.T  # [B_tr, B_tr]
+    lam = ridge * gram.diagonal().mean()
+    alpha = torch.linalg.solve(gram + lam * torch.eye(n_tr, dtype=f.dtype, device=f.device), t_tr)  # [B_tr, classes]
+    weights = f_tr.T @ alpha  # [D + 1, classes]
+    out_tr, out_va = f_tr @ weights, f_va @ weights
+    head_loss = ((out_tr - t_tr) ** 2).sum(1).mean()
+    val_loss = ((out_va - t_va) ** 2).sum(1).mean()
+    val_acc = (out_va.argmax(-1) == y_va).float().mean().detach()
+    mae_params = [p for p in mae.parameters() if p.requires_grad] if mae_params is None else list(mae_params)
+    live = [p for p in mae_params if p.requires_grad]
+    got = iter(torch.autograd.grad(val_loss, live, allow_unused=True))
+    vector = _zeros_for_none([next(got) if p.requires_grad else None for p in mae_params], mae_params)
+    return FinetuneStep(head_loss=head_loss.detach(), val_loss=val_loss.detach(), val_acc=val_acc, vector=vector)
+
+
 # --------------------------------------------------------------------------- darts
 
 

@@ -31,6 +31,7 @@ from maskkit.hypergrad import (
     finetune_step,
     optimizer_params,
     pretrain_step,
+    ridge_step,
     trainable,
 )
 from maskkit.mae import is_mae
@@ -39,6 +40,7 @@ from maskkit.plan import MaskPlan, check_ratio
 from maskkit.policies.base import MaskPolicy
 
 Batch = tuple[Tensor, Tensor]
+LEVEL2S = ("head", "ridge")
 
 #: keys of `MLOEngine.step`'s result on every call, and the extra ones on masker iterations.
 STEP_KEYS = ("step", "pretrain_loss", "mask_prob_mean", "mask_prob_std", "mask_entropy",
@@ -74,6 +76,11 @@ class MLOConfig:
             the first cycle that ends at or after this step. Before that the head still steps
             (plainly, without a hypergradient), so its validation loss means something when the
             masker starts. Default 0 (from the first cycle, as the reference).
+        level2: "head" (the paper: a linear head trained by one step per cycle; its validation
+            loss drives the masker) or "ridge" (a ridge-regression probe refit in closed form on each
+            labeled batch, `maskkit.hypergrad.ridge_step`; the engine's head is then not used).
+            "ridge" needs hypergrad="darts". Default "head".
+        ridge: the ridge probe's regularisation, relative to the features' mean squared norm. Default 0.1.
         grad_clip, head_grad_clip, masker_grad_clip: max gradient norm per level, or None. Default None.
         amp: "bf16" runs the MAE forward of the real pretrain steps under bfloat16 autocast; the
             finetune step, the validation loss, the darts finite differences and the steps inside an
@@ -90,6 +97,8 @@ class MLOConfig:
     darts_fd: str = "central"
     first_order: bool = False
     masker_start: int = 0
+    level2: str = "head"
+    ridge: float = 0.1
     grad_clip: float | None = None
     head_grad_clip: float | None = None
     masker_grad_clip: float | None = None
@@ -116,6 +125,12 @@ class MLOConfig:
             raise ValueError(f"darts_r must be a positive number, got {self.darts_r!r}")
         if isinstance(self.masker_start, bool) or not isinstance(self.masker_start, int) or self.masker_start < 0:
             raise ValueError(f"masker_start must be a non-negative integer, got {self.masker_start!r}")
+        if self.level2 not in LEVEL2S:
+            raise ValueError(f"level2 must be one of {LEVEL2S}, got {self.level2!r}")
+        if self.level2 == "ridge" and self.hypergrad != "darts":
+            raise ValueError("level2='ridge' is implemented for hypergrad='darts' only")
+        if not (isinstance(self.ridge, (int, float)) and self.ridge > 0):
+            raise ValueError(f"ridge must be a positive number, got {self.ridge!r}")
         if self.hypergrad == "unroll" and self.unroll_steps > self.masker_every:
             raise ValueError(
                 f"unroll_steps ({self.unroll_steps}) must not exceed masker_every ({self.masker_every}): "
@@ -268,6 +283,11 @@ class MLOEngine:
                 window, self._window = self._window, None
                 grads, ft = window.finish(self.head, self.head_optimizer, train_batch, val_batch,
                                           head_grad_clip=cfg.head_grad_clip)
+            elif learning and cfg.level2 == "ridge":
+                ft = ridge_step(self.mae, train_batch, val_batch, ridge=cfg.ridge,
+                                mae_params=optimizer_params(self.mae_optimizer))
+                grads = darts_masker_grad(self.mae, self.masker, record, ft.vector, self.mae_optimizer,
+                                          scale=cfg.darts_scale, r=cfg.darts_r, fd=cfg.darts_fd)
             elif learning:
                 ft = finetune_step(self.mae, self.head, self.head_optimizer, train_batch, val_batch,
                                    mae_params=optimizer_params(self.mae_optimizer), paths=cfg.darts_paths,

@@ -97,6 +97,7 @@ class TrainConfig:
     head_lr: float = 1e-2
     masker_optimizer: str = "adamw"
     masker_lr: float = 1e-3
+    level2: str = "head"  # "ridge": closed-form ridge probe as level 2 (MLOConfig.level2)
     masker_start: int = 0  # masker warm-up in MAE steps (the head still trains); MLOConfig.masker_start
     freeze_masker: bool = False  # control: learned policy at its initialisation, no MLO feedback
     # robustness, precision, processes
@@ -257,6 +258,7 @@ class Pretrainer:
                 unroll_steps=cfg.unroll_steps,
                 hypergrad=cfg.hypergrad,
                 masker_start=cfg.masker_start,
+                level2=cfg.level2,
                 amp=cfg.amp,
             ),
             train_batches=lambda: self._labeled_batch("labeled"),

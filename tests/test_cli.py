@@ -185,6 +185,8 @@ def test_masker_start_and_weighting_reach_the_engine(tmp_path):
     updated = {r["step"]: r["masker_updated"] for r in metrics(run)}  # means over 2-step windows
     assert updated == {2: 0.0, 4: 0.0, 6: 0.5}  # masker steps end iterations 2, 4, 6: only the last learns
     assert all(r["mask_prob_mean"] < 0.9 for r in metrics(run))  # probabilities, not the straight weights (1)
+    fails("--level2 ridge needs --hypergrad darts", "pretrain", "--out", tmp_path / "bad", "--level2", "ridge",
+          "--hypergrad", "unroll", *FAST)
     fails("--masker-start must be a non-negative integer", "pretrain", "--out", tmp_path / "bad",
           "--masker-start", "-1", *FAST)
     assert not (tmp_path / "bad").exists()

@@ -13,6 +13,7 @@ from maskkit.hypergrad import (
     finetune_step,
     optimizer_params,
     pretrain_step,
+    ridge_step,
     update_derivative,
 )
 from maskkit.mae import mae_forward
@@ -350,3 +351,47 @@ def test_masker_without_weights_is_refused():
     problem = make_problem("sgd")
     with pytest.raises(ValueError, match="plan.weights"):
         pretrain_step(problem["mae"], create_policy("random"), problem["mae_opt"], problem["images"][0])
+
+
+def _ridge_reference(feats_tr, y_tr, feats_va, y_va, ridge, classes):
+    """The ridge probe in the primal form (D + 1 unknowns), independent of ridge_step's dual form."""
+    f_tr = torch.cat([feats_tr, torch.ones(len(feats_tr), 1, dtype=DT)], 1)
+    f_va = torch.cat([feats_va, torch.ones(len(feats_va), 1, dtype=DT)], 1)
+    t_tr, t_va = F.one_hot(y_tr, classes).to(DT), F.one_hot(y_va, classes).to(DT)
+    lam = ridge * (f_tr**2).sum() / len(f_tr)
+    w = torch.linalg.solve(f_tr.T @ f_tr + lam * torch.eye(f_tr.shape[1], dtype=DT), f_tr.T @ t_tr)
+    return ((f_va @ w - t_va) ** 2).sum(1).mean()
+
+
+def test_ridge_step_loss_and_vector_against_primal_form_and_finite_differences():
+    torch.manual_seed(0)
+    mae = TinyMAE().to(DT)
+    g = torch.Generator().manual_seed(1)
+    x_tr, x_va = torch.randn(12, 1, 8, 8, generator=g, dtype=DT), torch.randn(10, 1, 8, 8, generator=g, dtype=DT)
+    y_tr, y_va = torch.randint(0, 3, (12,), generator=g), torch.randint(0, 3, (10,), generator=g)
+    ft = ridge_step(mae, (x_tr, y_tr), (x_va, y_va), ridge=0.3, num_classes=3)
+    params = list(mae.parameters())
+
+    def outer() -> torch.Tensor:
+        with torch.no_grad():
+            return _ridge_reference(mae.features(x_tr), y_tr, mae.features(x_va), y_va, 0.3, 3)
+
+    torch.testing.assert_close(ft.val_loss, outer(), rtol=1e-10, atol=0)  # dual form == primal form
+    u = [torch.randn(p.shape, generator=g, dtype=DT) for p in params]
+    eps = 1e-5
+    with torch.no_grad():
+        for p, d in zip(params, u, strict=True):
+            p.add_(d, alpha=eps)
+    plus = outer()
+    with torch.no_grad():
+        for p, d in zip(params, u, strict=True):
+            p.add_(d, alpha=-2 * eps)
+    minus = outer()
+    with torch.no_grad():
+        for p, d in zip(params, u, strict=True):
+            p.add_(d, alpha=eps)
+    fd = (plus - minus) / (2 * eps)
+    exact = sum((v * d).sum() for v, d in zip(ft.vector, u, strict=True))
+    assert float(abs(exact - fd) / abs(fd)) < 1e-6, (float(exact), float(fd))
+    with pytest.raises(ValueError, match="ridge"):
+        ridge_step(mae, (x_tr, y_tr), (x_va, y_va), ridge=0.0)

@@ -325,3 +325,21 @@ def test_mask_statistics_are_of_the_probabilities_whatever_the_weighting(weighti
     # the first step's masker is the one that chose the masks; the MAE step moved the tokens only a little
     assert abs(stats["mask_prob_mean"] - float(probs.mean())) < 1e-3
     assert stats["mask_prob_mean"] != pytest.approx(1.0)
+
+
+def test_ridge_level2_moves_the_masker_and_leaves_the_head():
+    engine, g = make_engine(seed=4, config=MLOConfig(level2="ridge", ridge=0.5))
+    masker_before = [p.detach().clone() for p in engine.masker.parameters()]
+    head_before = [p.detach().clone() for p in engine.head.parameters()]
+    for _ in range(4):
+        stats = engine.step(regions_batch(8, g)[0])
+    assert stats["masker_updated"] == 1.0 and stats["masker_grad_norm"] > 0
+    assert 0 <= stats["val_acc"] <= 1 and math.isfinite(stats["val_loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(masker_before, engine.masker.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(head_before, engine.head.parameters(), strict=True))
+    with pytest.raises(ValueError, match="level2"):
+        MLOConfig(level2="knn")
+    with pytest.raises(ValueError, match="hypergrad='darts' only"):
+        MLOConfig(level2="ridge", hypergrad="unroll")
+    with pytest.raises(ValueError, match="ridge must be a positive"):
+        MLOConfig(ridge=0)

@@ -79,6 +79,9 @@ EXPLORE: dict[str, list[str]] = {
     "topk-straight": [*ARMS["learned-darts-topk"], "--learned-weighting", "straight"],
     "gumbel-warmup400": [*GUMBEL, "--masker-start", "400"],
     "gumbel-masker-lr1e-4": [*GUMBEL, "--masker-lr", "1e-4"],
+    "gumbel-ratio0.6": [*GUMBEL, "--mask-ratio", "0.6"],
+    "gumbel-ridge": [*GUMBEL, "--level2", "ridge"],
+    "random-ratio0.6": [*ARMS["random"], "--mask-ratio", "0.6"],
 }
 ARMS.update(EXPLORE)
 #: `random-eqtime`: random masking for the wall time of STEPS steps of `learned-darts-topk`. Measured
@@ -114,16 +117,18 @@ def record(entry: dict) -> None:
 
 
 def result(key: str) -> dict | None:
+    """The last line recorded for `key` (a later line, e.g. with a fine-tune added, wins)."""
     if not RESULTS.is_file():
         return None
+    found = None
     for line in RESULTS.read_text().splitlines():
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
         if entry.get("key") == key:
-            return entry
-    return None
+            found = entry
+    return found
 
 
 def sh(cmd: list[str], dry: bool) -> None:
@@ -147,7 +152,7 @@ def pretrain(arm: str, seed: int, steps: int, dry: bool, name: str | None = None
         return out
     if out.exists() and not dry:
         shutil.rmtree(out)  # interrupted before its first checkpoint
-    policy = ARMS["random" if arm.startswith("random") else arm]
+    policy = ARMS["random" if arm == "random-eqtime" else arm]
     sh(
         [
             "maskkit",

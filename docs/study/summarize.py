@@ -75,6 +75,9 @@ EXPLORE = [
     ("gumbel-warmup400@1632@val", "MLO darts, gumbel", "masker warm-up, first update after 400 steps (`--masker-start 400`)"),
     ("gumbel-masker-lr1e-4@1632@val", "MLO darts, gumbel", "masker lr 1e-4 instead of 1e-3 (`--masker-lr 1e-4`)"),
     ("topk-straight@1632@val", "MLO darts, top-k", "straight-through weights"),
+    ("gumbel-ridge@1632@val", "MLO darts, gumbel", "level 2 a ridge probe refit on every labeled batch (`--level2 ridge`)"),
+    ("gumbel-ratio0.6@1632@val", "MLO darts, gumbel", "mask ratio 0.6 instead of 0.75 (`--mask-ratio 0.6`)"),
+    ("random-ratio0.6@1632@val", "random (MAE)", "mask ratio 0.6 instead of 0.75"),
     ("frozen-masker@1632@val", "control: masker frozen at init, top-k", "-"),
     ("frozen-masker-gumbel@1632@val", "control: masker frozen at init, gumbel", "-"),
 ]
