@@ -24,6 +24,7 @@ ORDER = [
     ("learned-darts-gumbel", "learned, MLO darts, gumbel"),
     ("learned-unroll-k1", "learned, MLO unroll K=1, top-k"),
     ("frozen-masker", "control: masker frozen at init, top-k"),
+    ("frozen-masker-gumbel", "control: masker frozen at init, gumbel"),
     ("random-eqtime", "random at the wall time of MLO darts top-k"),
     ("untrained", "floor: untrained encoder (`--init random`)"),
     ("raw-pixels", "floor: raw pixels"),
