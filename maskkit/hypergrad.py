@@ -326,7 +326,6 @@ def finetune_step(
     val_acc = (logits_va.argmax(-1) == y_va).float().mean().detach()
     vector = None
     if paths is not None:
-        mae_params = [p for p in mae.parameters() if p.requires_grad] if mae_params is None else list(mae_params)
         a = torch.autograd.grad(val_loss, [f_va, *head_params], retain_graph=True)  # head-only backward
         a_f, a_c = a[0], a[1:]
         if paths == "both":
@@ -336,9 +335,7 @@ def finetune_step(
             grad_out = torch.cat([-b_f, a_f])  # [B_tr + B_va, D]
         else:
             grad_out = a_f
-        live = [p for p in mae_params if p.requires_grad]
-        got = iter(torch.autograd.grad(feats, live, grad_outputs=grad_out, allow_unused=True))
-        vector = _zeros_for_none([next(got) if p.requires_grad else None for p in mae_params], mae_params)
+        vector = _mae_vector(feats, mae, mae_params, grad_outputs=grad_out)
     return FinetuneStep(head_loss=head_loss.detach(), val_loss=val_loss.detach(), val_acc=val_acc, vector=vector)
 
 
@@ -382,11 +379,17 @@ def ridge_step(
     head_loss = ((out_tr - t_tr) ** 2).sum(1).mean()
     val_loss = ((out_va - t_va) ** 2).sum(1).mean()
     val_acc = (out_va.argmax(-1) == y_va).float().mean().detach()
-    mae_params = [p for p in mae.parameters() if p.requires_grad] if mae_params is None else list(mae_params)
-    live = [p for p in mae_params if p.requires_grad]
-    got = iter(torch.autograd.grad(val_loss, live, allow_unused=True))
-    vector = _zeros_for_none([next(got) if p.requires_grad else None for p in mae_params], mae_params)
+    vector = _mae_vector(val_loss, mae, mae_params)
     return FinetuneStep(head_loss=head_loss.detach(), val_loss=val_loss.detach(), val_acc=val_acc, vector=vector)
+
+
+def _mae_vector(outputs: Tensor, mae: nn.Module, mae_params: Sequence[Tensor] | None,
+                grad_outputs: Tensor | None = None) -> list[Tensor]:
+    """d outputs / d W for each MAE parameter (default: the trainable ones), zeros where unused or frozen."""
+    params = [p for p in mae.parameters() if p.requires_grad] if mae_params is None else list(mae_params)
+    live = [p for p in params if p.requires_grad]
+    got = iter(torch.autograd.grad(outputs, live, grad_outputs=grad_outputs, allow_unused=True))
+    return _zeros_for_none([next(got) if p.requires_grad else None for p in params], params)
 
 
 # --------------------------------------------------------------------------- darts

@@ -283,15 +283,14 @@ class MLOEngine:
                 window, self._window = self._window, None
                 grads, ft = window.finish(self.head, self.head_optimizer, train_batch, val_batch,
                                           head_grad_clip=cfg.head_grad_clip)
-            elif learning and cfg.level2 == "ridge":
-                ft = ridge_step(self.mae, train_batch, val_batch, ridge=cfg.ridge,
-                                mae_params=optimizer_params(self.mae_optimizer))
-                grads = darts_masker_grad(self.mae, self.masker, record, ft.vector, self.mae_optimizer,
-                                          scale=cfg.darts_scale, r=cfg.darts_r, fd=cfg.darts_fd)
             elif learning:
-                ft = finetune_step(self.mae, self.head, self.head_optimizer, train_batch, val_batch,
-                                   mae_params=optimizer_params(self.mae_optimizer), paths=cfg.darts_paths,
-                                   scale=cfg.darts_scale, grad_clip=cfg.head_grad_clip)
+                if cfg.level2 == "ridge":
+                    ft = ridge_step(self.mae, train_batch, val_batch, ridge=cfg.ridge,
+                                    mae_params=optimizer_params(self.mae_optimizer))
+                else:
+                    ft = finetune_step(self.mae, self.head, self.head_optimizer, train_batch, val_batch,
+                                       mae_params=optimizer_params(self.mae_optimizer), paths=cfg.darts_paths,
+                                       scale=cfg.darts_scale, grad_clip=cfg.head_grad_clip)
                 grads = darts_masker_grad(self.mae, self.masker, record, ft.vector, self.mae_optimizer,
                                           scale=cfg.darts_scale, r=cfg.darts_r, fd=cfg.darts_fd)
             else:  # masker warm-up: a plain head step, no hypergradient

@@ -95,18 +95,6 @@ FINETUNE_EPOCHS = 10
 LOCK = threading.Lock()
 
 
-def done_keys() -> set[str]:
-    if not RESULTS.is_file():
-        return set()
-    keys = set()
-    for line in RESULTS.read_text().splitlines():
-        try:
-            keys.add(json.loads(line)["key"])
-        except (json.JSONDecodeError, KeyError):
-            pass
-    return keys
-
-
 def record(entry: dict) -> None:
     with LOCK:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -183,8 +171,9 @@ def evaluate(out: Path, protocol: str, init: str, dry: bool, split: str = "test"
     return json.loads((out / "eval.json").read_text())[key]
 
 
-def finetune_metric(args: argparse.Namespace) -> str:
-    return "finetune" if args.split == "test" else "finetune_val"
+def metric(protocol: str, args: argparse.Namespace) -> str:
+    """Name of a score in results.jsonl: the protocol, with "_val" when scored on the validation split."""
+    return protocol if args.split == "test" else f"{protocol}_val"
 
 
 def job(arm: str, seed: int, args: argparse.Namespace) -> None:
@@ -195,7 +184,7 @@ def job(arm: str, seed: int, args: argparse.Namespace) -> None:
     key = f"{label}/s{seed}" + ("@val" if args.split == "val" else "")
     previous = result(key)
     finetune = args.finetune and arm != "raw-pixels"  # the raw-pixel floor is a probe only
-    if previous is not None and (not finetune or previous.get(finetune_metric(args)) is not None):
+    if previous is not None and (not finetune or previous.get(metric("finetune", args)) is not None):
         return
     if args.split == "val" and arm in ("untrained", "raw-pixels", "random-eqtime"):
         raise ValueError(f"arm {arm} has no --split val row (use 'random' with --steps {EQTIME_STEPS})")
@@ -209,7 +198,7 @@ def job(arm: str, seed: int, args: argparse.Namespace) -> None:
     if previous is not None:  # finished earlier without a fine-tune: add it
         out = ROOT / previous["run"]
         init = "random" if arm == "untrained" else "pretrained"
-        entry = {**previous, finetune_metric(args): evaluate(out, "finetune", init, args.dry_run, args.split).get("top1")}
+        entry = {**previous, metric("finetune", args): evaluate(out, "finetune", init, args.dry_run, args.split).get("top1")}
         if not args.dry_run:
             record(entry)
             print(f"done {key} (fine-tune added): {entry}", flush=True)
@@ -227,10 +216,9 @@ def job(arm: str, seed: int, args: argparse.Namespace) -> None:
         entry = {} if args.dry_run else {"linear": json.loads((out / "raw_pixels.json").read_text())["top1"]}
     else:
         out = pretrain(arm, seed, steps, args.dry_run, name=label)
-        metric = "linear" if args.split == "test" else "linear_val"
-        entry = {metric: evaluate(out, "linear", "pretrained", args.dry_run, args.split).get("top1")}
+        entry = {metric("linear", args): evaluate(out, "linear", "pretrained", args.dry_run, args.split).get("top1")}
         if args.finetune:
-            entry[finetune_metric(args)] = evaluate(out, "finetune", "pretrained", args.dry_run, args.split).get("top1")
+            entry[metric("finetune", args)] = evaluate(out, "finetune", "pretrained", args.dry_run, args.split).get("top1")
         if not args.dry_run:
             summary = json.loads((out / "summary.json").read_text())
             last = summary.get("final", {})

@@ -92,6 +92,11 @@ EXPLORE = [
 ]
 
 
+def present(runs: dict[int, dict], seeds: list[int], key: str) -> list:
+    """The values of `key` over `seeds`, skipping runs that have none."""
+    return [runs[s][key] for s in seeds if runs[s].get(key) is not None]
+
+
 def render_explore(table: dict[str, dict[int, dict]], order: list[tuple[str, str, str]] = EXPLORE) -> str:
     """Markdown table of the exploration rows (linear probe on the validation split)."""
     lines = [
@@ -103,11 +108,11 @@ def render_explore(table: dict[str, dict[int, dict]], order: list[tuple[str, str
         if not runs:
             continue
         seeds = sorted(runs)
-        lin = [runs[s]["linear_val"] for s in seeds if runs[s].get("linear_val") is not None]
+        lin = present(runs, seeds, "linear_val")
         per_seed = ", ".join(f"s{s}: {100 * runs[s]['linear_val']:.1f}" for s in seeds if runs[s].get("linear_val") is not None)
-        head = [runs[s]["val_acc"] for s in seeds if runs[s].get("val_acc") is not None]
-        probs = [runs[s]["mask_prob_mean"] for s in seeds if runs[s].get("mask_prob_mean") is not None]
-        loss = [runs[s]["final_loss"] for s in seeds if runs[s].get("final_loss") is not None]
+        head = present(runs, seeds, "val_acc")
+        probs = present(runs, seeds, "mask_prob_mean")
+        loss = present(runs, seeds, "final_loss")
         wall = [runs[s]["pretrain_seconds"] for s in seeds if runs[s].get("pretrain_seconds")]
         lines.append(
             f"| {label} | {change} | {len(seeds)} | {mean_std(lin, 100)} | {per_seed or '-'} | {mean_std(head, 100)} | "
@@ -127,8 +132,8 @@ def render(
     for arm, label in order:
         runs = {s: e for s, e in table.get(arm, {}).items() if only is None or s in only}
         seeds = sorted(runs)
-        lin = [runs[s]["linear"] for s in seeds if runs[s].get("linear") is not None]
-        ft = [runs[s]["finetune"] for s in seeds if runs[s].get("finetune") is not None]
+        lin = present(runs, seeds, "linear")
+        ft = present(runs, seeds, "finetune")
         per_seed = ", ".join(
             f"s{s}: {100 * runs[s]['linear']:.1f}" for s in seeds if runs[s].get("linear") is not None
         )
