@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from maskkit.mae import MAEOutput, mae_step_loss, masked_loss, patch_loss, policy_context
+from maskkit.mae import MAEOutput, mae_step_loss, masked_loss, patch_loss, policy_aux_loss, policy_context
 from maskkit.plan import MaskPlan, num_visible
 from maskkit.policies.random import RandomPolicy
 
@@ -199,6 +199,7 @@ def hf_loss(
     policy's own; when it keeps a different number of patches than `config.mask_ratio`, the config
     is overridden for this call only. Returns the weighted loss, HF's logits [B, N, P], the plan and
     the unweighted per-patch loss; with `plan.weights` None the loss equals HF's `outputs.loss`.
+    A policy with its own objective (e.g. `hpm`) puts it in `aux_loss`: backpropagate `total_loss`.
     """
     hf = _unwrap(model)
     mae = model if isinstance(model, HFMAE) else HFMAE(hf)
@@ -213,7 +214,8 @@ def hf_loss(
     target = hf.patchify(pixel_values)  # [B, N, P]
     per_patch = patch_loss(outputs.logits, target, bool(hf.config.norm_pix_loss))  # [B, N]
     loss = masked_loss(per_patch, outputs.mask, plan.weights)
-    return MAEOutput(loss=loss, pred=outputs.logits, plan=plan, per_patch=per_patch)
+    return MAEOutput(loss=loss, pred=outputs.logits, plan=plan, per_patch=per_patch,
+                     aux_loss=policy_aux_loss(policy, plan, per_patch))
 
 
 __all__ = ["HFMAE", "create_hf_mae", "hf_loss", "noise_for_plan", "wrap"]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from maskkit.mae import MAEOutput, mae_step_loss, masked_loss, patch_loss
+from maskkit.mae import MAEOutput, mae_step_loss, masked_loss, patch_loss, policy_aux_loss
 from maskkit.plan import MaskPlan
 from maskkit.policies.random import RandomPolicy
 
@@ -28,6 +28,8 @@ REQUIRED_ATTRIBUTES = (
 )
 
 _HANDLE_ATTR = "_maskkit_policy_handle"
+#: the submodule name under which `use_policy` attaches the policy (so optimizers and checkpoints see it)
+POLICY_MODULE = "maskkit_policy"
 _PATCHED = ("forward", "random_masking", "forward_loss")
 
 
@@ -139,10 +141,19 @@ class PolicyHandle:
         self._shadowed = {name: model.__dict__[name] for name in _PATCHED if name in model.__dict__}
         self.active = False
 
+    def set_progress(self, progress: float) -> None:
+        """How far training has come, in [0, 1], for the policy's schedules (e.g. `guided_ramp`)."""
+        value = float(progress)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"progress must lie in [0, 1], got {progress!r}")
+        self.context_defaults["progress"] = value
+
     def remove(self) -> None:
-        """Restore the model's own masking and loss; a second call does nothing."""
+        """Restore the model's own masking and loss and detach the policy; a second call does nothing."""
         if not self.active:
             return
+        if self.model._modules.get(POLICY_MODULE) is self.policy:
+            del self.model._modules[POLICY_MODULE]
         for name in _PATCHED:
             self.model.__dict__.pop(name, None)
         self.model.__dict__.update(self._shadowed)  # instance attributes the user had set before
@@ -168,15 +179,35 @@ def use_policy(model: nn.Module, policy: nn.Module, **context_defaults: Any) -> 
     `forward_loss`; the class is untouched). `mask_ratio` of each call is the policy's `ratio`
     (None: the policy's own); `context_defaults` and extra keyword arguments of a call (e.g.
     `attention=`, `noise=`) reach the policy, as do `images` and `encoder` (the `wrap` of the model,
-    for `cls_attention`). A learned policy's parameters are not the model's: optimise them yourself.
+    for `cls_attention`); `handle.set_progress(p)` gives it the context key `progress`.
+
+    The policy is attached to the model as the submodule `maskkit_policy` (until `remove()`), so
+    `model.to()` moves it, an optimizer built afterwards trains its parameters and the model's
+    `state_dict()` saves them. A policy with its own objective (e.g. `hpm`) gets its `aux_loss`
+    added to the loss the model returns. A policy built without `embed_dim` / `num_patches`
+    learns them from the model (`policy.bind`). A learned MLO masker (`learnable`) is trained only
+    by `MLOEngine` (the MAE loss would just drive its probabilities down): it is accepted frozen
+    (every parameter `requires_grad=False`, e.g. loaded from an MLO run) and refused trainable.
+
     Calling it again on the same model replaces the previous policy; `copy.deepcopy(model)` gives
     a copy masked by its own copy of the policy. Undo with `handle.remove()`,
-    `with use_policy(...):`, or `restore_masking(model)`. Save weights with `state_dict()` (unchanged).
+    `with use_policy(...):`, or `restore_masking(model)`.
     """
     _check_model(model)
     if not callable(policy):
         raise TypeError(f"policy must be a MaskPolicy (callable), got {type(policy).__name__}")
+    if getattr(policy, "learnable", False) and any(p.requires_grad for p in policy.parameters()):
+        raise ValueError(
+            f"{type(policy).__name__} is trained by downstream feedback, which only MLOEngine does "
+            "(maskkit.mlo); freeze it (policy.requires_grad_(False)) to apply it as it is"
+        )
     restore_masking(model)
+    if callable(getattr(policy, "bind", None)):
+        policy.bind(embed_dim=int(model.pos_embed.shape[-1]), num_patches=int(model.patch_embed.num_patches))
+    if isinstance(policy, nn.Module):
+        if POLICY_MODULE in model._modules or POLICY_MODULE in model.__dict__:
+            raise ValueError(f"{type(model).__name__} already has an attribute {POLICY_MODULE!r}")
+        model.add_module(POLICY_MODULE, policy)
 
     handle = PolicyHandle(model, policy, dict(context_defaults))
     for name, fn in (("forward", _forward), ("random_masking", _random_masking), ("forward_loss", _forward_loss)):
@@ -217,12 +248,21 @@ def _random_masking(self: nn.Module, x: Tensor, mask_ratio: float) -> tuple[Tens
 
 
 def _forward_loss(self: nn.Module, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
-    """sum(loss * mask * w) / sum(mask) with w = plan.weights; the model's own loss when there are none."""
-    plan = self.__dict__[_HANDLE_ATTR].plan
-    if plan is None or plan.weights is None or mask is not plan.mask:
+    """sum(loss * mask * w) / sum(mask) with w = plan.weights (the model's own loss when there are
+    none), plus the policy's `aux_loss` when it has one."""
+    handle = self.__dict__[_HANDLE_ATTR]
+    plan = handle.plan
+    if plan is None or mask is not plan.mask:
         return type(self).forward_loss(self, imgs, pred, mask)  # untouched (also for foreign masks)
+    if plan.weights is None and not getattr(handle.policy, "has_aux_loss", False):
+        return type(self).forward_loss(self, imgs, pred, mask)
     per_patch = patch_loss(pred, self.patchify(imgs), bool(getattr(self, "norm_pix_loss", False)))  # [B, N]
-    return masked_loss(per_patch, mask, plan.weights)
+    if plan.weights is None:
+        loss = type(self).forward_loss(self, imgs, pred, mask)  # bit-identical to the model's own
+    else:
+        loss = masked_loss(per_patch, mask, plan.weights)
+    aux = policy_aux_loss(handle.policy, plan, per_patch)
+    return loss if aux is None else loss + aux
 
 
 def restore_masking(model: nn.Module) -> bool:

@@ -219,7 +219,7 @@ DEFAULT_STEPS = 600
 
 #: pretrain options of the learned masker's MLO training, refused with any other policy.
 LEARNED_ONLY = ("hypergrad", "masker_every", "unroll_steps", "head_optimizer", "head_lr", "masker_optimizer",
-                "masker_lr", "masker_start", "level2", "freeze_masker")  # fmt: skip
+                "masker_lr", "masker_start", "level2", "freeze_masker", "masker_reg")  # fmt: skip
 
 #: options that may be combined with --resume (everything else comes from the run's config.json).
 RESUME_OPTIONS = ("resume", "steps", "device", "progress")
@@ -273,6 +273,9 @@ def pretrain_command(
     ),
     freeze_masker: bool = typer.Option(
         False, "--freeze-masker", help="Control run: keep the learned masker at its initialisation (no MLO)."
+    ),
+    masker_reg: float = typer.Option(
+        0.0, help="Anti-collapse: weight of KL(masker probabilities || mask ratio) in the masker's objective (0: off)."
     ),
     log_every: int = typer.Option(10, help="Write a metrics.jsonl line every this many steps."),
     ckpt_every: int = typer.Option(100, help="Checkpoint every this many steps (and at the end)."),
@@ -372,6 +375,8 @@ def _pretrain_new(ctx: typer.Context, args: dict[str, Any]) -> None:
         raise CommandError("--level2 ridge needs --hypergrad darts")
     if args["masker_start"] < 0:
         raise CommandError(f"--masker-start must be a non-negative integer, got {args['masker_start']}")
+    if not args["masker_reg"] >= 0:
+        raise CommandError(f"--masker-reg must be a non-negative number, got {args['masker_reg']}")
     from maskkit.distributed import barrier, broadcast_object
 
     dist = _DIST
@@ -428,7 +433,7 @@ def _pretrain_new(ctx: typer.Context, args: dict[str, Any]) -> None:
         hypergrad=args["hypergrad"].value, masker_every=args["masker_every"], unroll_steps=args["unroll_steps"],
         head_optimizer=args["head_optimizer"], head_lr=args["head_lr"],
         masker_optimizer=args["masker_optimizer"], masker_lr=args["masker_lr"], masker_start=args["masker_start"],
-        level2=args["level2"].value, freeze_masker=args["freeze_masker"],
+        level2=args["level2"].value, freeze_masker=args["freeze_masker"], masker_reg=args["masker_reg"],
         skip_nonfinite=args["skip_nonfinite"], amp=args["amp"].value, mask_noise=args["mask_noise"].value,
         world_size=dist.world_size,
     )  # fmt: skip

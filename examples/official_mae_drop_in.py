@@ -17,7 +17,10 @@ in seconds on 8x8 digits upsampled to 16x16. The whole change to an official-MAE
 
 `train_one_epoch` still calls `loss, _, _ = model(samples, mask_ratio=args.mask_ratio)`; the model now
 masks with the policy (the attention policy reads the model's own CLS attention) and weights the loss
-by the plan's weights. `restore_masking(model)` undoes it. The learned masker needs the MLO engine to
+by the plan's weights. `restore_masking(model)` undoes it. With `--policy hpm` the label-free scorer is
+attached to the model before the optimizer is built, so the loop's own optimizer trains it on the
+ranking loss that the model's loss now includes (here at its full guided fraction; call
+`handle.set_progress(epoch / epochs)` for HPM's ramp). The learned MLO masker needs the MLO engine to
 train it (maskkit.mlo), so it is not offered here.
 
 Run: python examples/official_mae_drop_in.py --policy attention --epochs 2

@@ -2,7 +2,9 @@
 
 Public API (see the README for a tour):
 - masks: `MaskPlan`, `check_ratio`, `num_visible`, `gather_tokens`
-- policies: `MaskPolicy`, `RandomPolicy`, `AttentionPolicy`, `LearnedMasker`, `BlockPolicy`, `register_policy`, `create_policy`, `list_policies`, `policy_options`
+- policies: `MaskPolicy`, `ScoredPolicy` (guided fraction), `RandomPolicy`, `AttentionPolicy`, `LearnedMasker`,
+  `HPMPolicy`, `BlockPolicy`, `register_policy`, `create_policy`, `list_policies`, `policy_options`
+- collapse diagnostics: `maskkit.diagnostics` (`plan_diagnostics`, `mask_iou`, `position_entropy`, `logit_spread`)
 - learning the masker: `MLOEngine`, `MLOConfig`, `default_optimizers`, `stratified_split`,
   `unroll`, `math_attention`, `UnrollError`
 - the MAE protocol: `MAEProtocol`, `patch_loss`, `masked_loss`, `mae_forward`, `mae_step_loss`, `MAEOutput`
@@ -11,7 +13,15 @@ Public API (see the README for a tour):
 from maskkit.mae import MAEOutput, MAEProtocol, is_mae, mae_forward, mae_step_loss, masked_loss, patch_loss
 from maskkit.mlo import MLOConfig, MLOEngine, default_optimizers
 from maskkit.plan import MaskPlan, check_ratio, gather_tokens, num_visible
-from maskkit.policies import AttentionPolicy, BlockPolicy, LearnedMasker, MaskPolicy, RandomPolicy
+from maskkit.policies import (
+    AttentionPolicy,
+    BlockPolicy,
+    HPMPolicy,
+    LearnedMasker,
+    MaskPolicy,
+    RandomPolicy,
+    ScoredPolicy,
+)
 from maskkit.registry import create_policy, list_policies, policy_options, register_policy
 from maskkit.splits import stratified_split
 from maskkit.unroll import UnrollError, math_attention, unroll
@@ -21,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionPolicy",
     "BlockPolicy",
+    "HPMPolicy",
     "LearnedMasker",
     "MAEOutput",
     "MLOConfig",
@@ -34,6 +45,7 @@ __all__ = [
     "MaskPlan",
     "MaskPolicy",
     "RandomPolicy",
+    "ScoredPolicy",
     "check_ratio",
     "create_policy",
     "gather_tokens",

@@ -90,7 +90,7 @@ def trainable(module: nn.Module) -> list[Tensor]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def _zeros_for_none(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> list[Tensor]:
+def zeros_for_none(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=False)]
 
 
@@ -205,15 +205,18 @@ class PretrainStep:
 
 
 def masker_plan(model: Any, masker: nn.Module, images: Tensor, *, ratio: float | None = None,
-                generator: torch.Generator | None = None) -> tuple[Tensor, MaskPlan]:
+                generator: torch.Generator | None = None, progress: float | None = None) -> tuple[Tensor, MaskPlan]:
     """Patch tokens [B, N, D] and the masker's plan for them; plan.weights must be the probabilities."""
     tokens = model.patch_tokens(images)  # [B, N, D]
-    return tokens, _masker(masker, model, images, tokens, ratio, generator)
+    return tokens, _masker(masker, model, images, tokens, ratio, generator, progress)
 
 
 def _masker(masker: nn.Module, model: Any, images: Tensor, tokens: Tensor, ratio: float | None,
-            generator: torch.Generator | None) -> MaskPlan:
-    plan = masker(tokens, ratio=ratio, **policy_context(model, images, generator=generator))
+            generator: torch.Generator | None, progress: float | None = None) -> MaskPlan:
+    context = policy_context(model, images, generator=generator)
+    if progress is not None:
+        context["progress"] = progress
+    plan = masker(tokens, ratio=ratio, **context)
     if plan.weights is None:
         raise ValueError(
             f"the masker {type(masker).__name__} returned no plan.weights; MLO needs a learnable policy "
@@ -233,6 +236,7 @@ def pretrain_step(
     grad_clip: float | None = None,
     keep_params: bool = False,
     autocast_dtype: torch.dtype | None = None,
+    progress: float | None = None,
 ) -> PretrainStep:
     """One real MAE step on the probability-weighted loss (weights detached from the masker).
 
@@ -244,7 +248,7 @@ def pretrain_step(
     before = [p.detach().clone() for p in params] if keep_params else None
     tokens = mae.patch_tokens(images)  # [B, N, D]
     with torch.set_grad_enabled(keep_params):  # the masker's graph only when a hypergradient follows
-        plan = _masker(masker, mae, images, tokens, ratio, generator)
+        plan = _masker(masker, mae, images, tokens, ratio, generator, progress)
     with torch.autocast(images.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
         out = mae_forward(mae, images, plan.detach(), tokens=tokens)
     loss = out.loss if autocast_dtype is None else out.loss.float()
@@ -253,7 +257,7 @@ def pretrain_step(
     coef = _clip(params, grad_clip)
     optimizer.step()
     return PretrainStep(images=images, plan=plan, loss=loss.detach(), params_before=before, clip_coef=coef,
-                        per_patch=_as(out.per_patch.detach(), loss) if keep_params else None)
+                        per_patch=_as(out.per_patch.detach(), loss))
 
 
 def _as(x: Tensor, like: Tensor) -> Tensor:
@@ -389,7 +393,7 @@ def _mae_vector(outputs: Tensor, mae: nn.Module, mae_params: Sequence[Tensor] | 
     params = [p for p in mae.parameters() if p.requires_grad] if mae_params is None else list(mae_params)
     live = [p for p in params if p.requires_grad]
     got = iter(torch.autograd.grad(outputs, live, grad_outputs=grad_outputs, allow_unused=True))
-    return _zeros_for_none([next(got) if p.requires_grad else None for p in params], params)
+    return zeros_for_none([next(got) if p.requires_grad else None for p in params], params)
 
 
 # --------------------------------------------------------------------------- darts
@@ -447,7 +451,7 @@ def darts_masker_grad(
         delta = (losses[0] - step.per_patch) / eps
     mask, probs = step.plan.mask, step.plan.weights
     objective = -(delta * mask * probs).sum() / mask.sum()
-    return _zeros_for_none(torch.autograd.grad(objective, masker_params, allow_unused=True), masker_params)
+    return zeros_for_none(torch.autograd.grad(objective, masker_params, allow_unused=True), masker_params)
 
 
 # --------------------------------------------------------------------------- unroll
@@ -499,13 +503,16 @@ class UnrollWindow:
         self._open = True
 
     def pretrain_step(self, images: Tensor, *, ratio: float | None = None,
-                      generator: torch.Generator | None = None, grad_clip: float | None = None) -> MAEOutput:
+                      generator: torch.Generator | None = None, grad_clip: float | None = None,
+                      progress: float | None = None) -> MAEOutput:
         """One differentiable step of the fast MAE weights; the loss keeps its graph to the masker.
 
         grad_clip: clip the total gradient norm as `clip_grad_norm_` does (differentiably).
+        progress: how far training has come, in [0, 1], for the masker's schedules.
         """
         self._check_open()
-        tokens, plan = masker_plan(self.u.fmodel, self.masker, images, ratio=ratio, generator=generator)
+        tokens, plan = masker_plan(self.u.fmodel, self.masker, images, ratio=ratio, generator=generator,
+                                   progress=progress)
         out = mae_forward(self.u.fmodel, images, plan, tokens=tokens)
         self.u.step(out.loss, grad_callback=_then(None if grad_clip is None else _clipper(grad_clip), self.grad_sync))
         self.steps += 1
@@ -532,7 +539,7 @@ class UnrollWindow:
                     None if head_grad_clip is None else _clipper(head_grad_clip), self.grad_sync))
                 logits_va = uh.fmodel(feats[n_tr:])  # at C'
                 val_loss = F.cross_entropy(logits_va, y_va)
-                grads = _zeros_for_none(
+                grads = zeros_for_none(
                     torch.autograd.grad(val_loss, masker_params, allow_unused=True), masker_params
                 )
                 uh.write_back()

@@ -82,6 +82,12 @@ class MAEOutput:
     pred: Tensor  # [B, N, P]
     plan: MaskPlan
     per_patch: Tensor  # [B, N] unweighted per-patch loss
+    aux_loss: Tensor | None = None  # scalar: the policy's own objective (e.g. hpm's), or None
+
+    @property
+    def total_loss(self) -> Tensor:
+        """What to backpropagate: the masked loss plus the policy's own loss, if it has one."""
+        return self.loss if self.aux_loss is None else self.loss + self.aux_loss
 
 
 def mae_forward(mae: Any, images: Tensor, plan: MaskPlan, tokens: Tensor | None = None) -> MAEOutput:
@@ -98,6 +104,13 @@ def mae_forward(mae: Any, images: Tensor, plan: MaskPlan, tokens: Tensor | None 
     return MAEOutput(loss=loss, pred=pred, plan=plan, per_patch=per_patch)
 
 
+def policy_aux_loss(policy: Any, plan: MaskPlan, per_patch: Tensor) -> Tensor | None:
+    """The policy's own loss (`MaskPolicy.aux_loss`) on its plan and the detached per-patch losses [B, N], or None."""
+    if not getattr(policy, "has_aux_loss", False):
+        return None
+    return policy.aux_loss(plan, per_patch.detach())
+
+
 def policy_context(mae: Any, images: Tensor, **extra: Any) -> dict[str, Any]:
     """The context every policy may read, built from an MAE and its images."""
     return {"images": images, "encoder": mae, **extra}
@@ -111,10 +124,15 @@ def mae_step_loss(
     ratio: float | None = None,
     **context: Any,
 ) -> MAEOutput:
-    """Tokens -> policy -> plan -> encode/decode -> weighted loss: one pretraining forward."""
+    """Tokens -> policy -> plan -> encode/decode -> weighted loss: one pretraining forward.
+
+    `aux_loss` of the output holds the policy's own objective, if any; backpropagate `total_loss`.
+    """
     tokens = mae.patch_tokens(images)  # [B, N, D]
     plan = policy(tokens, ratio=ratio, **policy_context(mae, images, **context))
-    return mae_forward(mae, images, plan, tokens=tokens)
+    out = mae_forward(mae, images, plan, tokens=tokens)
+    out.aux_loss = policy_aux_loss(policy, plan, out.per_patch)
+    return out
 
 
 def is_mae(obj: Any) -> bool:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from maskkit.diagnostics import plan_diagnostics
 from maskkit.hypergrad import (
     DARTS_FDS,
     DARTS_PATHS,
@@ -33,8 +34,9 @@ from maskkit.hypergrad import (
     pretrain_step,
     ridge_step,
     trainable,
+    zeros_for_none,
 )
-from maskkit.mae import is_mae
+from maskkit.mae import is_mae, policy_aux_loss
 from maskkit.optim import param_groups
 from maskkit.plan import MaskPlan, check_ratio
 from maskkit.policies.base import MaskPolicy
@@ -46,6 +48,8 @@ LEVEL2S = ("head", "ridge")
 STEP_KEYS = ("step", "pretrain_loss", "mask_prob_mean", "mask_prob_std", "mask_entropy",
              "masker_updated", "lr_mae", "lr_head", "lr_masker")
 MASKER_STEP_KEYS = ("head_loss", "val_loss", "val_acc", "masker_grad_norm")
+#: collapse diagnostics on every call (maskkit.diagnostics; logit_spread for learned scorers, mask_iou for B > 1).
+DIAGNOSTIC_KEYS = ("mask_iou", "mask_pos_entropy", "logit_spread")
 
 #: the reference's optimizer settings (MLO-MAE, issue 4): AdamW at every level.
 PRESETS: dict[str, dict[str, float]] = {
@@ -85,6 +89,15 @@ class MLOConfig:
         amp: "bf16" runs the MAE forward of the real pretrain steps under bfloat16 autocast; the
             finetune step, the validation loss, the darts finite differences and the steps inside an
             unroll window stay float32. Default "none".
+        masker_reg: weight of the anti-collapse penalty added to the level-3 objective: the mean
+            over patches of KL(Bernoulli(p) || Bernoulli(r)) between the masker's probability p of
+            hiding each patch and the mask ratio r (`prior_kl`), on the pretrain batch of each masker
+            step. It pulls every probability back toward the ratio, the value of uniform masking,
+            so a masker can only stray from uniform where the validation loss pays for it.
+            Default 0.0 (off: runs stay bit-identical to runs without it).
+        total_steps: the length of the run, for the context key `progress` = step / total_steps that
+            the masker's schedules read (e.g. guided_ramp), when `step` is not given `progress`.
+            Default None (no progress: schedules at their full value).
     """
 
     ratio: float | None = None
@@ -103,6 +116,8 @@ class MLOConfig:
     head_grad_clip: float | None = None
     masker_grad_clip: float | None = None
     amp: str = "none"
+    masker_reg: float = 0.0
+    total_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.ratio is not None:
@@ -136,6 +151,14 @@ class MLOConfig:
                 f"unroll_steps ({self.unroll_steps}) must not exceed masker_every ({self.masker_every}): "
                 "each pretrain step is unrolled at most once"
             )
+        if isinstance(self.masker_reg, bool) or not isinstance(self.masker_reg, (int, float)) or not (
+            math.isfinite(self.masker_reg) and self.masker_reg >= 0
+        ):
+            raise ValueError(f"masker_reg must be a non-negative number, got {self.masker_reg!r}")
+        if self.total_steps is not None and (
+            isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1
+        ):
+            raise ValueError(f"total_steps must be a positive integer or None, got {self.total_steps!r}")
         for name in ("grad_clip", "head_grad_clip", "masker_grad_clip"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
@@ -250,11 +273,19 @@ class MLOEngine:
 
     # ---- one iteration ------------------------------------------------------------------------
 
-    def step(self, images: Tensor, *, train_batch: Batch | None = None, val_batch: Batch | None = None) -> dict[str, float]:
-        """One training iteration; returns floats (keys STEP_KEYS, plus MASKER_STEP_KEYS on masker steps)."""
+    def step(self, images: Tensor, *, train_batch: Batch | None = None, val_batch: Batch | None = None,
+             progress: float | None = None) -> dict[str, float]:
+        """One training iteration; returns floats (keys STEP_KEYS and DIAGNOSTIC_KEYS, plus MASKER_STEP_KEYS on
+        masker steps, and masker_prior_kl / masker_aux_loss there when those terms are on).
+
+        progress: how far training has come, in [0, 1], passed to the masker (its `guided_ramp`);
+        default step / config.total_steps, or none when that is not set.
+        """
         if not isinstance(images, Tensor) or images.dim() != 4:
             raise ValueError(f"images must be a [B, C, H, W] tensor, got {getattr(images, 'shape', type(images))}")
         cfg, s = self.config, self.step_count
+        if progress is None and cfg.total_steps is not None:
+            progress = min(1.0, s / cfg.total_steps)
         due = self.masker_due(s)
         learning = due and self.masker_learning(s)
         if due:  # fetch labeled batches first, so a missing one fails before any update
@@ -266,17 +297,20 @@ class MLOEngine:
             if self._window is None:
                 self._window = UnrollWindow(self.mae, self.masker, self.mae_optimizer, first_order=cfg.first_order,
                                             grad_sync=self.grad_sync)
-            out = self._window.pretrain_step(images, ratio=cfg.ratio, generator=self.generator, grad_clip=cfg.grad_clip)
-            loss, probs, record = out.loss.detach(), _probs(out.plan), None
+            out = self._window.pretrain_step(images, ratio=cfg.ratio, generator=self.generator, grad_clip=cfg.grad_clip,
+                                             progress=progress)
+            loss, plan, per_patch, record = out.loss.detach(), out.plan, out.per_patch.detach(), None
         else:
             record = pretrain_step(self.mae, self.masker, self.mae_optimizer, images, ratio=cfg.ratio,
                                    generator=self.generator, grad_clip=cfg.grad_clip,
                                    keep_params=learning and cfg.hypergrad == "darts",
-                                   autocast_dtype=torch.bfloat16 if cfg.amp == "bf16" else None)
-            loss, probs = record.loss, _probs(record.plan)
+                                   autocast_dtype=torch.bfloat16 if cfg.amp == "bf16" else None, progress=progress)
+            loss, plan, per_patch = record.loss, record.plan, record.per_patch
         self._scheduler_step("mae")
         stats["pretrain_loss"] = float(loss)
-        stats.update(_mask_stats(probs.detach()))
+        stats.update(_mask_stats(_probs(plan).detach()))
+        stats.update(plan_diagnostics(self.masker, plan, per_patch))
+        extra = self._level3_extra(plan, per_patch, stats) if learning else None
 
         if due:
             if self._window is not None:
@@ -298,6 +332,8 @@ class MLOEngine:
                                    paths=None, grad_clip=cfg.head_grad_clip)
             self._scheduler_step("head")
             if learning:
+                if extra is not None:
+                    grads = [g + e for g, e in zip(grads, extra, strict=True)]
                 stats["masker_grad_norm"] = self._masker_update(grads)
                 self._scheduler_step("masker")
             stats.update(head_loss=float(ft.head_loss), val_loss=float(ft.val_loss), val_acc=float(ft.val_acc))
@@ -306,6 +342,24 @@ class MLOEngine:
             stats[f"lr_{level}"] = float(opt.param_groups[0]["lr"])
         self.step_count += 1
         return stats
+
+    def _level3_extra(self, plan: MaskPlan, per_patch: Tensor, stats: dict[str, float]) -> list[Tensor] | None:
+        """Gradients w.r.t. the masker of the level-3 terms besides the validation loss, on this step's plan:
+        `masker_reg` x prior_kl(p, r) and the masker's own `aux_loss`, if any (None when there are none)."""
+        terms = []
+        if self.config.masker_reg > 0:
+            ratio = self.config.ratio if self.config.ratio is not None else self.masker.ratio
+            kl = prior_kl(_probs(plan), ratio)
+            stats["masker_prior_kl"] = float(kl.detach())
+            terms.append(self.config.masker_reg * kl)
+        aux = policy_aux_loss(self.masker, plan, per_patch)
+        if aux is not None:
+            stats["masker_aux_loss"] = float(aux.detach())
+            terms.append(aux)
+        if not terms:
+            return None
+        params = trainable(self.masker)
+        return zeros_for_none(torch.autograd.grad(sum(terms), params, retain_graph=True, allow_unused=True), params)
 
     def _masker_update(self, grads: list[Tensor]) -> float:
         params = trainable(self.masker)
@@ -389,6 +443,16 @@ def _check_differentiable_optimizers(config: MLOConfig, mae_optimizer: torch.opt
                 f"the darts hypergradient needs the derivative of the {level} optimizer's update, known for "
                 f"SGD, Adam and AdamW, not {type(opt).__name__}: use one of those, or darts_scale='lr'"
             )
+
+
+def prior_kl(probs: Tensor, ratio: float) -> Tensor:
+    """Mean over patches of KL(Bernoulli(p) || Bernoulli(r)): probs [B, N] in (0, 1) against the ratio r.
+
+    0 exactly when every probability equals the ratio (uniform masking's marginal); it grows as the
+    masker pushes patches toward always or never hidden, the signature of a collapsed one-rule mask.
+    """
+    p = probs.clamp(1e-6, 1 - 1e-6)
+    return (p * torch.log(p / ratio) + (1 - p) * torch.log((1 - p) / (1 - ratio))).mean()
 
 
 def _probs(plan: MaskPlan) -> Tensor:

@@ -3,6 +3,7 @@
 Contenders (timm MAE of preset "tiny": 32x32 images, patch 4, width 192, depth 4, decoder
 128x2; batch 64, labeled train and validation batches 64, masker every 2 iterations):
   mae_step          plain MAE step (random masks, forward, backward, AdamW step): the baseline
+  hpm_step          plain MAE step masked by `hpm` (its scorer's forward, ranking loss and update)
   mlo_darts         MLOEngine, darts along both paths (the reference's setting)
   mlo_darts_direct  darts, masker -> pretrain -> validation path only
   mlo_unroll_k1/k2  exact hypergradient through 1 / 2 unrolled pretrain steps
@@ -47,12 +48,12 @@ from torch import nn
 from maskkit.mae import mae_step_loss
 from maskkit.mlo import MLOConfig, MLOEngine, default_optimizers
 from maskkit.optim import param_groups
-from maskkit.policies.random import RandomPolicy
 from maskkit.registry import create_policy
 
 #: contender name -> MLO config (None: the plain MAE step).
 CONTENDERS: dict[str, MLOConfig | None] = {
     "mae_step": None,
+    "hpm_step": None,
     "mlo_darts": MLOConfig(hypergrad="darts", darts_paths="both"),
     "mlo_darts_direct": MLOConfig(hypergrad="darts", darts_paths="direct"),
     "mlo_unroll_k1": MLOConfig(hypergrad="unroll", unroll_steps=1),
@@ -62,7 +63,9 @@ CONTENDERS: dict[str, MLOConfig | None] = {
     "mlo_darts_direct_fwdfd": MLOConfig(hypergrad="darts", darts_paths="direct", darts_fd="forward"),
 }
 #: the contenders `bench_mlo` runs by default.
-DEFAULT_NAMES = ["mae_step", "mlo_darts", "mlo_darts_direct", "mlo_unroll_k1", "mlo_unroll_k2"]
+DEFAULT_NAMES = ["mae_step", "hpm_step", "mlo_darts", "mlo_darts_direct", "mlo_unroll_k1", "mlo_unroll_k2"]
+#: the policy of each plain-step contender (no MLO config)
+PLAIN_POLICIES = {"mae_step": "random", "hpm_step": "hpm"}
 BASELINE = "mae_step"
 CYCLE = 2  # iterations per masker cycle (masker_every of the contenders)
 
@@ -84,16 +87,19 @@ def make_contender(name: str, preset: str = "tiny", device: str = "cpu", batch: 
 
     images = [data(batch) for _ in range(CYCLE)]
     config = CONTENDERS[name]
-    if config is None:
-        policy = RandomPolicy(0.75)
-        opt = torch.optim.AdamW(param_groups(mae, 1e-3), lr=1e-4, betas=(0.9, 0.95))
+    if config is None:  # a plain step; a policy with its own objective trains in the same optimizer
+        policy = create_policy(PLAIN_POLICIES[name], ratio=0.75)
+        policy.bind(embed_dim=mae.embed_dim, num_patches=mae.num_patches)
+        policy.to(dev)
+        opt = torch.optim.AdamW(param_groups(nn.ModuleDict({"mae": mae, "policy": policy}), 1e-3), lr=1e-4,
+                                betas=(0.9, 0.95))
         mask_gen = torch.Generator(device=dev).manual_seed(seed)
 
         def cycle() -> None:
             for x in images:
-                out = mae_step_loss(mae, policy, x, generator=mask_gen)
+                out = mae_step_loss(mae, policy, x, generator=mask_gen)  # hpm at its full guided fraction
                 opt.zero_grad(set_to_none=True)
-                out.loss.backward()
+                out.total_loss.backward()
                 opt.step()
 
         return cycle

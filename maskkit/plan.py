@@ -7,6 +7,7 @@ ascending, the first K = int(N * (1 - ratio)) patches are kept (visible), and
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -39,6 +40,19 @@ def check_ratio(ratio: float, num_patches: int | None = None) -> float:
     return value
 
 
+def guided_fraction_at(fraction: float, ramp: float, progress: float | None) -> float:
+    """The guided fraction in force at `progress` in [0, 1]: it rises linearly from 0 to `fraction`
+    over the first `ramp` of the run (HPM's schedule with ramp = 1); full when progress is None or ramp is 0."""
+    if progress is None or ramp <= 0:
+        return fraction
+    return fraction * min(1.0, max(0.0, float(progress)) / ramp)
+
+
+def num_guided(num_hidden: int, fraction: float) -> int:
+    """round(fraction * (N - K)) hidden patches chosen by the policy's rule, rounded half up."""
+    return min(num_hidden, int(math.floor(fraction * num_hidden + 0.5)))
+
+
 def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
     """Pick tokens `x[b, ids[b, k]]` along dim 1: x [B, N, D], ids [B, K] -> [B, K, D]."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -57,6 +71,8 @@ class MaskPlan:
         scores: [B, N] the score that was sorted (ascending = kept first), for inspection.
         probs: [B, N] a learned policy's masking probabilities, for inspection, or None; they
             are the weights unless the policy weights its loss otherwise.
+        guided: [B, N] bool, True for the hidden patches the policy chose by its own rule (the
+            rest of the hidden set is uniformly random), or None when the whole plan is one rule.
     """
 
     ids_keep: Tensor
@@ -65,6 +81,7 @@ class MaskPlan:
     weights: Tensor | None = None
     scores: Tensor | None = None
     probs: Tensor | None = None
+    guided: Tensor | None = None
 
     @classmethod
     def from_scores(cls, scores: Tensor, ratio: float, weights: Tensor | None = None) -> MaskPlan:
@@ -135,6 +152,42 @@ class MaskPlan:
             probs=None if self.probs is None else self.probs.detach(),
         )
 
+    @classmethod
+    def from_guided_scores(
+        cls,
+        scores: Tensor,
+        ratio: float,
+        num_guided: int,
+        noise: Tensor | None = None,
+    ) -> MaskPlan:
+        """Hide the `num_guided` highest-scoring patches, and the rest of the N - K hidden ones uniformly.
+
+        scores: [B, N], higher = hidden first (as `from_scores`). noise: [B, N] uniforms of the
+        random part, used exactly as the `random` policy uses its noise: the patches not guided
+        are ranked by noise and the lowest K stay visible. So `num_guided=0` gives the `random`
+        plan for the same noise bit for bit, and `num_guided=N-K` gives `from_scores(scores)`
+        (no noise needed). `plan.guided` marks the guided patches; `plan.scores` is the sorted key
+        (a policy may replace it by its own scores for inspection).
+        """
+        if scores.dim() != 2:
+            raise ValueError(f"scores must be [B, N], got shape {tuple(scores.shape)}")
+        batch, n = scores.shape
+        hidden = n - num_visible(n, check_ratio(ratio, n))
+        if isinstance(num_guided, bool) or not isinstance(num_guided, int) or not 0 <= num_guided <= hidden:
+            raise ValueError(f"num_guided must be an integer in [0, {hidden}] (the hidden count), got {num_guided!r}")
+        if num_guided == hidden:
+            plan = cls.from_scores(scores, ratio)
+            return replace(plan, guided=plan.mask.bool())
+        if noise is None or tuple(noise.shape) != (batch, n):
+            shape = None if noise is None else tuple(noise.shape)
+            raise ValueError(f"a partly random plan needs noise of shape {(batch, n)}, got {shape}")
+        guided = torch.zeros(batch, n, dtype=torch.bool, device=scores.device)
+        if num_guided > 0:
+            top = torch.topk(scores.detach(), num_guided, dim=1).indices  # [B, G] the policy's own choice
+            guided = guided.scatter(1, top, True)
+            noise = noise.masked_fill(guided, float("inf"))  # guided patches sort last: hidden
+        return replace(cls.from_scores(noise, ratio), guided=guided)
+
     def to(self, device: torch.device | str) -> MaskPlan:
         return MaskPlan(
             ids_keep=self.ids_keep.to(device),
@@ -143,6 +196,7 @@ class MaskPlan:
             weights=None if self.weights is None else self.weights.to(device),
             scores=None if self.scores is None else self.scores.to(device),
             probs=None if self.probs is None else self.probs.to(device),
+            guided=None if self.guided is None else self.guided.to(device),
         )
 
 

@@ -32,6 +32,7 @@ from maskkit.checkpoint import (
     verify_checkpoint,
 )
 from maskkit.data import Batcher, BatchStream
+from maskkit.diagnostics import plan_diagnostics
 from maskkit.distributed import (
     SINGLE,
     DistContext,
@@ -100,6 +101,7 @@ class TrainConfig:
     level2: str = "head"  # "ridge": closed-form ridge probe as level 2 (MLOConfig.level2)
     masker_start: int = 0  # masker warm-up in MAE steps (the head still trains); MLOConfig.masker_start
     freeze_masker: bool = False  # control: learned policy at its initialisation, no MLO feedback
+    masker_reg: float = 0.0  # anti-collapse penalty weight on the level-3 objective (MLOConfig.masker_reg)
     # robustness, precision, processes
     skip_nonfinite: bool = False  # skip a batch whose loss/hypergradient is not finite (else stop)
     amp: str = "none"  # "bf16": autocast the MAE forward of the real pretrain steps (hypergradients stay fp32)
@@ -169,7 +171,12 @@ class Pretrainer:
             "mask": _generator(device, rank_seed + 2),
         }
         self.inject_nan = parse_inject_nan(os.environ.get(INJECT_NAN_ENV))
-        self.optimizer = create_optimizer(config.optimizer, mae, lr=config.lr, weight_decay=config.weight_decay)
+        if callable(getattr(policy, "bind", None)):  # a policy built without the MAE's sizes learns them now
+            policy.bind(embed_dim=mae.embed_dim, num_patches=mae.num_patches)
+            policy.to(device)
+        # a policy with its own objective (e.g. hpm's loss predictor) trains with the MAE, in one optimizer
+        trained = nn.ModuleDict({"mae": mae, "policy": policy}) if self._policy_trains_on_aux(policy) else mae
+        self.optimizer = create_optimizer(config.optimizer, trained, lr=config.lr, weight_decay=config.weight_decay)
         schedule = warmup_cosine(config.steps, config.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.head: nn.Module | None = None
@@ -187,6 +194,16 @@ class Pretrainer:
             if self.engine is not None:
                 optimizers += [self.engine.head_optimizer, self.engine.masker_optimizer]
             self._hooks = [average_gradients_on_step(opt, dist) for opt in optimizers]
+
+    @staticmethod
+    def _policy_trains_on_aux(policy: nn.Module) -> bool:
+        """Whether the policy's parameters train on its own `aux_loss` beside the MAE (not by the MLO engine)."""
+        return bool(getattr(policy, "has_aux_loss", False)) and not getattr(policy, "learnable", False)
+
+    @property
+    def progress(self) -> float:
+        """How far the run has come, in [0, 1]: what the policy's schedules (guided_ramp) read."""
+        return min(1.0, self.step_count / max(self.config.steps, 1))
 
     def _check_config(self, policy: nn.Module) -> None:
         cfg, learned = self.config, getattr(policy, "learnable", False) and not self.config.freeze_masker
@@ -260,6 +277,7 @@ class Pretrainer:
                 masker_start=cfg.masker_start,
                 level2=cfg.level2,
                 amp=cfg.amp,
+                masker_reg=cfg.masker_reg,
             ),
             train_batches=lambda: self._labeled_batch("labeled"),
             val_batches=lambda: self._labeled_batch("val"),
@@ -286,7 +304,7 @@ class Pretrainer:
         self.mae.train()
         if self.engine is not None:
             snapshot = copy.deepcopy(self.engine.state_dict()) if cfg.skip_nonfinite else None
-            raw = self.engine.step(images)
+            raw = self.engine.step(images, progress=self.progress)
             metrics = {k: float(v) for k, v in raw.items() if k not in ("step", "lr_mae")}
             metrics["loss"] = metrics.pop("pretrain_loss")
             bad = self._nonfinite_metric(metrics) or self._nonfinite_weights()
@@ -296,15 +314,19 @@ class Pretrainer:
                 self.engine.load_state_dict(snapshot)  # undo the pretrain, head and masker steps
                 return self._skip(metrics)
         else:
-            context: dict[str, Any] = {"generator": self.generators["mask"]}
+            context: dict[str, Any] = {"generator": self.generators["mask"], "progress": self.progress}
             if cfg.mask_noise == "sample":
                 context["noise"] = self._sample_noise(images.shape[0])
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
                 out = mae_step_loss(self.mae, self.policy, images, ratio=cfg.mask_ratio, **context)
             loss = out.loss.float() if cfg.amp == "bf16" else out.loss
-            metrics = {"loss": loss.item()}
+            metrics = {"loss": loss.item(), **plan_diagnostics(self.policy, out.plan, out.per_patch)}
+            if out.aux_loss is not None and self._policy_trains_on_aux(self.policy):
+                metrics["policy_loss"] = float(out.aux_loss.detach())
+                loss = loss + out.aux_loss.float()
             self.optimizer.zero_grad(set_to_none=True)
-            bad = None if math.isfinite(metrics["loss"]) else "pretrain loss"
+            finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics.get("policy_loss", 0.0))
+            bad = None if finite else "pretrain loss"
             if not any_flag(bad is not None, self.dist):
                 loss.backward()
                 bad = self._nonfinite_grads()

@@ -17,19 +17,28 @@ from torch import Tensor, nn
 from maskkit.data import Batcher, denormalize
 from maskkit.mae import mae_forward, policy_context
 
-#: colour of hidden patches in the "hidden" column (RGB in [0, 1]).
+#: colour of hidden patches in the "hidden" column (RGB in [0, 1]): the uniformly random ones ...
 HIDDEN_RGB = (0.45, 0.45, 0.55)
+#: ... and those the policy chose by its own rule (`plan.guided`).
+GUIDED_RGB = (0.95, 0.55, 0.10)
 PAD = 4
 HEADER = 18
+FOOTER = 30  # room for the colour bar and the hidden-patch legend
 
 
 @dataclass
 class Panels:
-    """Pictures per column, each [B, H, W, 3] float in [0, 1], plus the mask [B, N] (1 = hidden)."""
+    """Pictures per column, each [B, H, W, 3] float in [0, 1], plus the mask [B, N] (1 = hidden).
+
+    guided: [B, N] bool, the hidden patches the policy chose by its rule, or None. heat: the heat
+    map's column name and the (low, high) values its colours span, or None.
+    """
 
     columns: dict[str, np.ndarray]
     mask: np.ndarray
     patch_size: int
+    guided: np.ndarray | None = None
+    heat: tuple[str, float, float] | None = None
 
 
 def _rgb(images: Tensor) -> np.ndarray:
@@ -69,9 +78,11 @@ def render_panels(
 ) -> Panels:
     """Mask `images` (normalised [B, C, H, W]) with `policy`, reconstruct with `mae`, return the columns.
 
-    Columns: image, hidden (hidden patches filled with HIDDEN_RGB), "masker p LO-HI" (only for a
-    policy with `probabilities`: colours stretched over the batch's range LO..HI), prediction (the decoder's output everywhere), prediction + visible
-    (MAE's reconstruction picture: predicted hidden patches, original visible ones).
+    Columns: image, hidden (random hidden patches filled with HIDDEN_RGB, those the policy chose by
+    its rule with GUIDED_RGB), a heat map of the policy's scores ("masker p" for a policy with
+    `probabilities`, else "scores" for a scored policy such as attention or hpm; colours stretched
+    over the batch's range, given by the colour bar), prediction (the decoder's output everywhere),
+    prediction + visible (MAE's reconstruction picture: predicted hidden patches, original visible ones).
     """
     was = (mae.training, policy.training)
     mae.eval()
@@ -93,31 +104,67 @@ def render_panels(
     original = _rgb(denormalize(images, mean, std))
     pixel_mask = _patch_map(mask, grid, patch).cpu().numpy()[..., None] > 0.5  # [B, H, W, 1]
     hidden = np.where(pixel_mask, np.array(HIDDEN_RGB), original)
+    guided = None if plan.guided is None else plan.guided.bool()  # [B, N]
+    if guided is not None:
+        pixel_guided = _patch_map(guided.float(), grid, patch).cpu().numpy()[..., None] > 0.5  # [B, H, W, 1]
+        hidden = np.where(pixel_guided, np.array(GUIDED_RGB), hidden)
     prediction = _rgb(denormalize(mae.unpatchify(pred), mean, std))
     pasted = np.where(pixel_mask, prediction, original)
     columns = {"image": original, "hidden": hidden}
+    heat = None
     if callable(getattr(policy, "probabilities", None)):
-        probs = policy.probabilities(tokens).float()  # [B, N]
-        lo, hi = probs.min().item(), probs.max().item()
-        stretched = (probs - lo) / max(hi - lo, 1e-6)  # colours span this batch's range, shown in the title
-        columns[f"masker p {lo:.2f}-{hi:.2f}"] = heat_colour(_patch_map(stretched, grid, patch).cpu().numpy())
+        values, name = policy.probabilities(tokens).float(), "masker p"  # [B, N]
+    elif plan.scores is not None and hasattr(policy, "selection_key"):  # a ScoredPolicy's own scores
+        values, name = plan.scores.detach().float(), "scores"
+    else:
+        values = None
+    if values is not None:
+        lo, hi = values.min().item(), values.max().item()
+        stretched = (values - lo) / max(hi - lo, 1e-6)  # colours span this batch's range: see the colour bar
+        columns[name] = heat_colour(_patch_map(stretched, grid, patch).cpu().numpy())
+        heat = (name, lo, hi)
     columns["prediction"] = prediction
     columns["prediction + visible"] = pasted
     mae.train(was[0])
     policy.train(was[1])
-    return Panels(columns, mask.cpu().numpy(), patch)
+    return Panels(columns, mask.cpu().numpy(), patch, None if guided is None else guided.cpu().numpy(), heat)
+
+
+def _has_legend(panels: Panels) -> bool:
+    """Whether the grid gets a footer: a heat map's colour bar, or a mask with guided hidden patches."""
+    return panels.heat is not None or (panels.guided is not None and bool(panels.guided.any()))
+
+
+def _draw_legend(draw: ImageDraw.ImageDraw, panels: Panels, names: list[str], tw: int, top: int) -> None:
+    """Under the heat map, a colour bar from its low to its high value; under the mask, the two shades."""
+    if panels.heat is not None:
+        name, lo, hi = panels.heat
+        x0 = PAD + names.index(name) * (tw + PAD)
+        for i in range(tw):
+            colour = tuple(int(round(255 * c)) for c in heat_colour(np.array(i / max(tw - 1, 1))))
+            draw.line([(x0 + i, top), (x0 + i, top + 8)], fill=colour)
+        draw.text((x0, top + 10), f"{lo:.3g}", fill=(0, 0, 0))
+        label = f"{hi:.3g}"
+        draw.text((x0 + tw - 6 * len(label), top + 10), label, fill=(0, 0, 0))
+    if panels.guided is not None and panels.guided.any():
+        x0 = PAD + names.index("hidden") * (tw + PAD)
+        for row, (rgb, text) in enumerate(((GUIDED_RGB, "guided"), (HIDDEN_RGB, "random"))):
+            y = top + row * 13
+            draw.rectangle([x0, y, x0 + 9, y + 9], fill=tuple(int(round(255 * c)) for c in rgb))
+            draw.text((x0 + 13, y - 1), text, fill=(0, 0, 0))
 
 
 def compose_grid(panels: Panels, tile: int = 96) -> Image.Image:
     """Lay the panels out as rows (images) x columns, titles on top; upscale by an integer factor
-    so each picture is about `tile` pixels wide (at least 1x)."""
+    so each picture is about `tile` pixels wide (at least 1x). A footer holds the heat map's colour
+    bar and the legend of guided and random hidden patches, when the panels have them."""
     first = next(iter(panels.columns.values()))
     rows, h, w = first.shape[:3]
     scale = max(1, tile // max(h, w))
     th, tw = h * scale, w * scale
     names = list(panels.columns)
     width = PAD + len(names) * (tw + PAD)
-    height = HEADER + PAD + rows * (th + PAD)
+    height = HEADER + PAD + rows * (th + PAD) + (FOOTER if _has_legend(panels) else 0)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for c, name in enumerate(names):
@@ -127,6 +174,8 @@ def compose_grid(panels: Panels, tile: int = 96) -> Image.Image:
             pic = (np.clip(panels.columns[name][r], 0, 1) * 255).round().astype(np.uint8)
             tile_img = Image.fromarray(pic, "RGB").resize((tw, th), Image.NEAREST)
             canvas.paste(tile_img, (x0, HEADER + PAD + r * (th + PAD)))
+    if _has_legend(panels):
+        _draw_legend(draw, panels, names, tw, HEADER + PAD + rows * (th + PAD))
     return canvas
 
 

@@ -135,3 +135,15 @@ def test_rejects_foreign_models(images):
         HFMAE(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="ViTMAEForPreTraining"):
         hf_loss(torch.nn.Linear(2, 2), images, create_policy("random"))
+
+
+def test_hpm_objective_through_hf_loss_and_wrap(model, images):
+    hpm = create_policy("hpm", embed_dim=D)
+    out = hf_loss(model, images, hpm, generator=torch.Generator().manual_seed(0))
+    assert out.aux_loss is not None and torch.equal(out.aux_loss, hpm.aux_loss(out.plan, out.per_patch))
+    out.total_loss.backward()
+    assert all(p.grad is not None for p in hpm.parameters())
+    from maskkit.mae import mae_step_loss
+
+    wrapped = mae_step_loss(wrap(model), hpm, images, generator=torch.Generator().manual_seed(0))
+    assert wrapped.aux_loss is not None and torch.isfinite(wrapped.total_loss)

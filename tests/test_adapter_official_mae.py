@@ -219,6 +219,35 @@ def test_use_policy_passes_call_ratio_and_context(model, images):
     handle.remove()
 
 
+def test_use_policy_hpm_drop_in_trains_its_scorer_with_the_users_optimizer(images):
+    model, reference = make_model(), make_model()
+    hpm = create_policy("hpm")  # built without sizes: use_policy binds them from the model
+    handle = use_policy(model, hpm)
+    assert hpm.scorer.embed_dim == D and any(name.startswith("maskkit_policy.") for name in model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # built after use_policy: holds the scorer
+    assert {id(p) for p in hpm.parameters()} <= {id(p) for g in optimizer.param_groups for p in g["params"]}
+    noise = torch.rand(B, N, generator=torch.Generator().manual_seed(1))
+    handle.set_progress(1.0)
+    loss, pred, mask = model(images, mask_ratio=0.75, noise=noise)
+    plan = handle.plan
+    assert (plan.guided.sum(1) == 6).all()  # half of the 12 hidden at the end of the ramp
+    own = reference.forward_loss(images, pred, mask)  # the model's own loss for the same prediction
+    aux = hpm.aux_loss(plan, ((pred - reference.patchify(images)) ** 2).mean(-1))
+    torch.testing.assert_close(loss, own + aux, rtol=1e-6, atol=0)
+    before = [p.detach().clone() for p in hpm.parameters()]
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, hpm.parameters(), strict=True))
+    handle.set_progress(0.0)  # start of the ramp: the random policy's plan for the same noise
+    _, _, mask = model(images, mask_ratio=0.75, noise=noise)
+    assert torch.equal(mask, MaskPlan.from_scores(noise, 0.75).mask) and not handle.plan.guided.any()
+    with pytest.raises(ValueError, match="progress"):
+        handle.set_progress(1.5)
+    handle.remove()
+    assert not any(name.startswith("maskkit_policy.") for name in model.state_dict())
+
+
 def test_use_policy_attention_hides_most_attended(model, images):
     attention = torch.rand(B, N, generator=torch.Generator().manual_seed(2))
     hidden = N - num_visible(N, 0.75)
@@ -233,9 +262,17 @@ def test_use_policy_attention_hides_most_attended(model, images):
     assert torch.equal(mask, torch.zeros(B, N).scatter(1, own.topk(hidden, dim=1).indices, 1.0))
 
 
-def test_use_policy_learned_weights_loss_and_reaches_masker(model, images):
-    masker = create_policy("learned", embed_dim=D, num_patches=N)
+def test_use_policy_refuses_a_trainable_learned_masker(model):
+    with pytest.raises(ValueError, match="MLOEngine"):
+        use_policy(model, create_policy("learned", embed_dim=D, num_patches=N))
+    assert policy_of(model) is None and "forward" not in model.__dict__
+
+
+def test_use_policy_applies_a_frozen_learned_masker_and_saves_it(model, images):
+    masker = create_policy("learned", embed_dim=D, num_patches=N).requires_grad_(False)
+    keys = set(model.state_dict())
     handle = use_policy(model, masker)
+    assert set(model.state_dict()) == keys | {f"maskkit_policy.{k}" for k in masker.state_dict()}
     loss, pred, mask = model(images, mask_ratio=0.75)
     plan = handle.plan
     target = model.patchify(images)
@@ -243,11 +280,10 @@ def test_use_policy_learned_weights_loss_and_reaches_masker(model, images):
     expected = (per_patch * mask * plan.weights).sum() / mask.sum()
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
     loss.backward()
-    grads = [p.grad for p in masker.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert any(g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in masker.parameters())  # applied as it is
     assert model.decoder_pred.weight.grad is not None
     handle.remove()
+    assert set(model.state_dict()) == keys  # detached again
 
 
 def test_learned_through_wrap_reaches_masker(model, images):
@@ -283,7 +319,7 @@ def test_use_policy_is_undone_cleanly(images):
 
 
 def test_deepcopy_of_patched_model_masks_itself(model, images):
-    handle = use_policy(model, create_policy("learned", embed_dim=D, num_patches=N))
+    handle = use_policy(model, create_policy("hpm"))  # a policy with parameters of its own
     twin = copy.deepcopy(model)
     assert policy_of(twin) is not handle and policy_of(twin).policy is not handle.policy
     with torch.no_grad():
@@ -293,7 +329,8 @@ def test_deepcopy_of_patched_model_masks_itself(model, images):
     assert not torch.equal(loss, twin_loss)
     twin_loss.backward()
     assert twin.decoder_pred.bias.grad is not None and model.decoder_pred.bias.grad is None
-    assert all(p.grad is None for p in handle.policy.parameters())  # the copy's masker got them
+    assert all(p.grad is None for p in handle.policy.parameters())  # the copy's scorer got them
+    assert all(p.grad is not None for p in policy_of(twin).policy.parameters())
     assert restore_masking(twin) and policy_of(model) is handle
     handle.remove()
 

@@ -227,3 +227,15 @@ def test_bad_input_errors():
     m = small_mae()
     with pytest.raises(ValueError, match=r"images must have shape \[B, 3, 32, 32\]"):
         m.patch_tokens(torch.randn(2, 1, 32, 32))
+
+
+def test_hpm_objective_through_the_timm_adapter():
+    m = small_mae(img=16)
+    hpm = maskkit.create_policy("hpm", embed_dim=m.embed_dim, num_patches=m.num_patches)
+    imgs = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = m(imgs, policy=hpm, generator=torch.Generator().manual_seed(0), progress=1.0)
+    assert (out.plan.guided.sum(1) == 6).all()  # half of the 12 hidden
+    torch.testing.assert_close(out.total_loss, out.loss + hpm.aux_loss(out.plan, out.per_patch))
+    out.total_loss.backward()
+    assert all(p.grad is not None for p in hpm.parameters())
+    assert m.encoder.patch_embed.proj.weight.grad is not None

@@ -17,6 +17,7 @@ ROWS = {
     "random_policy": "mae_random_masking",
     "attention_policy": "random_policy",
     "mae_step": None,
+    "hpm_step": "mae_step",
     "mlo_darts": "mae_step",
     "mlo_darts_direct": "mae_step",
     "mlo_unroll_k1": "mae_step",

@@ -241,6 +241,46 @@ def test_attention_options_pass_through(tmp_path):
     assert config["policy"]["options"] == {"mode": "hint", "hint_ratio": 0.25}
 
 
+def test_hpm_pretrains_resumes_and_pictures_its_guided_patches(tmp_path):
+    full, crashed = tmp_path / "hpm", tmp_path / "crashed"
+    args = ["--policy", "hpm", "--hpm-hidden-dim", "16", *FAST]
+    ok("pretrain", "--out", full, *args)
+    records = metrics(full)
+    assert all({"hpm_rank_corr", "mask_iou", "mask_pos_entropy", "logit_spread", "policy_loss"} <= set(r)
+               for r in records)
+    weights = load_checkpoint(full / "model.pt")
+    assert weights["policy"]["scorer.net.0.weight"].shape[0] == 16 and "head" not in weights
+    start = load_checkpoint(sorted((full / "checkpoints").glob("*.pt"))[0])["policy"]
+    assert not all(torch.equal(start[k], weights["policy"][k]) for k in start)  # the scorer trained
+    ok("pretrain", "--out", crashed, *args)
+    for name in ("checkpoints/checkpoint-0000006.pt", "checkpoints/checkpoint-0000006.pt.sha256", "model.pt"):
+        (crashed / name).unlink()
+    ok("pretrain", "--resume", crashed, "--no-progress")
+    assert metrics(crashed) == records
+    ok("visualize", full, "-o", tmp_path / "hpm.png", "--num-images", "2")
+    assert Image.open(tmp_path / "hpm.png").size[0] == 4 + 5 * (96 + 4)  # five columns: the scores' heat map
+
+
+def test_guided_fraction_passes_through_and_masker_reg_reaches_the_engine(tmp_path):
+    run = tmp_path / "att"
+    ok("pretrain", "--policy", "attention", "--attention-guided-fraction", "0.5", "--attention-guided-ramp", "1",
+       "--out", run, *FAST)
+    config = json.loads((run / "config.json").read_text())
+    assert config["policy"]["options"] == {"guided_fraction": 0.5, "guided_ramp": 1.0}
+    reg = tmp_path / "reg"
+    ok("pretrain", "--out", reg, "--learned-hidden-dim", "16", "--learned-guided-fraction", "0.5",
+       "--learned-selection", "gumbel", "--masker-reg", "0.5", *FAST)
+    assert json.loads((reg / "config.json").read_text())["train"]["masker_reg"] == 0.5
+    assert all(r["masker_prior_kl"] > 0 for r in metrics(reg))
+    fails("--masker-reg must be a non-negative number", "pretrain", "--out", tmp_path / "bad", "--masker-reg", "-1",
+          *FAST)
+    fails("--masker-reg only apply to a learnable policy", "pretrain", "--out", tmp_path / "bad", "--policy", "hpm",
+          "--masker-reg", "0.1", *FAST)
+    fails("guided_fraction must be a number in [0, 1]", "pretrain", "--out", tmp_path / "bad", "--policy", "hpm",
+          "--hpm-guided-fraction", "2", *FAST)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_policy_option_spellings_and_types():
     from maskkit.cli.app import CommandError, parse_policy_options
 

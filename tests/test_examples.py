@@ -30,6 +30,12 @@ def test_official_mae_drop_in_trains_with_a_policy():
     assert final and float(final.group(1)) == round(losses[-1], 6)
 
 
+def test_official_mae_drop_in_trains_hpm_with_the_loops_own_optimizer():
+    out = run_example("official_mae_drop_in.py", "--policy", "hpm", "--epochs", "1", "--num_samples", "128")
+    final = re.search(r"final loss: (\S+) \(policy hpm\)", out)
+    assert final and math.isfinite(float(final.group(1)))
+
+
 def test_official_mae_drop_in_header_diff_has_at_most_five_changed_lines():
     text = (EXAMPLES / "official_mae_drop_in.py").read_text()
     header = text.split('"""')[1]

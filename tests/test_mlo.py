@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from maskkit.adapters.timm import create_mae
-from maskkit.mlo import MASKER_STEP_KEYS, STEP_KEYS, MLOConfig, MLOEngine, default_optimizers
+from maskkit.mlo import DIAGNOSTIC_KEYS, MASKER_STEP_KEYS, STEP_KEYS, MLOConfig, MLOEngine, default_optimizers
 from maskkit.registry import create_policy
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
@@ -86,7 +86,7 @@ def test_step_keys_floats_and_schedule():
         due = engine.masker_due()
         stats = engine.step(regions_batch(8, g)[0])
         assert due == ((s + 1) % 3 == 0)
-        expected = set(STEP_KEYS) | (set(MASKER_STEP_KEYS) if due else set())
+        expected = set(STEP_KEYS) | set(DIAGNOSTIC_KEYS) | (set(MASKER_STEP_KEYS) if due else set())
         assert set(stats) == expected
         assert all(type(v) is float and math.isfinite(v) for v in stats.values())
         assert stats["step"] == s and stats["masker_updated"] == float(due)
@@ -343,3 +343,119 @@ def test_ridge_level2_moves_the_masker_and_leaves_the_head():
         MLOConfig(level2="ridge", hypergrad="unroll")
     with pytest.raises(ValueError, match="ridge must be a positive"):
         MLOConfig(ridge=0)
+
+
+# ---- anti-collapse penalty, level-3 extra terms, progress ----------------------------------------
+
+
+def test_prior_kl_and_its_gradient_against_finite_differences():
+    from maskkit.mlo import prior_kl
+
+    p = torch.tensor([[0.75, 0.2, 0.9]], dtype=torch.float64)
+    expected = sum(q * math.log(q / 0.75) + (1 - q) * math.log((1 - q) / 0.25) for q in p[0].tolist()) / 3
+    assert float(prior_kl(p, 0.75)) == pytest.approx(expected, rel=1e-12)
+    assert float(prior_kl(torch.full((2, 5), 0.75, dtype=torch.float64), 0.75)) == 0.0
+    torch.manual_seed(0)
+    masker = create_policy("learned", embed_dim=6, hidden_dim=8, pos_dim=4).double()
+    torch.nn.init.normal_(masker.net[-1].weight, std=0.5)
+    tokens = torch.randn(3, 16, 6, dtype=torch.float64)
+
+    def penalty() -> torch.Tensor:
+        return prior_kl(masker.probabilities(tokens), 0.75)
+
+    grads = torch.autograd.grad(penalty(), list(masker.parameters()))
+    direction = [torch.randn_like(p) for p in masker.parameters()]
+    eps = 1e-6
+    with torch.no_grad():
+        for p, d in zip(masker.parameters(), direction, strict=True):
+            p.add_(d, alpha=eps)
+        up = float(penalty())
+        for p, d in zip(masker.parameters(), direction, strict=True):
+            p.add_(d, alpha=-2 * eps)
+        down = float(penalty())
+    fd = (up - down) / (2 * eps)
+    analytic = sum(float((g * d).sum()) for g, d in zip(grads, direction, strict=True))
+    assert analytic == pytest.approx(fd, rel=1e-6)
+
+
+def _masker_grads(engine, steps, g):
+    """The gradients the engine hands to the masker optimizer at each masker step."""
+    seen = []
+    original = engine._masker_update
+
+    def spy(grads):
+        seen.append([x.detach().clone() for x in grads])
+        return original(grads)
+
+    engine._masker_update = spy
+    for _ in range(steps):
+        engine.step(regions_batch(8, g)[0])
+    return seen
+
+
+@pytest.mark.parametrize("hypergrad", ["darts", "unroll"])
+def test_masker_reg_adds_exactly_its_gradient_at_the_masker_step(hypergrad):
+    from maskkit.mlo import prior_kl
+
+    weight = 0.3
+    plain, g1 = make_engine(seed=4, config=MLOConfig(hypergrad=hypergrad))
+    reg, g2 = make_engine(seed=4, config=MLOConfig(hypergrad=hypergrad, masker_reg=weight))
+    # iteration 2 is the first masker step (masker_every 2); its pretrain batch is the second draw
+    replay = torch.Generator().manual_seed(4)
+    regions_batch(8, replay)
+    batch = regions_batch(8, replay)[0]
+    masker_copy = create_policy("learned", embed_dim=32, num_patches=16, hidden_dim=32)
+    masker_copy.load_state_dict(reg.masker.state_dict())  # the masker does not move before that step
+    a = _masker_grads(plain, 2, g1)
+    first = reg.step(regions_batch(8, g2)[0])
+    tokens = reg.mae.patch_tokens(batch).detach()  # the MAE after its first step makes the tokens
+    expected_extra = torch.autograd.grad(weight * prior_kl(masker_copy.probabilities(tokens), 0.75),
+                                         list(masker_copy.parameters()))
+    b = _masker_grads(reg, 1, g2)
+    assert "masker_prior_kl" not in first
+    assert len(a) == len(b) == 1
+    for x, y, e in zip(a[0], b[0], expected_extra, strict=True):
+        torch.testing.assert_close(y - x, e, rtol=1e-4, atol=1e-7)
+
+
+def test_masker_reg_zero_is_bit_identical_and_checked():
+    a, g1 = make_engine(seed=5)
+    b, g2 = make_engine(seed=5, config=MLOConfig(masker_reg=0.0))
+    for _ in range(4):
+        sa, sb = a.step(regions_batch(8, g1)[0]), b.step(regions_batch(8, g2)[0])
+        assert sa == sb or all(math.isnan(sa[k]) and math.isnan(sb[k]) or sa[k] == sb[k] for k in sa)
+    for p, q in zip(a.masker.parameters(), b.masker.parameters(), strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="masker_reg"):
+        MLOConfig(masker_reg=-1.0)
+    with pytest.raises(ValueError, match="total_steps"):
+        MLOConfig(total_steps=0)
+
+
+def test_masker_reg_keeps_probabilities_near_the_ratio():
+    stats = {}
+    for weight in (0.0, 5.0):
+        engine, g = make_engine(seed=6, lrs=(1e-3, 1e-2, 3e-2), config=MLOConfig(masker_reg=weight))
+        for _ in range(40):
+            out = engine.step(regions_batch(16, g)[0])
+        stats[weight] = out["mask_prob_std"], abs(out["mask_prob_mean"] - 0.75)
+    assert stats[5.0][1] < stats[0.0][1]  # pulled toward the ratio
+
+
+def test_engine_passes_progress_to_the_masker():
+    seen = []
+
+    class Recording(type(create_policy("learned"))):
+        def forward(self, tokens, **context):
+            seen.append(context.get("progress"))
+            return super().forward(tokens, **context)
+
+    engine, g = make_engine(seed=7, config=MLOConfig(total_steps=8))
+    recording = Recording(embed_dim=32, num_patches=16, hidden_dim=32)
+    recording.load_state_dict(engine.masker.state_dict())
+    engine.masker = recording
+    engine.masker_optimizer = torch.optim.AdamW(recording.parameters(), lr=1e-3)
+    for _ in range(3):
+        engine.step(regions_batch(8, g)[0])
+    engine.step(regions_batch(8, g)[0], progress=0.9)
+    assert seen == [0.0, 1 / 8, 2 / 8, 0.9]

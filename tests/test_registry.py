@@ -115,7 +115,7 @@ def test_options_of_builtins_have_documented_defaults():
     learned = {o.name: o.default for o in policy_options("learned")}
     assert learned["arch"] == "token" and learned["selection"] == "topk" and learned["embed_dim"] == 192
     attention = {o.name: o.default for o in policy_options("attention")}
-    assert attention == {"ratio": 0.75, "mode": "high", "hint_ratio": 0.1}
+    assert attention == {"ratio": 0.75, "mode": "high", "hint_ratio": 0.1, "guided_fraction": 1.0, "guided_ramp": 0.0}
 
 
 PLUGIN = '''

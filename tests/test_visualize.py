@@ -46,7 +46,7 @@ def test_learned_policy_adds_a_heat_map(setup):
     mae, batcher = setup
     masker = create_policy("learned", embed_dim=32, num_patches=16)
     panels = render_panels(mae, masker, batcher.images(np.arange(2)), batcher.mean, batcher.std, ratio=0.5)
-    heat = [k for k in panels.columns if k.startswith("masker p")]
+    heat = [k for k in panels.columns if k == "masker p"]
     assert len(heat) == 1 and panels.columns[heat[0]].shape == (2, 8, 8, 3)
     # the hidden patches are the masker's most probable ones
     probs = masker.probabilities(mae.patch_tokens(batcher.images(np.arange(2)))).detach().numpy()
@@ -76,3 +76,25 @@ def test_png_grid_size_and_content(setup):
     grey = np.round(np.array(HIDDEN_RGB) * 255)
     assert (tile[hidden_px] == grey).all()  # masked regions show the hidden colour ...
     assert (np.abs(tile[~hidden_px] - grey).sum(axis=1) > 0).mean() > 0.9  # ... visible ones the image
+
+
+def test_guided_and_random_hidden_patches_in_two_shades_with_a_colour_bar(setup):
+    from maskkit.visualize import FOOTER, GUIDED_RGB
+
+    mae, batcher = setup
+    hpm = create_policy("hpm", embed_dim=32, num_patches=16, guided_fraction=0.5)
+    panels = render_panels(mae, hpm, batcher.images(np.arange(3)), batcher.mean, batcher.std, ratio=0.75,
+                           generator=torch.Generator().manual_seed(0))
+    assert "scores" in panels.columns and panels.heat[0] == "scores"
+    pix = lambda m: np.kron(m.reshape(3, 4, 4), np.ones((2, 2))).astype(bool)  # noqa: E731
+    guided_px, hidden_px = pix(panels.guided), pix(panels.mask > 0.5)
+    assert panels.guided.sum(axis=1).tolist() == [6, 6, 6]  # half of the 12 hidden
+    np.testing.assert_allclose(panels.columns["hidden"][guided_px], np.tile(GUIDED_RGB, (guided_px.sum(), 1)))
+    random_px = hidden_px & ~guided_px
+    np.testing.assert_allclose(panels.columns["hidden"][random_px], np.tile(HIDDEN_RGB, (random_px.sum(), 1)))
+    image = np.asarray(compose_grid(panels, tile=64)).astype(int)
+    assert image.shape[0] == 18 + 4 + 3 * (64 + 4) + FOOTER  # the footer holds the legend
+    left = tile_box(panels, 0, "scores", tile=64)[0]
+    bar = image[18 + 4 + 3 * 68, left : left + 64]  # the colour bar's first line runs low -> high
+    np.testing.assert_array_equal(bar[0], np.round(heat_colour(np.array(0.0)) * 255))
+    np.testing.assert_array_equal(bar[-1], np.round(heat_colour(np.array(1.0)) * 255))

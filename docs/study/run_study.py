@@ -1,9 +1,14 @@
-"""The MNIST-5k reproduction study of issue 7: every row is a `maskkit` command; resumable.
+"""The masking studies on MNIST-5k and photos8: every row is a `maskkit` command; resumable.
 
     python docs/study/run_study.py                  # run what is missing (2 workers, 1 thread each)
     python docs/study/run_study.py --dry-run        # print the commands only
     python docs/study/run_study.py --seeds 0 --workers 1
     python docs/study/run_study.py --steps 1632 --seeds 0 --split val --arms random gumbel-straight  # explore
+    python docs/study/run_study.py --data photos8 --steps 1632 --arms random hpm --finetune      # natural photos
+
+Issue 7's study: the default arms at 500 steps (and `--steps 1632`). Issue 12's study (guided
+fractions, `hpm`, `--masker-reg`): the GUIDED arms at `--steps 1632` on `--data mnist5k` and
+`--data photos8`; rows of photos8 are keyed `photos8:<arm>`.
 
 Each job pretrains one arm for one seed (`maskkit pretrain ... --out runs/study/<arm>-s<seed>`),
 then runs `maskkit evaluate` (linear probe; `--finetune` adds a short fine-tune) and appends one
@@ -31,7 +36,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "study" / "results.jsonl"
 RUNS = ROOT / "runs" / "study"
-DATA = "npz:" + str((ROOT / ".." / "shared" / "data" / "mnist5k.npz").resolve())
+SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
+#: data set -> (the `--dataset` value, the prefix of its result keys and run directories)
+DATASETS = {
+    "mnist5k": ("npz:" + str(SHARED_DATA / "mnist5k.npz"), ""),
+    "photos8": ("npz:" + str(SHARED_DATA / "photos8.npz"), "photos8:"),
+}
 
 STEPS = 500  # pretraining iterations of every arm (see docs/results.md for how this was chosen)
 BATCH = 64
@@ -84,6 +94,20 @@ EXPLORE: dict[str, list[str]] = {
     "random-ratio0.6": [*ARMS["random"], "--mask-ratio", "0.6"],
 }
 ARMS.update(EXPLORE)
+#: issue 12: the devices against collapse (guided fraction 0.5 ramped over the run, label-free hpm,
+#: the anti-collapse penalty), each arm at 1632 steps on both data sets.
+GUIDED_05 = ["--learned-guided-fraction", "0.5", "--learned-guided-ramp", "1"]
+GUIDED: dict[str, list[str]] = {
+    "hpm": ["--policy", "hpm"],  # its defaults: guided 0.5, ramp 1
+    "hpm-g1": ["--policy", "hpm", "--hpm-guided-fraction", "1.0"],
+    "attention-high-g05": ["--policy", "attention", "--attention-mode", "high", "--attention-guided-fraction", "0.5",
+                           "--attention-guided-ramp", "1"],
+    "mlo-gumbel-g05": [*GUMBEL, *GUIDED_05],
+    "mlo-gumbel-g05-reg0.1": [*GUMBEL, *GUIDED_05, "--masker-reg", "0.1"],
+    "mlo-gumbel-g05-reg1": [*GUMBEL, *GUIDED_05, "--masker-reg", "1.0"],
+    "frozen-gumbel-g05": ["--policy", "learned", "--freeze-masker", "--learned-selection", "gumbel", *GUIDED_05],
+}
+ARMS.update(GUIDED)
 #: `random-eqtime`: random masking for the wall time of STEPS steps of `learned-darts-topk`. Measured
 #: per-step cost on this machine (pilot preset, batch 64, 1 thread, idle machine, 40 steps each):
 #: random 3.99 s, darts top-k 13.02 s, a ratio of 3.26; a fixed count keeps the row independent of
@@ -131,8 +155,9 @@ def sh(cmd: list[str], dry: bool) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
 
 
-def pretrain(arm: str, seed: int, steps: int, dry: bool, name: str | None = None) -> Path:
-    out = RUNS / f"{name or arm}-s{seed}"
+def pretrain(arm: str, seed: int, steps: int, dry: bool, name: str | None = None, data: str = "mnist5k") -> Path:
+    dataset, prefix = DATASETS[data]
+    out = RUNS / f"{prefix.replace(':', '-')}{name or arm}-s{seed}"
     if (out / "summary.json").is_file() and (out / "model.pt").is_file():
         return out
     if (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("*.pt")):
@@ -146,7 +171,7 @@ def pretrain(arm: str, seed: int, steps: int, dry: bool, name: str | None = None
             "maskkit",
             "pretrain",
             "--dataset",
-            DATA,
+            dataset,
             *COMMON,
             "--steps",
             str(steps),
@@ -176,24 +201,47 @@ def metric(protocol: str, args: argparse.Namespace) -> str:
     return protocol if args.split == "test" else f"{protocol}_val"
 
 
-def job(arm: str, seed: int, args: argparse.Namespace) -> None:
-    steps = args.steps
-    label = arm if steps == STEPS else f"{arm}@{steps}"  # another budget: its own rows and run dirs
+def mask_stats(out: Path) -> dict:
+    """The shares of ink and of background patches the run's final policy hides, on 500 test images."""
+    cmd = [sys.executable, str(ROOT / "docs" / "study" / "mask_stats.py"), str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    return {k: row[k] for k in ("ink_hidden", "background_hidden", "logit_std_within_image") if k in row}
+
+
+#: the collapse diagnostics a row keeps from the run's last metrics line
+DIAGNOSTICS = ("mask_iou", "mask_pos_entropy", "logit_spread", "hpm_rank_corr", "masker_prior_kl")
+
+
+def arm_label(arm: str, steps: int) -> str:
+    """An arm's name in results and run directories: `<arm>@<steps>` at another budget than STEPS."""
     if arm == "random" and steps == EQTIME_STEPS:
-        label = "random-eqtime"  # the same runs
-    key = f"{label}/s{seed}" + ("@val" if args.split == "val" else "")
+        return "random-eqtime"  # random at 1632 steps is the equal-time row of issue 7: the same runs
+    return arm if steps == STEPS else f"{arm}@{steps}"
+
+
+def job(arm: str, seed: int, args: argparse.Namespace) -> None:
+    steps, data = args.steps, args.data
+    prefix = DATASETS[data][1]
+    label = arm_label(arm, steps)  # another budget: its own rows and run dirs
+    floor = arm in ("untrained", "raw-pixels")
+    if floor:
+        label = arm  # a floor does not depend on the budget: it is measured on the random run's model
+    key = f"{prefix}{label}/s{seed}" + ("@val" if args.split == "val" else "")
     previous = result(key)
     finetune = args.finetune and arm != "raw-pixels"  # the raw-pixel floor is a probe only
     if previous is not None and (not finetune or previous.get(metric("finetune", args)) is not None):
         return
     if args.split == "val" and arm in ("untrained", "raw-pixels", "random-eqtime"):
         raise ValueError(f"arm {arm} has no --split val row (use 'random' with --steps {EQTIME_STEPS})")
-    if steps != STEPS and arm in ("random-eqtime", "untrained", "raw-pixels"):
+    if steps != STEPS and arm == "random-eqtime":
         raise ValueError(f"arm {arm} exists only at the study's budget of {STEPS} steps")
     if arm == "random-eqtime":
         steps = EQTIME_STEPS
-    if arm in ("untrained", "raw-pixels"):  # on the random run's architecture and splits: wait for it
-        while not args.dry_run and result(f"random/s{seed}") is None:
+    random_label = arm_label("random", steps)
+    if floor:  # on the random run's architecture and splits: wait for it
+        while not args.dry_run and result(f"{prefix}{random_label}/s{seed}") is None:
             time.sleep(10)
     if previous is not None:  # finished earlier without a fine-tune: add it
         out = ROOT / previous["run"]
@@ -204,18 +252,18 @@ def job(arm: str, seed: int, args: argparse.Namespace) -> None:
             print(f"done {key} (fine-tune added): {entry}", flush=True)
         return
     if arm == "untrained":
-        out = pretrain("random", seed, STEPS, args.dry_run)
+        out = pretrain("random", seed, steps, args.dry_run, name=random_label, data=data)
         ev = evaluate(out, "linear", "random", args.dry_run)
         entry = {"linear": ev.get("top1")}
         if args.finetune:
             entry["finetune"] = evaluate(out, "finetune", "random", args.dry_run).get("top1")
     elif arm == "raw-pixels":
-        out = pretrain("random", seed, STEPS, args.dry_run)
+        out = pretrain("random", seed, steps, args.dry_run, name=random_label, data=data)
         cmd = [sys.executable, str(ROOT / "docs" / "study" / "raw_pixel_probe.py"), str(out)]
         sh(cmd, args.dry_run)
         entry = {} if args.dry_run else {"linear": json.loads((out / "raw_pixels.json").read_text())["top1"]}
     else:
-        out = pretrain(arm, seed, steps, args.dry_run, name=label)
+        out = pretrain(arm, seed, steps, args.dry_run, name=label, data=data)
         entry = {metric("linear", args): evaluate(out, "linear", "pretrained", args.dry_run, args.split).get("top1")}
         if args.finetune:
             entry[metric("finetune", args)] = evaluate(out, "finetune", "pretrained", args.dry_run, args.split).get("top1")
@@ -230,9 +278,13 @@ def job(arm: str, seed: int, args: argparse.Namespace) -> None:
                 mask_prob_mean=last.get("mask_prob_mean"),
                 mask_prob_std=last.get("mask_prob_std"),
                 val_acc=last.get("val_acc"),
+                **{k: last[k] for k in DIAGNOSTICS if k in last},
             )
+            if data == "mnist5k":  # what the final masks hide: ink or background (docs/study/mask_stats.py)
+                entry.update(mask_stats(out))
     if not args.dry_run:
-        record({"key": key, "arm": label, "seed": seed, "split": args.split, "run": str(out.relative_to(ROOT)), **entry})
+        record({"key": key, "arm": prefix + label, "seed": seed, "split": args.split,
+                "run": str(out.relative_to(ROOT)), **entry})
         print(f"done {key}: {entry}", flush=True)
 
 
@@ -242,12 +294,15 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=[*MAIN_ARMS, "random-eqtime", "untrained", "raw-pixels"],
-                        help=f"arms to run (default: the main ones); exploration arms: {', '.join(EXPLORE)}")
+                        help=f"arms to run (default: the main ones); exploration arms: {', '.join(EXPLORE)}; "
+                             f"issue 12's arms: {', '.join(GUIDED)}")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=STEPS, help="another budget: rows <arm>@<steps>")
     parser.add_argument("--finetune", action="store_true", help="also a fine-tune evaluation (slow)")
     parser.add_argument("--split", choices=["test", "val"], default="test",
                         help="score on test (the tables) or val (choosing settings: rows <key>@val)")
+    parser.add_argument("--data", choices=sorted(DATASETS), default="mnist5k",
+                        help="mnist5k (../shared/data/mnist5k.npz) or photos8 (natural photos; rows photos8:<arm>)")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]

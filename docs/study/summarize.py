@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "study" / "results.jsonl"
 DOC = ROOT / "docs" / "results.md"
 BEGIN, END = "<!-- study-table:begin -->", "<!-- study-table:end -->"
+GUIDED_BEGIN, GUIDED_END = "<!-- guided-study:begin -->", "<!-- guided-study:end -->"
 
 ORDER = [
     ("random", "random (MAE)"),
@@ -158,6 +159,116 @@ def render(
     return "\n".join(lines)
 
 
+#: issue 12's arms (the same on every data set): result label, table label
+GUIDED = [
+    ("random-eqtime", "random (MAE)"),
+    ("hpm@1632", "hpm: label-free, guided 0.5, ramp 1 (its defaults)"),
+    ("hpm-g1@1632", "hpm, guided 1.0 (no random part)"),
+    ("attention-high-g05@1632", "attention high, guided 0.5, ramp 1"),
+    ("mlo-gumbel-g05@1632", "MLO darts, gumbel, guided 0.5, ramp 1"),
+    ("mlo-gumbel-g05-reg0.1@1632", "MLO darts, gumbel, guided 0.5, ramp 1, `--masker-reg 0.1`"),
+    ("mlo-gumbel-g05-reg1@1632", "MLO darts, gumbel, guided 0.5, ramp 1, `--masker-reg 1`"),
+    ("frozen-gumbel-g05@1632", "control: that masker frozen at init (gumbel, guided 0.5, ramp 1)"),
+    ("untrained", "floor: untrained encoder"),
+    ("raw-pixels", "floor: raw pixels"),
+]
+#: the data sets of issue 12: result-key prefix, heading
+GUIDED_DATA = [("", "MNIST-5k"), ("photos8:", "photos8 (natural photos)")]
+
+
+def paired(table: dict[str, dict[int, dict]], arm: str, base: str, key: str) -> list[float]:
+    """Per-seed differences arm - base of `key`, over the seeds where both have it (in points)."""
+    a, b = table.get(arm, {}), table.get(base, {})
+    return [100 * (a[s][key] - b[s][key]) for s in sorted(set(a) & set(b))
+            if a[s].get(key) is not None and b[s].get(key) is not None]
+
+
+def diff_text(diffs: list[float]) -> str:
+    """mean ± sd of paired differences, with the seed count."""
+    if not diffs:
+        return "-"
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
+    return f"{statistics.fmean(diffs):+.1f} ± {sd:.1f} (n={len(diffs)})"
+
+
+def render_guided(table: dict[str, dict[int, dict]], prefix: str, base: str = "random-eqtime",
+                  order: list[tuple[str, str]] = GUIDED) -> str:
+    """Issue 12's table for one data set: scores, differences to random paired by seed, diagnostics."""
+    lines = [
+        "| arm | seeds | linear probe % | Δ linear vs random, paired | fine-tune % | Δ fine-tune vs random, paired | "
+        "mask IoU | position entropy | logit spread | hpm rank corr | ink hidden | background hidden | pretrain wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for arm, label in order:
+        runs = table.get(prefix + arm, {})
+        if not runs:
+            continue
+        seeds = sorted(runs)
+        row = [label, str(len(seeds)), mean_std(present(runs, seeds, "linear"), 100)]
+        floor = arm in ("untrained", "raw-pixels")
+        row.append("-" if arm == base or floor else diff_text(paired(table, prefix + arm, prefix + base, "linear")))
+        row.append(mean_std(present(runs, seeds, "finetune"), 100))
+        row.append("-" if arm == base or floor else diff_text(paired(table, prefix + arm, prefix + base, "finetune")))
+        for key, digits in (("mask_iou", 3), ("mask_pos_entropy", 3), ("logit_spread", 2), ("hpm_rank_corr", 2),
+                            ("ink_hidden", 2), ("background_hidden", 2)):
+            row.append(mean_std(present(runs, seeds, key), 1, digits))
+        row.append(mean_std([runs[s]["pretrain_seconds"] for s in seeds if runs[s].get("pretrain_seconds")], 1, 0))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def guided_verdicts(table: dict[str, dict[int, dict]], prefix: str) -> list[str]:
+    """Issue 12's criteria (a)-(c) on one data set, from the paired differences of the linear probe."""
+    learned = [arm for arm, _ in GUIDED if arm.startswith(("hpm", "mlo-", "attention-"))]
+    mlo = [arm for arm in learned if arm.startswith("mlo-")]
+    out = []
+
+    def stats(arm: str, base: str) -> tuple[float, float, int] | None:
+        d = paired(table, prefix + arm, prefix + base, "linear")
+        return (statistics.fmean(d), statistics.stdev(d), len(d)) if len(d) > 1 else None
+
+    wins = []
+    for arm in learned:
+        st = stats(arm, "random-eqtime")
+        if st is not None and st[0] >= 1.0 and st[0] - st[1] > 0:
+            wins.append(f"{arm} ({st[0]:+.1f} ± {st[1]:.1f})")
+    out.append("(a) a learned arm beats random by >= 1.0 point with mean - sd > 0: "
+               + (", ".join(wins) if wins else "none"))
+    best = max((a for a in mlo if table.get(prefix + a)), default=None,
+               key=lambda a: statistics.fmean(present(table[prefix + a], sorted(table[prefix + a]), "linear") or [0]))
+    if best is not None:
+        st = stats(best, "frozen-gumbel-g05@1632")
+        out.append(f"(b) best MLO arm {best} against its frozen control: "
+                   + ("-" if st is None else f"{st[0]:+.1f} ± {st[1]:.1f} (n={st[2]})"))
+        st = stats("hpm@1632", best)
+        out.append(f"(c) hpm against {best}: " + ("-" if st is None else f"{st[0]:+.1f} ± {st[1]:.1f} (n={st[2]})"))
+    return out
+
+
+def render_guided_all(table: dict[str, dict[int, dict]]) -> str:
+    parts = []
+    for prefix, heading in GUIDED_DATA:
+        if not any(key.startswith(prefix) and (prefix or ":" not in key) for key in table):
+            continue
+        parts.append(f"**{heading}, 1632 steps.** Paired differences: mean ± sd over seeds of (arm − random) "
+                     "in points.\n\n" + render_guided(table, prefix))
+        parts.append("\n".join(f"- {line}" for line in guided_verdicts(table, prefix)))
+    long_arms = [("random@4000", "random (MAE)")] + [
+        (arm.replace("@1632", "@4000"), label) for arm, label in GUIDED if arm.endswith("@1632")]
+    if any(table.get(arm) for arm, _ in long_arms):
+        parts.append("**MNIST-5k, 4000 steps.**\n\n"
+                     + render_guided(table, "", base="random@4000", order=long_arms))
+    return "\n\n".join(parts)
+
+
+def replace_between(doc: str, begin: str, end: str, text: str) -> str:
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{DOC} has no {begin} ... {end} markers")
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{text}\n{end}{tail}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--print", action="store_true")
@@ -173,16 +284,15 @@ def main() -> None:
         "\n\n**Exploration: what makes learned masks pay (1632 steps, scored on the validation split; "
         "chosen there, never on the test split).**\n\n" + render_explore(table)
     )
+    guided = render_guided_all(table)
     if args.print or not DOC.is_file():
-        print(text)
+        print(guided + "\n\n" + text)
         return
-    doc = DOC.read_text()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{DOC} has no {BEGIN} ... {END} markers")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    DOC.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
-    print(f"wrote the table into {DOC}")
+    doc = replace_between(DOC.read_text(), BEGIN, END, text)
+    if GUIDED_BEGIN in doc:
+        doc = replace_between(doc, GUIDED_BEGIN, GUIDED_END, guided)
+    DOC.write_text(doc)
+    print(f"wrote the tables into {DOC}")
 
 
 if __name__ == "__main__":

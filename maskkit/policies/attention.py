@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from maskkit.plan import MaskPlan, num_visible
-from maskkit.policies.base import MaskPolicy
+from maskkit.plan import num_visible
+from maskkit.policies.scored import ScoredPolicy, uniform_noise
 from maskkit.registry import register_policy
 
 MODES = ("high", "low", "hint")
@@ -25,7 +25,7 @@ def num_hints(num_patches: int, keep: int, hint_ratio: float) -> int:
 
 
 @register_policy("attention")
-class AttentionPolicy(MaskPolicy):
+class AttentionPolicy(ScoredPolicy):
     """Attention-guided masking (AttMask): hide the most (`high`) or least (`low`) attended patches.
 
     Scores come from `attention` [B, N] if given (CLS-to-patch attention averaged over heads),
@@ -44,10 +44,21 @@ class AttentionPolicy(MaskPolicy):
         mode: "high", "low" or "hint". Default "high" (AttMask-High).
         hint_ratio: fraction of the hidden patches revealed as hints in `hint` mode, in [0, 1).
             Default 0.1 (AttMask's hint setting).
+        guided_fraction: share of the hidden patches chosen by attention, in [0, 1]; the rest are
+            uniformly random (`ScoredPolicy`). Default 1.0 (AttMask: all of them).
+        guided_ramp: the guided share rises from 0 over this first fraction of training, in [0, 1].
+            Default 0.0 (no ramp).
     """
 
-    def __init__(self, ratio: float = 0.75, mode: str = "high", hint_ratio: float = 0.1) -> None:
-        super().__init__(ratio)
+    def __init__(
+        self,
+        ratio: float = 0.75,
+        mode: str = "high",
+        hint_ratio: float = 0.1,
+        guided_fraction: float = 1.0,
+        guided_ramp: float = 0.0,
+    ) -> None:
+        super().__init__(ratio, guided_fraction, guided_ramp)
         if mode not in MODES:
             raise ValueError(f"attention mode must be one of {MODES}, got {mode!r}")
         try:
@@ -59,26 +70,25 @@ class AttentionPolicy(MaskPolicy):
         self.mode = mode
         self.hint_ratio = hint
 
-    def forward(
+    def score(
         self,
         tokens: Tensor,
         *,
-        ratio: float | None = None,
         attention: Tensor | None = None,
         encoder: Any = None,
         images: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
         **context: Any,
-    ) -> MaskPlan:
+    ) -> Tensor:
+        """CLS attention [B, N] (`high`, `hint`) or its negative (`low`): the hidden-first ranking."""
         batch, n = self.token_grid(tokens)  # tokens: [B, N, D]
-        ratio = self.resolve_ratio(ratio, n)
         attn = self._scores(batch, n, attention, encoder, images)  # [B, N]
-        if self.mode == "high":
-            return MaskPlan.from_scores(attn, ratio)  # most attended sort last: hidden
-        if self.mode == "low":
-            return MaskPlan.from_scores(-attn, ratio)  # least attended sort last: hidden
-        return MaskPlan.from_scores(self._hint_scores(attn, ratio, generator, noise), ratio)
+        return -attn if self.mode == "low" else attn
+
+    def selection_key(self, scores: Tensor, *, ratio: float, noise: Tensor | None,
+                      generator: torch.Generator | None) -> Tensor:
+        if self.mode == "hint":
+            return self._hint_scores(scores, ratio, generator, noise)
+        return scores
 
     def _scores(
         self, batch: int, n: int, attention: Tensor | None, encoder: Any, images: Tensor | None
@@ -108,10 +118,7 @@ class AttentionPolicy(MaskPolicy):
         keep = num_visible(n, ratio)
         hidden = n - keep
         hints = num_hints(n, keep, self.hint_ratio)
-        if noise is None:
-            noise = torch.rand(batch, n, device=attn.device, generator=generator)  # [B, N]
-        elif tuple(noise.shape) != (batch, n):
-            raise ValueError(f"noise must have shape {(batch, n)}, got {tuple(noise.shape)}")
+        noise = uniform_noise(noise, batch, n, attn.device, generator)  # [B, N]
         order = torch.argsort(attn, dim=1, descending=True)  # [B, N] most attended first
         rank = torch.argsort(order, dim=1)  # [B, N] attention rank of each patch (0 = most)
         is_hidden = rank < hidden  # [B, N] AttMask-High set
@@ -128,4 +135,4 @@ class AttentionPolicy(MaskPolicy):
 
     def extra_repr(self) -> str:
         hint = f", hint_ratio={self.hint_ratio}" if self.mode == "hint" else ""
-        return f"ratio={self.ratio}, mode={self.mode!r}{hint}"
+        return f"ratio={self.ratio}, mode={self.mode!r}{hint}, {self.guided_repr()}"

@@ -16,7 +16,12 @@ class MaskPolicy(nn.Module):
     `ratio` is set per policy and may be overridden per call. Context keys a policy may read:
     `images` [B, C, H, W], `encoder` (an object with `cls_attention(images) -> [B, N]`),
     `attention` [B, N] (precomputed scores), `generator` (torch.Generator), `noise` [B, N]
-    (fixes the random draw, as Hugging Face's ViTMAE `noise=`). Unknown keys are ignored.
+    (fixes the random draw, as Hugging Face's ViTMAE `noise=`), `progress` (a float in [0, 1]:
+    how far training has come, for schedules such as `guided_ramp`). Unknown keys are ignored.
+
+    A policy with its own objective (e.g. a loss predictor) overrides `aux_loss`; every trainer
+    (`maskkit pretrain`, `MLOEngine`, `use_policy` on the official MAE) adds it to the loss and
+    steps the policy's parameters with it.
     """
 
     #: whether the policy has parameters trained by downstream feedback (the MLO engine).
@@ -39,6 +44,27 @@ class MaskPolicy(nn.Module):
 
     def forward(self, tokens: Tensor, *, ratio: float | None = None, **context: Any) -> MaskPlan:  # noqa: D102
         raise NotImplementedError
+
+    # ---- a policy's own objective -------------------------------------------------------------
+
+    def aux_loss(self, plan: MaskPlan, per_patch: Tensor) -> Tensor | None:
+        """The policy's own loss for the plan it made and the MAE's per-patch losses [B, N] (detached).
+
+        None (the default) means the policy has no objective of its own.
+        """
+        return None
+
+    @property
+    def has_aux_loss(self) -> bool:
+        """Whether this policy defines `aux_loss` (its parameters then train on it)."""
+        return type(self).aux_loss is not MaskPolicy.aux_loss
+
+    def diagnostics(self, plan: MaskPlan, per_patch: Tensor) -> dict[str, float]:
+        """Policy-specific numbers to log for a plan and its per-patch losses [B, N] (e.g. hpm_rank_corr)."""
+        return {}
+
+    def bind(self, *, embed_dim: int, num_patches: int) -> None:
+        """Learn the MAE's token width and patch count (`use_policy` calls it); a no-op by default."""
 
     def extra_repr(self) -> str:
         return f"ratio={self.ratio}"

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from maskkit.plan import MaskPlan
-from maskkit.policies.base import MaskPolicy
+from maskkit.policies.scored import ScoredPolicy, uniform_noise
 from maskkit.registry import register_policy
 
 ARCHS = ("token", "paper")
@@ -57,6 +57,24 @@ def position_code(
     return torch.cat([code(rows), code(cols)], dim=1).to(dtype)  # [N, dim]
 
 
+def token_mlp(embed_dim: int, pos_dim: int, hidden_dim: int) -> nn.Sequential:
+    """The per-token scorer: Linear(D + P, hidden) -> GELU -> Linear(hidden, 1), shared by all tokens."""
+    return nn.Sequential(
+        nn.Linear(embed_dim + pos_dim, hidden_dim),
+        nn.GELU(),
+        nn.Linear(hidden_dim, 1),  # [B, N, 1]
+    )
+
+
+def token_mlp_input(normed: Tensor, pos_dim: int) -> Tensor:
+    """Normalised tokens [B, N, D] with the grid's sin-cos position code appended: [B, N, D + P]."""
+    batch, n, _ = normed.shape
+    if not pos_dim:
+        return normed
+    pos = position_code(grid_side(n), pos_dim, dtype=normed.dtype, device=normed.device)  # [N, P]
+    return torch.cat([normed, pos.unsqueeze(0).expand(batch, -1, -1)], dim=-1)  # [B, N, D + P]
+
+
 def weights_from_probs(probs: Tensor, mask: Tensor, weighting: str = "prob") -> Tensor:
     """Per-patch loss weights [B, N] from masking probabilities [B, N] and the mask [B, N] (1 = hidden).
 
@@ -81,7 +99,7 @@ def gumbel_from_uniform(noise: Tensor) -> Tensor:
 
 
 @register_policy("learned")
-class LearnedMasker(MaskPolicy):
+class LearnedMasker(ScoredPolicy):
     """Learned masker (MLO-MAE): a network gives each patch a masking probability; the highest are hidden.
 
     Architectures:
@@ -122,7 +140,13 @@ class LearnedMasker(MaskPolicy):
         weighting: "prob", "normalized" or "straight" (above). Default "prob".
         detach_input: detach tokens before the masker. Default True.
         pos_dim: width of the sin-cos position code of the "token" arch (divisible by 4). Default 32.
+        guided_fraction: share of the hidden patches chosen by the masker's selection, in [0, 1];
+            the rest are uniformly random (`ScoredPolicy`). The loss weights still cover every
+            hidden patch, so the hypergradient flows as before. Default 1.0 (the paper).
+        guided_ramp: the guided share rises from 0 over this first fraction of training. Default 0.0.
     """
+
+    learned_scores = True
 
     learnable = True
 
@@ -138,8 +162,10 @@ class LearnedMasker(MaskPolicy):
         weighting: str = "prob",
         detach_input: bool = True,
         pos_dim: int = 32,
+        guided_fraction: float = 1.0,
+        guided_ramp: float = 0.0,
     ) -> None:
-        super().__init__(ratio)
+        super().__init__(ratio, guided_fraction, guided_ramp)
         if arch not in ARCHS:
             raise ValueError(f"learned masker arch must be one of {ARCHS}, got {arch!r}")
         if selection not in SELECTIONS:
@@ -179,11 +205,7 @@ class LearnedMasker(MaskPolicy):
             if num_patches is not None:
                 grid_side(num_patches)
             self.norm = nn.LayerNorm(embed_dim, elementwise_affine=False)
-            self.net = nn.Sequential(
-                nn.Linear(embed_dim + pos_dim, hidden_dim),
-                nn.GELU(),
-                nn.Linear(hidden_dim, 1),  # [B, N, 1] logits
-            )
+            self.net = token_mlp(embed_dim, pos_dim, hidden_dim)
         # start near p = 0.5 everywhere, with small variation so that ties break
         last = self.net[-1]
         nn.init.normal_(last.weight, std=0.01)
@@ -207,46 +229,36 @@ class LearnedMasker(MaskPolicy):
         x = x.to(dtype=weight.dtype)
         if self.arch == "paper":
             return self.net(x)  # [B, N]
-        x = self.norm(x)  # [B, N, D]
-        if self.pos_dim:
-            pos = position_code(grid_side(n), self.pos_dim, dtype=x.dtype, device=x.device)  # [N, P]
-            x = torch.cat([x, pos.unsqueeze(0).expand(batch, -1, -1)], dim=-1)  # [B, N, D + P]
-        return self.net(x).squeeze(-1)  # [B, N]
+        return self.net(token_mlp_input(self.norm(x), self.pos_dim)).squeeze(-1)  # [B, N]
 
     def probabilities(self, tokens: Tensor) -> Tensor:
         """Masking probability of each patch: [B, N, D] -> [B, N] in (0, 1)."""
         return torch.sigmoid(self.logits(tokens))
 
-    def forward(
-        self,
-        tokens: Tensor,
-        *,
-        ratio: float | None = None,
-        generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
-        **context: Any,
-    ) -> MaskPlan:
-        batch, n = self.token_grid(tokens)  # tokens: [B, N, D]
-        ratio = self.resolve_ratio(ratio, n)
-        logits = self.logits(tokens)  # [B, N]
-        probs = torch.sigmoid(logits)  # [B, N]
+    def score(self, tokens: Tensor, **context: Any) -> Tensor:
+        """The masking logits [B, N] (attached to the masker's graph)."""
+        return self.logits(tokens)
+
+    def selection_key(self, scores: Tensor, *, ratio: float, noise: Tensor | None,
+                      generator: torch.Generator | None) -> Tensor:
+        """topk: the logits; gumbel: logits / temperature + Gumbel noise (from `noise` or `generator`)."""
         if self.selection == "topk":
-            scores = logits.detach()  # highest probability sorts last: hidden
-        else:
-            if noise is None:
-                noise = torch.rand(batch, n, device=logits.device, generator=generator, dtype=logits.dtype)
-            elif tuple(noise.shape) != (batch, n):
-                raise ValueError(f"noise must have shape {(batch, n)}, got {tuple(noise.shape)}")
-            gumbel = gumbel_from_uniform(noise.to(logits))  # [B, N]
-            scores = logits.detach() / self.temperature + gumbel  # the top N - K are hidden
-        plan = MaskPlan.from_scores(scores, ratio)
-        return replace(plan, weights=weights_from_probs(probs, plan.mask, self.weighting), probs=probs)
+            return scores.detach()  # highest probability sorts last: hidden
+        batch, n = scores.shape
+        uniforms = uniform_noise(noise, batch, n, scores.device, generator, dtype=scores.dtype)  # [B, N]
+        return scores.detach() / self.temperature + gumbel_from_uniform(uniforms.to(scores))  # top N - K hidden
+
+    def finish(self, plan: MaskPlan, scores: Tensor) -> MaskPlan:
+        """Loss weights from the probabilities sigmoid(logits), over every hidden patch (guided or not)."""
+        probs = torch.sigmoid(scores)  # [B, N]
+        return replace(plan, weights=weights_from_probs(probs, plan.mask, self.weighting), probs=probs, scores=scores)
 
     def extra_repr(self) -> str:
         return (
             f"ratio={self.ratio}, arch={self.arch!r}, embed_dim={self.embed_dim}, "
             f"num_patches={self.num_patches}, hidden_dim={self.hidden_dim}, selection={self.selection!r}, "
-            f"temperature={self.temperature}, weighting={self.weighting!r}, detach_input={self.detach_input}"
+            f"temperature={self.temperature}, weighting={self.weighting!r}, detach_input={self.detach_input}, "
+            f"{self.guided_repr()}"
         )
 
 

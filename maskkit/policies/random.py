@@ -9,6 +9,7 @@ from torch import Tensor
 
 from maskkit.plan import MaskPlan
 from maskkit.policies.base import MaskPolicy
+from maskkit.policies.scored import uniform_noise
 from maskkit.registry import register_policy
 
 
@@ -34,8 +35,4 @@ class RandomPolicy(MaskPolicy):
     ) -> MaskPlan:
         batch, n = self.token_grid(tokens)  # tokens: [B, N, D]
         ratio = self.resolve_ratio(ratio, n)
-        if noise is None:
-            noise = torch.rand(batch, n, device=tokens.device, generator=generator)  # [B, N]
-        elif noise.shape != (batch, n):
-            raise ValueError(f"noise must have shape {(batch, n)}, got {tuple(noise.shape)}")
-        return MaskPlan.from_scores(noise, ratio)
+        return MaskPlan.from_scores(uniform_noise(noise, batch, n, tokens.device, generator), ratio)  # [B, N] noise
