@@ -459,3 +459,30 @@ def test_engine_passes_progress_to_the_masker():
         engine.step(regions_batch(8, g)[0])
     engine.step(regions_batch(8, g)[0], progress=0.9)
     assert seen == [0.0, 1 / 8, 2 / 8, 0.9]
+
+
+def test_a_maskers_own_aux_loss_joins_its_gradient_at_the_masker_step():
+    learned = type(create_policy("learned"))
+
+    class Penalised(learned):
+        def aux_loss(self, plan, per_patch):
+            return 0.2 * (plan.scores ** 2).mean()
+
+    plain, g1 = make_engine(seed=8)
+    own, g2 = make_engine(seed=8)
+    penalised = Penalised(embed_dim=32, num_patches=16, hidden_dim=32)
+    penalised.load_state_dict(own.masker.state_dict())
+    own.masker = penalised
+    own.masker_optimizer = torch.optim.AdamW(penalised.parameters(), lr=3e-3)
+    replay = torch.Generator().manual_seed(8)
+    regions_batch(8, replay)
+    batch = regions_batch(8, replay)[0]  # the pretrain batch of the first masker step
+    copy_ = create_policy("learned", embed_dim=32, num_patches=16, hidden_dim=32)
+    copy_.load_state_dict(penalised.state_dict())
+    a = _masker_grads(plain, 2, g1)
+    own.step(regions_batch(8, g2)[0])
+    tokens = own.mae.patch_tokens(batch).detach()
+    expected = torch.autograd.grad(0.2 * (copy_.logits(tokens) ** 2).mean(), list(copy_.parameters()))
+    b = _masker_grads(own, 1, g2)
+    for x, y, e in zip(a[0], b[0], expected, strict=True):
+        torch.testing.assert_close(y - x, e, rtol=1e-4, atol=1e-7)

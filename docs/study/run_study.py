@@ -98,6 +98,7 @@ ARMS.update(EXPLORE)
 #: the anti-collapse penalty), each arm at 1632 steps on both data sets.
 GUIDED_05 = ["--learned-guided-fraction", "0.5", "--learned-guided-ramp", "1"]
 GUIDED: dict[str, list[str]] = {
+    "random-rerun": ["--policy", "random"],  # random masking re-made beside the new arms (same machine, packages)
     "hpm": ["--policy", "hpm"],  # its defaults: guided 0.5, ramp 1
     "hpm-g1": ["--policy", "hpm", "--hpm-guided-fraction", "1.0"],
     "attention-high-g05": ["--policy", "attention", "--attention-mode", "high", "--attention-guided-fraction", "0.5",
@@ -239,7 +240,8 @@ def job(arm: str, seed: int, args: argparse.Namespace) -> None:
         raise ValueError(f"arm {arm} exists only at the study's budget of {STEPS} steps")
     if arm == "random-eqtime":
         steps = EQTIME_STEPS
-    random_label = arm_label("random", steps)
+    # the floors' model: the issue-7 random run at its budget, else issue 12's re-made random run
+    random_label = arm_label("random" if steps == STEPS else "random-rerun", steps)
     if floor:  # on the random run's architecture and splits: wait for it
         while not args.dry_run and result(f"{prefix}{random_label}/s{seed}") is None:
             time.sleep(10)

@@ -16,6 +16,8 @@ RESULTS = ROOT / "docs" / "study" / "results.jsonl"
 DOC = ROOT / "docs" / "results.md"
 BEGIN, END = "<!-- study-table:begin -->", "<!-- study-table:end -->"
 GUIDED_BEGIN, GUIDED_END = "<!-- guided-study:begin -->", "<!-- guided-study:end -->"
+COSTS_BEGIN, COSTS_END = "<!-- step-costs:begin -->", "<!-- step-costs:end -->"
+COSTS = ROOT / "docs" / "study" / "step_costs.json"
 
 ORDER = [
     ("random", "random (MAE)"),
@@ -161,7 +163,7 @@ def render(
 
 #: issue 12's arms (the same on every data set): result label, table label
 GUIDED = [
-    ("random-eqtime", "random (MAE)"),
+    ("random-rerun@1632", "random (MAE), re-made beside these arms"),
     ("hpm@1632", "hpm: label-free, guided 0.5, ramp 1 (its defaults)"),
     ("hpm-g1@1632", "hpm, guided 1.0 (no random part)"),
     ("attention-high-g05@1632", "attention high, guided 0.5, ramp 1"),
@@ -191,7 +193,7 @@ def diff_text(diffs: list[float]) -> str:
     return f"{statistics.fmean(diffs):+.1f} ± {sd:.1f} (n={len(diffs)})"
 
 
-def render_guided(table: dict[str, dict[int, dict]], prefix: str, base: str = "random-eqtime",
+def render_guided(table: dict[str, dict[int, dict]], prefix: str, base: str = "random-rerun@1632",
                   order: list[tuple[str, str]] = GUIDED) -> str:
     """Issue 12's table for one data set: scores, differences to random paired by seed, diagnostics."""
     lines = [
@@ -229,7 +231,7 @@ def guided_verdicts(table: dict[str, dict[int, dict]], prefix: str) -> list[str]
 
     wins = []
     for arm in learned:
-        st = stats(arm, "random-eqtime")
+        st = stats(arm, "random-rerun@1632")
         if st is not None and st[0] >= 1.0 and st[0] - st[1] > 0:
             wins.append(f"{arm} ({st[0]:+.1f} ± {st[1]:.1f})")
     out.append("(a) a learned arm beats random by >= 1.0 point with mean - sd > 0: "
@@ -245,20 +247,62 @@ def guided_verdicts(table: dict[str, dict[int, dict]], prefix: str) -> list[str]
     return out
 
 
+#: the --masker-reg choice on the validation split: result label (val rows), table label
+REG_CHOICE = [
+    ("mlo-gumbel-g05@1632@val", "no penalty"),
+    ("mlo-gumbel-g05-reg0.1@1632@val", "`--masker-reg 0.1`"),
+    ("mlo-gumbel-g05-reg1@1632@val", "`--masker-reg 1`"),
+]
+
+
+def render_choice(table: dict[str, dict[int, dict]], prefix: str) -> str:
+    """The validation-split linear probe of the MLO arms that differ only in --masker-reg."""
+    lines = ["| MLO darts, gumbel, guided 0.5, ramp 1 | seeds | linear probe % on **val** | per seed | "
+             "final prior KL | logit spread |", "| --- | --- | --- | --- | --- | --- |"]
+    for arm, label in REG_CHOICE:
+        runs = table.get(prefix + arm, {})
+        if not runs:
+            continue
+        seeds = sorted(runs)
+        per_seed = ", ".join(f"s{s}: {100 * runs[s]['linear_val']:.1f}" for s in seeds if runs[s].get("linear_val"))
+        lines.append(f"| {label} | {len(seeds)} | {mean_std(present(runs, seeds, 'linear_val'), 100)} | "
+                     f"{per_seed or '-'} | {mean_std(present(runs, seeds, 'masker_prior_kl'), 1, 4)} | "
+                     f"{mean_std(present(runs, seeds, 'logit_spread'), 1, 3)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def render_guided_all(table: dict[str, dict[int, dict]]) -> str:
     parts = []
     for prefix, heading in GUIDED_DATA:
         if not any(key.startswith(prefix) and (prefix or ":" not in key) for key in table):
             continue
+        choice = render_choice(table, prefix)
+        if choice:
+            parts.append(f"**{heading}: the `--masker-reg` weight, chosen on the validation split.**\n\n{choice}")
         parts.append(f"**{heading}, 1632 steps.** Paired differences: mean ± sd over seeds of (arm − random) "
                      "in points.\n\n" + render_guided(table, prefix))
         parts.append("\n".join(f"- {line}" for line in guided_verdicts(table, prefix)))
-    long_arms = [("random@4000", "random (MAE)")] + [
-        (arm.replace("@1632", "@4000"), label) for arm, label in GUIDED if arm.endswith("@1632")]
+    long_arms = [(arm.replace("@1632", "@4000"), label) for arm, label in GUIDED if arm.endswith("@1632")]
     if any(table.get(arm) for arm, _ in long_arms):
         parts.append("**MNIST-5k, 4000 steps.**\n\n"
-                     + render_guided(table, "", base="random@4000", order=long_arms))
+                     + render_guided(table, "", base="random-rerun@4000", order=long_arms))
     return "\n\n".join(parts)
+
+
+def render_step_costs() -> str:
+    """docs/study/step_costs.json as a table: seconds per step and the ratio to random, per data set."""
+    costs = json.loads(COSTS.read_text()) if COSTS.is_file() else {}
+    data_sets = sorted({key.split("/")[0] for key in costs})
+    arms = list(dict.fromkeys(key.split("/")[1] for key in costs))
+    lines = ["| arm | " + " | ".join(f"{d}: s/step | {d}: x random" for d in data_sets) + " |",
+             "| --- |" + " --- | --- |" * len(data_sets)]
+    for arm in arms:
+        cells = []
+        for d in data_sets:
+            c = costs.get(f"{d}/{arm}", {})
+            cells += [f"{c['seconds_per_step']:.3f}" if c else "-", f"{c['ratio_to_random']:.2f}" if c else "-"]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def replace_between(doc: str, begin: str, end: str, text: str) -> str:
@@ -291,6 +335,8 @@ def main() -> None:
     doc = replace_between(DOC.read_text(), BEGIN, END, text)
     if GUIDED_BEGIN in doc:
         doc = replace_between(doc, GUIDED_BEGIN, GUIDED_END, guided)
+    if COSTS_BEGIN in doc:
+        doc = replace_between(doc, COSTS_BEGIN, COSTS_END, render_step_costs())
     DOC.write_text(doc)
     print(f"wrote the tables into {DOC}")
 
