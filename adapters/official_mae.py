@@ -102,8 +102,14 @@ class OfficialMAE(nn.Module):
         return self.model.unpatchify(patches)
 
     def features(self, images: Tensor) -> Tensor:
-        """CLS embedding after the final norm with nothing masked: [B, C, H, W] -> [B, D]."""
-        return self._encoder(self._with_cls(self.patch_tokens(images)))[:, 0]
+        """CLS embedding after the final norm with nothing masked: [B, C, H, W] -> [B, D].
+
+        The last block computes only the CLS row when it is timm's Block (`cls_through_blocks`).
+        """
+        from maskkit.adapters.vit_attention import cls_through_blocks
+
+        x = self._with_cls(self.patch_tokens(images))  # [B, 1 + N, D]
+        return self.model.norm(cls_through_blocks(self.model.blocks, x))[:, 0]  # [B, D]
 
     def cls_attention(self, images: Tensor) -> Tensor:
         """CLS-to-patch attention of the last encoder block, mean over heads: [B, N]."""

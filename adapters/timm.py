@@ -25,7 +25,7 @@ from maskkit.mae import MAEOutput, mae_step_loss
 from maskkit.plan import MaskPlan
 from maskkit.policies.random import RandomPolicy
 
-from .vit_attention import check_timm_block, last_block_cls_attention
+from .vit_attention import check_timm_block, cls_through_blocks, last_block_cls_attention
 
 __all__ = [
     "MAEPreset",
@@ -249,8 +249,14 @@ class TimmMAE(nn.Module):
         return x.reshape(patches.shape[0], c, gh * p, gw * p)
 
     def features(self, images: Tensor) -> Tensor:
-        """CLS embedding after the final norm, nothing masked: [B, C, H, W] -> [B, D]."""
-        return self._trunk(self._with_cls(self.patch_tokens(images)))[:, 0]
+        """CLS embedding after the final norm, nothing masked: [B, C, H, W] -> [B, D].
+
+        The last block computes only the CLS row (`cls_through_blocks`): equal to the full forward's
+        CLS feature up to summation order, at about 1/(1 + N) of that block's query, projection and MLP.
+        """
+        enc = self.encoder
+        x = enc.norm_pre(enc.pos_drop(self._with_cls(self.patch_tokens(images))))  # [B, 1 + N, D]
+        return enc.norm(cls_through_blocks(enc.blocks, x))[:, 0]  # [B, D]
 
     def cls_attention(self, images: Tensor) -> Tensor:
         """CLS-to-patch attention of the last encoder block on the unmasked images, head-averaged: [B, N]."""

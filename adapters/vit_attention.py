@@ -6,12 +6,16 @@ timm's `Attention` never materialises the attention matrix when `fused_attn` is 
 softmax taken over every token (CLS included), then the CLS row restricted to the patch columns
 and averaged over heads, as AttMask does. Nothing in the block is modified or called in a way
 that changes its outputs; autograd follows the caller's mode (works under `torch.no_grad()`).
+
+`cls_through_blocks` gives the encoder's CLS row for the features (linear probe, MLO's level 2):
+the last block computes queries, attention output and MLP for the CLS row only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -73,3 +77,71 @@ def last_block_cls_attention(blocks: Iterable[nn.Module], x: Tensor) -> Tensor:
     for blk in blocks[:-1]:
         x = blk(x)
     return cls_attention(blocks[-1], x)
+
+
+# ---- the CLS row through the last block ----------------------------------------------------------
+
+
+def _stochastic(module: nn.Module) -> bool:
+    """Whether `module` draws random numbers in its current mode (a dropout or drop-path with p > 0)."""
+    if not module.training:
+        return False
+    for sub in module.modules():
+        p = getattr(sub, "p", None) if isinstance(sub, nn.Dropout) else getattr(sub, "drop_prob", None)
+        if p:
+            return True
+    return False
+
+
+def supports_cls_only(block: nn.Module) -> bool:
+    """Whether `cls_only_block` reproduces `block` exactly: a timm `Block` with timm's `Attention`
+    (forwards not overridden) that draws no random numbers in its current mode."""
+    from timm.models.vision_transformer import Attention, Block
+
+    attn = getattr(block, "attn", None)
+    return (
+        isinstance(block, Block)
+        and type(block).forward is Block.forward
+        and isinstance(attn, Attention)
+        and type(attn).forward is Attention.forward
+        and not _stochastic(block)
+    )
+
+
+def cls_only_block(block: nn.Module, x: Tensor) -> Tensor:
+    """The CLS row of a timm `Block`'s output, computing only what that row needs: x [B, T, D] -> [B, 1, D].
+
+    Keys and values come from every token; the query, the attention output, the projection and
+    the MLP from the CLS row alone (about 1/T of those costs). Equal to `block(x)[:, :1]` up to
+    floating-point summation order; the caller checks `supports_cls_only(block)` first.
+    """
+    attn = block.attn
+    batch, length, _ = x.shape
+    heads, head_dim, width = attn.num_heads, attn.head_dim, attn.attn_dim
+    h = block.norm1(x)  # [B, T, D]
+    weight, bias = attn.qkv.weight, attn.qkv.bias  # [3A, D], [3A]
+    q = F.linear(h[:, :1], weight[:width], None if bias is None else bias[:width])  # [B, 1, A]
+    kv = F.linear(h, weight[width:], None if bias is None else bias[width:])  # [B, T, 2A]
+    q = q.reshape(batch, 1, heads, head_dim).transpose(1, 2)  # [B, H, 1, hd]
+    k, v = kv.reshape(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, hd]
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if attn.fused_attn:
+        o = F.scaled_dot_product_attention(q, k, v)  # [B, H, 1, hd]
+    else:
+        o = (q * attn.scale @ k.transpose(-2, -1)).softmax(dim=-1) @ v  # [B, H, 1, hd]
+    o = attn.norm(o.transpose(1, 2).reshape(batch, 1, width))  # [B, 1, A]
+    if getattr(attn, "gate", None) is not None:
+        o = o * attn.gate(h[:, :1]).sigmoid()
+    cls = x[:, :1] + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(o))))  # [B, 1, D]
+    return cls + block.drop_path2(block.ls2(block.mlp(block.norm2(cls))))
+
+
+def cls_through_blocks(blocks: Iterable[nn.Module], x: Tensor) -> Tensor:
+    """x [B, 1 + N, D] through every block, returning only the CLS row [B, 1, D]: the last block runs
+    CLS-only (`cls_only_block`) when it is a plain timm Block, else whole."""
+    blocks = list(blocks)
+    for blk in blocks[:-1]:
+        x = blk(x)
+    if blocks and supports_cls_only(blocks[-1]):
+        return cls_only_block(blocks[-1], x)
+    return (blocks[-1](x) if blocks else x)[:, :1]
