@@ -113,22 +113,46 @@ def one_line_errors() -> Iterator[None]:
 
 @app.command("policies")
 def policies_command() -> None:
-    """List the registered masking policies (third-party ones included) and their options."""
-    from maskkit.registry import list_policies, load_plugins, policy_options, policy_summary
+    """List the registered masking policies (third-party ones included): paper, idea, what they learn from, options."""
+    from rich.text import Text
+
+    from maskkit.registry import list_policies, load_plugins, policy_card
 
     with one_line_errors():
         load_plugins()
+    cards = [policy_card(name) for name in list_policies()]
     table = Table(title="masking policies", show_lines=True)
-    table.add_column("policy", style="bold")
-    table.add_column("summary")
-    table.add_column("options (pass as --<policy>-<option> VALUE or --policy-opt option=VALUE)")
-    for name in list_policies():
-        opts = [o for o in policy_options(name) if o.name not in AUTO_POLICY_OPTIONS]
-        text = "\n".join(
-            f"--{name}-{o.name.replace('_', '-')} {o.annotation or 'value'} (default {o.default!r})" for o in opts
-        )
-        table.add_row(name, policy_summary(name), text or "-")
+    table.add_column("policy", style="bold", overflow="fold")
+    table.add_column("paper", overflow="fold")
+    table.add_column("learns from", overflow="fold")
+    table.add_column("idea", overflow="fold")
+    for card in cards:
+        table.add_row(card.name, Text(card.paper), card.learns, Text(card.idea))
     console.print(table)
+    options = Table(title="policy options: --<policy>-<option> VALUE, or --policy-opt option=VALUE")
+    options.add_column("option", overflow="fold")
+    options.add_column("default", overflow="fold")
+    options.add_column("allowed values", overflow="fold")
+    for card in cards:
+        shown = [o for o in card.options if o.name not in AUTO_POLICY_OPTIONS]
+        for i, opt in enumerate(shown):
+            flag = f"--{card.name.replace('_', '-')}-{opt.name.replace('_', '-')}"
+            # Text cells: allowed values such as "[0, 1]" are not rich markup
+            options.add_row(flag, Text(_cli_value(opt.default)), Text(opt.allowed), end_section=i == len(shown) - 1)
+    console.print(options)
+    console.print(
+        f"--mask-ratio sets every policy's ratio; {', '.join(AUTO_POLICY_OPTIONS[1:])} come from the model.",
+        highlight=False,
+    )
+
+
+def _cli_value(value: Any) -> str:
+    """A default as the command line spells it: none, true/false, or the value."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 #: policy constructor arguments the CLI fills itself (from --mask-ratio and the model).
@@ -679,30 +703,67 @@ def evaluate_command(
 
 @app.command("visualize")
 def visualize_command(
-    run_dir: Path = typer.Argument(..., help="A run directory written by maskkit pretrain."),
+    run_dir: Optional[Path] = typer.Argument(
+        None, help="A run directory written by maskkit pretrain (optional with --policies)."
+    ),
     output: Path = typer.Option(Path("masks.png"), "-o", "--output", help="PNG file to write."),
+    policies: Optional[str] = typer.Option(
+        None, "--policies", help="Gallery: 'all' or comma-separated policy names; one column of masks per policy."
+    ),
+    mask_ratio: Optional[float] = typer.Option(
+        None, help="Mask ratio (default: the run's; 0.75 for a gallery without RUN_DIR)."
+    ),
+    dataset: Optional[str] = typer.Option(None, help="Gallery without RUN_DIR: data set (default digits)."),
+    data_dir: Optional[str] = typer.Option(None, help="Gallery without RUN_DIR: folder of torchvision data sets."),
+    model: Optional[str] = typer.Option(None, help="Gallery without RUN_DIR: untrained MAE preset (default micro)."),
     num_images: int = typer.Option(8, help="Rows of the grid (test images)."),
     tile: int = typer.Option(96, help="Side of each picture in pixels (small images are upscaled)."),
-    seed: int = typer.Option(0, help="Seed of the image choice and of random masks."),
+    seed: int = typer.Option(0, help="Seed of the image choice, of random masks and of the gallery's untrained weights."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
 ) -> None:
-    """A PNG grid per test image: the image, its hidden patches, the masker's heat-map (learned), the reconstruction."""
+    """A PNG grid per test image: the image, its hidden patches, the masker's heat-map (learned), the reconstruction.
+
+    With --policies: a gallery of policies instead, the image then one column per policy, every
+    policy masking the same test images at the same ratio (on RUN_DIR's model and data if given,
+    else on an untrained MAE).
+    """
     with one_line_errors():
         from maskkit.cli import runs
-        from maskkit.visualize import mask_grid
+        from maskkit.plan import check_ratio
+        from maskkit.visualize import mask_grid, policy_gallery
 
         if num_images < 1 or tile < 8:
             raise CommandError("--num-images must be >= 1 and --tile >= 8")
         if output.suffix.lower() != ".png":
             raise CommandError(f"output {output} must end in .png")
-        spec = runs.RunSpec.read(run_dir)
-        run = runs.build_run(spec, runs.resolve_device(device))
-        runs.load_weights(run, run_dir)
+        if run_dir is None and policies is None:
+            raise CommandError("give RUN_DIR (a run's masks) or --policies all|NAME,... (a gallery of policies)")
+        if run_dir is not None and (dataset, data_dir, model) != (None, None, None):
+            raise CommandError("--dataset, --data-dir and --model are for a gallery without RUN_DIR")
+        names = None if policies is None else _policy_names(policies)
+        if mask_ratio is not None:
+            check_ratio(mask_ratio)
+        dev = runs.resolve_device(device)
+        if run_dir is not None:
+            spec = runs.RunSpec.read(run_dir)
+            run = runs.build_run(spec, dev)
+            runs.load_weights(run, run_dir)
+            mae, batcher, pool = run.mae, run.batcher, run.splits["test"]
+            ratio = spec.train["mask_ratio"] if mask_ratio is None else mask_ratio
+        else:
+            mae, batcher, pool = runs.untrained_setup(dataset or "digits", data_dir, model or "micro", seed, dev)
+            ratio = 0.75 if mask_ratio is None else mask_ratio
+        check_ratio(ratio, mae.num_patches)
         runs.check_writable(output.parent if str(output.parent) else Path("."))
-        image = mask_grid(
-            run.mae, run.policy, run.batcher, run.splits["test"],
-            ratio=spec.train["mask_ratio"], num_images=num_images, tile=tile, seed=seed,
-        )  # fmt: skip
+        notes: dict[str, str] = {}
+        if names is None:
+            image = mask_grid(
+                mae, run.policy, batcher, pool, ratio=ratio, num_images=num_images, tile=tile, seed=seed,
+            )  # fmt: skip
+        else:
+            image, notes = policy_gallery(
+                mae, batcher, pool, names, ratio=ratio, num_images=num_images, tile=tile, seed=seed
+            )
         from io import BytesIO
 
         from maskkit.checkpoint import atomic_write_bytes
@@ -710,7 +771,24 @@ def visualize_command(
         buffer = BytesIO()
         image.save(buffer, format="PNG")
         atomic_write_bytes(output, buffer.getvalue())
-        console.print(f"wrote {output} ({image.width}x{image.height})", highlight=False)
+        what = "" if names is None else f": {len(names) - len(notes)} of {len(names)} policies at ratio {ratio:g}"
+        console.print(f"wrote {output} ({image.width}x{image.height}){what}", highlight=False)
+        for name, note in notes.items():
+            console.print(f"{name}: not drawn ({note})", highlight=False, markup=False)
+
+
+def _policy_names(spec: str) -> list[str]:
+    """'all' -> every registered policy; 'a,b' -> those names (checked, duplicates dropped, order kept)."""
+    from maskkit.registry import get_policy_class, list_policies
+
+    if spec.strip() == "all":
+        return list_policies()
+    names = list(dict.fromkeys(n.strip() for n in spec.split(",") if n.strip()))
+    if not names:
+        raise CommandError(f"--policies expects 'all' or comma-separated policy names, got {spec!r}")
+    for name in names:
+        get_policy_class(name)  # unknown names: one line naming the registered ones
+    return names
 
 
 # ---- bench ------------------------------------------------------------------------------------
@@ -737,8 +815,9 @@ def bench_command(
 ) -> None:
     """Seconds per iteration and peak memory: masking policies vs MAE's random_masking, MLO vs a plain MAE step.
 
-    attention_policy includes the unmasked no-grad encoder pass that reads the attention; the JSON's
-    `params` holds the learned masker's parameter counts (paper vs token arch) at ViT-B sizes.
+    attention_policy includes the unmasked no-grad encoder pass that reads the attention; every other
+    policy that can be built from the sizes alone gets a <name>_policy row against random_policy; the
+    JSON's `params` holds the learned masker's parameter counts (paper vs token arch) at ViT-B sizes.
     """
     with one_line_errors():
         import torch

@@ -148,6 +148,19 @@ def build_run(spec: RunSpec, device: torch.device | None = None) -> Run:
     return Run(spec, data, splits, batcher, mae, policy.to(device), device)
 
 
+def untrained_setup(
+    dataset: str, data_dir: str | None, preset: str, seed: int, device: torch.device
+) -> tuple[nn.Module, Batcher, np.ndarray]:
+    """An untrained MAE of `preset` sized for `dataset` (patch size as pretrain chooses it), a batcher
+    normalised by the train split's statistics (no augmentation) and the test split's indices."""
+    data = load_dataset(dataset, data_dir, download=False)
+    splits = make_splits(data, seed)
+    mean, std = channel_stats(data, splits["train"])
+    patch = choose_patch_size(preset, data.image_size, None)
+    mae = create_mae(preset, img_size=tuple(data.image_size), patch_size=patch, in_chans=data.in_chans, seed=seed)
+    return mae.to(device), Batcher(data, mean, std, device), splits["test"]
+
+
 def build_mae(model: dict[str, Any]) -> nn.Module:
     """The MAE of a config's `model` section, freshly initialised from its seed."""
     return create_mae(

@@ -3,7 +3,8 @@
 Public API (see the README for a tour):
 - masks: `MaskPlan`, `check_ratio`, `num_visible`, `gather_tokens`
 - policies: `MaskPolicy`, `ScoredPolicy` (guided fraction), `RandomPolicy`, `AttentionPolicy`, `LearnedMasker`,
-  `HPMPolicy`, `BlockPolicy`, `register_policy`, `create_policy`, `list_policies`, `policy_options`
+  `HPMPolicy`, `BlockPolicy`, `register_policy`, `create_policy`, `list_policies`, `policy_options`,
+  `policy_card` (a `PolicyCard`: paper, idea, what it learns from, options with allowed values)
 - collapse diagnostics: `maskkit.diagnostics` (`plan_diagnostics`, `mask_iou`, `position_entropy`, `logit_spread`)
 - learning the masker: `MLOEngine`, `MLOConfig`, `default_optimizers`, `stratified_split`,
   `unroll`, `math_attention`, `UnrollError`
@@ -22,7 +23,14 @@ from maskkit.policies import (
     RandomPolicy,
     ScoredPolicy,
 )
-from maskkit.registry import create_policy, list_policies, policy_options, register_policy
+from maskkit.registry import (
+    PolicyCard,
+    create_policy,
+    list_policies,
+    policy_card,
+    policy_options,
+    register_policy,
+)
 from maskkit.splits import stratified_split
 from maskkit.unroll import UnrollError, math_attention, unroll
 
@@ -44,6 +52,7 @@ __all__ = [
     "MAEProtocol",
     "MaskPlan",
     "MaskPolicy",
+    "PolicyCard",
     "RandomPolicy",
     "ScoredPolicy",
     "check_ratio",
@@ -56,6 +65,7 @@ __all__ = [
     "masked_loss",
     "num_visible",
     "patch_loss",
+    "policy_card",
     "policy_options",
     "register_policy",
 ]

@@ -18,6 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from maskkit.policies import AttentionPolicy, RandomPolicy
+from maskkit.registry import create_sized_policy, list_policies
+
+#: policies with rows of their own in `bench_policy_overhead` (the others get `<name>_policy`).
+OWN_ROWS = ("random", "attention")
 
 
 def plain_random_masking(x: Tensor, mask_ratio: float, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -90,6 +94,30 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
     return peak / 2**20
 
 
+def sized_policies(
+    num_patches: int, dim: int, ratio: float, device: str = "cpu", seed: int = 0
+) -> dict[str, nn.Module]:
+    """Every registered policy but `OWN_ROWS` that can be built from sizes alone (`create_sized_policy`,
+    parameters seeded) and masks a [1, N, D] batch given only `noise`; those that cannot are left out."""
+    dev = torch.device(device)
+    probe = torch.zeros(1, num_patches, dim, device=dev)  # [1, N, D]
+    noise = torch.rand(1, num_patches, generator=torch.Generator().manual_seed(seed)).to(dev)  # [1, N]
+    policies = {}
+    for name in list_policies():
+        if name in OWN_ROWS:
+            continue
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(seed)
+                policy = create_sized_policy(name, ratio=ratio, embed_dim=dim, num_patches=num_patches)
+                policy = policy.to(dev) if isinstance(policy, nn.Module) else policy
+                policy(probe, noise=noise)
+        except (ValueError, TypeError):  # needs more than sizes (e.g. a ratio it does not allow)
+            continue
+        policies[name] = policy
+    return policies
+
+
 def bench_policy_overhead(
     batch: int = 256,
     num_patches: int = 196,
@@ -114,6 +142,10 @@ def bench_policy_overhead(
         row then also holds `select_seconds`, the policy given a precomputed attention tensor
         (its own cost, attention read excluded), and `select_ratio` against random_policy.
         Without `encoder` the row is the precomputed-attention cost only (`includes_encoder`).
+      <name>_policy, for every other registered policy that `sized_policies` can build from these
+        sizes (e.g. simmim, uniform, colornoise, adamae, hpm, block, learned; `uniform` only at ratio
+        0.75 on an even square grid): the policy given the same noise, plus `plan.gather(x)`, vs
+        random_policy. Policies with parameters run them (no grad).
     Every repeat runs each contender once, in turn (interleaved), after `warmup` rounds.
     """
     dev = torch.device(device)
@@ -123,6 +155,7 @@ def bench_policy_overhead(
     attention = torch.rand(batch, num_patches, generator=gen).softmax(dim=1).to(dev)  # [B, N]
     random_policy = RandomPolicy(ratio)
     attention_policy = AttentionPolicy(ratio, mode="high")
+    others = sized_policies(num_patches, dim, ratio, device, seed)
     images = None
     if encoder is not None:
         if (encoder.num_patches, encoder.embed_dim) != (num_patches, dim):
@@ -156,6 +189,15 @@ def bench_policy_overhead(
     ]
     if encoder is not None:
         contenders.append(("attention_select", attention_select, "random_policy"))
+
+    def masker(policy: Any) -> Callable[[], Any]:
+        def run() -> Any:
+            plan = policy(x, noise=noise)
+            return plan.gather(x), plan.mask, plan.ids_restore
+
+        return run
+
+    contenders += [(f"{name}_policy", masker(pol), "random_policy") for name, pol in others.items()]
     times: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
     with torch.no_grad():
         for round_ in range(warmup + repeats):
@@ -180,7 +222,7 @@ def bench_policy_overhead(
                     "ratio": None if baseline is None else medians[name] / medians[baseline],
                 }
             )
-        attention_row = rows[-1]
+        attention_row = next(row for row in rows if row["name"] == "attention_policy")
         attention_row["includes_encoder"] = encoder is not None
         if encoder is not None:
             attention_row["select_seconds"] = medians["attention_select"]

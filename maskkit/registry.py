@@ -7,6 +7,9 @@ the CLI included:
     class CenterPolicy(MaskPolicy): ...
 
     policy = create_policy("center", ratio=0.6)
+
+`policy_card(name)` describes a policy: its paper, idea, what it learns from and its options
+with defaults and allowed values (declared by built-ins as `card_info`, derived for others).
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import importlib
 import importlib.metadata
 import inspect
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, TypeVar
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}
 
@@ -30,6 +34,45 @@ class PolicyOption:
     name: str
     default: Any
     annotation: str
+
+
+#: what a policy's parameters learn from: no parameters, the MAE's own reconstruction loss
+#: (`aux_loss`), or downstream labels (a `learnable` policy, trained by the MLO engine).
+LEARNS = ("nothing", "reconstruction", "labels")
+
+
+@dataclass(frozen=True)
+class CardInfo:
+    """What a policy class declares for its `PolicyCard` (class attribute `card_info`); `allowed` maps
+    each option to its allowed values as text: "high | low | hint", "[0, 1]", "(0, 1)", "int >= 1 | None"."""
+
+    paper: str
+    idea: str
+    learns: str
+    allowed: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.learns not in LEARNS:
+            raise ValueError(f"learns must be one of {LEARNS}, got {self.learns!r}")
+
+
+class CardOption(NamedTuple):
+    """One option of a policy card: (name, default, allowed-values text)."""
+
+    name: str
+    default: Any
+    allowed: str
+
+
+@dataclass(frozen=True)
+class PolicyCard:
+    """A policy at a glance: short citation ("-" for none), one-line idea, what it learns from, options."""
+
+    name: str
+    paper: str
+    idea: str
+    learns: str  # one of LEARNS
+    options: tuple[CardOption, ...]
 
 
 def register_policy(name: str | F | None = None, *, overwrite: bool = False) -> Any:
@@ -80,6 +123,20 @@ def create_policy(name: str, **kwargs: Any) -> Any:
     return factory(**kwargs)
 
 
+def create_sized_policy(
+    name: str, *, embed_dim: int, num_patches: int, ratio: float | None = None, **options: Any
+) -> Any:
+    """`create_policy(name, **options)` given the MAE's sizes: `ratio` (if not None), `embed_dim` and
+    `num_patches` go to the constructor where it takes them, then to `bind` where it has one."""
+    accepted = {o.name for o in policy_options(name)}
+    sizes = {"ratio": ratio, "embed_dim": embed_dim, "num_patches": num_patches}
+    kwargs = {k: v for k, v in sizes.items() if k in accepted and v is not None and k not in options}
+    policy = create_policy(name, **kwargs, **options)
+    if callable(getattr(policy, "bind", None)):
+        policy.bind(embed_dim=embed_dim, num_patches=num_patches)
+    return policy
+
+
 def policy_options(name: str) -> list[PolicyOption]:
     """The keyword options a policy's constructor takes, with defaults (for help and the CLI)."""
     factory = get_policy_class(name)
@@ -93,6 +150,31 @@ def policy_options(name: str) -> list[PolicyOption]:
         )
         options.append(PolicyOption(param.name, default, "" if param.annotation is param.empty else annotation))
     return options
+
+
+def policy_card(name: str) -> PolicyCard:
+    """The policy's card: from its class's own `card_info`, else derived (first docstring line, paper "-",
+    learns from `learnable` / `aux_loss`, allowed values from the annotations)."""
+    factory = get_policy_class(name)
+    info = vars(factory).get("card_info") if isinstance(factory, type) else None  # not inherited
+    if not isinstance(info, CardInfo):
+        doc = inspect.cleandoc(factory.__doc__ or "")  # its own docstring: a class's is not inherited
+        info = CardInfo(paper="-", idea=doc.splitlines()[0] if doc else "", learns=_derived_learns(factory))
+    options = tuple(
+        CardOption(o.name, o.default, info.allowed.get(o.name) or o.annotation or "any") for o in policy_options(name)
+    )
+    return PolicyCard(name, info.paper, info.idea, info.learns, options)
+
+
+def _derived_learns(factory: Callable[..., Any]) -> str:
+    """'labels' for a `learnable` class, 'reconstruction' for one that overrides `aux_loss`, else 'nothing'."""
+    from maskkit.policies.base import MaskPolicy
+
+    if getattr(factory, "learnable", False):
+        return "labels"
+    if isinstance(factory, type) and issubclass(factory, MaskPolicy) and factory.aux_loss is not MaskPolicy.aux_loss:
+        return "reconstruction"
+    return "nothing"
 
 
 def policy_summary(name: str) -> str:

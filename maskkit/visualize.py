@@ -3,11 +3,14 @@
 
 `render_panels` computes the pictures as arrays (one per column); `compose_grid` lays them out
 with column titles, upscaling small images with nearest-neighbour so every pixel stays visible.
+`policy_gallery` draws many policies' masks side by side on the same images (`render_gallery`,
+`compose_gallery`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import textwrap
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,6 +19,7 @@ from torch import Tensor, nn
 
 from maskkit.data import Batcher, denormalize
 from maskkit.mae import mae_forward, policy_context
+from maskkit.registry import create_sized_policy
 
 #: colour of hidden patches in the "hidden" column (RGB in [0, 1]): the uniformly random ones ...
 HIDDEN_RGB = (0.45, 0.45, 0.55)
@@ -65,6 +69,18 @@ def _patch_map(values: Tensor, grid: tuple[int, int], patch: int) -> Tensor:
     return v.repeat_interleave(patch, dim=1).repeat_interleave(patch, dim=2)
 
 
+def _hidden_picture(
+    original: np.ndarray, mask: Tensor, guided: Tensor | None, grid: tuple[int, int], patch: int
+) -> np.ndarray:
+    """original [B, H, W, 3] with hidden patches (mask [B, N], 1 = hidden) in HIDDEN_RGB, guided ones in GUIDED_RGB."""
+    pixel_mask = _patch_map(mask.float(), grid, patch).cpu().numpy()[..., None] > 0.5  # [B, H, W, 1]
+    hidden = np.where(pixel_mask, np.array(HIDDEN_RGB), original)
+    if guided is not None:
+        pixel_guided = _patch_map(guided.float(), grid, patch).cpu().numpy()[..., None] > 0.5  # [B, H, W, 1]
+        hidden = np.where(pixel_guided, np.array(GUIDED_RGB), hidden)
+    return hidden
+
+
 @torch.no_grad()
 def render_panels(
     mae: nn.Module,
@@ -103,11 +119,8 @@ def render_panels(
 
     original = _rgb(denormalize(images, mean, std))
     pixel_mask = _patch_map(mask, grid, patch).cpu().numpy()[..., None] > 0.5  # [B, H, W, 1]
-    hidden = np.where(pixel_mask, np.array(HIDDEN_RGB), original)
     guided = None if plan.guided is None else plan.guided.bool()  # [B, N]
-    if guided is not None:
-        pixel_guided = _patch_map(guided.float(), grid, patch).cpu().numpy()[..., None] > 0.5  # [B, H, W, 1]
-        hidden = np.where(pixel_guided, np.array(GUIDED_RGB), hidden)
+    hidden = _hidden_picture(original, mask, guided, grid, patch)
     prediction = _rgb(denormalize(mae.unpatchify(pred), mean, std))
     pasted = np.where(pixel_mask, prediction, original)
     columns = {"image": original, "hidden": hidden}
@@ -209,3 +222,115 @@ def mask_grid(
         mae, policy, batcher.images(index), batcher.mean, batcher.std, ratio=ratio, generator=generator
     )
     return compose_grid(panels, tile)
+
+
+# ---- the policy gallery: many policies' masks on the same images ---------------------------------
+
+
+@dataclass
+class Gallery:
+    """Columns [B, H, W, 3] in [0, 1] ("image", then one per policy); per drawn policy its mask [B, N]
+    (1 = hidden) and guided patches [B, N] (or None); per policy that could not mask the images, a note."""
+
+    columns: dict[str, np.ndarray]
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    guided: dict[str, np.ndarray | None] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def render_gallery(
+    mae: nn.Module,
+    images: Tensor,
+    mean: list[float],
+    std: list[float],
+    names: list[str],
+    *,
+    ratio: float = 0.75,
+    seed: int = 0,
+) -> Gallery:
+    """Mask normalised `images` [B, C, H, W] with each policy in `names`, built at its defaults with `ratio`
+    and `mae`'s sizes (`create_sized_policy`, seeded), context `images` and `encoder` = `mae`, a generator
+    seeded by `seed`, full guided fraction. A policy that raises ValueError / TypeError (e.g. `uniform`
+    at a ratio other than 0.75 or on an odd grid) gets a note instead of a picture."""
+    was = mae.training
+    mae.eval()
+    tokens = mae.patch_tokens(images)  # [B, N, D]
+    patch = mae.patch_size
+    grid = (images.shape[-2] // patch, images.shape[-1] // patch)
+    original = _rgb(denormalize(images, mean, std))  # [B, H, W, 3]
+    gallery = Gallery(columns={"image": original})
+    try:
+        for name in names:
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    policy = create_sized_policy(
+                        name, ratio=ratio, embed_dim=mae.embed_dim, num_patches=mae.num_patches
+                    )
+                if isinstance(policy, nn.Module):
+                    policy = policy.to(images.device).eval()
+                generator = torch.Generator(device=images.device).manual_seed(seed)
+                plan = policy(tokens, ratio=ratio, **policy_context(mae, images, generator=generator))
+            except (ValueError, TypeError) as err:
+                gallery.notes[name] = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                gallery.columns[name] = np.ones_like(original)
+                continue
+            guided = None if plan.guided is None else plan.guided.bool()  # [B, N]
+            gallery.columns[name] = _hidden_picture(original, plan.mask, guided, grid, patch)
+            gallery.masks[name] = plan.mask.detach().cpu().numpy()
+            gallery.guided[name] = None if guided is None else guided.cpu().numpy()
+    finally:
+        mae.train(was)
+    return gallery
+
+
+def compose_gallery(gallery: Gallery, tile: int = 96) -> Image.Image:
+    """Lay the gallery out as `compose_grid` does, a policy's note written in its blank column, and a
+    footer for the two hidden shades when some policy chose patches by its scores (`plan.guided`)."""
+    panels = Panels(gallery.columns, np.zeros(0), 1)
+    grid = compose_grid(panels, tile)
+    has_guided = any(g is not None and g.any() for g in gallery.guided.values())
+    canvas = Image.new("RGB", (grid.width, grid.height + (FOOTER if has_guided else 0)), (255, 255, 255))
+    canvas.paste(grid, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    rows = next(iter(gallery.columns.values())).shape[0]
+    for name, note in gallery.notes.items():
+        left, top, right, _ = tile_box(panels, 0, name, tile)
+        bottom = tile_box(panels, rows - 1, name, tile)[3]
+        width = max((right - left - 4) // 6, 1)  # PIL's default font: about 6 px per character
+        lines = textwrap.wrap(f"not drawn: {note}", width)[: max((bottom - top - 4) // 11, 1)]
+        box = Image.new("RGB", (right - left, bottom - top), (255, 255, 255))  # clips the text to the column
+        box_draw = ImageDraw.Draw(box)
+        for i, line in enumerate(lines):
+            box_draw.text((2, 2 + 11 * i), line, fill=(120, 0, 0))
+        canvas.paste(box, (left, top))
+    if has_guided:
+        x0, y0 = tile_box(panels, 0, "image", tile)[0], grid.height
+        legend = ((GUIDED_RGB, "hidden: the top of the policy's scores"), (HIDDEN_RGB, "hidden: other"))
+        for row, (rgb, text) in enumerate(legend):
+            y = y0 + row * 13
+            draw.rectangle([x0, y, x0 + 9, y + 9], fill=tuple(int(round(255 * c)) for c in rgb))
+            draw.text((x0 + 13, y - 1), text, fill=(0, 0, 0))
+    return canvas
+
+
+def policy_gallery(
+    mae: nn.Module,
+    batcher: Batcher,
+    pool: np.ndarray,
+    names: list[str],
+    *,
+    ratio: float = 0.75,
+    num_images: int = 8,
+    tile: int = 96,
+    seed: int = 0,
+) -> tuple[Image.Image, dict[str, str]]:
+    """The images column and one column per policy in `names`, all masking the same `num_images` images
+    (drawn seeded from `pool`) at the same `ratio`; returns the picture and the notes of the policies
+    that could not mask them (a note in their column instead of a failed picture; at the defaults of
+    `maskkit visualize --policies all`, a 4x4 grid of 8x8 digits at ratio 0.75, every built-in draws)."""
+    rng = np.random.default_rng(seed)
+    index = np.sort(rng.choice(pool, size=min(num_images, len(pool)), replace=False))
+    gallery = render_gallery(mae, batcher.images(index), batcher.mean, batcher.std, names, ratio=ratio, seed=seed)
+    return compose_gallery(gallery, tile), dict(gallery.notes)

@@ -8,14 +8,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from maskkit.bench import bench_policy_overhead, count_parameters, masker_parameter_counts
+from maskkit.bench import bench_policy_overhead, count_parameters, masker_parameter_counts, sized_policies
 from maskkit.cli.app import app
-from maskkit.registry import create_policy
+from maskkit.registry import create_policy, list_policies
 
+#: a row per built-in policy: random and attention their own, the rest `<name>_policy` vs random_policy
+ZOO_ROWS = ("adamae", "block", "colornoise", "hpm", "learned", "simmim", "uniform")
 ROWS = {
     "mae_random_masking": None,
     "random_policy": "mae_random_masking",
     "attention_policy": "random_policy",
+    **{f"{name}_policy": "random_policy" for name in ZOO_ROWS},
     "mae_step": None,
     "hpm_step": "mae_step",
     "mlo_darts": "mae_step",
@@ -45,6 +48,16 @@ def test_bench_json_trivial(tmp_path):
     assert att["includes_encoder"] is True
     assert att["select_ratio"] == pytest.approx(att["select_seconds"] / rows["random_policy"]["seconds"])
     assert {p["num_patches"] for p in payload["params"]} == {256, 196}
+
+
+def test_every_policy_that_sizes_alone_can_build_gets_a_row():
+    assert set(list_policies()) - {"random", "attention"} == set(ZOO_ROWS)
+    assert list(sized_policies(16, 8, 0.75)) == list(ZOO_ROWS)  # sorted, as the rows
+    # uniform masks only at ratio 0.75 and on an even grid: left out otherwise, nothing else is
+    assert list(sized_policies(16, 8, 0.5)) == [n for n in ZOO_ROWS if n != "uniform"]
+    assert list(sized_policies(9, 8, 0.75)) == [n for n in ZOO_ROWS if n != "uniform"]
+    rows = bench_policy_overhead(batch=2, num_patches=9, dim=8, repeats=1, warmup=0)
+    assert [r["name"] for r in rows][3:] == [f"{n}_policy" for n in ZOO_ROWS if n != "uniform"]
 
 
 def test_masker_parameter_counts_match_built_maskers():

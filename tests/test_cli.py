@@ -73,6 +73,37 @@ def test_policies_table_lists_policies_and_options():
         assert text in out
 
 
+def test_policies_table_shows_each_card(monkeypatch):
+    from rich.console import Console
+
+    from maskkit import list_policies, policy_card
+    from maskkit.cli import app as app_module
+
+    monkeypatch.setattr(app_module, "console", Console(width=300))  # wide: no cell is wrapped
+    cards, options = {}, {}
+    for line in ok("policies").output.splitlines():
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        if len(cells) == 4 and line.startswith("│"):  # policy | paper | learns from | idea
+            cards[cells[0]] = cells[1:]
+        elif len(cells) == 3 and line.startswith("│"):  # option | default | allowed values
+            options[cells[0]] = cells[1:]
+    assert list(cards) == list_policies()
+    for name in list_policies():
+        card = policy_card(name)
+        assert cards[name] == [card.paper, card.learns, card.idea]
+    assert cards["hpm"][:2] == ["Wang et al., CVPR 2023", "reconstruction"]
+    assert cards["attention"][0] == "Kakogeorgiou et al., ECCV 2022" and cards["adamae"][1] == "reconstruction"
+    assert cards["learned"][1] == "labels" and cards["random"][1] == "nothing"
+    assert options["--attention-mode"] == ["high", "high | low | hint"]
+    assert options["--attention-hint-ratio"] == ["0.1", "[0, 1)"]
+    assert options["--colornoise-color"] == ["green", "green | red | blue | purple | white"]
+    assert options["--learned-hidden-dim"] == ["none", "int >= 1 | None"]
+    assert options["--uniform-secondary-in-loss"] == ["false", "bool"]
+    expected = {f"--{c.name}-{o.name.replace('_', '-')}" for c in map(policy_card, list_policies()) for o in c.options
+                if o.name not in ("ratio", "embed_dim", "num_patches")}  # fmt: skip
+    assert set(options) == expected  # the auto-filled ratio / embed_dim / num_patches stay hidden
+
+
 def test_pretrain_writes_a_complete_run(random_run):
     names = set(snapshot(random_run))
     assert {"config.json", "metrics.jsonl", "model.pt", "summary.json", "checkpoints/checkpoint-0000006.pt"} <= names
@@ -226,7 +257,9 @@ def test_bench_policy_rows(tmp_path):
     payload = json.loads(out.read_text())
     assert payload["device"] == "cpu" and payload["torch"] == torch.__version__
     rows = {r["name"]: r for r in payload["rows"]}
-    assert set(rows) == {"mae_random_masking", "random_policy", "attention_policy"}
+    zoo = ("adamae", "block", "colornoise", "hpm", "learned", "simmim", "uniform")
+    assert list(rows) == ["mae_random_masking", "random_policy", "attention_policy", *(f"{n}_policy" for n in zoo)]
+    assert all(rows[f"{n}_policy"]["baseline"] == "random_policy" for n in zoo)
     assert rows["random_policy"]["baseline"] == "mae_random_masking"
     assert rows["random_policy"]["ratio"] == pytest.approx(
         rows["random_policy"]["seconds"] / rows["mae_random_masking"]["seconds"])
@@ -350,6 +383,28 @@ def test_visualize_png_shows_masked_and_visible_patches(random_run, tmp_path):
     assert cells.sum() == 12  # 75% of 16 patches hidden, whole patches only
     image = png[22:22 + 64, 4:4 + 64]
     assert (image[~is_grey] == hidden[~is_grey]).all()  # visible patches equal the input picture
+
+
+def test_visualize_policy_gallery(random_run, tmp_path):
+    from maskkit import list_policies
+
+    out, names = tmp_path / "policies.png", list_policies()
+    result = ok("visualize", "--policies", "all", "-o", out, "--num-images", "2", "--tile", "32")
+    assert f"{len(names)} of {len(names)} policies at ratio 0.75" in result.output
+    assert Image.open(out).size[0] == 4 + (1 + len(names)) * (32 + 4)  # the image, then one column per policy
+    result = ok("visualize", "--policies", "random, uniform,random", "--mask-ratio", "0.5", "-o", out, "--tile", "32")
+    assert "1 of 2 policies at ratio 0.5" in result.output and "uniform: not drawn (uniform masking hides" in result.output
+    assert Image.open(out).size[0] == 4 + 3 * (32 + 4)
+    ok("visualize", random_run, "--policies", "attention,hpm", "-o", out, "--num-images", "2", "--tile", "32")
+    assert Image.open(out).size[0] == 4 + 3 * (32 + 4)  # on the run's trained MAE and test images
+    fails("give RUN_DIR (a run's masks) or --policies", "visualize", "-o", out)
+    fails("unknown policy 'nope'; registered: adamae, attention", "visualize", "--policies", "random,nope", "-o", out)
+    fails("--policies expects 'all' or comma-separated policy names", "visualize", "--policies", ",", "-o", out)
+    fails("--dataset, --data-dir and --model are for a gallery without RUN_DIR", "visualize", random_run,
+          "--policies", "all", "--model", "micro", "-o", out)
+    fails("--dataset, --data-dir and --model are for a gallery without RUN_DIR", "visualize", random_run,
+          "--dataset", "digits", "-o", out)
+    fails("mask ratio must lie in (0, 1)", "visualize", "--policies", "all", "--mask-ratio", "1.5", "-o", out)
 
 
 def test_module_entry_point():

@@ -35,6 +35,8 @@ def shuffle_of(plan: MaskPlan) -> torch.Tensor:
 @pytest.mark.parametrize("name", POLICIES)
 @pytest.mark.parametrize("n,ratio", [(16, 0.75), (64, 0.5), (64, 0.9)])
 def test_plan_invariants(name, n, ratio):
+    if name == "uniform" and ratio != 0.75:
+        pytest.skip("UM-MAE's uniform masking is defined at ratio 0.75 only (one visible per 2x2 block)")
     batch, dim = 3, 8
     tokens = torch.randn(batch, n, dim, generator=torch.Generator().manual_seed(0))
     plan = make_policy(name, dim, ratio=ratio)(tokens, **make_context(batch, n, seed=0))

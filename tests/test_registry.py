@@ -167,3 +167,137 @@ def test_a_missing_plugin_is_a_one_line_error(monkeypatch):
     assert result.exit_code == 1
     assert "cannot import policy plugin 'no_such_maskkit_plugin'" in result.output
     assert "Traceback" not in result.output
+
+
+# ---- policy cards -------------------------------------------------------------------------------
+
+BUILTINS = ("adamae", "attention", "block", "colornoise", "hpm", "learned", "random", "simmim", "uniform")
+CITATIONS = {
+    "random": "He et al., CVPR 2022", "attention": "Kakogeorgiou et al., ECCV 2022", "block": "Bao et al., ICLR 2022",
+    "learned": "Guo et al., TMLR 2025", "hpm": "Wang et al., CVPR 2023", "simmim": "Xie et al., CVPR 2022",
+    "uniform": "Li et al., arXiv 2022", "colornoise": "Hinojosa et al., ECCV 2024",
+    "adamae": "Bandara et al., CVPR 2023",
+}  # fmt: skip
+#: constructor arguments some choices need (SimMIM's "pixels" unit needs the model's patch size)
+CHOICE_EXTRAS = {"simmim": {"patch_size": 1}, "learned": {"num_patches": 16, "embed_dim": 8}}
+
+
+def _satisfies(allowed: str, value) -> bool | None:
+    """Whether `value` is one of the allowed values written as text; None where the text is not machine-readable."""
+    verdicts = []
+    for alt in (a.strip() for a in allowed.split(" | ")):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if alt == "None":
+            verdicts.append(value is None)
+        elif alt == "bool":
+            verdicts.append(isinstance(value, bool))
+        elif alt == "path":
+            verdicts.append(isinstance(value, str))
+        elif alt == "int >= 0, multiple of 4":
+            verdicts.append(isinstance(value, int) and number and value >= 0 and value % 4 == 0)
+        elif alt.startswith("int >= ") and alt[7:].isdigit():
+            verdicts.append(isinstance(value, int) and number and value >= int(alt[7:]))
+        elif alt[:2] in ("> ", ">=") and alt.lstrip(">= ").replace(".", "").isdigit():
+            bound = float(alt.lstrip(">= "))
+            verdicts.append(number and (value >= bound if alt.startswith(">=") else value > bound))
+        elif alt[0] in "[(" and alt[-1] in "])" and all(_is_number(v) for v in alt[1:-1].split(",")):
+            lo, hi = (float(v) for v in alt[1:-1].split(","))
+            verdicts.append(number and (lo <= value if alt[0] == "[" else lo < value)
+                            and (value <= hi if alt[-1] == "]" else value < hi))  # fmt: skip
+        elif alt.replace(".", "").isdigit():
+            verdicts.append(number and value == float(alt))
+        elif alt.isidentifier():
+            verdicts.append(value == alt)
+        else:
+            return None  # e.g. "int >= min_block_patches", "(rows, cols)"
+    return any(verdicts)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_builtin_cards_match_the_constructor(name):
+    card = registry.policy_card(name)
+    assert isinstance(card, registry.PolicyCard) and card.name == name
+    assert card.paper == CITATIONS[name] and card.idea and "\n" not in card.idea
+    declared = vars(get_policy_class(name))["card_info"]
+    signature = {o.name: o.default for o in policy_options(name)}
+    assert set(declared.allowed) == set(signature)  # every option declared, none stale
+    assert [(o.name, o.default) for o in card.options] == list(signature.items())
+    for option in card.options:
+        name_, default, allowed = option  # a (name, default, allowed) entry
+        assert allowed == declared.allowed[name_]
+        assert _satisfies(allowed, default) in (True, None), (name_, default, allowed)
+        words = [a.strip() for a in allowed.split("|")]
+        if isinstance(default, str) and all(w.isidentifier() for w in words):  # fixed choices: each one works
+            for choice in words:
+                create_policy(name, **{**CHOICE_EXTRAS.get(name, {}), name_: choice})
+            with pytest.raises(ValueError):
+                create_policy(name, **{**CHOICE_EXTRAS.get(name, {}), name_: "no_such_choice"})
+
+
+def test_learns_says_what_a_policy_learns_from():
+    learns = {name: registry.policy_card(name).learns for name in BUILTINS}
+    assert learns["learned"] == "labels"
+    assert learns["hpm"] == learns["adamae"] == "reconstruction"
+    assert {n for n, v in learns.items() if v == "nothing"} == {
+        "random", "attention", "block", "simmim", "uniform", "colornoise"}
+    # consistent with the classes: labels <=> learnable, reconstruction <=> an aux_loss of its own
+    for name, value in learns.items():
+        cls = get_policy_class(name)
+        assert (value == "labels") == bool(cls.learnable)
+        assert (value == "reconstruction") == (cls.aux_loss is not MaskPolicy.aux_loss)
+
+
+def test_third_party_policy_gets_a_derived_card(clean_registry):
+    @register_policy("derived_test")
+    class Derived(MaskPolicy):
+        """Hide the rightmost patches.
+
+        More text that is not part of the idea.
+        """
+
+        def __init__(self, ratio: float = 0.6, width: int | None = None, shape: str = "bar", scale=2) -> None:
+            super().__init__(ratio)
+
+    @register_policy("derived_aux")
+    class WithAux(MaskPolicy):
+        def aux_loss(self, plan, per_patch):
+            return per_patch.mean()
+
+    @register_policy("derived_learnable")
+    class Learnable(Derived):  # inherits no card: cards are read from the class itself
+        learnable = True
+
+    card = registry.policy_card("derived_test")
+    assert (card.paper, card.idea, card.learns) == ("-", "Hide the rightmost patches.", "nothing")
+    assert card.options == (("ratio", 0.6, "float"), ("width", None, "int | None"), ("shape", "bar", "str"),
+                            ("scale", 2, "any"))  # fmt: skip
+    assert registry.policy_card("derived_aux").learns == "reconstruction"
+    assert registry.policy_card("derived_aux").idea == ""
+    assert registry.policy_card("derived_learnable").learns == "labels"
+
+    @register_policy("derived_random")
+    class MyRandom(get_policy_class("random")):
+        """My own random masking."""
+
+    assert registry.policy_card("derived_random").paper == "-"  # not the parent's card
+    assert registry.policy_card("derived_random").options[0].allowed == "float"
+
+
+def test_card_info_rejects_an_unknown_learns():
+    with pytest.raises(ValueError, match="learns must be one of"):
+        registry.CardInfo(paper="-", idea="x", learns="gradients")
+    assert maskkit_policy_card_is_exported()
+
+
+def maskkit_policy_card_is_exported() -> bool:
+    import maskkit
+
+    return maskkit.policy_card is registry.policy_card and "policy_card" in maskkit.__all__

@@ -98,3 +98,73 @@ def test_guided_and_random_hidden_patches_in_two_shades_with_a_colour_bar(setup)
     bar = image[18 + 4 + 3 * 68, left : left + 64]  # the colour bar's first line runs low -> high
     np.testing.assert_array_equal(bar[0], np.round(heat_colour(np.array(0.0)) * 255))
     np.testing.assert_array_equal(bar[-1], np.round(heat_colour(np.array(1.0)) * 255))
+
+
+# ---- the policy gallery ---------------------------------------------------------------------------
+
+
+def _pixels(mask: np.ndarray, scale: int) -> np.ndarray:
+    """Per-patch values [B, 16] of a 4x4 grid -> per-pixel booleans [B, 4 * scale, 4 * scale]."""
+    return np.kron(mask.reshape(-1, 4, 4), np.ones((scale, scale))).astype(bool)
+
+
+def test_gallery_columns_are_each_policys_mask(setup):
+    from maskkit import list_policies
+    from maskkit.policies import RandomPolicy
+    from maskkit.visualize import GUIDED_RGB, render_gallery
+
+    mae, batcher = setup
+    images = batcher.images(np.arange(3))
+    names = list_policies()
+    gallery = render_gallery(mae, images, batcher.mean, batcher.std, names, ratio=0.75, seed=3)
+    assert list(gallery.columns) == ["image", *names] and gallery.notes == {}
+    original = gallery.columns["image"]
+    for name in names:
+        mask = gallery.masks[name]
+        assert mask.shape == (3, 16) and mask.sum(axis=1).tolist() == [12, 12, 12], name
+        hidden = _pixels(mask, 2)
+        guided = np.zeros_like(hidden) if gallery.guided[name] is None else _pixels(gallery.guided[name], 2)
+        column = gallery.columns[name]
+        np.testing.assert_allclose(column[~hidden], original[~hidden], atol=1e-6)  # visible: the image
+        np.testing.assert_allclose(column[hidden & ~guided], np.tile(HIDDEN_RGB, ((hidden & ~guided).sum(), 1)))
+        np.testing.assert_allclose(column[guided], np.tile(GUIDED_RGB, (guided.sum(), 1)))
+    # independent computations: random's draw from the seeded generator, attention's top-12 of the MAE's CLS attention
+    tokens = mae.patch_tokens(images)
+    expected = RandomPolicy(0.75)(tokens, generator=torch.Generator().manual_seed(3)).mask
+    np.testing.assert_array_equal(gallery.masks["random"], expected.numpy())
+    attention = mae.cls_attention(images).detach()
+    top = torch.zeros(3, 16).scatter(1, attention.topk(12, dim=1).indices, 1.0)
+    np.testing.assert_array_equal(gallery.masks["attention"], top.numpy())
+    # uniform keeps exactly one patch of every 2x2 block visible
+    blocks = gallery.masks["uniform"].reshape(3, 2, 2, 2, 2).transpose(0, 1, 3, 2, 4).reshape(3, 4, 4)
+    assert (blocks.sum(axis=-1) == 3).all()
+    assert not np.array_equal(gallery.masks["simmim"], gallery.masks["random"])
+
+
+def test_gallery_png_has_one_column_per_policy_and_notes_for_the_rest(setup):
+    from maskkit.visualize import FOOTER, Panels, policy_gallery, render_gallery
+
+    mae, batcher = setup
+    names = ["random", "uniform", "hpm"]
+    image, notes = policy_gallery(mae, batcher, np.arange(100, 200), names, ratio=0.5, num_images=2, tile=32, seed=1)
+    assert list(notes) == ["uniform"] and "ratio 0.75" in notes["uniform"]  # uniform cannot hide half
+    png = np.asarray(image.convert("RGB")).astype(int)
+    # 1 + 3 columns of 8x8 images upscaled x4 = 32 px; hpm's guided patches add the legend footer
+    assert png.shape == (18 + 4 + 2 * (32 + 4) + FOOTER, 4 + 4 * (32 + 4), 3)
+    index = np.sort(np.random.default_rng(1).choice(np.arange(100, 200), size=2, replace=False))
+    gallery = render_gallery(mae, batcher.images(index), batcher.mean, batcher.std, names, ratio=0.5, seed=1)
+    panels = Panels(gallery.columns, np.zeros(0), 2)
+    for row in range(2):
+        left, top, right, bottom = tile_box(panels, row, "image", tile=32)
+        plain = png[top:bottom, left:right]
+        for name in ("random", "hpm"):
+            left, top, right, bottom = tile_box(panels, row, name, tile=32)
+            tile = png[top:bottom, left:right]
+            hidden = _pixels(gallery.masks[name][row : row + 1], 8)[0]
+            assert gallery.masks[name][row].sum() == 8
+            assert (np.abs(tile - plain).sum(axis=-1) > 0)[hidden].all()  # differs wherever the mask hides
+            assert (tile[~hidden] == plain[~hidden]).all()  # and nowhere else
+        left, top, right, bottom = tile_box(panels, row, "uniform", tile=32)
+        note = png[top:bottom, left:right]
+        assert (note == 255).all(axis=-1).mean() > 0.5  # blank but for the note's text
+    assert ((png[22:22 + 32, 4 + 36:4 + 36 + 32] == 255).all(axis=-1)).mean() < 0.5  # drawn columns are not blank

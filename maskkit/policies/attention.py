@@ -14,7 +14,7 @@ from torch import Tensor
 
 from maskkit.plan import num_visible
 from maskkit.policies.scored import ScoredPolicy, uniform_noise
-from maskkit.registry import register_policy
+from maskkit.registry import CardInfo, register_policy
 
 MODES = ("high", "low", "hint")
 
@@ -49,6 +49,14 @@ class AttentionPolicy(ScoredPolicy):
         guided_ramp: the guided share rises from 0 over this first fraction of training, in [0, 1].
             Default 0.0 (no ramp).
     """
+
+    card_info = CardInfo(
+        paper="Kakogeorgiou et al., ECCV 2022",
+        idea="AttMask: hide the patches the encoder's CLS token attends to most (high), least (low), or most with hints",
+        learns="nothing",
+        allowed={"ratio": "(0, 1)", "mode": "high | low | hint", "hint_ratio": "[0, 1)",
+                 "guided_fraction": "[0, 1]", "guided_ramp": "[0, 1]"},
+    )
 
     def __init__(
         self,

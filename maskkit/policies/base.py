@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from maskkit.plan import MaskPlan, check_ratio
+from maskkit.registry import CardInfo
 
 
 class MaskPolicy(nn.Module):
@@ -26,6 +27,10 @@ class MaskPolicy(nn.Module):
 
     #: whether the policy has parameters trained by downstream feedback (the MLO engine).
     learnable: bool = False
+
+    #: paper, idea, what it learns from and allowed option values for `maskkit.policy_card`; read
+    #: from the class itself only (a subclass that declares none gets a card derived from it).
+    card_info: ClassVar[CardInfo | None] = None
 
     def __init__(self, ratio: float = 0.75) -> None:
         super().__init__()

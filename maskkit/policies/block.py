@@ -11,7 +11,7 @@ from torch import Tensor
 
 from maskkit.plan import MaskPlan, num_visible
 from maskkit.policies.base import MaskPolicy
-from maskkit.registry import register_policy
+from maskkit.registry import CardInfo, register_policy
 
 
 @register_policy("block")
@@ -35,6 +35,15 @@ class BlockPolicy(MaskPolicy):
         max_aspect: largest aspect ratio; None means 1 / min_aspect.
         grid_size: patch grid as (rows, cols) or one int for a square; None means sqrt(N) x sqrt(N).
     """
+
+    card_info = CardInfo(
+        paper="Bao et al., ICLR 2022",
+        idea="BEiT blockwise: hide random rectangles of patches",
+        learns="nothing",
+        allowed={"ratio": "(0, 1)", "min_block_patches": "int >= 1",
+                 "max_block_patches": "int >= min_block_patches | None", "min_aspect": "> 0",
+                 "max_aspect": ">= min_aspect | None", "grid_size": "int >= 1 | (rows, cols) | None"},
+    )
 
     def __init__(
         self,

@@ -20,7 +20,7 @@ from torch import Tensor
 from maskkit.plan import MaskPlan
 from maskkit.policies.scored import ScoredPolicy
 from maskkit.policies.token_scorer import TokenScorer
-from maskkit.registry import register_policy
+from maskkit.registry import CardInfo, register_policy
 
 LOSSES = ("rank", "mse")
 
@@ -84,6 +84,15 @@ class HPMPolicy(ScoredPolicy):
         loss: "rank" (HPM's relative loss) or "mse" (z-scored losses). Default "rank".
         loss_weight: weight of the scorer's loss added to the reconstruction loss. Default 1.0 (HPM).
     """
+
+    card_info = CardInfo(
+        paper="Wang et al., CVPR 2023",
+        idea="HPM: a scorer predicts each patch's reconstruction loss; hide the predicted-hardest, the rest random",
+        learns="reconstruction",
+        allowed={"ratio": "(0, 1)", "guided_fraction": "[0, 1]", "guided_ramp": "[0, 1]",
+                 "embed_dim": "int >= 1 | None", "num_patches": "int >= 1 | None", "hidden_dim": "int >= 1",
+                 "pos_dim": "int >= 0, multiple of 4", "loss": "rank | mse", "loss_weight": ">= 0"},
+    )
 
     learned_scores = True
 

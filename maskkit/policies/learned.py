@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from maskkit.plan import MaskPlan
 from maskkit.policies.scored import ScoredPolicy, uniform_noise
-from maskkit.registry import register_policy
+from maskkit.registry import CardInfo, register_policy
 
 ARCHS = ("token", "paper")
 SELECTIONS = ("topk", "gumbel")
@@ -145,6 +145,16 @@ class LearnedMasker(ScoredPolicy):
             hidden patch, so the hypergradient flows as before. Default 1.0 (the paper).
         guided_ramp: the guided share rises from 0 over this first fraction of training. Default 0.0.
     """
+
+    card_info = CardInfo(
+        paper="Guo et al., TMLR 2025",
+        idea="MLO-MAE: a network gives each patch a masking probability; trained from labels by multi-level optimisation",
+        learns="labels",
+        allowed={"ratio": "(0, 1)", "arch": "token | paper", "embed_dim": "int >= 1",
+                 "num_patches": "int >= 1 | None", "hidden_dim": "int >= 1 | None", "selection": "topk | gumbel",
+                 "temperature": "> 0", "weighting": "prob | normalized | straight", "detach_input": "bool",
+                 "pos_dim": "int >= 0, multiple of 4", "guided_fraction": "[0, 1]", "guided_ramp": "[0, 1]"},
+    )
 
     learned_scores = True
 

@@ -10,7 +10,7 @@ from torch import Tensor
 from maskkit.plan import MaskPlan
 from maskkit.policies.base import MaskPolicy
 from maskkit.policies.scored import uniform_noise
-from maskkit.registry import register_policy
+from maskkit.registry import CardInfo, register_policy
 
 
 @register_policy("random")
@@ -20,6 +20,13 @@ class RandomPolicy(MaskPolicy):
     Given the same `noise` [B, N] it yields exactly the official plan: the K patches with the
     lowest noise stay visible.
     """
+
+    card_info = CardInfo(
+        paper="He et al., CVPR 2022",
+        idea="MAE's baseline: hide a uniformly random N - K of the patches",
+        learns="nothing",
+        allowed={"ratio": "(0, 1)"},
+    )
 
     def __init__(self, ratio: float = 0.75) -> None:
         super().__init__(ratio)
