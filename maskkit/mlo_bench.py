@@ -48,7 +48,7 @@ from torch import nn
 from maskkit.mae import mae_step_loss
 from maskkit.mlo import MLOConfig, MLOEngine, default_optimizers
 from maskkit.optim import param_groups
-from maskkit.registry import create_policy
+from maskkit.registry import create_policy, create_sized_policy
 
 #: contender name -> MLO config (None: the plain MAE step).
 CONTENDERS: dict[str, MLOConfig | None] = {
@@ -88,9 +88,8 @@ def make_contender(name: str, preset: str = "tiny", device: str = "cpu", batch: 
     images = [data(batch) for _ in range(CYCLE)]
     config = CONTENDERS[name]
     if config is None:  # a plain step; a policy with its own objective trains in the same optimizer
-        policy = create_policy(PLAIN_POLICIES[name], ratio=0.75)
-        policy.bind(embed_dim=mae.embed_dim, num_patches=mae.num_patches)
-        policy.to(dev)
+        policy = create_sized_policy(PLAIN_POLICIES[name], embed_dim=mae.embed_dim, num_patches=mae.num_patches,
+                                     ratio=0.75).to(dev)
         opt = torch.optim.AdamW(param_groups(nn.ModuleDict({"mae": mae, "policy": policy}), 1e-3), lr=1e-4,
                                 betas=(0.9, 0.95))
         mask_gen = torch.Generator(device=dev).manual_seed(seed)
