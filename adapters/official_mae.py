@@ -5,6 +5,8 @@ Three tools, each touching only what it is given:
 - `use_policy(model, policy)`: the user's unchanged loop `loss, _, _ = model(x, mask_ratio=r)` masks
   with a maskkit policy and weights the loss by `plan.weights`; undone by `handle.remove()`;
 - `timm_compat()`: lets `models_mae.py` build under timm 1.x (it passes `qk_scale=None` to `Block`).
+Plus `engine_checkpoint_entries(engine)` / `restore_engine(engine, checkpoint)`: an `MLOEngine`'s
+state inside the official checkpoint dict (docs/official-mae.md).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import inspect
 import sys
 import types
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +23,9 @@ from torch import Tensor, nn
 from maskkit.mae import MAEOutput, mae_step_loss, masked_loss, patch_loss, policy_aux_loss
 from maskkit.plan import MaskPlan
 from maskkit.policies.random import RandomPolicy
+
+if TYPE_CHECKING:
+    from maskkit.mlo import MLOEngine
 
 #: what `wrap` and `use_policy` need of a model (the official interface).
 REQUIRED_ATTRIBUTES = (
@@ -383,11 +389,70 @@ def timm_compat(*modules: Any) -> TimmCompat:
     return handle
 
 
+# ----------------------------------------------------------------------------------------------
+# d. the MLO engine inside the official checkpoint (`util/misc.py` save_model / load_model)
+
+#: the key under which `engine_checkpoint_entries` stores the engine in the official checkpoint dict
+ENGINE_CHECKPOINT_KEY = "maskkit_engine"
+_ENGINE_STATE_KEYS = ("step", "mae", "masker", "head", "optimizers")
+_ENGINE_OPTIMIZER_KEYS = ("mae", "head", "masker")
+
+
+def _check_engine(engine: Any) -> None:
+    from maskkit.mlo import MLOEngine
+
+    if not isinstance(engine, MLOEngine):
+        raise TypeError(f"expected a maskkit.mlo.MLOEngine, got {type(engine).__name__}")
+
+
+def engine_checkpoint_entries(engine: MLOEngine, key: str = ENGINE_CHECKPOINT_KEY) -> dict[str, Any]:
+    """What to add to the official checkpoint dict (`misc.save_model`'s `to_save`) to resume `engine`.
+
+    Returns `{key: engine.state_dict()}`: its step, MAE, masker, head, their optimizers, schedulers
+    and generator. When the official `model`/`optimizer` entries are the engine's own MAE model and
+    `mae_optimizer`, their tensors are the same storages, which `torch.save` writes once. Every
+    value is a tensor or a plain Python value, so the entry loads with `torch.load(weights_only=True)`.
+    Raises RuntimeError (from `MLOEngine.state_dict`) inside an open unroll window.
+    """
+    _check_engine(engine)
+    return {key: engine.state_dict()}
+
+
+def restore_engine(engine: MLOEngine, checkpoint: Mapping[str, Any], key: str = ENGINE_CHECKPOINT_KEY) -> bool:
+    """Load the engine state that `engine_checkpoint_entries` put in an official checkpoint dict.
+
+    Returns False (and changes nothing) when `checkpoint` has no `key` entry, e.g. a checkpoint of
+    the plain official loop; True once the engine is restored. Raises a one-line ValueError when
+    the entry is not an `MLOEngine.state_dict()`.
+    """
+    _check_engine(engine)
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(f"checkpoint must be a dict (the loaded official checkpoint), got {type(checkpoint).__name__}")
+    if key not in checkpoint:
+        return False
+    state = checkpoint[key]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"checkpoint[{key!r}] is not an MLOEngine state dict: got {type(state).__name__}")
+    missing = [k for k in _ENGINE_STATE_KEYS if k not in state]
+    optimizers = state.get("optimizers")
+    if not missing and isinstance(optimizers, Mapping):
+        missing = [f"optimizers.{k}" for k in _ENGINE_OPTIMIZER_KEYS if k not in optimizers]
+    elif not missing:
+        missing = ["optimizers (not a dict)"]
+    if missing:
+        raise ValueError(f"checkpoint[{key!r}] is not an MLOEngine state dict: missing {', '.join(missing)}")
+    engine.load_state_dict(dict(state))
+    return True
+
+
 __all__ = [
+    "ENGINE_CHECKPOINT_KEY",
     "OfficialMAE",
     "PolicyHandle",
     "TimmCompat",
+    "engine_checkpoint_entries",
     "policy_of",
+    "restore_engine",
     "restore_masking",
     "timm_compat",
     "use_policy",
