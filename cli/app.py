@@ -509,6 +509,34 @@ def _describe(spec: Any, out: Path) -> None:
     )
 
 
+#: what the pretrain bar shows in its loss and throughput fields before the first step has finished
+NO_STEP_YET = {"loss": "-", "ips": "-"}
+
+
+def pretrain_progress(on: Console, total: int, completed: int, *, disable: bool = False) -> tuple[Progress, Any]:
+    """The pretrain progress bar (step, loss, images/s, time spent and left) and its task.
+
+    Its fields are text: "-" until the first step of this call has finished (never "loss nan").
+    """
+    columns = [
+        TextColumn("[bold]pretrain"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[ips]} img/s"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+    ]
+    bar = Progress(*columns, console=on, disable=disable, transient=False)
+    return bar, bar.add_task("pretrain", total=total, completed=completed, **NO_STEP_YET)
+
+
+def step_fields(loss: float, images_per_second: float) -> dict[str, str]:
+    """The bar's fields after a step: the step's loss and the throughput so far."""
+    return {"loss": f"{loss:.4f}", "ips": f"{images_per_second:.0f}"}
+
+
 def _train(trainer: Any, out: Path, spec: Any, show_progress: bool) -> None:
     from maskkit.checkpoint import save_checkpoint
     from maskkit.cli import runs
@@ -516,26 +544,15 @@ def _train(trainer: Any, out: Path, spec: Any, show_progress: bool) -> None:
 
     cfg = trainer.config
     start_step = trainer.step_count
-    state = {"loss": float("nan"), "t0": time.perf_counter(), "images": 0}
-    columns = [
-        TextColumn("[bold]pretrain"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("{task.fields[ips]:.0f} img/s"),
-        TimeElapsedColumn(),
-        TextColumn("left"),
-        TimeRemainingColumn(),
-    ]
+    state = {"t0": time.perf_counter(), "images": 0}
     main = _DIST is None or _DIST.is_main
-    with Progress(*columns, console=console, disable=not (show_progress and main), transient=False) as bar:
-        task = bar.add_task("pretrain", total=cfg.steps, completed=start_step, loss=float("nan"), ips=0.0)
+    bar, task = pretrain_progress(console, cfg.steps, start_step, disable=not (show_progress and main))
+    with bar:
 
         def on_step(step: int, metrics: dict[str, float]) -> None:
-            state["loss"] = metrics["loss"]
             state["images"] += trainer.streams["train"].batch_size
             rate = state["images"] / max(time.perf_counter() - state["t0"], 1e-9)
-            bar.update(task, completed=step, loss=metrics["loss"], ips=rate)
+            bar.update(task, completed=step, **step_fields(metrics["loss"], rate))
 
         try:
             records = train(trainer, out, on_step=on_step)

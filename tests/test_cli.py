@@ -486,3 +486,23 @@ def test_corrupt_checkpoint_on_resume(random_run, tmp_path):
     assert snapshot(run) == before
     fails("is not a run directory", "pretrain", "--resume", tmp_path)
     fails("does not exist", "evaluate", tmp_path / "nowhere")
+
+
+def test_pretrain_bar_shows_no_loss_before_the_first_step():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from maskkit.cli.app import pretrain_progress, step_fields
+
+    def frame(bar) -> str:
+        out = Console(file=StringIO(), width=200, color_system=None)
+        out.print(bar.get_renderable())
+        return out.file.getvalue()
+
+    bar, task = pretrain_progress(Console(file=StringIO()), total=10, completed=4)  # e.g. a resumed run
+    first = frame(bar)
+    assert "4/10" in first and "loss -" in first and "- img/s" in first
+    assert "nan" not in first.lower()
+    bar.update(task, completed=5, **step_fields(0.123456, 1234.4))
+    assert "loss 0.1235" in frame(bar) and "1234 img/s" in frame(bar)
