@@ -32,6 +32,16 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from maskkit.evaluate import (
+    FINETUNE_BATCH_SIZE,
+    FINETUNE_EPOCHS,
+    FINETUNE_LR,
+    LINEAR_BASE_LR,
+    LINEAR_BATCH_SIZE,
+    LINEAR_EPOCHS,
+    MIN_DEFAULT_STEPS,
+)
+
 app = typer.Typer(
     name="maskkit",
     help="Pretrain Masked Autoencoders with random, attention-guided or learned masking; evaluate; picture the masks.",
@@ -662,15 +672,24 @@ def _resume(ctx: typer.Context, run_dir: Path, steps: int | None, device: str, s
 def evaluate_command(
     run_dir: Path = typer.Argument(..., help="A run directory written by maskkit pretrain."),
     protocol: Protocol = typer.Option(Protocol.linear, help="linear (frozen encoder, BN + linear, LARS) or finetune."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (default: linear 90, finetune 20)."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size (default: linear 256, finetune 128)."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default: linear 0.1 x batch/256, finetune 1e-3)."),
+    epochs: Optional[int] = typer.Option(
+        None, help=f"Epochs (default: linear {LINEAR_EPOCHS}, finetune {FINETUNE_EPOCHS}, raised on small data "
+        f"so that there are at least {MIN_DEFAULT_STEPS} steps)."
+    ),
+    batch_size: Optional[int] = typer.Option(
+        None, help=f"Batch size (default: linear {LINEAR_BATCH_SIZE}, finetune {FINETUNE_BATCH_SIZE}; at most "
+        "the train split)."
+    ),
+    lr: Optional[float] = typer.Option(
+        None, help=f"Learning rate (default: linear LARS {LINEAR_BASE_LR} x batch/256, finetune AdamW {FINETUNE_LR})."
+    ),
     init: Init = typer.Option(Init.pretrained, help="pretrained weights, or random: the run's untrained initialisation."),
     seed: int = typer.Option(0, help="Seed of the probe / fine-tuning."),
     split: ScoreSplit = typer.Option(
         ScoreSplit.test, help="test (held out), or val to choose settings without the test split."
     ),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Top-1 accuracy of the run's encoder on its test split (never seen in pretraining); writes eval.json.
 
@@ -691,10 +710,18 @@ def evaluate_command(
         if init == Init.pretrained:
             source = runs.load_weights(run, run_dir)
         runs.check_writable(run_dir)
-        result = evaluate_encoder(
-            run.mae, run.batcher, run.splits, protocol.value, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-            score_split=split.value,
-        )
+        columns = [TextColumn(f"[bold]evaluate {protocol.value}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                   TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()]  # fmt: skip
+        with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
+            task = bar.add_task("evaluate", total=None)
+
+            def on_step(step: int, total: int) -> None:
+                bar.update(task, completed=step, total=total)
+
+            result = evaluate_encoder(
+                run.mae, run.batcher, run.splits, protocol.value, epochs=epochs, batch_size=batch_size, lr=lr,
+                seed=seed, score_split=split.value, on_step=on_step,
+            )  # fmt: skip
         key = protocol.value if init == Init.pretrained else f"{protocol.value}-random"
         if split == ScoreSplit.val:
             key += "@val"

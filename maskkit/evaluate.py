@@ -22,13 +22,23 @@ from torch import Tensor, nn
 from maskkit.data import Batcher, BatchStream
 from maskkit.optim import create_optimizer, warmup_cosine
 
+#: the linear probe's default epochs and batch size (MAE's)
+LINEAR_EPOCHS = 90
+LINEAR_BATCH_SIZE = 256
 #: base learning rate of the linear probe (lr = base x batch / 256). MAE uses 0.1 with its own LARS,
 #: which rescales every weight update by its trust ratio even without weight decay; torch-optimizer's
 #: LARS rescales only with weight decay, so at weight decay 0 it is SGD with momentum and needs a
 #: larger step (1.0 probes 8x8 digits well in ~1000 steps).
 LINEAR_BASE_LR = 1.0
+#: fine-tuning's default epochs, batch size and AdamW learning rate
+FINETUNE_EPOCHS = 50
+FINETUNE_BATCH_SIZE = 128
+FINETUNE_LR = 1e-3
 #: fewest optimizer steps the default number of epochs gives (small data sets get more epochs).
 MIN_DEFAULT_STEPS = 1000
+
+#: progress callback of the evaluation loops: on_step(step, total) after each optimizer step, step 1..total
+StepCallback = Callable[[int, int], None]
 
 
 def default_epochs(epochs: int, num_train: int, batch_size: int) -> int:
@@ -90,10 +100,12 @@ def linear_probe(
     optimizer: str = "lars",
     warmup_epochs: int = 10,
     seed: int = 0,
+    on_step: StepCallback | None = None,
 ) -> EvalResult:
     """Train MAE's probing head on fixed features [n, D]; top-1 on the test features.
 
     `lr` is the actual learning rate (MAE: base 0.1 x batch / 256); LARS momentum 0.9, no weight decay.
+    `on_step(step, total)` is called after every optimizer step.
     """
     if len(train_features) == 0 or len(test_features) == 0:
         raise ValueError("the linear probe needs non-empty train and test sets")
@@ -108,13 +120,15 @@ def linear_probe(
         opt, warmup_cosine(steps, min(warmup_epochs * stream.batches_per_epoch, steps // 2))
     )
     head.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         idx = torch.from_numpy(stream.next()).to(device)
         loss = F.cross_entropy(head(train_features[idx]), train_labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+        if on_step is not None:
+            on_step(step, steps)
     head.eval()
     with torch.no_grad():
         train_acc = accuracy(head(train_features), train_labels)
@@ -149,11 +163,12 @@ def finetune(
     optimizer: str = "adamw",
     warmup_epochs: int = 2,
     seed: int = 0,
+    on_step: StepCallback | None = None,
 ) -> EvalResult:
     """Fine-tune a copy of the encoder with a linear head on `train_index`; top-1 on `test_index`.
 
     Training batches use the batcher's augmentation (MAE crop + flip where it suits the size).
-    The MAE passed in is left unchanged.
+    The MAE passed in is left unchanged. `on_step(step, total)` is called after every optimizer step.
     """
     data = batcher.data
     num_classes = data.num_classes
@@ -168,13 +183,15 @@ def finetune(
     )
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         idx = stream.next()
         loss = F.cross_entropy(model(batcher.images(idx, gen)), batcher.labels(idx))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+        if on_step is not None:
+            on_step(step, steps)
     model.eval()
 
     def top1(index: np.ndarray) -> float:
@@ -196,12 +213,15 @@ def evaluate_encoder(
     lr: float | None = None,
     seed: int = 0,
     score_split: str = "test",
+    on_step: StepCallback | None = None,
 ) -> EvalResult:
     """Run `protocol` ("linear" or "finetune") on the labeled `train` split, scored on `score_split`.
 
-    Defaults: linear 90 epochs, batch 256, LARS lr 1.0 x batch/256; finetune 50 epochs, batch
-    128, AdamW lr 1e-3; on small data the epochs grow until there are at least
-    MIN_DEFAULT_STEPS optimizer steps. score_split "test" (default) reports the held-out result;
+    Defaults (the constants above): linear LINEAR_EPOCHS (90) epochs, batch LINEAR_BATCH_SIZE (256),
+    LARS lr LINEAR_BASE_LR (1.0) x batch/256; finetune FINETUNE_EPOCHS (50) epochs, batch
+    FINETUNE_BATCH_SIZE (128), AdamW lr FINETUNE_LR (1e-3); batches are capped at the train split's
+    size, and on small data the epochs grow until there are at least MIN_DEFAULT_STEPS optimizer
+    steps. `on_step(step, total)` reports the progress of the training loop. score_split "test" (default) reports the held-out result;
     "val" is for choosing settings without looking at the test split (the learned masker also
     uses `val` for its validation loss, so a learned arm's `val` score is slightly optimistic).
     """
@@ -213,24 +233,26 @@ def evaluate_encoder(
         raise ValueError(f"the run has no {score_split!r} split to score on")
     train_index, test_index = splits["train"], splits[score_split]
     if protocol == "linear":
-        bs = min(batch_size or 256, len(train_index))
+        bs = min(batch_size or LINEAR_BATCH_SIZE, len(train_index))
         feats = extract_features(mae, batcher.images, np.concatenate([train_index, test_index]))
         n = len(train_index)
         labels = batcher.labels(np.concatenate([train_index, test_index]))
         return linear_probe(
             feats[:n], labels[:n], feats[n:], labels[n:], batcher.data.num_classes,
-            epochs=default_epochs(90, n, bs) if epochs is None else epochs,
+            epochs=default_epochs(LINEAR_EPOCHS, n, bs) if epochs is None else epochs,
             batch_size=bs,
             lr=(LINEAR_BASE_LR * bs / 256) if lr is None else lr,
             seed=seed,
+            on_step=on_step,
         )  # fmt: skip
     if protocol == "finetune":
-        bs = min(batch_size or 128, len(train_index))
+        bs = min(batch_size or FINETUNE_BATCH_SIZE, len(train_index))
         return finetune(
             mae, batcher, train_index, test_index,
-            epochs=default_epochs(50, len(train_index), bs) if epochs is None else epochs,
+            epochs=default_epochs(FINETUNE_EPOCHS, len(train_index), bs) if epochs is None else epochs,
             batch_size=bs,
-            lr=1e-3 if lr is None else lr,
+            lr=FINETUNE_LR if lr is None else lr,
             seed=seed,
+            on_step=on_step,
         )  # fmt: skip
     raise ValueError(f"unknown evaluation protocol {protocol!r}; use linear or finetune")

@@ -506,3 +506,22 @@ def test_pretrain_bar_shows_no_loss_before_the_first_step():
     assert "nan" not in first.lower()
     bar.update(task, completed=5, **step_fields(0.123456, 1234.4))
     assert "loss 0.1235" in frame(bar) and "1234 img/s" in frame(bar)
+
+
+def test_evaluate_help_and_docs_state_the_defaults_the_code_uses():
+    from maskkit import evaluate as ev
+
+    result = runner.invoke(app, ["evaluate", "--help"], terminal_width=100)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.replace("│", " ").split())  # help text, unwrapped
+    for phrase in (f"linear {ev.LINEAR_EPOCHS}, finetune {ev.FINETUNE_EPOCHS}",
+                   f"at least {ev.MIN_DEFAULT_STEPS} steps",
+                   f"linear {ev.LINEAR_BATCH_SIZE}, finetune {ev.FINETUNE_BATCH_SIZE}",
+                   f"linear LARS {ev.LINEAR_BASE_LR} x batch/256, finetune AdamW {ev.FINETUNE_LR}",
+                   "--no-progress"):
+        assert phrase in text, phrase
+    docs = " ".join((Path(__file__).parents[1] / "docs" / "cli.md").read_text().split())
+    for phrase in (f"batch {ev.LINEAR_BATCH_SIZE}, lr {ev.LINEAR_BASE_LR} x batch / 256, {ev.LINEAR_EPOCHS} epochs",
+                   f"at least {ev.MIN_DEFAULT_STEPS} steps",
+                   f"batch {ev.FINETUNE_BATCH_SIZE}, lr {ev.FINETUNE_LR}", f"{ev.FINETUNE_EPOCHS} epochs"):
+        assert phrase in docs, phrase

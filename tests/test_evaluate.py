@@ -10,6 +10,8 @@ from torch import nn
 from maskkit.adapters.timm import create_mae
 from maskkit.data import Batcher, load_dataset, make_splits
 from maskkit.evaluate import (
+    LINEAR_EPOCHS,
+    MIN_DEFAULT_STEPS,
     LinearProbeHead,
     accuracy,
     default_epochs,
@@ -97,3 +99,20 @@ def test_evaluate_encoder_protocols_and_errors(small):
     with pytest.raises(ValueError, match="needs labels"):
         evaluate_encoder(mae, unlabeled, splits)
     np.testing.assert_array_equal(np.intersect1d(splits["train"], splits["test"]), [])
+
+
+@pytest.mark.parametrize("protocol, epochs", [("linear", 3), ("finetune", 1), ("linear", None)])
+def test_progress_callback_counts_every_step_up_to_the_total(small, protocol, epochs):
+    mae, batcher, splits = small
+    calls: list[tuple[int, int]] = []
+    evaluate_encoder(mae, batcher, splits, protocol, epochs=epochs, batch_size=32, seed=0,
+                     on_step=lambda step, total: calls.append((step, total)))
+    totals = {total for _, total in calls}
+    assert len(totals) == 1  # one total, announced from the first call
+    total = totals.pop()
+    assert [step for step, _ in calls] == list(range(1, total + 1))
+    per_epoch = len(splits["train"]) // 32
+    if epochs is None:  # the default epochs grow until there are at least MIN_DEFAULT_STEPS steps
+        assert total >= MIN_DEFAULT_STEPS and total == default_epochs(LINEAR_EPOCHS, len(splits["train"]), 32) * per_epoch
+    else:
+        assert total == epochs * per_epoch
