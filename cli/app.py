@@ -429,6 +429,13 @@ def _pretrain_new(ctx: typer.Context, args: dict[str, Any]) -> None:
             f"policy {args['policy']!r} learns from labels, but dataset {args['dataset']!r} has none "
             "(use --policy random or attention)"
         )
+    if runs.needs_labels(args["policy"]) and not args["freeze_masker"]:
+        from maskkit.data import DataError, check_classes
+
+        try:
+            check_classes(data, f"policy {args['policy']!r}")
+        except DataError as err:
+            raise CommandError(f"{err} (use --policy random or attention)") from None
     section, splits = runs.dataset_section(
         args["dataset"], args["data_dir"], args["img_size"], data, args["seed"], args["augment"].value,
         dict(DEFAULT_FRACTIONS),

@@ -269,6 +269,27 @@ def load_imagefolder(path: str | Path, img_size: int | None = None) -> ImageData
     return ImageData(f"imagefolder:{root}", images.contiguous(), labels, classes)
 
 
+#: fewest classes a classifier can be trained on: evaluation and the learned masker's head need this many
+MIN_CLASSES = 2
+
+
+def check_classes(data: ImageData, purpose: str) -> None:
+    """DataError unless `data` has labels of at least MIN_CLASSES classes that hold images.
+
+    `purpose` begins the message, e.g. "evaluation" -> "evaluation needs labels of at least 2 classes,
+    but dataset 'x' has 1 (cats)".
+    """
+    if data.labels is None:
+        found = "none"
+    else:
+        present = torch.unique(data.labels).tolist()
+        if len(present) >= MIN_CLASSES:
+            return
+        names = [data.classes[i] if data.classes and i < len(data.classes) else str(i) for i in present]
+        found = f"{len(present)} ({', '.join(names)})" if names else "0"
+    raise DataError(f"{purpose} needs labels of at least {MIN_CLASSES} classes, but dataset {data.name!r} has {found}")
+
+
 def resize(images: Tensor, size: int) -> Tensor:
     """Bilinear (antialiased) resize of float images [B, C, H, W] -> [B, C, size, size], kept in [0, 1]."""
     out = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskkit.data import Batcher, BatchStream
+from maskkit.data import Batcher, BatchStream, check_classes
 from maskkit.optim import create_optimizer, warmup_cosine
 
 #: the linear probe's default epochs and batch size (MAE's)
@@ -225,8 +225,7 @@ def evaluate_encoder(
     "val" is for choosing settings without looking at the test split (the learned masker also
     uses `val` for its validation loss, so a learned arm's `val` score is slightly optimistic).
     """
-    if batcher.data.labels is None:
-        raise ValueError(f"evaluation needs labels, but dataset {batcher.data.name!r} has none")
+    check_classes(batcher.data, "evaluation")  # labels of at least two classes (DataError, a ValueError)
     if score_split not in ("test", "val"):
         raise ValueError(f"score_split must be 'test' or 'val', got {score_split!r}")
     if len(splits.get(score_split, ())) == 0:

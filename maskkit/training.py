@@ -31,7 +31,7 @@ from maskkit.checkpoint import (
     set_rng_state,
     verify_checkpoint,
 )
-from maskkit.data import Batcher, BatchStream
+from maskkit.data import Batcher, BatchStream, check_classes
 from maskkit.diagnostics import plan_diagnostics
 from maskkit.distributed import (
     SINGLE,
@@ -249,8 +249,7 @@ class Pretrainer:
             raise ValueError(f"the learned policy needs the MLO engine (maskkit.mlo): {err}") from None
         cfg = self.config
         data = self.batcher.data
-        if data.labels is None:
-            raise ValueError(f"a learnable policy needs labels, but dataset {data.name!r} has none")
+        check_classes(data, "a learnable policy")  # its head classifies: labels of two classes or more
         self.head = ClassifierHead(self.mae.embed_dim, data.num_classes).to(self.device)
         self.streams["labeled"] = self._stream(splits["train"], cfg.seed + 10, "train")
         self.streams["val"] = self._stream(splits["val"], cfg.seed + 20, "val")

@@ -525,3 +525,31 @@ def test_evaluate_help_and_docs_state_the_defaults_the_code_uses():
                    f"at least {ev.MIN_DEFAULT_STEPS} steps",
                    f"batch {ev.FINETUNE_BATCH_SIZE}, lr {ev.FINETUNE_LR}", f"{ev.FINETUNE_EPOCHS} epochs"):
         assert phrase in docs, phrase
+
+
+
+def write_pngs(folder: Path, count: int, side: int = 8, value: int = 0) -> None:
+    """`count` small grey PNGs with a little noise in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(value)
+    for i in range(count):
+        pixels = np.clip(value + rng.integers(0, 60, size=(side, side)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+
+
+def test_one_class_is_refused_by_the_learned_policy_and_by_evaluate(tmp_path):
+    write_pngs(tmp_path / "one" / "cats", 20)
+    data = f"imagefolder:{tmp_path / 'one'}"
+    out = tmp_path / "learned"
+    fails("policy 'learned' needs labels of at least 2 classes, but dataset", "pretrain", "--dataset", data,
+          "--out", out, *FAST)
+    assert not out.exists()  # refused before anything was written
+    labels = np.zeros(30, np.int64)
+    np.savez(tmp_path / "one.npz", images=np.zeros((30, 8, 8), np.uint8), labels=labels)
+    fails("has 1 (0)", "pretrain", "--dataset", f"npz:{tmp_path / 'one.npz'}", "--out", out, *FAST)
+    assert not out.exists()
+    run = tmp_path / "random"
+    ok("pretrain", "--dataset", data, "--policy", "random", "--out", run, *FAST)  # label-free: fine
+    before = snapshot(run)
+    fails("evaluation needs labels of at least 2 classes, but dataset", "evaluate", run, "--epochs", "1")
+    assert snapshot(run) == before and not (run / "eval.json").exists()

@@ -11,7 +11,9 @@ from maskkit.data import (
     Batcher,
     BatchStream,
     DataError,
+    ImageData,
     channel_stats,
+    check_classes,
     denormalize,
     load_dataset,
     load_imagefolder,
@@ -160,3 +162,15 @@ def test_augment_policy_and_batcher():
     idx = np.array([0, 5])
     torch.testing.assert_close(batcher.images(idx), (data.floats(idx) - 0.5) / 0.25)
     assert batcher.labels(idx).tolist() == [0, 5]
+
+
+def test_check_classes_wants_two_classes_that_hold_images():
+    images = torch.zeros(6, 1, 4, 4)
+    check_classes(ImageData("two", images, torch.tensor([0, 1, 0, 1, 0, 1]), ["a", "b"]), "evaluation")
+    with pytest.raises(DataError, match=r"evaluation needs labels of at least 2 classes, but dataset 'one' has 1 \(cats\)"):
+        check_classes(ImageData("one", images, torch.zeros(6, dtype=torch.long), ["cats"]), "evaluation")
+    # a second class folder without images does not count
+    with pytest.raises(DataError, match=r"has 1 \(dogs\)"):
+        check_classes(ImageData("empty-class", images, torch.ones(6, dtype=torch.long), ["cats", "dogs"]), "x")
+    with pytest.raises(DataError, match="but dataset 'none' has none"):
+        check_classes(ImageData("none", images, None), "x")
