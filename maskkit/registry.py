@@ -14,11 +14,13 @@ with defaults and allowed values (declared by built-ins as `card_info`, derived 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import inspect
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, TypeVar
 
@@ -191,19 +193,22 @@ _plugins_loaded = False
 def load_plugins() -> list[str]:
     """Import third-party policy modules so that their `@register_policy` runs; returns their names.
 
-    Modules come from the `MASKKIT_PLUGINS` environment variable (comma-separated module names) and
-    from installed packages' `maskkit.policies` entry points. Runs once per process.
+    Modules come from the `MASKKIT_PLUGINS` environment variable (comma-separated module names),
+    looked up in the current directory first, as `python -m` would (a console script's import path
+    starts with its own folder instead), and from installed packages' `maskkit.policies` entry
+    points. Runs once per process.
     """
     global _plugins_loaded
     if _plugins_loaded:
         return []
     _plugins_loaded = True
     names = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except Exception as err:  # a plugin's own failure, reported in one line
-            raise ValueError(f"cannot import policy plugin {name!r} named in {PLUGINS_ENV}: {err}") from None
+    with _current_directory_first() if names else contextlib.nullcontext():
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception as err:  # a plugin's own failure, reported in one line
+                raise ValueError(f"cannot import policy plugin {name!r} named in {PLUGINS_ENV}: {err}") from None
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             entry.load()
@@ -211,6 +216,21 @@ def load_plugins() -> list[str]:
             raise ValueError(f"cannot load policy plugin entry point {entry.name!r} ({entry.value}): {err}") from None
         names.append(entry.value)
     return names
+
+
+@contextlib.contextmanager
+def _current_directory_first() -> Iterator[None]:
+    """The current directory at the front of sys.path while the plugins (and what they import) load."""
+    cwd = os.getcwd()
+    present = any(os.path.abspath(entry or os.curdir) == cwd for entry in sys.path[:1])
+    if not present:
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        if not present and cwd in sys.path:
+            sys.path.remove(cwd)
 
 
 def _ensure_builtins() -> None:

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -167,6 +174,25 @@ def test_a_missing_plugin_is_a_one_line_error(monkeypatch):
     assert result.exit_code == 1
     assert "cannot import policy plugin 'no_such_maskkit_plugin'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_readme_plugin_example_works_from_the_current_directory(tmp_path):
+    """README: put my_policies.py in the current directory, then MASKKIT_PLUGINS=my_policies maskkit pretrain."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if 'register_policy("center")' in b]
+    assert len(blocks) == 1
+    work, scripts = tmp_path / "work", tmp_path / "bin"
+    work.mkdir()
+    scripts.mkdir()
+    (work / "my_policies.py").write_text(blocks[0])  # the example as written
+    # like the `maskkit` console script: sys.path starts with the script's folder, not the current directory
+    (scripts / "maskkit").write_text("import sys\nfrom maskkit.cli.app import main\nsys.exit(main())\n")
+    env = {**os.environ, "MASKKIT_PLUGINS": "my_policies", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(scripts / "maskkit"), "pretrain", "--policy", "center", "--steps", "2",
+               "--batch-size", "16", "--no-progress", "--out", "runs/center"]
+    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((work / "runs/center/config.json").read_text())["policy"]["name"] == "center"
 
 
 # ---- policy cards -------------------------------------------------------------------------------
