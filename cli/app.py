@@ -513,10 +513,13 @@ def _fresh_run_dir(base: Path) -> Path:
 def _describe(spec: Any, out: Path) -> None:
     ds, m, p = spec.dataset, spec.model, spec.policy
     opts = ", ".join(f"{k}={v}" for k, v in p["options"].items())
+    folder = ""  # an image folder: how it was read, and its classes
+    if ds.get("layout"):
+        folder = f"layout: {ds['layout']}, " + (f"{ds['num_classes']} classes, " if ds.get("labeled") else "")
     console.print(
         f"[bold]maskkit pretrain[/bold] -> {out}\n"
         f"  data   {ds['name']}: {ds['num_images']} images {ds['in_chans']}x{ds['image_size'][0]}x{ds['image_size'][1]}, "
-        f"splits train {ds['splits']['train']} / val {ds['splits']['val']} / test {ds['splits']['test']}, "
+        f"{folder}splits train {ds['splits']['train']} / val {ds['splits']['val']} / test {ds['splits']['test']}, "
         f"augment {ds['augment']}\n"
         f"  model  {m['preset']}: patch {m['patch_size']} ({m['num_patches']} patches), width {m['embed_dim']}\n"
         f"  policy {p['name']}{' (' + opts + ')' if opts else ''}, mask ratio {spec.train['mask_ratio']}"

@@ -191,6 +191,7 @@ def dataset_section(
         "num_images": len(data),
         "num_classes": data.num_classes,
         "labeled": data.labels is not None,
+        "layout": data.layout,  # how an image folder was read (None for the other kinds)
         "mean": mean,
         "std": std,
         "augment": resolve_augment(augment, data.image_size),

@@ -10,7 +10,7 @@ so a run can resume exactly where it stopped.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from maskkit.splits import stratified_split
 
 BUILTIN = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100")
 PREFIXED = ("imagefolder", "npz")
+#: sub-folders that make an image folder a split layout (the official MAE's DIR/train + DIR/val)
+SPLIT_FOLDERS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 #: default split fractions: pretraining/labeled train, masker validation, test.
@@ -38,12 +40,14 @@ class ImageData:
     """A whole dataset in memory.
 
     images: [N, C, H, W], uint8 (0..255) or float32 in [0, 1]; labels: [N] int64 in 0..K-1, or None.
+    layout: how an image folder was read ("train/val folders", "class folders", "loose images"), else None.
     """
 
     name: str
     images: Tensor
     labels: Tensor | None
     classes: list[str] | None = None
+    layout: str | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -106,7 +110,7 @@ def load_dataset(
     if len(data) == 0:
         raise DataError(f"dataset {name!r} holds no images")
     if img_size is not None and data.image_size != (img_size, img_size):
-        data = ImageData(data.name, resize(data.floats(slice(None)), img_size), data.labels, data.classes)
+        data = replace(data, images=resize(data.floats(slice(None)), img_size))
     return data
 
 
@@ -226,24 +230,61 @@ def _npz_labels(raw: np.ndarray, n: int, path: Path) -> tuple[Tensor, list[str]]
     return torch.from_numpy(inverse.astype(np.int64)), [str(v) for v in values]
 
 
+def _subfolders(directory: Path) -> list[Path]:
+    return sorted(d for d in directory.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def imagefolder_layout(root: Path) -> tuple[str, list[Path]]:
+    """How an image folder is organised, and the folders that hold its classes or loose images.
+
+    - split folders: the sub-folders are `train` plus `val` and/or `test` (or `train` alone), as in
+      the official MAE's DIR/train/<class>/... + DIR/val/<class>/...: ("train/val folders", [train, val]);
+    - class folders: any other sub-folders, one per class: ("class folders", [root]);
+    - no sub-folders: ("loose images", [root]).
+    """
+    subdirs = _subfolders(root)
+    names = {d.name for d in subdirs}
+    if "train" in names and names <= set(SPLIT_FOLDERS):
+        found = [n for n in SPLIT_FOLDERS if n in names]
+        return f"{'/'.join(found)} folders", [root / n for n in found]
+    return ("class folders" if subdirs else "loose images"), [root]
+
+
 def load_imagefolder(path: str | Path, img_size: int | None = None) -> ImageData:
     """Images under `path`: class sub-folders give labels (sorted names); loose images are unlabeled.
 
-    Every image is converted to RGB (or L when all are greyscale) and, if `img_size` is given,
-    resized to img_size x img_size; otherwise all images must have the same size.
+    The official MAE layout, `path/train/<class>/...` + `path/val/<class>/...` (see
+    `imagefolder_layout`), is read as ONE pool: the images of every split folder together, labelled
+    by class name, which `make_splits` then cuts into maskkit's own train/val/test like any other
+    data set (the folders' own division is not kept). Every image is converted to RGB (or L when
+    all are greyscale) and, if `img_size` is given, resized to img_size x img_size; otherwise all
+    images must have the same size.
     """
     from PIL import Image
 
     root = _check_dir(path, "imagefolder")
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files: list[tuple[Path, int | None]] = []
-    if subdirs:
-        for label, d in enumerate(subdirs):
-            files += [(f, label) for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
-        classes: list[str] | None = [d.name for d in subdirs]
-    else:
-        files = [(f, None) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-        classes = None
+    layout, parts = imagefolder_layout(root)
+    found: list[tuple[Path, str | None]] = []  # (file, class name or None)
+    kinds = {}
+    for part in parts:
+        class_dirs = _subfolders(part)
+        kinds[part.name] = bool(class_dirs)
+        if class_dirs:
+            for d in class_dirs:
+                found += [(f, d.name) for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+        else:
+            found += [(f, None) for f in sorted(part.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if len(set(kinds.values())) > 1:
+        with_classes = ", ".join(n for n, k in kinds.items() if k)
+        loose = ", ".join(n for n, k in kinds.items() if not k)
+        raise DataError(f"in {root}, {with_classes} holds class folders but {loose} holds loose images; use one kind")
+    classes: list[str] | None = None
+    if any(kinds.values()):
+        classes = sorted({d.name for part in parts for d in _subfolders(part)})
+    elif len(parts) > 1:
+        layout += ", loose images"
+    index = {name: i for i, name in enumerate(classes or [])}
+    files = [(f, None if name is None else index[name]) for f, name in found]
     if not files:
         raise DataError(f"data directory {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     pictures = []
@@ -266,7 +307,7 @@ def load_imagefolder(path: str | Path, img_size: int | None = None) -> ImageData
     stack = np.stack(arrays)  # [N, H, W] or [N, H, W, 3]
     images = torch.from_numpy(stack[:, None] if stack.ndim == 3 else stack.transpose(0, 3, 1, 2).copy())
     labels = None if classes is None else torch.tensor([lab for _, lab in files], dtype=torch.long)
-    return ImageData(f"imagefolder:{root}", images.contiguous(), labels, classes)
+    return ImageData(f"imagefolder:{root}", images.contiguous(), labels, classes, layout)
 
 
 #: fewest classes a classifier can be trained on: evaluation and the learned masker's head need this many

@@ -553,3 +553,18 @@ def test_one_class_is_refused_by_the_learned_policy_and_by_evaluate(tmp_path):
     before = snapshot(run)
     fails("evaluation needs labels of at least 2 classes, but dataset", "evaluate", run, "--epochs", "1")
     assert snapshot(run) == before and not (run / "eval.json").exists()
+
+
+def test_pretrain_reads_the_official_mae_folder_layout_as_one_pool(tmp_path):
+    root = tmp_path / "mae"
+    for split, count in (("train", 24), ("val", 6)):
+        for value, name in ((40, "cats"), (180, "dogs")):
+            write_pngs(root / split / name, count, value=value)
+    run = tmp_path / "run"
+    result = ok("pretrain", "--dataset", f"imagefolder:{root}", "--policy", "random", "--out", run, *FAST)
+    assert "layout: train/val folders, 2 classes" in " ".join(result.output.split())
+    ds = json.loads((run / "config.json").read_text())["dataset"]
+    assert ds["layout"] == "train/val folders" and ds["num_classes"] == 2 and ds["num_images"] == 60
+    assert ds["splits"] == {"train": 42, "val": 6, "test": 12}  # maskkit's own 70/10/20 of the pool
+    ok("evaluate", run, "--epochs", "1", "--no-progress")
+    assert "linear" in json.loads((run / "eval.json").read_text())

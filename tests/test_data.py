@@ -15,6 +15,7 @@ from maskkit.data import (
     channel_stats,
     check_classes,
     denormalize,
+    imagefolder_layout,
     load_dataset,
     load_imagefolder,
     load_npz,
@@ -174,3 +175,38 @@ def test_check_classes_wants_two_classes_that_hold_images():
         check_classes(ImageData("empty-class", images, torch.ones(6, dtype=torch.long), ["cats", "dogs"]), "x")
     with pytest.raises(DataError, match="but dataset 'none' has none"):
         check_classes(ImageData("none", images, None), "x")
+
+
+def _pngs(folder, values, side=6):
+    folder.mkdir(parents=True)
+    for i, value in enumerate(values):
+        Image.fromarray(np.full((side, side), value, np.uint8)).save(folder / f"{i}.png")
+
+
+def test_imagefolder_official_mae_layout_pools_train_and_val_by_class_name(tmp_path):
+    root = tmp_path / "mae"
+    _pngs(root / "train" / "cats", [10, 11, 12])
+    _pngs(root / "train" / "dogs", [20, 21])
+    _pngs(root / "val" / "dogs", [30])
+    _pngs(root / "val" / "eels", [40, 41])  # a class only the val folder has
+    assert imagefolder_layout(root) == ("train/val folders", [root / "train", root / "val"])
+    data = load_imagefolder(root)
+    assert data.layout == "train/val folders" and data.classes == ["cats", "dogs", "eels"]  # not "train", "val"
+    pixels = data.images[:, 0, 0, 0].tolist()
+    assert pixels == [10, 11, 12, 20, 21, 30, 40, 41]  # every image of both folders, in one pool
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2]  # labelled by class name across the folders
+    assert load_dataset(f"imagefolder:{root}", img_size=4).layout == "train/val folders"  # kept by a resize
+    # the other layouts say what they are
+    _pngs(tmp_path / "classes" / "train", [1, 2])
+    _pngs(tmp_path / "classes" / "other", [3])
+    assert load_imagefolder(tmp_path / "classes").layout == "class folders"  # "train" among other classes
+    _pngs(tmp_path / "loose", [5, 6])
+    assert load_imagefolder(tmp_path / "loose").layout == "loose images"
+    _pngs(tmp_path / "split-loose" / "train", [1, 2])
+    _pngs(tmp_path / "split-loose" / "val", [3])
+    unlabeled = load_imagefolder(tmp_path / "split-loose")
+    assert unlabeled.labels is None and unlabeled.layout == "train/val folders, loose images" and len(unlabeled) == 3
+    _pngs(tmp_path / "mixed" / "train" / "cats", [1])
+    _pngs(tmp_path / "mixed" / "val", [2])
+    with pytest.raises(DataError, match="train holds class folders but val holds loose images"):
+        load_imagefolder(tmp_path / "mixed")
