@@ -557,10 +557,25 @@ def step_fields(loss: float, images_per_second: float) -> dict[str, str]:
     return {"loss": f"{loss:.4f}", "ips": f"{images_per_second:.0f}"}
 
 
+def _resume_command(run_dir: Path) -> str:
+    """How to continue the run: under torchrun, with the same number of processes."""
+    if _DIST is not None and _DIST.enabled:
+        return f"torchrun --nproc_per_node {_DIST.world_size} -m maskkit.cli pretrain --resume {run_dir}"
+    return f"maskkit pretrain --resume {run_dir}"
+
+
 def _train(trainer: Any, out: Path, spec: Any, show_progress: bool) -> None:
+    """Train with SIGTERM/SIGINT turned into a clean stop (checkpoint, one line, exit 143/130)."""
+    from maskkit.training import StopSignals
+
+    with StopSignals() as stop:  # also over the final writes: a late signal lets the run finish them
+        _train_and_save(trainer, out, show_progress, stop)
+
+
+def _train_and_save(trainer: Any, out: Path, show_progress: bool, stop: Any) -> None:
     from maskkit.checkpoint import save_checkpoint
     from maskkit.cli import runs
-    from maskkit.training import train
+    from maskkit.training import TrainingStopped, train
 
     cfg = trainer.config
     start_step = trainer.step_count
@@ -575,13 +590,19 @@ def _train(trainer: Any, out: Path, spec: Any, show_progress: bool) -> None:
             bar.update(task, completed=step, **step_fields(metrics["loss"], rate))
 
         try:
-            records = train(trainer, out, on_step=on_step)
+            records = train(trainer, out, on_step=on_step, stop=stop)
         except FloatingPointError as err:
             raise CommandError(f"{err}; the last good checkpoint is kept in {out / runs.CHECKPOINTS}") from None
-        except KeyboardInterrupt:
+        except TrainingStopped as stopped:  # a scheduler's SIGTERM or a Ctrl-C: checkpointed, ready to resume
             err_console.print(
-                f"Interrupted at step {trainer.step_count}; continue with: maskkit pretrain --resume {out}",
-                markup=False, highlight=False,
+                f"Stopped by {stopped.signal_name} at step {stopped.step}, checkpoint {stopped.checkpoint.name} "
+                f"written; continue with: {_resume_command(out)}", markup=False, highlight=False,
+            )  # fmt: skip
+            raise typer.Exit(code=stopped.exit_code) from None
+        except KeyboardInterrupt:  # a second Ctrl-C while waiting for the step to end
+            err_console.print(
+                f"Interrupted at step {trainer.step_count} (no checkpoint at this step); continue with: "
+                f"{_resume_command(out)}", markup=False, highlight=False,
             )  # fmt: skip
             raise typer.Exit(code=130) from None
     seconds = time.perf_counter() - state["t0"]
@@ -624,7 +645,7 @@ def _train(trainer: Any, out: Path, spec: Any, show_progress: bool) -> None:
 def _resume(ctx: typer.Context, run_dir: Path, steps: int | None, device: str, show_progress: bool) -> None:
     import torch
 
-    from maskkit.checkpoint import CheckpointError, load_latest
+    from maskkit.checkpoint import CheckpointError, list_checkpoints, load_latest
     from maskkit.cli import runs
     from maskkit.training import MetricsLog, Pretrainer, TrainConfig
 
@@ -638,28 +659,32 @@ def _resume(ctx: typer.Context, run_dir: Path, steps: int | None, device: str, s
     spec = runs.RunSpec.read(run_dir)
     dev = _device(device) if device != "auto" else _device(spec.device)
     dist = _DIST
-    try:
-        path, state, skipped = load_latest(run_dir / runs.CHECKPOINTS)
-    except CheckpointError as err:
-        raise CommandError(f"cannot resume {run_dir}: {err}") from None
-    for problem in skipped:
-        err_console.print(f"Warning: skipped {problem}", markup=False, highlight=False)
-    torch.manual_seed(spec.train["seed"])
+    path, state = None, None  # no checkpoint yet: the run starts over from step 0
+    if list_checkpoints(run_dir / runs.CHECKPOINTS):
+        try:
+            path, state, skipped = load_latest(run_dir / runs.CHECKPOINTS)
+        except CheckpointError as err:
+            raise CommandError(f"cannot resume {run_dir}: {err}") from None
+        for problem in skipped:
+            err_console.print(f"Warning: skipped {problem}", markup=False, highlight=False)
+    start = 0 if state is None else int(state["step"])
+    torch.manual_seed(spec.train["seed"])  # as a new run seeds itself: starting over repeats it exactly
     run = runs.build_run(spec, dev)
     cfg = TrainConfig(**spec.train)
     if steps is not None:
-        if steps <= int(state["step"]):
-            raise CommandError(f"--steps {steps} does not go beyond the checkpoint's step {state['step']}")
+        if steps <= start:
+            raise CommandError(f"--steps {steps} does not go beyond the checkpoint's step {start}")
         cfg.steps = steps
-    elif int(state["step"]) >= cfg.steps:
-        raise CommandError(f"run {run_dir} is complete ({state['step']} of {cfg.steps} steps); extend it with --steps N")
+    elif start >= cfg.steps:
+        raise CommandError(f"run {run_dir} is complete ({start} of {cfg.steps} steps); extend it with --steps N")
     if cfg.world_size != dist.world_size:
         raise CommandError(
             f"run {run_dir} was trained by {cfg.world_size} process(es); resume it with the same number "
             f"(torchrun --nproc_per_node {cfg.world_size}), not {dist.world_size}"
         )
     trainer = Pretrainer(run.mae, run.policy, run.batcher, run.splits, cfg, dev, dist)
-    trainer.load_state_dict(state)
+    if state is not None:
+        trainer.load_state_dict(state)
     from maskkit.distributed import barrier
 
     barrier(dist)  # every rank has read the checkpoint before rank 0 changes the directory
@@ -671,7 +696,13 @@ def _resume(ctx: typer.Context, run_dir: Path, steps: int | None, device: str, s
 
             atomic_write_text(run_dir / runs.CONFIG, spec.to_json())
         MetricsLog(run_dir / runs.METRICS).truncate_after(trainer.step_count)
-    console.print(f"[bold]maskkit pretrain --resume[/bold] {run_dir}: from {path.name} (step {trainer.step_count})")
+    if path is None:
+        err_console.print(
+            f"Warning: {run_dir} has no checkpoint (it was stopped before its first); starting over from step 0",
+            markup=False, highlight=False,
+        )  # fmt: skip
+    source = "the start" if path is None else path.name
+    console.print(f"[bold]maskkit pretrain --resume[/bold] {run_dir}: from {source} (step {trainer.step_count})")
     _train(trainer, run_dir, spec, show_progress)
 
 

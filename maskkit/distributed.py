@@ -101,6 +101,15 @@ def any_flag(flag: bool, ctx: DistContext) -> bool:
     return bool(t.item() > 0)
 
 
+def max_int(value: int, ctx: DistContext) -> int:
+    """The largest of every rank's `value`, on every rank (e.g. the signal some rank received)."""
+    if not ctx.enabled:
+        return value
+    t = torch.tensor([int(value)], dtype=torch.int64, device=_collective_device(ctx))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def mean_floats(values: dict[str, float], ctx: DistContext) -> dict[str, float]:
     """Average a dict of floats with the same keys on every rank (e.g. per-step metrics)."""
     if not ctx.enabled or not values:

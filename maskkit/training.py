@@ -5,6 +5,9 @@ schedulers, MLO engine, batch-stream positions, generators and global RNG states
 back as ONE state dict (`state_dict()`), so a checkpoint restores the run exactly. With a
 `learnable` policy (the learned masker) each step is one MLO engine step; otherwise it is a
 plain MAE step through `mae_step_loss`.
+
+`train(..., stop=StopSignals())` lets a scheduler stop a run: on SIGTERM or SIGINT it finishes the
+step (and an open unroll window), writes a checkpoint and raises `TrainingStopped`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import copy
 import json
 import math
 import os
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +46,7 @@ from maskkit.distributed import (
     broadcast_module_,
     differentiable_mean,
     gather_objects,
+    max_int,
     mean_floats,
 )
 from maskkit.mae import mae_step_loss
@@ -518,16 +524,105 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
 
+#: signals that ask a run to stop cleanly (SLURM and Kubernetes send SIGTERM before preemption; Ctrl-C is SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopSignals:
+    """Context manager: while it is active, SIGTERM and SIGINT ask the run to stop instead of ending it.
+
+    The first such signal is only recorded (`signum`); `train(..., stop=this)` reads it after every
+    step. A second one gives up waiting: the previous handlers come back and the signal is
+    delivered again (SIGINT then raises KeyboardInterrupt, SIGTERM ends the process). A signal
+    that was ignored (SIG_IGN, e.g. SIGINT of a background job) stays ignored. The previous
+    handlers are restored on exit. Outside the main thread nothing is installed (Python allows
+    handlers there only), but `request()` still works.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS) -> None:
+        self.signals = tuple(signals)
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop was asked for."""
+        return self.signum is not None
+
+    def request(self, signum: int = signal.SIGTERM) -> None:
+        """Ask for a stop as if `signum` had arrived (the first request counts)."""
+        if self.signum is None:
+            self.signum = int(signum)
+
+    def _restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)  # None: not set from Python
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+            return
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        self._restore()
+        if callable(previous):
+            previous(signum, frame)  # e.g. default_int_handler: KeyboardInterrupt
+        else:
+            signal.raise_signal(signum)  # the default action
+
+
+def signal_exit_code(signum: int) -> int:
+    """The exit status of a process ended by `signum`, as shells report it: 128 + signal number."""
+    return 128 + int(signum)
+
+
+class TrainingStopped(Exception):
+    """`train` stopped on a signal after checkpointing: `step`, `signum`, the `checkpoint` written."""
+
+    def __init__(self, step: int, signum: int, checkpoint: Path) -> None:
+        self.step, self.signum, self.checkpoint = step, int(signum), Path(checkpoint)
+        super().__init__(f"stopped by {self.signal_name} at step {step}; checkpoint {self.checkpoint}")
+
+    @property
+    def signal_name(self) -> str:
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
+
+    @property
+    def exit_code(self) -> int:
+        """143 for SIGTERM, 130 for SIGINT."""
+        return signal_exit_code(self.signum)
+
+
 def train(
     trainer: Pretrainer,
     run_dir: str | Path,
     *,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    stop: StopSignals | None = None,
 ) -> list[dict[str, Any]]:
     """Run `trainer` to `config.steps`, logging every `log_every` and checkpointing every `ckpt_every`.
 
     Returns the records written to metrics.jsonl by this call (under torchrun: only rank 0 writes,
     every rank returns the same records).
+
+    With `stop` (a `StopSignals`, on every rank), a stop asked for during a step ends the run after
+    that step: if an unrolled hypergradient window is open (`can_checkpoint()` False) the steps
+    go on until it closes; then a checkpoint is written (collectively) and `TrainingStopped` is
+    raised. Under torchrun the ranks agree after every step on whether any of them was signalled,
+    so all stop at the same step. A stop asked for during the last step lets the run finish.
     """
     cfg = trainer.config
     run_dir = Path(run_dir)
@@ -535,6 +630,7 @@ def train(
     ckpt_dir = run_dir / "checkpoints"
     written = []
     pending = False
+    stopping = 0  # the signal every rank agreed to stop on; 0 while none
     while trainer.step_count < cfg.steps:
         metrics = trainer.step()
         step = trainer.step_count
@@ -547,9 +643,15 @@ def train(
             if log is not None:
                 log.append(record)
             written.append(record)
+        saved = None
         if (step % cfg.ckpt_every == 0 or step == cfg.steps or pending) and trainer.can_checkpoint():
-            trainer.save(ckpt_dir)
+            saved = trainer.save(ckpt_dir)
             pending = False
         elif step % cfg.ckpt_every == 0:
             pending = True  # an unroll window is open: checkpoint as soon as it closes
+        if stop is not None and step < cfg.steps:
+            if not stopping:  # a collective under torchrun: every rank asks every step until they agree
+                stopping = max_int(stop.signum or 0, trainer.dist)
+            if stopping and trainer.can_checkpoint():
+                raise TrainingStopped(step, stopping, saved or trainer.save(ckpt_dir))
     return written

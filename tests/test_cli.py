@@ -145,6 +145,21 @@ def test_resume_continues_exactly(random_run, tmp_path):
     assert all(torch.equal(a["mae"][k], b["mae"][k]) for k in a["mae"])
 
 
+def test_resume_before_the_first_checkpoint_starts_over_with_a_warning(random_run, tmp_path):
+    run = tmp_path / "early"  # killed after step 2, before the checkpoint of step 3
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_bytes((random_run / "config.json").read_bytes())
+    (run / "metrics.jsonl").write_text((random_run / "metrics.jsonl").read_text().splitlines(True)[0])
+    (run / "checkpoints" / ".checkpoint-0000003.pt.a1b2.tmp").write_bytes(b"half")  # its write was cut short
+    result = ok("pretrain", "--resume", run, "--no-progress")
+    assert result.stderr.splitlines() == [
+        f"Warning: {run} has no checkpoint (it was stopped before its first); starting over from step 0"]
+    assert metrics(run) == metrics(random_run)  # the same run, from step 0
+    a, b = load_checkpoint(random_run / "model.pt"), load_checkpoint(run / "model.pt")
+    assert all(torch.equal(a["mae"][k], b["mae"][k]) for k in a["mae"])
+    assert json.loads((run / "summary.json").read_text())["steps_this_call"] == 6
+
+
 def test_resume_skips_a_corrupt_newest_checkpoint_with_a_warning(random_run, tmp_path):
     run = tmp_path / "fallback"
     run.mkdir()

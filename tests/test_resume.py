@@ -1,10 +1,13 @@
 """Crash-safe pretraining: a real `maskkit pretrain` process killed with SIGKILL at several steps and
-resumed with --resume ends bit-identical (weights and metrics.jsonl) to an uninterrupted run; a
+resumed with --resume ends bit-identical (weights and metrics.jsonl) to an uninterrupted run; one
+stopped by SIGTERM or SIGINT checkpoints at the step it was on, says how to resume in one line,
+exits 143 / 130 and resumes bit-identically too (an open unroll window is finished first); a
 corrupt newest checkpoint falls back to the previous good one; --keep-last N keeps N."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +19,11 @@ import torch
 from typer.testing import CliRunner
 
 from maskkit.checkpoint import list_checkpoints, load_checkpoint, load_latest
+from maskkit.cli import runs
 from maskkit.cli.app import app
+from maskkit.data import Batcher, channel_stats, load_dataset, make_splits
+from maskkit.registry import create_policy
+from maskkit.training import STOP_SIGNALS, Pretrainer, StopSignals, TrainConfig, TrainingStopped, train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 ENV.pop("MASKKIT_INJECT_NAN", None)
@@ -25,9 +32,13 @@ LEARNED = ["--policy", "learned", "--learned-hidden-dim", "8", "--hypergrad", "d
            "--batch-size", "32", "--log-every", "1", "--ckpt-every", "3"]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # not inherited as ignored (a background test run): Ctrl-C works
+
+
 def pretrain(*args: object) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "maskkit.cli", "pretrain", "--no-progress", *map(str, args)]
-    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint)
 
 
 def lines(run: Path) -> int:
@@ -75,6 +86,126 @@ def test_sigkill_at_several_steps_then_resume_is_bit_identical(tmp_path, args, k
     finish(reference)
     assert len(set(seen)) == len(kills)  # killed at different steps
     assert_same_run(full, crashed)
+
+
+# ---- SIGTERM / SIGINT: stop cleanly, resume exactly --------------------------------------------------
+
+#: long enough (150 steps of ~20 ms) to be signalled mid-run; no periodic checkpoint, and the stop lands
+#: inside a metrics window (log every 3), so the resume depends on the stop's own checkpoint.
+SLOW = ["--policy", "random", "--steps", "150", "--batch-size", "32", "--log-every", "3", "--ckpt-every", "1000"]
+
+
+def signal_after(proc: subprocess.Popen, run: Path, logged: int, sig: int) -> tuple[int, str]:
+    """Send `sig` once metrics.jsonl has `logged` lines; (exit code, stderr) of the process."""
+    deadline = time.monotonic() + 120
+    while lines(run) < logged and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err.decode()
+
+
+def stopped_step(stderr: str, run: Path, resume_command: str) -> int:
+    """The step of the ONE resume line on stderr, checked against the checkpoint written at that step."""
+    said = [line for line in stderr.splitlines() if "--resume" in line]
+    assert len(said) == 1, stderr
+    assert said[0].endswith(f"continue with: {resume_command} {run}"), said[0]
+    step = int(re.search(r"at step (\d+), checkpoint checkpoint-(\d+)\.pt written", said[0]).group(1))
+    newest = list_checkpoints(run / "checkpoints")[-1]
+    assert newest.name == f"checkpoint-{step:07d}.pt" and load_checkpoint(newest)["step"] == step
+    assert not (run / "model.pt").exists()
+    return step
+
+
+def test_sigterm_and_sigint_stop_at_a_checkpoint_and_resume_bit_identically(tmp_path):
+    full, run = tmp_path / "full", tmp_path / "stopped"
+    reference = pretrain("--out", full, *SLOW)
+    proc = pretrain("--out", run, *SLOW)
+    steps = []
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        exit_code, err = signal_after(proc, run, lines(run) + 3, sig)
+        assert exit_code == code, err
+        assert f"Stopped by {signal.Signals(sig).name} at step" in err
+        steps.append(stopped_step(err, run, "maskkit pretrain --resume"))
+        proc = pretrain("--resume", run)
+    finish(proc)
+    finish(reference)
+    assert steps[0] < steps[1] < 150
+    assert_same_run(full, run)
+
+
+def test_stop_signals_record_the_first_signal_and_restore_the_handlers():
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+        with StopSignals() as stop:
+            assert not stop.requested and all(signal.getsignal(s) != before[s] for s in STOP_SIGNALS)
+            signal.raise_signal(signal.SIGTERM)  # recorded, not fatal
+            assert stop.signum == signal.SIGTERM
+        assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
+        with StopSignals() as stop:
+            signal.raise_signal(signal.SIGINT)
+            assert stop.signum == signal.SIGINT
+            with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C does not wait for the step to end
+                signal.raise_signal(signal.SIGINT)
+        assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # e.g. a background job: an ignored signal stays ignored
+        with StopSignals() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)
+            assert not stop.requested
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
+
+
+def build(policy: str, **train_config) -> Pretrainer:
+    """A micro MAE on digits with `policy`, as `maskkit pretrain` builds it."""
+    torch.manual_seed(0)
+    data = load_dataset("digits")
+    splits = make_splits(data, 0)
+    mean, std = channel_stats(data, splits["train"])
+    mae = runs.build_mae({"preset": "micro", "img_size": 8, "patch_size": 2, "in_chans": 1, "norm_pix_loss": False,
+                          "init_seed": 0})
+    kwargs = {"ratio": 0.75, **({"embed_dim": mae.embed_dim, "hidden_dim": 8} if policy == "learned" else {})}
+    cfg = TrainConfig(batch_size=16, log_every=2, ckpt_every=100, **train_config)
+    device = torch.device("cpu")
+    return Pretrainer(mae, create_policy(policy, **kwargs), Batcher(data, mean, std, device), splits, cfg, device)
+
+
+def test_a_stop_inside_an_unroll_window_checkpoints_when_it_closes(tmp_path, one_thread):
+    unroll = {"steps": 7, "hypergrad": "unroll", "masker_every": 3, "unroll_steps": 3}
+    for name in ("full", "run"):
+        (tmp_path / name).mkdir()
+    full = build("learned", **unroll)
+    train(full, tmp_path / "full")
+    stopped = build("learned", **unroll)
+    seen = []
+
+    def on_step(step: int, metrics: dict) -> None:
+        seen.append((step, stopped.can_checkpoint()))
+        if step == 1:
+            signal.raise_signal(signal.SIGTERM)
+
+    with StopSignals() as stop, pytest.raises(TrainingStopped) as info:
+        train(stopped, tmp_path / "run", on_step=on_step, stop=stop)
+    assert seen == [(1, False), (2, False), (3, True)]  # the window of steps 1-3 is finished, then it stops
+    assert (info.value.step, info.value.signum, info.value.exit_code) == (3, signal.SIGTERM, 143)
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint-0000003.pt"]
+    assert info.value.checkpoint == tmp_path / "run" / "checkpoints" / "checkpoint-0000003.pt"
+    resumed = build("learned", **unroll)
+    resumed.load_state_dict(load_checkpoint(info.value.checkpoint))
+    train(resumed, tmp_path / "run")  # metrics.jsonl: steps 2 (before the stop), 4, 6, 7
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == (tmp_path / "full" / "metrics.jsonl").read_bytes()
+    for module in ("mae", "policy", "head"):
+        a, b = getattr(full, module).state_dict(), getattr(resumed, module).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), module
+
+
+def test_a_stop_during_the_last_step_lets_the_run_finish(tmp_path):
+    trainer = build("random", steps=3)
+    with StopSignals() as stop:
+        records = train(trainer, tmp_path, on_step=lambda step, m: stop.request() if step == 3 else None, stop=stop)
+    assert trainer.step_count == 3 and [r["step"] for r in records] == [2, 3]
 
 
 def test_corrupt_checkpoint_falls_back_and_keep_last_keeps_n(tmp_path):
