@@ -156,9 +156,11 @@ def _draw_legend(draw: ImageDraw.ImageDraw, panels: Panels, names: list[str], tw
         for i in range(tw):
             colour = tuple(int(round(255 * c)) for c in heat_colour(np.array(i / max(tw - 1, 1))))
             draw.line([(x0 + i, top), (x0 + i, top + 8)], fill=colour)
-        draw.text((x0, top + 10), f"{lo:.3g}", fill=(0, 0, 0))
-        label = f"{hi:.3g}"
-        draw.text((x0 + tw - 6 * len(label), top + 10), label, fill=(0, 0, 0))
+        low, high = f"{lo:.3g}", f"{hi:.3g}"
+        draw.text((x0, top + 10), low, fill=(0, 0, 0))
+        # the high end under the bar's right end; on a second line when a narrow tile cannot hold both
+        overlap = 6 * (len(low) + len(high)) + 4 > tw
+        draw.text((x0 + tw - 6 * len(high), top + (19 if overlap else 10)), high, fill=(0, 0, 0))
     if panels.guided is not None and panels.guided.any():
         x0 = PAD + names.index("hidden") * (tw + PAD)
         for row, (rgb, text) in enumerate(((GUIDED_RGB, "guided"), (HIDDEN_RGB, "random"))):
