@@ -233,14 +233,19 @@ def guided_verdicts(table: dict[str, dict[int, dict]], prefix: str) -> list[str]
     for arm in learned:
         st = stats(arm, "random-rerun@1632")
         if st is not None and st[0] >= 1.0 and st[0] - st[1] > 0:
-            wins.append(f"{arm} ({st[0]:+.1f} ± {st[1]:.1f})")
+            provisional = "" if st[2] >= 3 else ", provisional: fewer than 3 seeds"
+            wins.append(f"{arm} ({st[0]:+.1f} ± {st[1]:.1f}, n={st[2]}{provisional})")
     out.append("(a) a learned arm beats random by >= 1.0 point with mean - sd > 0: "
                + (", ".join(wins) if wins else "none"))
-    best = max((a for a in mlo if table.get(prefix + a)), default=None,
-               key=lambda a: statistics.fmean(present(table[prefix + a], sorted(table[prefix + a]), "linear") or [0]))
+
+    def val_mean(arm: str) -> float:
+        runs = table.get(prefix + arm + "@val", {})
+        return statistics.fmean(present(runs, sorted(runs), "linear_val") or [float("-inf")])
+
+    best = max((a for a in mlo if table.get(prefix + a)), default=None, key=val_mean)  # chosen on val only
     if best is not None:
         st = stats(best, "frozen-gumbel-g05@1632")
-        out.append(f"(b) best MLO arm {best} against its frozen control: "
+        out.append(f"(b) the MLO arm the validation split chose, {best}, against its frozen control: "
                    + ("-" if st is None else f"{st[0]:+.1f} ± {st[1]:.1f} (n={st[2]})"))
         st = stats("hpm@1632", best)
         out.append(f"(c) hpm against {best}: " + ("-" if st is None else f"{st[0]:+.1f} ± {st[1]:.1f} (n={st[2]})"))
