@@ -11,6 +11,7 @@ from torch import Tensor
 from maskkit.plan import MaskPlan, check_ratio
 from maskkit.policies.base import MaskPolicy
 from maskkit.policies.learned import grid_side
+from maskkit.policies.scored import uniform_noise
 from maskkit.registry import CardInfo, register_policy
 
 #: the hiding fraction uniform sampling implies: 3 of every 2x2 block.
@@ -101,11 +102,7 @@ class UniformPolicy(MaskPolicy):
                 f"secondary_ratio {self.secondary_ratio} leaves no visible patch of the {n // 4} sampled "
                 f"(N = {n})"
             )
-        if noise is None:
-            noise = torch.rand(batch, n, device=tokens.device, generator=generator)  # [B, N]
-        elif tuple(noise.shape) != (batch, n):
-            raise ValueError(f"noise must have shape {(batch, n)}, got {tuple(noise.shape)}")
-        noise = noise.to(tokens.device)
+        noise = uniform_noise(noise, batch, n, tokens.device, generator).to(tokens.device)  # [B, N]
         if not noise.is_floating_point():
             noise = noise.to(torch.get_default_dtype())
 
