@@ -353,86 +353,25 @@ def get_preset(name: str) -> MAEPreset:
         raise ValueError(f"unknown MAE preset {name!r}; available: {', '.join(list_presets())}") from None
 
 
-register_preset(
-    "micro",
-    MAEPreset(
-        "vit_tiny_patch16_224",
-        img_size=8,
-        patch_size=2,
-        in_chans=1,
-        embed_dim=64,
-        depth=4,
-        num_heads=4,
-        decoder_embed_dim=64,
-        decoder_depth=1,
-        decoder_num_heads=4,
-        description="CPU demo size (default of `maskkit pretrain`): 8x8 digits, patch 2, width 64, depth 4",
-    ),
-)
-register_preset(
-    "tiny",
-    MAEPreset(
-        "vit_tiny_patch16_224",
-        img_size=32,
-        patch_size=4,
-        in_chans=3,
-        embed_dim=192,
-        depth=4,
-        num_heads=3,
-        decoder_embed_dim=128,
-        decoder_depth=2,
-        decoder_num_heads=4,
-        description="CPU benchmark size: 32x32 (or img_size=28) inputs, patch 4, width 192, depth 4",
-    ),
-)
-register_preset(
-    "pilot",
-    MAEPreset(
-        "vit_tiny_patch16_224",
-        img_size=28,
-        patch_size=4,
-        in_chans=1,
-        embed_dim=128,
-        depth=4,
-        num_heads=4,
-        decoder_embed_dim=64,
-        decoder_depth=2,
-        decoder_num_heads=4,
-        description="MNIST study size: 28x28 grey digits, patch 4, width 128, depth 4",
-    ),
-)
-register_preset(
-    "vit-b",
-    MAEPreset(
-        "vit_base_patch16_224",
-        img_size=224,
-        patch_size=16,
-        in_chans=3,
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
-        decoder_embed_dim=512,
-        decoder_depth=8,
-        decoder_num_heads=16,
-        description="MAE paper ViT-B/16 at 224x224, decoder 512 wide, 8 deep",
-    ),
-)
-register_preset(
-    "vit-l",
-    MAEPreset(
-        "vit_large_patch16_224",
-        img_size=224,
-        patch_size=16,
-        in_chans=3,
-        embed_dim=1024,
-        depth=24,
-        num_heads=16,
-        decoder_embed_dim=512,
-        decoder_depth=8,
-        decoder_num_heads=16,
-        description="MAE paper ViT-L/16 at 224x224, decoder 512 wide, 8 deep",
-    ),
-)
+#: the built-in sizes: name, timm encoder, image side, patch, channels, width, depth, heads,
+#: decoder width / depth / heads, description
+_BUILTIN_PRESETS = (
+    ("micro", "vit_tiny_patch16_224", 8, 2, 1, 64, 4, 4, 64, 1, 4,
+     "CPU demo size (default of `maskkit pretrain`): 8x8 digits, patch 2, width 64, depth 4"),
+    ("tiny", "vit_tiny_patch16_224", 32, 4, 3, 192, 4, 3, 128, 2, 4,
+     "CPU benchmark size: 32x32 (or img_size=28) inputs, patch 4, width 192, depth 4"),
+    ("pilot", "vit_tiny_patch16_224", 28, 4, 1, 128, 4, 4, 64, 2, 4,
+     "MNIST study size: 28x28 grey digits, patch 4, width 128, depth 4"),
+    ("small", "vit_small_patch16_224", 64, 8, 3, 384, 12, 6, 256, 4, 8,
+     "ViT-S/8 at 64x64 (64 patches), decoder 256 wide, 4 deep: the middle of `maskkit bench`'s scaling rows"),
+    ("vit-b", "vit_base_patch16_224", 224, 16, 3, 768, 12, 12, 512, 8, 16,
+     "MAE paper ViT-B/16 at 224x224, decoder 512 wide, 8 deep"),
+    ("vit-l", "vit_large_patch16_224", 224, 16, 3, 1024, 24, 16, 512, 8, 16,
+     "MAE paper ViT-L/16 at 224x224, decoder 512 wide, 8 deep"),
+)  # fmt: skip
+for _name, *_sizes, _description in _BUILTIN_PRESETS:
+    register_preset(_name, MAEPreset(*_sizes, description=_description))
+del _name, _sizes, _description
 
 _DECODER_OPTIONS = (
     "decoder_embed_dim",

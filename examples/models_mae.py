@@ -195,28 +195,25 @@ class MaskedAutoencoderViT(nn.Module):
         return loss, pred, mask
 
 
-def mae_vit_base_patch16_dec512d8b(**kwargs):
+def _paper_size(patch_size, embed_dim, depth, num_heads, **kwargs):
+    """The official factories' shared settings: decoder 512 wide, 8 deep, 16 heads; MLP ratio 4; LayerNorm eps 1e-6."""
     return MaskedAutoencoderViT(
-        patch_size=16, embed_dim=768, depth=12, num_heads=12,
+        patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
         decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
         mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs,
     )
+
+
+def mae_vit_base_patch16_dec512d8b(**kwargs):
+    return _paper_size(16, 768, 12, 12, **kwargs)
 
 
 def mae_vit_large_patch16_dec512d8b(**kwargs):
-    return MaskedAutoencoderViT(
-        patch_size=16, embed_dim=1024, depth=24, num_heads=16,
-        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs,
-    )
+    return _paper_size(16, 1024, 24, 16, **kwargs)
 
 
 def mae_vit_huge_patch14_dec512d8b(**kwargs):
-    return MaskedAutoencoderViT(
-        patch_size=14, embed_dim=1280, depth=32, num_heads=16,
-        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs,
-    )
+    return _paper_size(14, 1280, 32, 16, **kwargs)
 
 
 def mae_vit_tiny_patch4(**kwargs):

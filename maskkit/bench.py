@@ -263,6 +263,50 @@ def masker_parameter_counts(
     return rows
 
 
+
+#: bench size -> policy rows (batch, patches, width; the MAE whose attention the attention policy reads)
+#: and MLO rows (MAE preset, batch); `trivial` is for tests (seconds, no RSS subprocesses).
+BENCH_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"batch": 64, "num_patches": 64, "dim": 192, "mae": "tiny", "mlo_batch": 64, "repeats": 30},
+    "vit-b": {"batch": 256, "num_patches": 196, "dim": 768, "mae": "vit-b", "mlo_batch": 64, "repeats": 20},
+    "trivial": {"batch": 4, "num_patches": 16, "dim": 64, "mae": "micro", "mlo_batch": 4, "repeats": 2,
+                "mlo_repeats": 2, "warmup": 1, "rss": False},
+}  # fmt: skip
+
+
+def run_bench(
+    preset: str = "tiny",
+    device: str = "cpu",
+    *,
+    batch: int | None = None,
+    repeats: int | None = None,
+    skip_mlo: bool = False,
+    rss: bool = True,
+) -> dict[str, Any]:
+    """`maskkit bench`: the policy rows, then (unless `skip_mlo`) the MLO rows, as one JSON-ready payload."""
+    from maskkit.adapters.timm import create_mae
+    from maskkit.mlo_bench import bench_mlo
+
+    if preset not in BENCH_SIZES:
+        raise ValueError(f"unknown bench preset {preset!r}; choose one of {', '.join(BENCH_SIZES)}")
+    for name, value in (("batch", batch), ("repeats", repeats)):
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {value}")
+    dev = torch.device(device)
+    size = BENCH_SIZES[preset]
+    warmup = {"warmup": size["warmup"]} if "warmup" in size else {}
+    rows = bench_policy_overhead(
+        batch=batch or size["batch"], num_patches=size["num_patches"], dim=size["dim"], device=str(dev),
+        repeats=repeats or size["repeats"], encoder=create_mae(size["mae"], seed=0), **warmup,
+    )  # fmt: skip
+    if not skip_mlo:
+        rows += bench_mlo(
+            preset=size["mae"], device=str(dev), batch=batch or size["mlo_batch"], rss=rss and size.get("rss", True),
+            repeats=repeats or size.get("mlo_repeats", 7), **warmup,
+        )  # fmt: skip
+    return {"device": str(dev), "torch": torch.__version__, "preset": preset, "threads": torch.get_num_threads(),
+            "rows": rows, "params": masker_parameter_counts()}  # fmt: skip
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """Plain-text table of `bench_policy_overhead` rows."""
     lines = [f"{'name':<20} {'median ms':>10} {'peak MiB':>9} {'vs':<20} {'ratio':>6}"]

@@ -18,6 +18,7 @@ import contextlib
 import importlib
 import importlib.metadata
 import inspect
+import json
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -238,3 +239,55 @@ def _ensure_builtins() -> None:
     import maskkit.policies  # noqa: F401
 
     load_plugins()
+
+
+#: policy constructor arguments a run fills itself (from the mask ratio and the model)
+AUTO_POLICY_OPTIONS = ("ratio", "embed_dim", "num_patches")
+
+
+def convert_option(value: str, annotation: str, what: str) -> Any:
+    """Parse a string by its annotation ('int', 'float', 'bool', 'str', 'X | None'); else JSON, else as is."""
+    parts = [p.strip() for p in annotation.split("|")] if annotation else []
+    if "None" in parts and value.lower() in ("none", "null"):
+        return None
+    base = next((p for p in parts if p != "None"), "")
+    try:
+        if base == "int":
+            return int(value)
+        if base == "float":
+            return float(value)
+        if base == "bool":
+            lowered = value.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if base == "str":
+            return value
+    except ValueError:
+        raise ValueError(f"{what} expects {base}, got {value!r}") from None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def coerce_policy_options(name: str, options: dict[str, Any], spelled: dict[str, str] | None = None) -> dict[str, Any]:
+    """`options` checked against the policy's constructor, string values typed by its annotations.
+
+    `spelled` names how each key was given (e.g. `--attention-mode`) for the one-line errors.
+    """
+    known = {o.name: o for o in policy_options(name) if o.name not in AUTO_POLICY_OPTIONS}
+    choices = ", ".join(f"--{name.replace('_', '-')}-{k.replace('_', '-')}" for k in known) or "none"
+    spelled = spelled or {}
+    typed: dict[str, Any] = {}
+    for key, value in options.items():
+        what = spelled.get(key, f"policy option {key!r}")
+        if key in AUTO_POLICY_OPTIONS:
+            hint = "--mask-ratio" if key == "ratio" else "the model"
+            raise ValueError(f"policy option {key!r} is set from {hint}, not from {what}")
+        if key not in known:
+            raise ValueError(f"policy {name!r} has no option {key!r} ({what}); its options: {choices}")
+        typed[key] = convert_option(value, known[key].annotation, what) if isinstance(value, str) else value
+    return typed

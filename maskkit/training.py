@@ -19,7 +19,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from maskkit.distributed import (
 )
 from maskkit.mae import mae_step_loss
 from maskkit.optim import create_optimizer, warmup_cosine
+from maskkit.settings import flag, setting
 
 STATE_VERSION = 2
 
@@ -82,8 +83,65 @@ def parse_inject_nan(text: str | None) -> dict[str, set[int]]:
 
 
 @dataclass
+class MLOSettings:
+    """The learned masker's multi-level optimisation, as a run sets it (`MLOConfig` adds the engine's internals).
+
+    Declared once: `maskkit pretrain` makes one option of each field (`--masker-lr` ...), and a
+    policy that is not `learnable` refuses any value other than these defaults.
+    """
+
+    hypergrad: str = setting(
+        "darts", "Hypergradient: darts (finite differences) | unroll (exact, through --unroll-steps MAE steps)."
+    )
+    masker_every: int = setting(2, "Head and masker step after every this many MAE steps.")
+    unroll_steps: int = setting(1, "MAE steps unrolled by --hypergrad unroll.")
+    head_optimizer: str = setting("adamw", "Optimizer of the classification head (level 2).")
+    head_lr: float = setting(1e-2, "Learning rate of the classification head (level 2).")
+    masker_optimizer: str = setting("adamw", "Optimizer of the learned masker.")
+    masker_lr: float = setting(1e-3, "Learning rate of the learned masker.")
+    level2: str = setting(
+        "head", "Level 2: head (a trained linear head, the paper) | ridge (a ridge probe refit on every "
+        "labeled batch; needs darts)."
+    )
+    masker_start: int = setting(
+        0, "Masker warm-up: MAE steps before the masker's first update (the head trains meanwhile)."
+    )
+    freeze_masker: bool = setting(False, "Control run: keep the learned masker at its initialisation (no MLO).")
+    masker_reg: float = setting(
+        0.0, "Anti-collapse: weight of KL(masker probabilities || mask ratio) in the masker's objective (0: off)."
+    )
+
+    #: the fields `MLOConfig` shares by name (the rest configure the optimizers and the control run)
+    ENGINE_FIELDS = ("masker_every", "unroll_steps", "hypergrad", "masker_start", "level2", "masker_reg")
+
+    def check(self) -> None:
+        """One-line ValueError for a setting out of range (the engine checks the rest)."""
+        if self.hypergrad not in HYPERGRADS:
+            raise ValueError(f"--hypergrad must be one of {', '.join(HYPERGRADS)}, got {self.hypergrad!r}")
+        if self.level2 not in LEVEL2:
+            raise ValueError(f"--level2 must be one of {', '.join(LEVEL2)}, got {self.level2!r}")
+        for name in ("masker_every", "unroll_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag(name)} must be a positive integer, got {getattr(self, name)}")
+        if self.masker_start < 0:
+            raise ValueError(f"--masker-start must be a non-negative integer, got {self.masker_start}")
+        if not self.masker_reg >= 0:
+            raise ValueError(f"--masker-reg must be a non-negative number, got {self.masker_reg}")
+        if self.level2 == "ridge" and self.hypergrad != "darts":
+            raise ValueError("--level2 ridge needs --hypergrad darts")
+
+    def changed(self) -> list[str]:
+        """The fields set to something other than their default."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != f.default]
+
+
+HYPERGRADS = ("darts", "unroll")
+LEVEL2 = ("head", "ridge")
+
+
+@dataclass
 class TrainConfig:
-    """Optimisation settings of a pretraining run (MAE defaults where they apply)."""
+    """Optimisation settings of a pretraining run (MAE defaults where they apply); `mlo` for a learned masker."""
 
     steps: int = 1000
     batch_size: int = 128
@@ -96,23 +154,26 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100
     keep_checkpoints: int = 2
-    # the learned masker (MLO engine)
-    hypergrad: str = "darts"
-    masker_every: int = 2
-    unroll_steps: int = 1
-    head_optimizer: str = "adamw"
-    head_lr: float = 1e-2
-    masker_optimizer: str = "adamw"
-    masker_lr: float = 1e-3
-    level2: str = "head"  # "ridge": closed-form ridge probe as level 2 (MLOConfig.level2)
-    masker_start: int = 0  # masker warm-up in MAE steps (the head still trains); MLOConfig.masker_start
-    freeze_masker: bool = False  # control: learned policy at its initialisation, no MLO feedback
-    masker_reg: float = 0.0  # anti-collapse penalty weight on the level-3 objective (MLOConfig.masker_reg)
+    mlo: MLOSettings = field(default_factory=MLOSettings)  # the learned masker (MLO engine)
     # robustness, precision, processes
     skip_nonfinite: bool = False  # skip a batch whose loss/hypergradient is not finite (else stop)
     amp: str = "none"  # "bf16": autocast the MAE forward of the real pretrain steps (hypergradients stay fp32)
     mask_noise: str = "rank"  # "sample": random-policy noise keyed by (step, global sample position)
     world_size: int = 1  # processes (torchrun); batch_size is per process
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        """From `asdict()`; also the flat layout of runs written before `mlo` was its own section."""
+        raw = dict(raw)
+        mlo = dict(raw.pop("mlo", {}) or {})
+        for name in [f.name for f in fields(MLOSettings)]:
+            if name in raw:
+                mlo[name] = raw.pop(name)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known) + sorted(set(mlo) - {f.name for f in fields(MLOSettings)})
+        if unknown:
+            raise ValueError(f"unknown training setting(s): {', '.join(unknown)}")
+        return cls(**raw, mlo=MLOSettings(**mlo))
 
 
 class ClassifierHead(nn.Module):
@@ -187,7 +248,7 @@ class Pretrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.head: nn.Module | None = None
         self.engine: Any = None
-        if getattr(policy, "learnable", False) and config.freeze_masker:
+        if getattr(policy, "learnable", False) and config.mlo.freeze_masker:
             policy.requires_grad_(False)  # same selection and loss weighting, plain MAE steps, no feedback
         elif getattr(policy, "learnable", False):
             self._build_engine(splits)
@@ -212,7 +273,7 @@ class Pretrainer:
         return min(1.0, self.step_count / max(self.config.steps, 1))
 
     def _check_config(self, policy: nn.Module) -> None:
-        cfg, learned = self.config, getattr(policy, "learnable", False) and not self.config.freeze_masker
+        cfg, learned = self.config, getattr(policy, "learnable", False) and not self.config.mlo.freeze_masker
         if cfg.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {cfg.amp!r}")
         if cfg.mask_noise not in MASK_NOISE:
@@ -221,7 +282,7 @@ class Pretrainer:
             raise ValueError(f"the run is set up for {cfg.world_size} processes but {self.dist.world_size} are running")
         if learned and cfg.mask_noise != "rank":
             raise ValueError("--mask-noise sample needs a policy that takes noise (e.g. random), not the learned one")
-        if learned and cfg.skip_nonfinite and cfg.hypergrad == "unroll" and cfg.unroll_steps > 1:
+        if learned and cfg.skip_nonfinite and cfg.mlo.hypergrad == "unroll" and cfg.mlo.unroll_steps > 1:
             raise ValueError("--skip-nonfinite with --hypergrad unroll needs --unroll-steps 1 "
                              "(a bad batch inside a longer unroll window cannot be undone alone)")
 
@@ -253,7 +314,7 @@ class Pretrainer:
             from maskkit.mlo import MLOConfig, MLOEngine
         except ImportError as err:  # the engine ships with maskkit; this only guards partial installs
             raise ValueError(f"the learned policy needs the MLO engine (maskkit.mlo): {err}") from None
-        cfg = self.config
+        cfg, mlo = self.config, self.config.mlo
         data = self.batcher.data
         check_classes(data, "a learnable policy")  # its head classifies: labels of two classes or more
         self.head = ClassifierHead(self.mae.embed_dim, data.num_classes).to(self.device)
@@ -261,10 +322,10 @@ class Pretrainer:
         self.streams["val"] = self._stream(splits["val"], cfg.seed + 20, "val")
         # the reference's head and masker optimizers: AdamW with torch's defaults (betas 0.9/0.999, wd 0.01)
         head_opt = create_optimizer(
-            cfg.head_optimizer, self.head, lr=cfg.head_lr, weight_decay=0.01, betas=(0.9, 0.999)
+            mlo.head_optimizer, self.head, lr=mlo.head_lr, weight_decay=0.01, betas=(0.9, 0.999)
         )
         masker_opt = create_optimizer(
-            cfg.masker_optimizer, self.policy.parameters(), lr=cfg.masker_lr, weight_decay=0.01, betas=(0.9, 0.999)
+            mlo.masker_optimizer, self.policy.parameters(), lr=mlo.masker_lr, weight_decay=0.01, betas=(0.9, 0.999)
         )
         self.engine = MLOEngine(
             self.mae,
@@ -275,14 +336,7 @@ class Pretrainer:
             masker_optimizer=masker_opt,
             schedulers={"mae": self.scheduler},
             config=MLOConfig(
-                ratio=cfg.mask_ratio,
-                masker_every=cfg.masker_every,
-                unroll_steps=cfg.unroll_steps,
-                hypergrad=cfg.hypergrad,
-                masker_start=cfg.masker_start,
-                level2=cfg.level2,
-                amp=cfg.amp,
-                masker_reg=cfg.masker_reg,
+                ratio=cfg.mask_ratio, amp=cfg.amp, **{name: getattr(mlo, name) for name in MLOSettings.ENGINE_FIELDS}
             ),
             train_batches=lambda: self._labeled_batch("labeled"),
             val_batches=lambda: self._labeled_batch("val"),

@@ -1,9 +1,12 @@
-"""maskkit.adapters.official_mae over the official-MAE test double in examples/models_mae.py."""
+"""maskkit.adapters.official_mae over the official-MAE test double in examples/models_mae.py.
+
+What every adapter must do (protocol, bit-identical loss, plan round trip, features, learned masker
+gradients, undo, state_dict round trip) is in tests/test_adapter_conformance.py.
+"""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import inspect
 from pathlib import Path
 
@@ -11,9 +14,9 @@ import pytest
 import timm.models.vision_transformer as vit
 import torch
 
-from maskkit import MaskPlan, create_policy, is_mae, mae_step_loss, num_visible
+from maskkit import MaskPlan, create_policy, num_visible
+from maskkit.adapters.models import load_official_module
 from maskkit.adapters.official_mae import (
-    OfficialMAE,
     policy_of,
     restore_masking,
     timm_compat,
@@ -22,17 +25,10 @@ from maskkit.adapters.official_mae import (
 )
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-B, N, D, P = 3, 16, 32, 4 * 4 * 3  # tiny double: 16x16 images, patch 4, width 32
+B, N, D = 3, 16, 32  # tiny double: 16x16 images, patch 4, width 32
 
 
-def _load_models_mae():
-    spec = importlib.util.spec_from_file_location("maskkit_test_models_mae", EXAMPLES / "models_mae.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-models_mae = _load_models_mae()
+models_mae = load_official_module(EXAMPLES / "models_mae.py")  # the official-MAE test double
 TIMM_1X = "qk_scale" not in inspect.signature(vit.Block.__init__).parameters
 
 
@@ -46,11 +42,6 @@ def make_model(seed: int = 0, **kwargs) -> torch.nn.Module:
 @pytest.fixture()
 def model():
     return make_model()
-
-
-@pytest.fixture()
-def images():
-    return torch.randn(B, 3, 16, 16, generator=torch.Generator().manual_seed(7))
 
 
 # ---- timm_compat -----------------------------------------------------------------------------
@@ -138,44 +129,7 @@ def test_double_random_masking_semantics(model):
     assert torch.equal(torch.argsort(torch.argsort(noise, dim=1), dim=1), ids_restore)
 
 
-# ---- wrap: the MAE protocol ------------------------------------------------------------------
-
-
-def test_wrap_protocol_shapes(model, images):
-    mae = wrap(model)
-    assert isinstance(mae, OfficialMAE) and is_mae(mae)
-    assert (mae.patch_size, mae.num_patches, mae.embed_dim, mae.in_chans) == (4, N, D, 3)
-    assert mae.norm_pix_loss is False
-    plan = create_policy("random")(torch.zeros(B, N, D), ratio=0.75)
-    tokens = mae.patch_tokens(images)
-    latent = mae.encode(tokens, plan)
-    assert tokens.shape == (B, N, D) and latent.shape == (B, 1 + plan.num_visible, D)
-    assert mae.decode(latent, plan).shape == (B, N, P)
-    assert torch.equal(mae.patchify(images), model.patchify(images))
-    assert torch.equal(mae.unpatchify(mae.patchify(images)), images)
-    assert mae.features(images).shape == (B, D)
-    attention = mae.cls_attention(images)
-    assert attention.shape == (B, N) and bool((attention > 0).all()) and bool((attention.sum(1) < 1).all())
-    # the wrapper holds the model itself: same parameters, trained together
-    assert mae.model is model and list(mae.parameters()) == list(model.parameters())
-
-
-@pytest.mark.parametrize("norm_pix_loss", [False, True])
-def test_wrap_random_policy_bit_identical_to_model(images, norm_pix_loss):
-    model = make_model(norm_pix_loss=norm_pix_loss)
-    torch.manual_seed(11)
-    loss, pred, mask = model(images, mask_ratio=0.6)
-    torch.manual_seed(11)
-    out = mae_step_loss(wrap(model), create_policy("random"), images, ratio=0.6)
-    assert torch.equal(out.loss, loss) and torch.equal(out.pred, pred) and torch.equal(out.plan.mask, mask)
-    torch.manual_seed(11)
-    assert torch.equal(wrap(model)(images, ratio=0.6).loss, loss)  # forward: default random policy
-
-
-def test_wrap_features_equal_unmasked_encoder(model, images):
-    """With nothing masked, the CLS output does not depend on the shuffle of the patches."""
-    latent, _, _ = model.forward_encoder(images, 0.0)
-    torch.testing.assert_close(wrap(model).features(images), latent[:, 0], rtol=1e-5, atol=1e-5)
+# ---- wrap (the MAE protocol itself: tests/test_adapter_conformance.py) -----------------------
 
 
 def test_wrap_rejects_foreign_objects():
@@ -286,36 +240,19 @@ def test_use_policy_applies_a_frozen_learned_masker_and_saves_it(model, images):
     assert set(model.state_dict()) == keys  # detached again
 
 
-def test_learned_through_wrap_reaches_masker(model, images):
-    masker = create_policy("learned", embed_dim=D, num_patches=N)
-    out = mae_step_loss(wrap(model), masker, images, ratio=0.75)
-    out.loss.backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in masker.parameters())
-
-
-def test_use_policy_is_undone_cleanly(images):
+def test_use_policy_touches_only_this_instance_and_restore_masking_undoes_it():
+    """The bookkeeping of use_policy; that remove() leaves the model as it was: the conformance suite."""
     model, twin = make_model(), make_model()
     before = set(model.__dict__)
     keys = list(model.state_dict())
     handle = use_policy(model, create_policy("attention"))
-    assert policy_of(model) is handle and list(model.state_dict()) == keys  # nothing registered
+    assert policy_of(model) is handle and list(model.state_dict()) == keys  # no parameters: none registered
     assert type(model).forward is models_mae.MaskedAutoencoderViT.forward  # class untouched
-    assert "forward" not in twin.__dict__  # other instances untouched
-    model(images, mask_ratio=0.75)
-    handle.remove()
-    handle.remove()  # idempotent
-    assert set(model.__dict__) == before and policy_of(model) is None
-    torch.manual_seed(9)
-    expected = twin(images, mask_ratio=0.75)
-    torch.manual_seed(9)
-    got = model(images, mask_ratio=0.75)
-    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
-    # restore_masking and replacement
-    use_policy(model, create_policy("random"))
-    second = use_policy(model, create_policy("attention"))  # replaces the first
-    assert policy_of(model) is second
+    assert "forward" not in twin.__dict__ and policy_of(twin) is None  # other instances untouched
+    second = use_policy(model, create_policy("random"))  # replaces the first
+    assert policy_of(model) is second and not handle.active
     assert restore_masking(model) is True and restore_masking(model) is False
-    assert set(model.__dict__) == before
+    assert set(model.__dict__) == before and policy_of(model) is None
 
 
 def test_deepcopy_of_patched_model_masks_itself(model, images):

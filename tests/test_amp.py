@@ -11,8 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from maskkit import run as runs
 from maskkit.checkpoint import load_checkpoint
-from maskkit.cli import runs
 from maskkit.cli.app import app
 from maskkit.data import Batcher, channel_stats, load_dataset, make_splits
 from maskkit.registry import create_policy
@@ -37,7 +37,7 @@ def build(policy: str, amp: str, **train) -> tuple[Pretrainer, list[torch.dtype]
         if isinstance(m, torch.nn.Linear):
             m.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
     kwargs = {"ratio": 0.75, **({"embed_dim": mae.embed_dim, "hidden_dim": 8} if policy == "learned" else {})}
-    cfg = TrainConfig(steps=4, batch_size=32, amp=amp, **train)
+    cfg = TrainConfig.from_dict({"steps": 4, "batch_size": 32, "amp": amp, **train})
     trainer = Pretrainer(mae, create_policy(policy, **kwargs), Batcher(data, mean, std, torch.device("cpu")),
                          splits, cfg, torch.device("cpu"))
     return trainer, seen

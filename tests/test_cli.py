@@ -227,7 +227,7 @@ def test_masker_start_and_weighting_reach_the_engine(tmp_path):
     ok("pretrain", "--out", run, "--learned-hidden-dim", "16", "--masker-start", "4", "--learned-weighting",
        "straight", *FAST)
     config = json.loads((run / "config.json").read_text())
-    assert config["train"]["masker_start"] == 4 and config["policy"]["options"]["weighting"] == "straight"
+    assert config["train"]["mlo"]["masker_start"] == 4 and config["policy"]["options"]["weighting"] == "straight"
     updated = {r["step"]: r["masker_updated"] for r in metrics(run)}  # means over 2-step windows
     assert updated == {2: 0.0, 4: 0.0, 6: 0.5}  # masker steps end iterations 2, 4, 6: only the last learns
     assert all(r["mask_prob_mean"] < 0.9 for r in metrics(run))  # probabilities, not the straight weights (1)
@@ -263,7 +263,7 @@ def test_unrolled_hypergradient_checkpoints_between_masker_cycles(tmp_path):
     # checkpoints are due at 3 and 6; step 3 is inside an open unroll window, so it is written at 4
     assert [p.name for p in sorted((run / "checkpoints").glob("*.pt"))] == [
         "checkpoint-0000004.pt", "checkpoint-0000006.pt"]
-    assert json.loads((run / "config.json").read_text())["train"]["hypergrad"] == "unroll"
+    assert json.loads((run / "config.json").read_text())["train"]["mlo"]["hypergrad"] == "unroll"
 
 
 def test_bench_policy_rows(tmp_path):
@@ -318,7 +318,7 @@ def test_guided_fraction_passes_through_and_masker_reg_reaches_the_engine(tmp_pa
     reg = tmp_path / "reg"
     ok("pretrain", "--out", reg, "--learned-hidden-dim", "16", "--learned-guided-fraction", "0.5",
        "--learned-selection", "gumbel", "--masker-reg", "0.5", *FAST)
-    assert json.loads((reg / "config.json").read_text())["train"]["masker_reg"] == 0.5
+    assert json.loads((reg / "config.json").read_text())["train"]["mlo"]["masker_reg"] == 0.5
     assert all(r["masker_prior_kl"] > 0 for r in metrics(reg))
     fails("--masker-reg must be a non-negative number", "pretrain", "--out", tmp_path / "bad", "--masker-reg", "-1",
           *FAST)
@@ -330,19 +330,26 @@ def test_guided_fraction_passes_through_and_masker_reg_reaches_the_engine(tmp_pa
 
 
 def test_policy_option_spellings_and_types():
-    from maskkit.cli.app import CommandError, parse_policy_options
+    from maskkit.cli.options import policy_extras
+    from maskkit.registry import coerce_policy_options
 
-    opts = parse_policy_options(
-        "learned", ["--learned-detach-input", "--learned-hidden-dim=none", "--learned-temperature", "0.5"],
-        ["selection=gumbel"])
+    def parse(policy, extra, pairs):
+        return coerce_policy_options(policy, *policy_extras(policy, extra, pairs))
+
+    opts = parse("learned", ["--learned-detach-input", "--learned-hidden-dim=none", "--learned-temperature", "0.5"],
+                 ["selection=gumbel"])  # fmt: skip
     assert opts == {"detach_input": True, "hidden_dim": None, "temperature": 0.5, "selection": "gumbel"}
-    assert parse_policy_options("learned", ["--learned-detach-input", "off"], []) == {"detach_input": False}
-    with pytest.raises(CommandError, match="expects float, got 'warm'"):
-        parse_policy_options("learned", ["--learned-temperature", "warm"], [])
-    with pytest.raises(CommandError, match="set from --mask-ratio"):
-        parse_policy_options("random", [], ["ratio=0.5"])
-    with pytest.raises(CommandError, match="needs a value"):
-        parse_policy_options("attention", ["--attention-mode"], [])
+    assert parse("learned", ["--learned-detach-input", "off"], []) == {"detach_input": False}
+    with pytest.raises(ValueError, match="--learned-temperature expects float, got 'warm'"):
+        parse("learned", ["--learned-temperature", "warm"], [])
+    with pytest.raises(ValueError, match="set from --mask-ratio"):
+        parse("random", [], ["ratio=0.5"])
+    with pytest.raises(ValueError, match="--attention-mode needs a value"):
+        parse("attention", ["--attention-mode"], [])
+    # typed values (a RunConfig read from JSON) pass through; unknown names are refused
+    assert coerce_policy_options("learned", {"temperature": 0.5}) == {"temperature": 0.5}
+    with pytest.raises(ValueError, match="has no option 'tempo'"):
+        coerce_policy_options("learned", {"tempo": 1})
 
 
 def test_npz_run_evaluate_and_visualize(tmp_path):

@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from maskkit import run as runs
 from maskkit.checkpoint import load_checkpoint
-from maskkit.cli import runs
 from maskkit.data import Batcher, channel_stats, load_dataset, make_splits
 from maskkit.distributed import SINGLE, DistContext, cleanup, init_from_env
 from maskkit.registry import create_policy
@@ -46,7 +46,7 @@ def build(policy: str, batch: int, dist: DistContext, **train) -> Pretrainer:
                           "norm_pix_loss": False, "init_seed": 0}).to(device)
     kwargs = {"ratio": 0.75, **({"embed_dim": mae.embed_dim, "hidden_dim": 8} if policy == "learned" else {})}
     pol = create_policy(policy, **kwargs)
-    cfg = TrainConfig(steps=STEPS, batch_size=batch, world_size=dist.world_size, log_every=1, **train)
+    cfg = TrainConfig.from_dict({"steps": STEPS, "batch_size": batch, "world_size": dist.world_size, "log_every": 1, **train})
     return Pretrainer(mae, pol, Batcher(data, mean, std, device), splits, cfg, device, dist)
 
 
@@ -148,16 +148,20 @@ def torchrun(*args: object) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def wait_for_lines(metrics: Path, lines: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Wait until the run has logged `lines` metrics lines (or ended, or `timeout` seconds passed)."""
+    deadline = time.monotonic() + timeout
+    while (not metrics.is_file() or metrics.read_text().count("\n") < lines) and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 @pytest.mark.skipif(TORCHRUN is None or not Path("/proc/self/task").is_dir(), reason="needs torchrun and /proc")
 def test_torchrun_pretrain_killed_and_resumed_is_bit_identical(tmp_path):
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     reference = torchrun("--out", full, *ARGS)
     proc = torchrun("--out", crashed, *ARGS)
-    metrics = crashed / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while (not metrics.is_file() or metrics.read_text().count("\n") < 5) and proc.poll() is None \
-            and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_for_lines(crashed / "metrics.jsonl", 5, proc)
     kill_tree(proc.pid)  # torchrun and both workers (which torchrun starts in sessions of their own)
     proc.wait()
     assert not (crashed / "model.pt").exists(), "the run finished before it could be killed"
@@ -183,11 +187,7 @@ def test_torchrun_stopped_by_sigterm_checkpoints_and_resumes_bit_identically(tmp
             "--no-progress"]
     reference = torchrun("--out", full, *args)
     proc = torchrun("--out", run, *args)
-    metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while (not metrics.is_file() or metrics.read_text().count("\n") < 2) and proc.poll() is None \
-            and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_for_lines(run / "metrics.jsonl", 2, proc)
     proc.send_signal(signal.SIGTERM)  # to the launcher only, as a scheduler would; it forwards it to the workers
     _, err = proc.communicate(timeout=300)
     err = err.decode()

@@ -7,7 +7,6 @@ The checkpoint is built as facebookresearch/mae `util/misc.py` `save_model` buil
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from maskkit import create_policy
+from maskkit.adapters.models import load_official_module
 from maskkit.adapters.official_mae import (
     ENGINE_CHECKPOINT_KEY,
     engine_checkpoint_entries,
@@ -28,14 +28,7 @@ from maskkit.mlo import MLOConfig, MLOEngine, default_optimizers
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def _load_models_mae():
-    spec = importlib.util.spec_from_file_location("maskkit_test_engine_ckpt_models_mae", EXAMPLES / "models_mae.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-models_mae = _load_models_mae()
+models_mae = load_official_module(EXAMPLES / "models_mae.py")  # the official-MAE test double
 
 
 def make_engine(seed: int) -> tuple[nn.Module, MLOEngine]:

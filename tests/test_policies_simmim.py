@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from policy_checks import check_determinism
 
 from maskkit.plan import num_visible
 from maskkit.policies.random import RandomPolicy
@@ -78,12 +79,7 @@ def test_noise_and_generator_determinism():
     tokens = torch.zeros(4, 196, 3)
     policy = SimMIMPolicy()  # ratio 0.6, 2x2 groups -> 49 groups
     noise = torch.rand(4, 49, generator=torch.Generator().manual_seed(0))
-    a, b = policy(tokens, noise=noise), policy(tokens, noise=noise.clone())
-    assert torch.equal(a.mask, b.mask) and torch.equal(a.ids_keep, b.ids_keep)
-    c = policy(tokens, generator=torch.Generator().manual_seed(5))
-    d = policy(tokens, generator=torch.Generator().manual_seed(5))
-    e = policy(tokens, generator=torch.Generator().manual_seed(6))
-    assert torch.equal(c.ids_restore, d.ids_restore) and not torch.equal(c.mask, e.mask)
+    a, c = check_determinism(policy, tokens, noise, seed=5)
     # the generator draws exactly one uniform per group
     g = policy(tokens, noise=torch.rand(4, 49, generator=torch.Generator().manual_seed(5)))
     assert torch.equal(g.ids_keep, c.ids_keep)

@@ -18,8 +18,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from maskkit import run as runs
 from maskkit.checkpoint import list_checkpoints, load_checkpoint, load_latest
-from maskkit.cli import runs
 from maskkit.cli.app import app
 from maskkit.data import Batcher, channel_stats, load_dataset, make_splits
 from maskkit.registry import create_policy
@@ -167,7 +167,7 @@ def build(policy: str, **train_config) -> Pretrainer:
     mae = runs.build_mae({"preset": "micro", "img_size": 8, "patch_size": 2, "in_chans": 1, "norm_pix_loss": False,
                           "init_seed": 0})
     kwargs = {"ratio": 0.75, **({"embed_dim": mae.embed_dim, "hidden_dim": 8} if policy == "learned" else {})}
-    cfg = TrainConfig(batch_size=16, log_every=2, ckpt_every=100, **train_config)
+    cfg = TrainConfig.from_dict({"batch_size": 16, "log_every": 2, "ckpt_every": 100, **train_config})
     device = torch.device("cpu")
     return Pretrainer(mae, create_policy(policy, **kwargs), Batcher(data, mean, std, device), splits, cfg, device)
 

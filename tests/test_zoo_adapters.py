@@ -6,7 +6,6 @@ Every adapter must hide exactly N - K patches as the policy planned them, give a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from maskkit import create_policy, num_visible
+from maskkit.adapters.models import load_official_module
 from maskkit.adapters.official_mae import timm_compat, use_policy
 from maskkit.adapters.timm import create_mae
 from maskkit.checkpoint import load_checkpoint
@@ -27,14 +27,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _load_models_mae():
-    spec = importlib.util.spec_from_file_location("maskkit_zoo_models_mae", EXAMPLES / "models_mae.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-models_mae = _load_models_mae()
+models_mae = load_official_module(EXAMPLES / "models_mae.py")  # the official-MAE test double
 
 
 @pytest.fixture()

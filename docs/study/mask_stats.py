@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from maskkit.cli import runs
+from maskkit import run as run_layer
 from maskkit.mae import policy_context
 
 
@@ -26,8 +26,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     args = parser.parse_args()
     for run_dir in args.runs:
-        run = runs.build_run(runs.RunSpec.read(run_dir), torch.device("cpu"))
-        runs.load_weights(run, run_dir)
+        run = run_layer.load_run(run_dir, "cpu")
         index = run.splits["test"][: args.images]
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():

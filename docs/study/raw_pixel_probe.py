@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from maskkit.cli import runs
+from maskkit import run as run_layer
 from maskkit.evaluate import LINEAR_BASE_LR, default_epochs, linear_probe
 
 
 def main(run_dir: Path) -> None:
-    spec = runs.RunSpec.read(run_dir)
-    run = runs.build_run(spec, runs.resolve_device("cpu"))
+    run = run_layer.load_run(run_dir, "cpu", weights=False)
     train, test = run.splits["train"], run.splits["test"]
     index = np.concatenate([train, test])
     feats = run.batcher.images(index).flatten(1).float()  # [n, C*H*W]

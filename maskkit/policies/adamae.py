@@ -96,17 +96,9 @@ class AdaMAEPolicy(MaskPolicy):
         """log p [B, N]: the log-softmax over each image's tokens of the sampling logits."""
         return torch.log_softmax(self.logits(tokens), dim=-1)
 
-    def forward(
-        self,
-        tokens: Tensor,
-        *,
-        ratio: float | None = None,
-        noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        **context: Any,
-    ) -> MaskPlan:
-        batch, n = self.token_grid(tokens)  # tokens: [B, N, D]
-        ratio = self.resolve_ratio(ratio, n)
+    def make_plan(self, tokens: Tensor, ratio: float, *, noise: Tensor | None = None,
+                  generator: torch.Generator | None = None, **context: Any) -> MaskPlan:
+        batch, n = tokens.shape[:2]  # tokens: [B, N, D]
         log_p = self.log_probs(tokens)  # [B, N] attached to the sampler
         noise = uniform_noise(noise, batch, n, log_p.device, generator, dtype=log_p.dtype)  # [B, N]
         perturbed = log_p.detach() + gumbel_from_uniform(noise.to(log_p))  # [B, N]; the K largest are visible

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from maskkit.plan import MaskPlan, check_ratio
@@ -47,8 +48,26 @@ class MaskPolicy(nn.Module):
             raise ValueError(f"tokens must be [B, N, D], got shape {tuple(getattr(tokens, 'shape', ()))}")
         return tokens.shape[0], tokens.shape[1]
 
-    def forward(self, tokens: Tensor, *, ratio: float | None = None, **context: Any) -> MaskPlan:  # noqa: D102
-        raise NotImplementedError
+    def forward(
+        self,
+        tokens: Tensor,
+        *,
+        ratio: float | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        **context: Any,
+    ) -> MaskPlan:
+        """The plan for `tokens` [B, N, D]: checks the shape and the ratio, then `make_plan`."""
+        _, n = self.token_grid(tokens)
+        return self.make_plan(tokens, self.resolve_ratio(ratio, n), noise=noise, generator=generator, **context)
+
+    def make_plan(self, tokens: Tensor, ratio: float, **kwargs: Any) -> MaskPlan:
+        """What a policy implements: the plan for checked tokens [B, N, D] at a checked ratio.
+
+        `kwargs`: `noise` [B, N] uniform in [0, 1) or None, `generator` or None, and the context
+        keys (`images`, `attention`, `progress`, ...). A policy may override `forward` instead.
+        """
+        raise NotImplementedError(f"{type(self).__name__} implements neither make_plan nor forward")
 
     # ---- a policy's own objective -------------------------------------------------------------
 

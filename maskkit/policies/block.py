@@ -78,16 +78,9 @@ class BlockPolicy(MaskPolicy):
         self.max_aspect = float(max_aspect)
         self.grid_size = None if grid_size is None else _grid(grid_size)
 
-    def forward(
-        self,
-        tokens: Tensor,
-        *,
-        ratio: float | None = None,
-        generator: torch.Generator | None = None,
-        **context: Any,
-    ) -> MaskPlan:
-        batch, n = self.token_grid(tokens)  # tokens: [B, N, D]
-        ratio = self.resolve_ratio(ratio, n)
+    def make_plan(self, tokens: Tensor, ratio: float, *, noise: Tensor | None = None,
+                  generator: torch.Generator | None = None, **context: Any) -> MaskPlan:
+        batch, n = tokens.shape[:2]  # tokens: [B, N, D]
         rows, cols = self._grid_for(n)
         target = n - num_visible(n, ratio)
         seeds = torch.randint(0, 2**62, (batch,), generator=generator).tolist()

@@ -196,17 +196,9 @@ class ColorNoisePolicy(MaskPolicy):
         patterns = None if bank is None else load_noise_bank(str(bank), color)  # [count, M, M]
         self.register_buffer("bank", patterns, persistent=False)
 
-    def forward(
-        self,
-        tokens: Tensor,
-        *,
-        ratio: float | None = None,
-        noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        **context: Any,
-    ) -> MaskPlan:
-        batch, n = self.token_grid(tokens)  # tokens: [B, N, D]
-        ratio = self.resolve_ratio(ratio, n)
+    def make_plan(self, tokens: Tensor, ratio: float, *, noise: Tensor | None = None,
+                  generator: torch.Generator | None = None, **context: Any) -> MaskPlan:
+        batch, n = tokens.shape[:2]  # tokens: [B, N, D]
         side = grid_side(n)
         if noise is not None and tuple(noise.shape) != (batch, n):
             raise ValueError(f"noise must have shape {(batch, n)}, got {tuple(noise.shape)}")

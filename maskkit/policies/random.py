@@ -31,15 +31,7 @@ class RandomPolicy(MaskPolicy):
     def __init__(self, ratio: float = 0.75) -> None:
         super().__init__(ratio)
 
-    def forward(
-        self,
-        tokens: Tensor,
-        *,
-        ratio: float | None = None,
-        noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        **context: Any,
-    ) -> MaskPlan:
-        batch, n = self.token_grid(tokens)  # tokens: [B, N, D]
-        ratio = self.resolve_ratio(ratio, n)
+    def make_plan(self, tokens: Tensor, ratio: float, *, noise: Tensor | None = None,
+                  generator: torch.Generator | None = None, **context: Any) -> MaskPlan:
+        batch, n = tokens.shape[:2]  # tokens: [B, N, D]
         return MaskPlan.from_scores(uniform_noise(noise, batch, n, tokens.device, generator), ratio)  # [B, N] noise

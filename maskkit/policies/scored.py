@@ -79,18 +79,10 @@ class ScoredPolicy(MaskPolicy):
         """How many of the hidden patches the rule chooses at `progress` (None: full alpha)."""
         return num_guided(num_hidden, guided_fraction_at(self.guided_fraction, self.guided_ramp, progress))
 
-    def forward(
-        self,
-        tokens: Tensor,
-        *,
-        ratio: float | None = None,
-        noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        progress: float | None = None,
-        **context: Any,
-    ) -> MaskPlan:
-        batch, n = self.token_grid(tokens)  # tokens: [B, N, D]
-        ratio = self.resolve_ratio(ratio, n)
+    def make_plan(self, tokens: Tensor, ratio: float, *, noise: Tensor | None = None,
+                  generator: torch.Generator | None = None, progress: float | None = None,
+                  **context: Any) -> MaskPlan:
+        batch, n = tokens.shape[:2]  # tokens: [B, N, D]
         hidden = n - num_visible(n, ratio)
         guided = self.num_guided(hidden, progress)
         uniform = None

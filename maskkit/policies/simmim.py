@@ -109,17 +109,9 @@ class SimMIMPolicy(MaskPolicy):
         starts = torch.arange(0, side, self.group_side)  # [ceil(S / g)]
         return (starts[:, None] * side + starts[None, :]).reshape(-1)
 
-    def forward(
-        self,
-        tokens: Tensor,
-        *,
-        ratio: float | None = None,
-        noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        **context: Any,
-    ) -> MaskPlan:
-        batch, n = self.token_grid(tokens)  # tokens: [B, N, D]
-        ratio = self.resolve_ratio(ratio, n)
+    def make_plan(self, tokens: Tensor, ratio: float, *, noise: Tensor | None = None,
+                  generator: torch.Generator | None = None, **context: Any) -> MaskPlan:
+        batch, n = tokens.shape[:2]  # tokens: [B, N, D]
         side = grid_side(n)
         group_of = self.groups(side).to(tokens.device)  # [N]
         num_groups = math.ceil(side / self.group_side) ** 2  # G

@@ -81,18 +81,13 @@ class UniformPolicy(MaskPolicy):
         """K = int(N / 4 * (1 - secondary_ratio)) visible patches of N."""
         return int(num_patches // 4 * (1.0 - self.secondary_ratio))
 
-    def forward(
-        self,
-        tokens: Tensor,
-        *,
-        ratio: float | None = None,
-        noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        **context: Any,
-    ) -> MaskPlan:
-        batch, n = self.token_grid(tokens)  # tokens: [B, N, D]
-        if ratio is not None:
-            _check_uniform_ratio(ratio)
+    def resolve_ratio(self, ratio: float | None, num_patches: int) -> float:
+        """Always 0.75 (a per-call ratio must be 0.75 too): one visible patch per 2x2 block."""
+        return self.ratio if ratio is None else _check_uniform_ratio(ratio)
+
+    def make_plan(self, tokens: Tensor, ratio: float, *, noise: Tensor | None = None,
+                  generator: torch.Generator | None = None, **context: Any) -> MaskPlan:
+        batch, n = tokens.shape[:2]  # tokens: [B, N, D]
         side = grid_side(n)
         if side % 2:
             raise ValueError(f"uniform masking needs an even grid side, got a {side}x{side} grid (N = {n})")

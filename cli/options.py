@@ -1,0 +1,134 @@
+"""`maskkit pretrain`'s options, made from `maskkit.run.RunConfig`'s fields: each option is declared once, there.
+
+`config_command` gives a command function the signature typer reads: one option per field
+(`--<field-name>`, or the field's own `flags`), its default and help from the field. The policy's
+own options come as `--<policy>-<option> VALUE` extras or `--policy-opt option=VALUE` pairs and
+are typed by the library (`maskkit.registry.coerce_policy_options`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, Field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from maskkit.run import SECTIONS, RunConfig
+
+#: options of `maskkit pretrain` that are not run settings
+EXTRA_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "out": (Optional[Path], typer.Option(None, help="Run directory to create (default runs/<date-time>).")),
+    "resume": (Optional[Path], typer.Option(None, help="Continue the run in this directory from its last checkpoint.")),
+    "progress": (bool, typer.Option(True, "--progress/--no-progress", help="Show the progress bar.")),
+}
+
+
+def _param_name(f: Field) -> str:
+    return f.metadata.get("param") or f.name
+
+
+def _cli_type(f: Field, hint: Any) -> Any:
+    """The type typer parses: a dict of options is a repeatable key=value list; X | None is Optional[X]."""
+    if typing.get_origin(hint) is dict:
+        return list[str]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args and len(args) < len(typing.get_args(hint)):
+        return Optional[args[0]]
+    return hint
+
+
+def _option(f: Field) -> Any:
+    help_text = f.metadata.get("help", "")
+    flags = list(f.metadata.get("flags") or [])
+    if f.default_factory is not MISSING:  # a dict of options: repeatable
+        return typer.Option([], *flags, help=help_text)
+    if isinstance(f.default, bool) and not flags:
+        flags = ["--" + f.name.replace("_", "-")]  # a switch, off by default
+    return typer.Option(f.default, *flags, help=help_text)
+
+
+def config_fields() -> list[tuple[str, Field, Any]]:
+    """(section, field, typer type) of every command-line setting, in RunConfig's order."""
+    out = []
+    for section, kind in SECTIONS.items():
+        hints = typing.get_type_hints(kind)
+        out += [(section, f, _cli_type(f, hints[f.name])) for f in fields(kind) if f.metadata.get("cli", True)]
+    return out
+
+
+def config_command(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Give `func(ctx, **values)` one typer option per RunConfig field, plus EXTRA_OPTIONS."""
+    params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
+    annotations: dict[str, Any] = {"ctx": typer.Context, "return": None}
+    for _, f, kind in config_fields():
+        name = _param_name(f)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=_option(f), annotation=kind))
+        annotations[name] = kind
+    for name, (kind, option) in EXTRA_OPTIONS.items():
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+        annotations[name] = kind
+    func.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    func.__annotations__ = annotations
+    return func
+
+
+def config_from_values(values: dict[str, Any], policy_options: dict[str, Any], model_options: dict[str, Any]) -> RunConfig:
+    """The RunConfig of the parsed values (by parameter name); the option dicts already parsed."""
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for section, f, _ in config_fields():
+        sections[section][f.name] = values[_param_name(f)]
+    sections["policy"]["options"] = policy_options
+    sections["model"]["options"] = model_options
+    return RunConfig.from_dict(sections)
+
+
+def policy_extras(policy: str, extra: list[str], pairs: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Raw policy options from `--<policy>-<option> VALUE` extras and `--policy-opt option=VALUE` pairs.
+
+    Returns ({option: value text}, {option: how it was spelled}); a bare `--<policy>-<flag>` is "true".
+    """
+    from maskkit.registry import list_policies, policy_options
+
+    annotations = {o.name: o.annotation for o in policy_options(policy)}
+    raw: dict[str, str] = {}
+    spelled: dict[str, str] = {}
+    prefix = policy.replace("_", "-") + "-"
+    i = 0
+    while i < len(extra):
+        token = extra[i]
+        if not token.startswith("--"):
+            raise ValueError(f"unexpected argument {token!r}")
+        name, eq, value = token[2:].partition("=")
+        if not name.startswith(prefix):
+            other = next((p for p in list_policies() if name.startswith(p.replace("_", "-") + "-")), None)
+            if other is not None:
+                raise ValueError(f"option --{name} is for policy {other!r}, but --policy is {policy!r}")
+            raise ValueError(f"no such option: --{name}")
+        key = name[len(prefix) :].replace("-", "_")
+        if not eq:
+            if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+                value = extra[i + 1]
+                i += 1
+            elif "bool" in annotations.get(name[len(prefix) :].replace("-", "_"), "bool"):
+                value = "true"  # a bare boolean flag
+            else:
+                raise ValueError(f"option --{name} needs a value")
+        raw[key], spelled[key] = value, f"--{name}"
+        i += 1
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise ValueError(f"--policy-opt expects option=value, got {pair!r}")
+        key = key.strip().replace("-", "_")
+        raw[key], spelled[key] = value, f"--policy-opt {pair}"
+    return raw, spelled
+
+
+def given_on_command_line(ctx: typer.Context, name: str) -> bool:
+    """Whether option `name` was typed (not defaulted); by name, as typer ships its own copy of click."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"

@@ -1,0 +1,104 @@
+"""What the `maskkit` commands print: the run's description, the progress bar, the summary and bench tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+
+def describe(console: Console, record: Any, out: Path) -> None:
+    """The run in four lines: data, model, policy, training."""
+    ds, m, p, t = record.dataset, record.model, record.policy, record.train
+    opts = ", ".join(f"{k}={v}" for k, v in p["options"].items())
+    folder = ""  # an image folder: how it was read, and its classes
+    if ds.get("layout"):
+        folder = f"layout: {ds['layout']}, " + (f"{ds['num_classes']} classes, " if ds.get("labeled") else "")
+    hypergrad = t.get("mlo", {}).get("hypergrad")
+    console.print(
+        f"[bold]maskkit pretrain[/bold] -> {out}\n"
+        f"  data   {ds['name']}: {ds['num_images']} images {ds['in_chans']}x{ds['image_size'][0]}x{ds['image_size'][1]}, "
+        f"{folder}splits train {ds['splits']['train']} / val {ds['splits']['val']} / test {ds['splits']['test']}, "
+        f"augment {ds['augment']}\n"
+        f"  model  {m['name']}: patch {m['patch_size']} ({m['num_patches']} patches), width {m['embed_dim']}\n"
+        f"  policy {p['name']}{' (' + opts + ')' if opts else ''}, mask ratio {t['mask_ratio']}"
+        + (f", hypergrad {hypergrad}" if p.get("learnable") else "")
+        + f"\n  train  {t['steps']} steps of {t['batch_size']} on {record.device}",
+        highlight=False,
+    )
+
+
+#: what the pretrain bar shows in its loss and throughput fields before the first step has finished
+NO_STEP_YET = {"loss": "-", "ips": "-"}
+
+
+def pretrain_progress(on: Console, total: int, completed: int, *, disable: bool = False) -> tuple[Progress, Any]:
+    """The pretrain progress bar (step, loss, images/s, time spent and left) and its task.
+
+    Its fields are text: "-" until the first step of this call has finished (never "loss nan").
+    """
+    columns = [
+        TextColumn("[bold]pretrain"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[ips]} img/s"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+    ]
+    bar = Progress(*columns, console=on, disable=disable, transient=False)
+    return bar, bar.add_task("pretrain", total=total, completed=completed, **NO_STEP_YET)
+
+
+def step_fields(loss: float, images_per_second: float) -> dict[str, str]:
+    """The bar's fields after a step: the step's loss and the throughput so far."""
+    return {"loss": f"{loss:.4f}", "ips": f"{images_per_second:.0f}"}
+
+
+def evaluate_progress(on: Console, protocol: str, *, disable: bool = False) -> Progress:
+    """`maskkit evaluate`'s bar: steps done of the total, time spent and left."""
+    columns = [TextColumn(f"[bold]evaluate {protocol}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+               TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()]  # fmt: skip
+    return Progress(*columns, console=on, disable=disable, transient=False)
+
+
+def summary_table(summary: dict[str, Any], out: Path) -> Table:
+    """The table `maskkit pretrain` ends with: steps, time, throughput and the last metrics line."""
+    table = Table(title=f"pretraining summary ({out})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("steps", str(summary["steps"]))
+    table.add_row("time", f"{summary['seconds']:.1f} s")
+    table.add_row("throughput", f"{summary['images_per_second']:.0f} img/s")
+    for key, value in summary["final"].items():
+        if key != "step":
+            table.add_row(f"last log: {key}", f"{value:.4g}" if isinstance(value, float) else str(value))
+    return table
+
+
+def bench_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """`maskkit bench`'s rows: seconds, peak memory (and RSS), baseline and ratio."""
+    table = Table(title=title)
+    has_rss = any(row.get("rss_mb") is not None for row in rows)
+    for col in ("name", "seconds", "peak_mem_mb", *(["rss_mb"] if has_rss else []), "baseline", "ratio"):
+        table.add_column(col, justify="left" if col in ("name", "baseline") else "right")
+    for row in rows:
+        cells = [row["name"], f"{row['seconds']:.3e}", _fmt(row.get("peak_mem_mb"))]
+        cells += [_fmt(row.get("rss_mb"))] if has_rss else []
+        table.add_row(*cells, str(row.get("baseline") or "-"), _fmt(row.get("ratio")))
+    return table
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.3g}"

@@ -1,0 +1,492 @@
+"""One conformance suite for every MAE adapter: maskkit.adapters.timm, .official_mae and .hf.
+
+Each adapter is one `AdapterCase`, one param of the `case` fixture; a new adapter gets every test here
+by adding one more entry to `CASES`. For every adapter:
+
+1. maskkit's loss (`mae_step_loss` + the random policy, same noise) is bit-identical to the codebase's
+   own loss, for norm_pix_loss False and True, and a weighted plan weights the codebase's own per-patch loss;
+2. the plan round trip: patchify / unpatchify, ids_keep / ids_restore / mask, gather / restore,
+   encode / decode;
+3. `features(images)` is the unmasked encoder's CLS after the final norm;
+4. a learned masker gets gradients through the loss;
+5. attaching maskkit to the codebase's own model and detaching it leaves that model exactly as it was;
+6. the wrapper's state_dict survives torch.save / torch.load into a differently seeded wrapper.
+
+Adapter-specific behaviour (timm_compat, use_policy, hf_loss, presets, ...) stays in test_adapter_*.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import Tensor, nn
+
+from maskkit import MaskPlan, create_policy, gather_tokens, is_mae, mae_forward, mae_step_loss, num_visible
+from maskkit.adapters.models import load_official_module
+
+B = 3
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+Triple = tuple[Tensor, Tensor, Tensor]  # (loss, pred [B, N, P], mask [B, N])
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-exact comparisons need one thread count
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Uniform noise [B, N] and its seed: `torch.manual_seed(seed)` then `torch.rand(B, N)` draws the same
+    values, which is how a codebase that draws its own noise (official MAE) is driven by it."""
+
+    seed: int
+    values: Tensor
+
+    @classmethod
+    def draw(cls, seed: int, batch: int, num_patches: int) -> Noise:
+        return cls(seed, torch.rand(batch, num_patches, generator=torch.Generator().manual_seed(seed)))
+
+
+@dataclass(frozen=True)
+class AdapterCase:
+    """What the suite needs to know of one adapter."""
+
+    name: str
+    img_size: int
+    in_chans: int
+    patch_size: int
+    embed_dim: int
+    #: (seed, norm_pix_loss) -> the wrapped, MAE-protocol model (eval mode, weights fixed by the seed)
+    build: Callable[[int, bool], nn.Module]
+    #: (wrapper, images, noise, ratio) -> the codebase's OWN (loss, pred [B, N, P], mask [B, N]) for it
+    own_loss: Callable[[nn.Module, Tensor, Noise, float], Triple]
+    #: (wrapper, images) -> the codebase's own CLS after the final norm with nothing masked [B, D]
+    own_features: Callable[[nn.Module, Tensor], Tensor]
+    #: assert_close tolerances of `features` against `own_features` (summation order may differ)
+    features_tol: dict[str, float]
+    #: wrapper -> the codebase's own model inside it
+    raw_of: Callable[[nn.Module], nn.Module]
+    #: seed -> a codebase model as a user has it (before maskkit touches it)
+    build_raw: Callable[[int], nn.Module]
+    #: (raw model, images) -> take hold of the raw model the adapter's way, train one step through it,
+    #: and return the undo (called twice by the suite: it must be idempotent)
+    attach: Callable[[nn.Module, Tensor], Callable[[], None]]
+    #: (raw model, images, noise) -> the raw model's own outputs, deterministic for fixed weights and noise
+    raw_output: Callable[[nn.Module, Tensor, Noise], tuple[Tensor, ...]]
+    norm_pix_options: tuple[bool, ...] = (False, True)
+    #: the wrapper has parameters of its own beside the codebase model's (timm: maskkit's decoder)
+    adds_parameters: bool = False
+    #: a package the adapter needs (the case skips without it)
+    needs: str | None = None
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size**2 * self.in_chans
+
+
+def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """`build()` under `torch.manual_seed(seed)`, leaving the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+# ---- timm: maskkit's TimmMAE; its "own" loss is the official MAE's forward re-done by hand ----------
+
+TIMM_ENCODER = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)
+TIMM_DECODER = dict(decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=2)
+
+
+def timm_build(seed: int, norm_pix_loss: bool) -> nn.Module:
+    from maskkit.adapters.timm import create_mae
+
+    return create_mae("tiny", seed=seed, norm_pix_loss=norm_pix_loss, **TIMM_ENCODER, **TIMM_DECODER).eval()
+
+
+def official_mae_loss(m: nn.Module, imgs: Tensor, noise: Tensor, ratio: float) -> Triple:
+    """MAE's forward (random masking by noise, encoder, decoder, loss) re-done by hand on the TimmMAE."""
+    enc = m.encoder
+    b, c, hgt, wid = imgs.shape
+    p = m.patch_size
+    x = enc.patch_embed(imgs) + enc.pos_embed[:, 1:, :]
+    n, d = x.shape[1], x.shape[2]
+    keep = int(n * (1 - ratio))
+    shuffle = torch.argsort(noise, dim=1)
+    restore = torch.argsort(shuffle, dim=1)
+    kept = shuffle[:, :keep]
+    x = torch.gather(x, 1, kept[..., None].repeat(1, 1, d))
+    mask = torch.ones(b, n)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, restore)
+    cls = (enc.cls_token + enc.pos_embed[:, :1, :]).expand(b, -1, -1)
+    x = torch.cat([cls, x], dim=1)
+    for blk in enc.blocks:
+        x = blk(x)
+    x = m.decoder_embed(enc.norm(x))
+    filler = m.mask_token.repeat(b, n + 1 - x.shape[1], 1)
+    y = torch.cat([x[:, 1:, :], filler], dim=1)
+    y = torch.gather(y, 1, restore[..., None].repeat(1, 1, x.shape[2]))
+    x = torch.cat([x[:, :1, :], y], dim=1) + m.decoder_pos_embed
+    for blk in m.decoder_blocks:
+        x = blk(x)
+    pred = m.decoder_pred(m.decoder_norm(x))[:, 1:, :]
+    gh, gw = hgt // p, wid // p
+    target = imgs.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, p * p * c)
+    if m.norm_pix_loss:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    per_patch = ((pred - target) ** 2).mean(dim=-1)
+    return (per_patch * mask).sum() / mask.sum(), pred, mask
+
+
+def timm_own_loss(m: nn.Module, images: Tensor, noise: Noise, ratio: float) -> Triple:
+    return official_mae_loss(m, images, noise.values, ratio)
+
+
+def timm_own_features(m: nn.Module, images: Tensor) -> Tensor:
+    return m.encoder.forward_features(images)[:, 0]  # timm's own full, unmasked forward
+
+
+def timm_build_raw(seed: int) -> nn.Module:
+    return seeded(seed, lambda: timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, **TIMM_ENCODER
+    ).eval())  # fmt: skip
+
+
+def timm_attach(raw: nn.Module, images: Tensor) -> Callable[[], None]:
+    from maskkit.adapters.timm import TimmMAE
+
+    # wraps the instance in place; fixed_pos_embed=False: keep the user's own pos_embed
+    mae = seeded(1, lambda: TimmMAE(raw, fixed_pos_embed=False, **TIMM_DECODER))
+    assert mae.encoder is raw
+    mae(images).loss.backward()
+    return lambda: None  # nothing to undo: wrapping must not change the encoder
+
+
+def timm_raw_output(raw: nn.Module, images: Tensor, noise: Noise) -> tuple[Tensor, ...]:
+    return raw.forward_features(images), raw(images)
+
+
+# ---- official MAE: the test double examples/models_mae.py (loaded under timm_compat) ----------------
+
+
+models_mae = load_official_module(EXAMPLES / "models_mae.py")  # the official-MAE test double
+
+
+def official_build_raw(seed: int, norm_pix_loss: bool = False) -> nn.Module:
+    from maskkit.adapters.official_mae import timm_compat
+
+    def build() -> nn.Module:
+        with timm_compat(models_mae):
+            return models_mae.mae_vit_tiny_patch4(norm_pix_loss=norm_pix_loss)
+
+    return seeded(seed, build).eval()
+
+
+def official_build(seed: int, norm_pix_loss: bool) -> nn.Module:
+    from maskkit.adapters.official_mae import wrap
+
+    return wrap(official_build_raw(seed, norm_pix_loss))
+
+
+def official_raw_output(model: nn.Module, images: Tensor, noise: Noise, ratio: float = 0.75) -> Triple:
+    """`model(imgs, mask_ratio)`: its random_masking draws torch.rand(B, N) from the global RNG, set to
+    the state that draws exactly `noise` (checked)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(noise.seed)
+        assert torch.equal(torch.rand(noise.values.shape), noise.values)
+        torch.manual_seed(noise.seed)
+        return model(images, mask_ratio=ratio)
+
+
+def official_own_loss(mae: nn.Module, images: Tensor, noise: Noise, ratio: float) -> Triple:
+    return official_raw_output(mae.model, images, noise, ratio)
+
+
+def official_own_features(mae: nn.Module, images: Tensor) -> Tensor:
+    """With nothing masked, the CLS output does not depend on the shuffle of the patches."""
+    with torch.random.fork_rng(devices=[]):
+        latent, _, _ = mae.model.forward_encoder(images, 0.0)
+    return latent[:, 0]
+
+
+def official_attach(raw: nn.Module, images: Tensor) -> Callable[[], None]:
+    from maskkit.adapters.official_mae import POLICY_MODULE, use_policy
+
+    handle = use_policy(raw, create_policy("hpm"))  # a policy with parameters: registered on the model
+    assert any(key.startswith(f"{POLICY_MODULE}.") for key in raw.state_dict())
+    loss, _, _ = raw(images, mask_ratio=0.75)  # the user's unchanged call, masked by the policy
+    loss.backward()
+    return handle.remove
+
+
+# ---- Hugging Face transformers ViTMAEForPreTraining (tiny, randomly initialised) -------------------
+
+HF_TINY = dict(
+    image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    intermediate_size=64, decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+    decoder_intermediate_size=32,
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def hf_mask_ratio(model: nn.Module, ratio: float) -> Iterator[None]:
+    """ViTMAE reads its mask ratio from the config: set it for one call."""
+    configs = list({id(c): c for c in (model.config, model.vit.config, model.vit.embeddings.config)}.values())
+    saved = [c.mask_ratio for c in configs]
+    try:
+        for c in configs:
+            c.mask_ratio = ratio
+        yield
+    finally:
+        for c, value in zip(configs, saved, strict=True):
+            c.mask_ratio = value
+
+
+def hf_build_raw(seed: int, norm_pix_loss: bool = False) -> nn.Module:
+    from maskkit.adapters.hf import create_hf_mae
+
+    return seeded(seed, lambda: create_hf_mae(**HF_TINY, norm_pix_loss=norm_pix_loss)).eval()
+
+
+def hf_build(seed: int, norm_pix_loss: bool) -> nn.Module:
+    from maskkit.adapters.hf import wrap
+
+    return wrap(hf_build_raw(seed, norm_pix_loss))
+
+
+def hf_raw_output(model: nn.Module, images: Tensor, noise: Noise) -> tuple[Tensor, ...]:
+    """The user's call: at the config's own mask_ratio (a leaked override would show)."""
+    out = model(pixel_values=images, noise=noise.values)
+    return out.loss, out.logits, out.mask
+
+
+def hf_own_loss(mae: nn.Module, images: Tensor, noise: Noise, ratio: float) -> Triple:
+    with hf_mask_ratio(mae.model, ratio):
+        return hf_raw_output(mae.model, images, noise)
+
+
+def hf_own_features(mae: nn.Module, images: Tensor) -> Tensor:
+    """HF's encoder with nothing masked and the patches in order (mask_ratio 0, increasing noise)."""
+    order = torch.arange(mae.num_patches, dtype=torch.float32).expand(images.shape[0], -1)
+    with hf_mask_ratio(mae.model, 0.0):
+        return mae.model.vit(pixel_values=images, noise=order).last_hidden_state[:, 0]
+
+
+def hf_attach(raw: nn.Module, images: Tensor) -> Callable[[], None]:
+    from maskkit.adapters.hf import hf_loss, wrap
+
+    mae = wrap(raw)
+    assert mae.model is raw
+    mae(images).loss.backward()
+    # hf_loss overrides the config's mask_ratio for this call only
+    hf_loss(raw, images, create_policy("random"), ratio=0.5).loss.backward()
+    return lambda: None  # nothing to undo: wrapping must not change the model
+
+
+# ---- the cases ------------------------------------------------------------------------------------
+
+CASES = [
+    AdapterCase(
+        name="timm", img_size=28, in_chans=1, patch_size=4, embed_dim=32,
+        build=timm_build, own_loss=timm_own_loss, own_features=timm_own_features,
+        features_tol=dict(rtol=0, atol=1e-6), raw_of=lambda mae: mae.encoder,
+        build_raw=timm_build_raw, attach=timm_attach, raw_output=timm_raw_output, adds_parameters=True,
+    ),
+    AdapterCase(
+        name="official_mae", img_size=16, in_chans=3, patch_size=4, embed_dim=32,
+        build=official_build, own_loss=official_own_loss, own_features=official_own_features,
+        features_tol=dict(rtol=1e-5, atol=1e-5), raw_of=lambda mae: mae.model,
+        build_raw=official_build_raw, attach=official_attach, raw_output=official_raw_output,
+    ),
+    AdapterCase(
+        name="hf", img_size=16, in_chans=3, patch_size=4, embed_dim=32,
+        build=hf_build, own_loss=hf_own_loss, own_features=hf_own_features,
+        features_tol=dict(rtol=1e-5, atol=1e-5), raw_of=lambda mae: mae.model,
+        build_raw=hf_build_raw, attach=hf_attach, raw_output=hf_raw_output, needs="transformers",
+    ),
+]  # fmt: skip
+
+
+@pytest.fixture(params=CASES, ids=[c.name for c in CASES])
+def case(request) -> AdapterCase:
+    if request.param.needs:
+        pytest.importorskip(request.param.needs)
+    return request.param
+
+
+@pytest.fixture()
+def images(case) -> Tensor:
+    shape = (B, case.in_chans, case.img_size, case.img_size)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture()
+def noise(case) -> Noise:
+    return Noise.draw(11, B, case.num_patches)
+
+
+def hidden(case: AdapterCase, ratio: float = 0.75) -> int:
+    return case.num_patches - num_visible(case.num_patches, ratio)
+
+
+# ---- the suite ------------------------------------------------------------------------------------
+
+
+def test_protocol_attributes_and_shapes(case, images):
+    mae = case.build(0, False)
+    n, d = case.num_patches, case.embed_dim
+    assert is_mae(mae)
+    assert (mae.patch_size, mae.num_patches, mae.embed_dim, mae.in_chans, mae.norm_pix_loss) == (
+        case.patch_size, n, d, case.in_chans, False,
+    )  # fmt: skip
+    assert mae.patch_tokens(images).shape == (B, n, d)
+    assert mae.patchify(images).shape == (B, n, case.patch_dim)
+    assert mae.features(images).shape == (B, d)
+    attention = mae.cls_attention(images)  # softmax rows over CLS + N: every patch > 0, the patches < 1
+    assert attention.shape == (B, n) and bool((attention > 0).all()) and bool((attention.sum(-1) < 1).all())
+    # the wrapper trains the codebase's own parameters (the same tensors, not copies)
+    raw = case.raw_of(mae)
+    own = [id(p) for p in raw.parameters()]
+    assert own and set(own) <= {id(p) for p in mae.parameters()}
+    if not case.adds_parameters:
+        assert list(mae.parameters()) == list(raw.parameters())
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_random_policy_bit_identical_to_own_loss(case, images, noise, norm_pix_loss):
+    if norm_pix_loss not in case.norm_pix_options:
+        pytest.skip(f"{case.name} has no norm_pix_loss={norm_pix_loss}")
+    mae = case.build(0, norm_pix_loss)
+    assert mae.norm_pix_loss == norm_pix_loss
+    for ratio in (0.75, 0.6):
+        loss, pred, mask = case.own_loss(mae, images, noise, ratio)
+        assert mask.sum().item() == B * hidden(case, ratio)
+        out = mae_step_loss(mae, create_policy("random", ratio=ratio), images, noise=noise.values)
+        assert torch.equal(out.loss, loss) and torch.equal(out.pred, pred)
+        assert torch.equal(out.plan.mask, mask) and out.aux_loss is None
+        # the wrapper's forward (default policy: random) with the call's ratio
+        again = mae(images, ratio=ratio, noise=noise.values)
+        assert torch.equal(again.loss, loss) and torch.equal(again.pred, pred)
+        # without noise, the random policy draws torch.rand(B, N) from the global RNG, as MAE does
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(noise.seed)
+            drawn = mae_step_loss(mae, create_policy("random", ratio=ratio), images)
+        assert torch.equal(drawn.loss, loss) and torch.equal(drawn.plan.mask, mask)
+    default = mae(images, noise=noise.values)  # default policy and ratio: random, 0.75
+    loss, pred, mask = case.own_loss(mae, images, noise, 0.75)
+    assert torch.equal(default.loss, loss) and torch.equal(default.pred, pred)
+    assert torch.equal(default.plan.mask, mask)
+
+
+def test_weighted_plan_weights_the_own_per_patch_loss(case, images, noise):
+    mae = case.build(0, False)
+    weights = torch.rand(B, case.num_patches, generator=torch.Generator().manual_seed(3)) + 0.5
+    out = mae_forward(mae, images, MaskPlan.from_scores(noise.values, 0.75, weights=weights))
+    _, pred, mask = case.own_loss(mae, images, noise, 0.75)
+    per_patch = ((pred - mae.patchify(images)) ** 2).mean(dim=-1)  # [B, N]
+    assert torch.equal(out.pred, pred) and torch.equal(out.per_patch, per_patch)
+    assert torch.equal(out.loss, (per_patch * (mask * weights)).sum() / mask.sum())
+
+
+def test_plan_round_trip(case, images, noise):
+    mae = case.build(0, False)
+    n, p, c, g = case.num_patches, case.patch_size, case.in_chans, case.img_size // case.patch_size
+    k = num_visible(n, 0.75)
+    # patchify: MAE's layout ('nchpwq->nhwpqc'), and unpatchify its exact inverse
+    patches = mae.patchify(images)
+    expected = torch.einsum("nchpwq->nhwpqc", images.reshape(B, c, g, p, g, p)).reshape(B, n, p * p * c)
+    assert torch.equal(patches, expected) and torch.equal(mae.unpatchify(patches), images)
+    # the random policy's plan: the K patches of lowest noise visible, in that order
+    tokens = mae.patch_tokens(images)  # [B, N, D]
+    plan = create_policy("random", ratio=0.75)(tokens, noise=noise.values)
+    order = torch.argsort(noise.values, dim=1)  # [B, N] the shuffle
+    assert torch.equal(plan.ids_keep, order[:, :k])
+    assert torch.equal(plan.ids_restore, torch.argsort(order, dim=1))
+    assert torch.equal(plan.mask, torch.ones(B, n).scatter(1, order[:, :k], 0.0))
+    assert torch.equal(plan.mask.gather(1, plan.ids_keep), torch.zeros(B, k))
+    assert torch.equal(plan.mask.sum(1), torch.full((B,), float(n - k)))
+    # gather, then restore, gives back the original order
+    shuffled = gather_tokens(tokens, order)  # visible first, then hidden
+    assert torch.equal(plan.gather(tokens), shuffled[:, :k])
+    assert torch.equal(plan.restore(shuffled), tokens)
+    token = torch.full((1, 1, tokens.shape[-1]), 7.0)
+    filled = plan.fill(plan.gather(tokens), token)  # visible back in place, the token elsewhere
+    expected_fill = torch.where(plan.mask[..., None].bool(), token.expand_as(tokens), tokens)
+    assert torch.equal(filled, expected_fill)
+    # encode / decode through the protocol: the codebase's own prediction for the same noise
+    latent = mae.encode(tokens, plan)
+    assert latent.shape == (B, 1 + k, case.embed_dim)
+    pred = mae.decode(latent, plan)
+    assert pred.shape == (B, n, case.patch_dim)
+    _, own_pred, own_mask = case.own_loss(mae, images, noise, 0.75)
+    assert torch.equal(pred, own_pred) and torch.equal(plan.mask, own_mask)
+
+
+def test_features_are_the_unmasked_cls_after_the_final_norm(case, images):
+    mae = case.build(0, False)
+    features = mae.features(images)
+    assert features.shape == (B, case.embed_dim)
+    torch.testing.assert_close(features, case.own_features(mae, images), **case.features_tol)
+
+
+def test_learned_masker_gets_gradients(case, images):
+    mae = case.build(0, False)
+    masker = seeded(0, lambda: create_policy(
+        "learned", ratio=0.75, embed_dim=mae.embed_dim, num_patches=mae.num_patches
+    ))  # fmt: skip
+    out = mae_step_loss(mae, masker, images)
+    plan = out.plan
+    assert plan.weights is not None and plan.weights.requires_grad
+    assert torch.equal(plan.mask.sum(1), torch.full((B,), float(hidden(case))))
+    per_patch = ((out.pred - mae.patchify(images)) ** 2).mean(dim=-1)
+    assert torch.equal(out.loss, (per_patch * (plan.mask * plan.weights)).sum() / plan.mask.sum())
+    out.loss.backward()
+    params = [p for p in masker.parameters() if p.requires_grad]
+    assert params
+    for param in params:
+        assert param.grad is not None and bool(torch.isfinite(param.grad).all())
+        assert param.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in case.raw_of(mae).parameters())
+
+
+def test_attach_and_undo_leave_the_codebase_model_unchanged(case, images, noise):
+    raw, twin = case.build_raw(0), case.build_raw(0)
+    attrs = set(raw.__dict__)
+    state = {key: value.clone() for key, value in raw.state_dict().items()}
+    before = case.raw_output(raw, images, noise)
+    undo = case.attach(raw, images)
+    undo()
+    undo()  # idempotent
+    assert set(raw.__dict__) == attrs and "forward" not in raw.__dict__
+    assert raw.forward.__func__ is type(raw).forward
+    assert list(raw.state_dict()) == list(state)
+    assert all(torch.equal(value, state[key]) for key, value in raw.state_dict().items())
+    after = case.raw_output(raw, images, noise)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(case.raw_output(twin, images, noise), after, strict=True))
+
+
+def test_state_dict_round_trip(case, images, noise):
+    mae = case.build(0, False)
+    policy = create_policy("random", ratio=0.75)
+    expected = mae_step_loss(mae, policy, images, noise=noise.values)
+    buffer = io.BytesIO()
+    torch.save(mae.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    fresh = case.build(1, False)
+    assert not torch.equal(mae_step_loss(fresh, policy, images, noise=noise.values).loss, expected.loss)
+    result = fresh.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert list(fresh.state_dict()) == list(mae.state_dict())
+    got = mae_step_loss(fresh, policy, images, noise=noise.values)
+    assert torch.equal(got.loss, expected.loss) and torch.equal(got.pred, expected.pred)
+    assert torch.equal(case.own_loss(fresh, images, noise, 0.75)[0], expected.loss)  # the codebase's own, too

@@ -1,0 +1,264 @@
+"""maskkit.run: the typed RunConfig, create_run / resume_run / train_run, the run-directory format, and the
+CLI driving every adapter through it (timm preset, the user's official-MAE file, Hugging Face ViTMAE)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from maskkit.run import (
+    CONFIG,
+    FORMAT_VERSION,
+    SECTIONS,
+    DataConfig,
+    ModelConfig,
+    PolicyConfig,
+    RunConfig,
+    RunError,
+    RunRecord,
+    TrainSettings,
+    create_run,
+    evaluate_run,
+    load_run,
+    resume_run,
+    train_run,
+)
+from maskkit.training import MLOSettings
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+runner = CliRunner()
+
+
+def cli(*args):
+    from maskkit.cli.app import app
+
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def small(policy: str = "random", steps: int = 6, **policy_options) -> RunConfig:
+    return RunConfig(
+        data=DataConfig("digits"), model=ModelConfig("micro"), policy=PolicyConfig(policy, policy_options),
+        train=TrainSettings(steps=steps, batch_size=16, log_every=2, ckpt_every=4, device="cpu"),
+    )  # fmt: skip
+
+
+# ---- the configuration ------------------------------------------------------------------------
+
+
+def test_run_config_json_round_trip_is_exact():
+    config = small("learned", hidden_dim=8)
+    config.mlo = MLOSettings(hypergrad="unroll", masker_lr=1e-4, masker_reg=0.1)
+    config.model.options = {"decoder_depth": 1}
+    again = RunConfig.from_json(config.to_json())
+    assert again == config and again.to_json() == config.to_json()
+    assert json.loads(config.to_json())["version"] == FORMAT_VERSION
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"version": 99}, "version 99 is not"),
+    ({"trainer": {}}, "unknown run configuration section(s): trainer"),
+    ({"train": {"stepz": 3}}, "unknown key(s) in run configuration section 'train': stepz"),
+    ({"mlo": {"masker_lr": 1e-3, "lr_masker": 1}}, "section 'mlo': lr_masker"),
+    ({"data": []}, "section 'data' is not an object"),
+])  # fmt: skip
+def test_run_config_refuses_unknown_keys_and_versions_in_one_line(raw, message):
+    with pytest.raises(RunError) as err:
+        RunConfig.from_dict(raw)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_every_setting_is_one_cli_option_and_every_option_one_setting():
+    from dataclasses import MISSING
+
+    import typer.main
+
+    from maskkit.cli.app import app
+    from maskkit.cli.options import EXTRA_OPTIONS
+
+    command = typer.main.get_command(app).commands["pretrain"]
+    params = {p.name: p for p in command.params}
+    settings = {f.metadata.get("param") or f.name: f for kind in SECTIONS.values() for f in fields(kind)}
+    assert set(params) == set(settings) | set(EXTRA_OPTIONS)
+    for name, f in settings.items():
+        flags = f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
+        assert params[name].opts[0] == flags[0], name
+        assert params[name].help == f.metadata["help"] and f.metadata["help"], name
+        if f.default is not MISSING:
+            assert params[name].default == f.default, name
+        else:  # a dict of options: a repeatable key=value option
+            assert params[name].multiple, name
+
+
+def test_learned_only_settings_are_refused_for_other_policies_before_anything_is_written(tmp_path):
+    config = small("random")
+    config.mlo.masker_lr = 1e-4
+    config.mlo.freeze_masker = True
+    with pytest.raises(RunError, match="--masker-lr, --freeze-masker only apply to a learnable policy"):
+        create_run(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: setattr(c.train, "epochs", 1.0), "give --steps or --epochs, not both"),
+    (lambda c: setattr(c.train, "amp", "fp8"), "--amp must be one of none, bf16"),
+    (lambda c: setattr(c.policy, "mask_ratio", 1.5), "ratio"),
+    (lambda c: setattr(c.data, "dataset", "npz:/nonexistent.npz"), "nonexistent"),
+    (lambda c: setattr(c.model, "name", "official:/nonexistent/models_mae.py"), "nonexistent"),
+    (lambda c: setattr(c.policy, "options", {"speed": 2}), "has no option 'speed'"),
+])  # fmt: skip
+def test_bad_configs_fail_in_one_line_and_write_nothing(tmp_path, change, message):
+    config = small()
+    change(config)
+    with pytest.raises(ValueError) as err:
+        create_run(config, tmp_path / "run")
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+# ---- create, train, resume --------------------------------------------------------------------
+
+
+def test_library_run_equals_the_cli_run_bit_for_bit(tmp_path):
+    prepared = create_run(small("learned", hidden_dim=8), tmp_path / "lib")
+    summary = train_run(prepared)
+    assert summary["steps"] == 6 and (tmp_path / "lib" / "model.pt").is_file()
+    result = cli("pretrain", "--dataset", "digits", "--model", "micro", "--policy", "learned", "--learned-hidden-dim",
+                 "8", "--steps", 6, "--batch-size", 16, "--log-every", 2, "--ckpt-every", 4, "--device", "cpu",
+                 "--out", tmp_path / "cli", "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lib, via_cli = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("lib", "cli"))
+    for part in ("mae", "policy", "head"):
+        assert lib[part].keys() == via_cli[part].keys()
+        assert all(torch.equal(lib[part][k], via_cli[part][k]) for k in lib[part])
+    record = json.loads((tmp_path / "cli" / CONFIG).read_text())
+    assert RunConfig.from_dict(record["config"]) == RunConfig.from_dict(
+        json.loads((tmp_path / "lib" / CONFIG).read_text())["config"]
+    )
+
+
+def test_a_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
+    from maskkit.training import StopSignals, TrainingStopped
+
+    train_run(create_run(small("random", steps=8), tmp_path / "whole"))
+    stop = StopSignals()
+    part = create_run(small("random", steps=8), tmp_path / "part")
+    with pytest.raises(TrainingStopped) as stopped:  # a scheduler's SIGTERM after step 5, as the CLI gets it
+        train_run(part, stop=stop, on_step=lambda step, metrics: step == 5 and stop.request())
+    assert stopped.value.step == 5 and stopped.value.exit_code == 143
+    resumed = resume_run(tmp_path / "part")
+    assert resumed.source == stopped.value.checkpoint.name and resumed.trainer.step_count == 5
+    train_run(resumed)
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True)["mae"] for d in ("whole", "part"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (tmp_path / "part" / "metrics.jsonl").read_text()
+    with pytest.raises(RunError, match="is complete"):
+        resume_run(tmp_path / "part")
+
+
+def _as_format_1(run_dir: Path) -> None:
+    """Rewrite config.json as runs written before RunConfig did: flat train section, preset/overrides."""
+    raw = json.loads((run_dir / CONFIG).read_text())
+    raw.pop("config"), raw.pop("format_version")
+    raw["train"].update(raw["train"].pop("mlo"))
+    model = raw["model"]
+    model["preset"], model["overrides"] = model.pop("name"), model.pop("options")
+    (run_dir / CONFIG).write_text(json.dumps(raw))
+
+
+def test_runs_of_format_1_still_evaluate_and_resume(tmp_path):
+    run_dir = tmp_path / "old"
+    train_run(create_run(small("learned", steps=4, hidden_dim=8), run_dir))
+    _as_format_1(run_dir)
+    record = RunRecord.read(run_dir)
+    assert record.format_version == 1 and record.config is None and record.train_config.mlo.masker_every == 2
+    key, entry = evaluate_run(run_dir, "linear", epochs=1, device="cpu")
+    assert key == "linear" and 0 <= entry["top1"] <= 1
+    resumed = resume_run(run_dir, steps=6)
+    train_run(resumed)
+    assert resumed.trainer.step_count == 6
+
+
+def test_unknown_run_formats_get_one_line(tmp_path):
+    run_dir = tmp_path / "future"
+    run_dir.mkdir()
+    (run_dir / CONFIG).write_text(json.dumps({"format_version": 7, "dataset": {}, "model": {}, "policy": {},
+                                              "train": {}}))  # fmt: skip
+    with pytest.raises(RunError, match="has run format 7; this maskkit reads formats 1 and 2"):
+        RunRecord.read(run_dir)
+    (run_dir / CONFIG).write_text(json.dumps({"dataset": {}, "model": {}, "policy": {}, "train": {}, "extra": 1}))
+    with pytest.raises(RunError, match="not a maskkit run configuration of format 1 \\(unknown keys extra\\)"):
+        RunRecord.read(run_dir)
+
+
+# ---- the CLI drives every adapter ---------------------------------------------------------------
+
+OFFICIAL = f"official:{EXAMPLES / 'models_mae.py'}:MaskedAutoencoderViT"
+OFFICIAL_OPTS = ["--model-opt", "embed_dim=32", "--model-opt", "depth=1", "--model-opt", "num_heads=2",
+                 "--model-opt", "decoder_embed_dim=16", "--model-opt", "decoder_depth=1",
+                 "--model-opt", "decoder_num_heads=2"]  # fmt: skip
+MODELS = {
+    "timm": ["--model", "micro"],
+    "official": ["--model", OFFICIAL, "--patch-size", "2", *OFFICIAL_OPTS],
+    "hf": ["--model", "hf:tiny", "--patch-size", "2"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_cli_pretrains_resumes_evaluates_and_pictures_every_adapter(tmp_path, kind):
+    if kind == "hf":
+        pytest.importorskip("transformers")
+    run_dir = tmp_path / kind
+    common = ["--steps", 4, "--batch-size", 16, "--ckpt-every", 2, "--log-every", 2, "--device", "cpu", "--no-progress"]
+    result = cli("pretrain", *MODELS[kind], "--policy", "learned", "--learned-hidden-dim", 8, "--out", run_dir, *common)
+    assert result.exit_code == 0, result.output
+    record = RunRecord.read(run_dir)
+    assert record.model["num_patches"] == 16 and record.format_version == FORMAT_VERSION
+    result = cli("pretrain", "--resume", run_dir, "--steps", 6, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6
+    for protocol in ("linear", "finetune"):
+        result = cli("evaluate", run_dir, "--protocol", protocol, "--epochs", 1, "--device", "cpu", "--no-progress")
+        assert result.exit_code == 0, result.output
+    scores = json.loads((run_dir / "eval.json").read_text())
+    assert set(scores) == {"linear", "finetune"}
+    result = cli("visualize", run_dir, "-o", tmp_path / f"{kind}.png", "--num-images", 2, "--device", "cpu")
+    assert result.exit_code == 0 and (tmp_path / f"{kind}.png").is_file(), result.output
+    run = load_run(run_dir, "cpu")  # the trained weights load into a fresh build of the same adapter
+    assert run.mae.num_patches == 16
+
+
+@pytest.mark.parametrize("kind", ["official", "hf"])
+def test_cli_other_adapters_with_plain_and_hpm_policies(tmp_path, kind):
+    if kind == "hf":
+        pytest.importorskip("transformers")
+    for policy in ("random", "hpm"):
+        result = cli("pretrain", *MODELS[kind], "--policy", policy, "--steps", 3, "--batch-size", 16,
+                     "--device", "cpu", "--no-progress", "--out", tmp_path / policy)  # fmt: skip
+        assert result.exit_code == 0, result.output
+
+
+def test_cli_model_errors_are_one_line(tmp_path):
+    result = cli("pretrain", "--model", "official:/nonexistent/models_mae.py", "--policy", "random",
+                 "--out", tmp_path / "x", "--no-progress")  # fmt: skip
+    assert result.exit_code == 1 and "nonexistent" in result.output and "Traceback" not in result.output
+    result = cli("pretrain", "--model", "micro", "--model-opt", "depth", "--policy", "random", "--out", tmp_path / "y")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_loaders_give_the_trained_encoder_and_masker(tmp_path):
+    from maskkit.run import load_encoder, load_masker
+
+    run_dir = tmp_path / "run"
+    train_run(create_run(small("learned", steps=4, hidden_dim=8), run_dir))
+    saved = torch.load(run_dir / "model.pt", weights_only=True)
+    encoder, masker = load_encoder(run_dir, "cpu"), load_masker(run_dir, "cpu")
+    assert all(torch.equal(encoder.state_dict()[k], v) for k, v in saved["mae"].items())
+    assert all(torch.equal(masker.state_dict()[k], v) for k, v in saved["policy"].items())
+    images = torch.randn(2, 1, 8, 8)
+    assert encoder.features(images).shape == (2, encoder.embed_dim)
