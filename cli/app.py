@@ -337,7 +337,7 @@ def visualize_command(
 
 @app.command("bench")
 def bench_command(
-    preset: str = typer.Option("tiny", help="Size: tiny | vit-b | trivial (tests)."),
+    preset: str = typer.Option("tiny", help="Size: tiny | small | vit-b | trivial (tests)."),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N."),
     batch: Optional[int] = typer.Option(None, help="Batch size (default: tiny 64; vit-b 256 for policies, 64 for MLO)."),
     repeats: Optional[int] = typer.Option(None, help="Timed repeats (default: tiny 30 policy rounds, 7 MLO cycles)."),
@@ -362,6 +362,10 @@ def bench_command(
         payload = run_bench(preset, str(dev), batch=batch, repeats=repeats, skip_mlo=skip_mlo, rss=rss)
         rows = payload["rows"]
         console.print(bench_table(rows, f"maskkit bench ({preset}, {dev})"))
+        model = payload["cost_model"]
+        if not skip_mlo:
+            _say(f"cost model ({model['num_patches']} patches, unmasked/masked pass {model['unmasked_over_masked']:.2f}): "
+                 + ", ".join(f"{k} {model[k]:.2f}x" for k in ("mlo_darts", "mlo_darts_direct", "mlo_unroll_k1")))
         for p in payload["params"]:
             _say(f"learned masker parameters at ViT-B, {p['num_patches']} patches ({p['size']}): "
                  f"paper {p['paper']:,}, token {p['token']:,}")  # fmt: skip

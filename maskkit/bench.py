@@ -266,9 +266,13 @@ def masker_parameter_counts(
 
 #: bench size -> policy rows (batch, patches, width; the MAE whose attention the attention policy reads)
 #: and MLO rows (MAE preset, batch); `trivial` is for tests (seconds, no RSS subprocesses).
+#: On CPU `vit-b` runs MLO at batch 8 and 3 cycles (minutes, not hours); on CUDA at batch 64, 7 cycles.
 BENCH_SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"batch": 64, "num_patches": 64, "dim": 192, "mae": "tiny", "mlo_batch": 64, "repeats": 30},
-    "vit-b": {"batch": 256, "num_patches": 196, "dim": 768, "mae": "vit-b", "mlo_batch": 64, "repeats": 20},
+    "small": {"batch": 64, "num_patches": 64, "dim": 384, "mae": "small", "mlo_batch": 32, "repeats": 20,
+              "mlo_repeats": 5},
+    "vit-b": {"batch": 256, "num_patches": 196, "dim": 768, "mae": "vit-b", "mlo_batch": 64, "repeats": 20,
+              "cpu": {"mlo_batch": 8, "mlo_repeats": 3, "batch": 64}},
     "trivial": {"batch": 4, "num_patches": 16, "dim": 64, "mae": "micro", "mlo_batch": 4, "repeats": 2,
                 "mlo_repeats": 2, "warmup": 1, "rss": False},
 }  # fmt: skip
@@ -293,7 +297,7 @@ def run_bench(
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be a positive integer, got {value}")
     dev = torch.device(device)
-    size = BENCH_SIZES[preset]
+    size = {**BENCH_SIZES[preset], **BENCH_SIZES[preset].get(dev.type, {})}
     warmup = {"warmup": size["warmup"]} if "warmup" in size else {}
     rows = bench_policy_overhead(
         batch=batch or size["batch"], num_patches=size["num_patches"], dim=size["dim"], device=str(dev),
@@ -304,7 +308,10 @@ def run_bench(
             preset=size["mae"], device=str(dev), batch=batch or size["mlo_batch"], rss=rss and size.get("rss", True),
             repeats=repeats or size.get("mlo_repeats", 7), **warmup,
         )  # fmt: skip
+    from maskkit.mlo_bench import predicted_ratios
+
     return {"device": str(dev), "torch": torch.__version__, "preset": preset, "threads": torch.get_num_threads(),
+            "mlo_batch": batch or size["mlo_batch"], "cost_model": predicted_ratios(size["mae"]),
             "rows": rows, "params": masker_parameter_counts()}  # fmt: skip
 
 def format_rows(rows: list[dict[str, Any]]) -> str:

@@ -193,6 +193,49 @@ def bench_mlo(preset: str = "tiny", device: str = "cpu", batch: int = 64, repeat
     return rows
 
 
+
+# ---- the cost model ---------------------------------------------------------------------------
+
+
+def block_flops(tokens: int, width: int, mlp_ratio: float = 4.0) -> float:
+    """Forward FLOPs (multiply-adds x 2) of one ViT block on `tokens` tokens: QKV, projection, MLP, attention."""
+    dense = 2 * tokens * width * width * (3 + 1 + 2 * mlp_ratio)  # qkv, proj, fc1 + fc2
+    attention = 4 * tokens * tokens * width  # q k^T and attn v
+    return dense + attention
+
+
+def cls_only_block_flops(tokens: int, width: int, mlp_ratio: float = 4.0) -> float:
+    """The last block when only the CLS feature is needed: keys and values for every token, the rest for one row."""
+    return 2 * tokens * width * width * 2 + 4 * tokens * width + 2 * width * width * (1 + 1 + 2 * mlp_ratio)
+
+
+def predicted_ratios(preset: str, ratio: float = 0.75) -> dict[str, float]:
+    """MLO time per iteration over a plain MAE step, from pass counts and FLOPs (labeled = val = MAE batch).
+
+    Per masker cycle of 2 iterations, in units of one masked MAE forward F (encoder on the K+1
+    visible tokens, decoder on all N+1) and one unmasked encoder forward U for the CLS feature (the
+    last block CLS-only), a backward costing twice its forward:
+      mae_step 2 x 3F = 6F; darts (both paths) 6F + 2F (central difference) + 3 x 2U (forward and
+      backward over the labeled and validation batches); darts direct 6F + 2F + U + 3U; unroll K=1
+      6F + 4F (the differentiated step's double backward) + 6U.
+    """
+    from maskkit.adapters.timm import get_preset
+    from maskkit.plan import num_visible
+
+    p = get_preset(preset)
+    side = p.img_size if isinstance(p.img_size, int) else p.img_size[0]
+    n = (side // p.patch_size) ** 2
+    k = num_visible(n, ratio)
+    f = p.depth * block_flops(k + 1, p.embed_dim) + p.decoder_depth * block_flops(n + 1, p.decoder_embed_dim)
+    u = (p.depth - 1) * block_flops(n + 1, p.embed_dim) + cls_only_block_flops(n + 1, p.embed_dim)
+    return {
+        "num_patches": n,
+        "unmasked_over_masked": u / f,
+        "mlo_darts": (8 * f + 6 * u) / (6 * f),
+        "mlo_darts_direct": (8 * f + 4 * u) / (6 * f),
+        "mlo_unroll_k1": (10 * f + 6 * u) / (6 * f),
+    }
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """Plain-text table of `bench_mlo` rows."""
     lines = [f"{'name':<18} {'s/iter':>8} {'x time':>7} {'peak MiB':>9} {'x mem':>6} {'RSS MiB':>8} {'x RSS':>6}"]

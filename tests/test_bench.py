@@ -77,3 +77,35 @@ def test_attention_row_rejects_mismatched_encoder():
         bench_policy_overhead(
             batch=2, num_patches=17, dim=64, repeats=1, warmup=0, encoder=create_mae("micro")
         )
+
+
+def test_cost_model_flops_equal_torch_flop_counter_on_timm_blocks():
+    """block_flops / cls_only_block_flops against torch's own FLOP count of a timm block (an independent count)."""
+    from timm.models.vision_transformer import Block
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from maskkit.adapters.vit_attention import cls_only_block
+    from maskkit.mlo_bench import block_flops, cls_only_block_flops
+
+    block = Block(dim=64, num_heads=4, mlp_ratio=4.0).eval()
+    block.attn.fused_attn = False  # count the plain matmuls
+    x = torch.randn(1, 17, 64)
+    with torch.no_grad(), FlopCounterMode(display=False) as full:
+        block(x)
+    with torch.no_grad(), FlopCounterMode(display=False) as cls_only:
+        cls_only_block(block, x)
+    assert full.get_total_flops() == block_flops(17, 64)
+    assert cls_only.get_total_flops() == cls_only_block_flops(17, 64)
+
+
+def test_cost_model_ratios_follow_the_pass_counts():
+    from maskkit.adapters.timm import get_preset
+    from maskkit.mlo_bench import block_flops, cls_only_block_flops, predicted_ratios
+
+    model = predicted_ratios("tiny")
+    p = get_preset("tiny")  # 32x32, patch 4: 64 patches, 16 visible
+    f = p.depth * block_flops(17, p.embed_dim) + p.decoder_depth * block_flops(65, p.decoder_embed_dim)
+    u = (p.depth - 1) * block_flops(65, p.embed_dim) + cls_only_block_flops(65, p.embed_dim)
+    assert model["num_patches"] == 64 and model["unmasked_over_masked"] == u / f
+    assert model["mlo_darts"] == (8 * f + 6 * u) / (6 * f)
+    assert model["mlo_darts_direct"] < model["mlo_darts"] < model["mlo_unroll_k1"]
