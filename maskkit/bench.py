@@ -266,13 +266,14 @@ def masker_parameter_counts(
 
 #: bench size -> policy rows (batch, patches, width; the MAE whose attention the attention policy reads)
 #: and MLO rows (MAE preset, batch); `trivial` is for tests (seconds, no RSS subprocesses).
-#: On CPU `vit-b` runs MLO at batch 8 and 3 cycles (minutes, not hours); on CUDA at batch 64, 7 cycles.
+#: On CPU `vit-b` runs at a CPU's size (policy rows batch 8, 5 rounds; MLO rows batch 2, 2 cycles after
+#: one warm-up, no RSS subprocesses): minutes, not hours. On CUDA at batch 256 / 64, 20 rounds / 7 cycles.
 BENCH_SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"batch": 64, "num_patches": 64, "dim": 192, "mae": "tiny", "mlo_batch": 64, "repeats": 30},
     "small": {"batch": 64, "num_patches": 64, "dim": 384, "mae": "small", "mlo_batch": 32, "repeats": 20,
               "mlo_repeats": 5},
     "vit-b": {"batch": 256, "num_patches": 196, "dim": 768, "mae": "vit-b", "mlo_batch": 64, "repeats": 20,
-              "cpu": {"mlo_batch": 8, "mlo_repeats": 3, "batch": 64}},
+              "cpu": {"batch": 8, "repeats": 5, "mlo_batch": 2, "mlo_repeats": 2, "warmup": 1, "rss": False}},
     "trivial": {"batch": 4, "num_patches": 16, "dim": 64, "mae": "micro", "mlo_batch": 4, "repeats": 2,
                 "mlo_repeats": 2, "warmup": 1, "rss": False},
 }  # fmt: skip

@@ -109,6 +109,17 @@ GUIDED: dict[str, list[str]] = {
     "frozen-gumbel-g05": ["--policy", "learned", "--freeze-masker", "--learned-selection", "gumbel", *GUIDED_05],
 }
 ARMS.update(GUIDED)
+#: issue 15: the policy zoo against random masking (MNIST-5k, 1632 steps), each at its paper's default
+#: ratio and at 0.75 (`uniform` needs an even grid: MNIST's 7x7 patches at the pilot's patch 4 have
+#: none, so it has no row here). Paper defaults: SimMIM 0.6; ColorMAE 0.75; AdaMAE 0.95 (video).
+ZOO: dict[str, list[str]] = {
+    "simmim": ["--policy", "simmim"],  # its default: ratio 0.6, 2x2 groups of patches
+    "simmim-r0.75": ["--policy", "simmim", "--mask-ratio", "0.75"],
+    "colornoise": ["--policy", "colornoise"],  # green noise, ratio 0.75 (the paper's default and 0.75 at once)
+    "adamae-r0.95": ["--policy", "adamae", "--mask-ratio", "0.95"],
+    "adamae": ["--policy", "adamae"],  # ratio 0.75
+}
+ARMS.update(ZOO)
 #: `random-eqtime`: random masking for the wall time of STEPS steps of `learned-darts-topk`. Measured
 #: per-step cost on this machine (pilot preset, batch 64, 1 thread, idle machine, 40 steps each):
 #: random 3.99 s, darts top-k 13.02 s, a ratio of 3.26; a fixed count keeps the row independent of
@@ -297,7 +308,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=[*MAIN_ARMS, "random-eqtime", "untrained", "raw-pixels"],
                         help=f"arms to run (default: the main ones); exploration arms: {', '.join(EXPLORE)}; "
-                             f"issue 12's arms: {', '.join(GUIDED)}")
+                             f"issue 12's arms: {', '.join(GUIDED)}; issue 15's: {', '.join(ZOO)}")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=STEPS, help="another budget: rows <arm>@<steps>")
     parser.add_argument("--finetune", action="store_true", help="also a fine-tune evaluation (slow)")

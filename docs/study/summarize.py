@@ -318,6 +318,39 @@ def replace_between(doc: str, begin: str, end: str, text: str) -> str:
     return f"{head}{begin}\n{text}\n{end}{tail}"
 
 
+
+#: issue 15's zoo table (MNIST-5k, 1632 steps): result label, policy and ratio as shown
+ZOO = [
+    ("random-rerun@1632", "random (MAE), 0.75"),
+    ("simmim@1632", "`simmim` (SimMIM, 2x2 groups), 0.6: its paper's"),
+    ("simmim-r0.75@1632", "`simmim`, 0.75"),
+    ("colornoise@1632", "`colornoise` (ColorMAE, green), 0.75: its paper's"),
+    ("adamae-r0.95@1632", "`adamae` (AdaMAE), 0.95: its paper's (video)"),
+    ("adamae@1632", "`adamae`, 0.75"),
+]
+ZOO_BEGIN, ZOO_END = "<!-- zoo-study:begin -->", "<!-- zoo-study:end -->"
+
+
+def render_zoo(table: dict[str, dict[int, dict]]) -> str:
+    """Issue 15: every zoo policy against random masking, paired by seed (linear probe and fine-tune)."""
+    lines = ["| policy, mask ratio | seeds | linear probe % | Δ linear vs random, paired | fine-tune % | "
+             "Δ fine-tune vs random, paired | pretrain wall s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for arm, label in ZOO:
+        runs = table.get(arm, {})
+        if not runs:
+            continue
+        seeds = sorted(runs)
+        base = arm == ZOO[0][0]
+        lines.append("| " + " | ".join([
+            label, str(len(seeds)), mean_std(present(runs, seeds, "linear"), 100),
+            "-" if base else diff_text(paired(table, arm, ZOO[0][0], "linear")),
+            mean_std(present(runs, seeds, "finetune"), 100),
+            "-" if base else diff_text(paired(table, arm, ZOO[0][0], "finetune")),
+            mean_std([runs[s]["pretrain_seconds"] for s in seeds if runs[s].get("pretrain_seconds")], 1, 0),
+        ]) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--print", action="store_true")
@@ -342,6 +375,8 @@ def main() -> None:
         doc = replace_between(doc, GUIDED_BEGIN, GUIDED_END, guided)
     if COSTS_BEGIN in doc:
         doc = replace_between(doc, COSTS_BEGIN, COSTS_END, render_step_costs())
+    if ZOO_BEGIN in doc:
+        doc = replace_between(doc, ZOO_BEGIN, ZOO_END, render_zoo(table))
     DOC.write_text(doc)
     print(f"wrote the tables into {DOC}")
 

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Issue 15's comparison: every zoo policy against random masking on MNIST-5k (the issue-12 study's settings:
+# pilot model, batch 64, 1632 steps, linear probe and 10-epoch fine-tune on the test split, seeds 0 1 2).
+# Random masking is the issue-12 study's `random-rerun` rows (the same runs). Resumable: rerun to continue.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+python docs/study/run_study.py --steps 1632 --finetune --arms random-rerun simmim simmim-r0.75 colornoise adamae-r0.95 adamae
+python docs/study/summarize.py
