@@ -318,7 +318,6 @@ def replace_between(doc: str, begin: str, end: str, text: str) -> str:
     return f"{head}{begin}\n{text}\n{end}{tail}"
 
 
-
 #: issue 15's zoo table (MNIST-5k, 1632 steps): result label, policy and ratio as shown
 ZOO = [
     ("random-rerun@1632", "random (MAE), 0.75"),

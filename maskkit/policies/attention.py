@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from maskkit.plan import num_visible
+from maskkit.policies.base import check_fraction
 from maskkit.policies.scored import ScoredPolicy, uniform_noise
 from maskkit.registry import CardInfo, register_policy
 
@@ -69,14 +70,8 @@ class AttentionPolicy(ScoredPolicy):
         super().__init__(ratio, guided_fraction, guided_ramp)
         if mode not in MODES:
             raise ValueError(f"attention mode must be one of {MODES}, got {mode!r}")
-        try:
-            hint = float(hint_ratio)
-        except (TypeError, ValueError):
-            raise ValueError(f"hint_ratio must be a number in [0, 1), got {hint_ratio!r}") from None
-        if not (0.0 <= hint < 1.0):
-            raise ValueError(f"hint_ratio must lie in [0, 1), got {hint_ratio!r}")
         self.mode = mode
-        self.hint_ratio = hint
+        self.hint_ratio = check_fraction("hint_ratio", hint_ratio, include_one=False)
 
     def score(
         self,

@@ -11,6 +11,16 @@ from maskkit.plan import MaskPlan, check_ratio
 from maskkit.registry import CardInfo
 
 
+def check_fraction(name: str, value: Any, *, include_one: bool = True) -> float:
+    """`value` as a float in [0, 1] (or [0, 1) without `include_one`), else a one-line ValueError naming `name`."""
+    interval = "[0, 1]" if include_one else "[0, 1)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    if not (0.0 <= value <= 1.0 and (include_one or value < 1.0)):
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+    return float(value)
+
+
 class MaskPolicy(nn.Module):
     """Decides which patches to hide: `policy(tokens [B, N, D], *, ratio=None, **context) -> MaskPlan`.
 

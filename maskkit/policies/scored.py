@@ -15,14 +15,7 @@ import torch
 from torch import Tensor
 
 from maskkit.plan import MaskPlan, guided_fraction_at, num_guided, num_visible
-from maskkit.policies.base import MaskPolicy
-
-
-def check_unit_interval(name: str, value: Any) -> float:
-    """`value` as a float in [0, 1], else ValueError naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
+from maskkit.policies.base import MaskPolicy, check_fraction
 
 
 def uniform_noise(noise: Tensor | None, batch: int, n: int, device: Any, generator: torch.Generator | None,
@@ -59,8 +52,8 @@ class ScoredPolicy(MaskPolicy):
 
     def __init__(self, ratio: float = 0.75, guided_fraction: float = 1.0, guided_ramp: float = 0.0) -> None:
         super().__init__(ratio)
-        self.guided_fraction = check_unit_interval("guided_fraction", guided_fraction)
-        self.guided_ramp = check_unit_interval("guided_ramp", guided_ramp)
+        self.guided_fraction = check_fraction("guided_fraction", guided_fraction)
+        self.guided_ramp = check_fraction("guided_ramp", guided_ramp)
 
     def score(self, tokens: Tensor, **context: Any) -> Tensor:
         """Per-patch scores [B, N] of tokens [B, N, D]; the highest are hidden first."""

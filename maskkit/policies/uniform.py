@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from maskkit.plan import MaskPlan, check_ratio
-from maskkit.policies.base import MaskPolicy
+from maskkit.policies.base import MaskPolicy, check_fraction
 from maskkit.policies.learned import grid_side
 from maskkit.policies.scored import uniform_noise
 from maskkit.registry import CardInfo, register_policy
@@ -68,13 +68,7 @@ class UniformPolicy(MaskPolicy):
         self, ratio: float = 0.75, secondary_ratio: float = 0.0, secondary_in_loss: bool = False
     ) -> None:
         super().__init__(_check_uniform_ratio(ratio))
-        try:
-            secondary = float(secondary_ratio)
-        except (TypeError, ValueError):
-            raise ValueError(f"secondary_ratio must be a number in [0, 1), got {secondary_ratio!r}") from None
-        if not (0.0 <= secondary < 1.0):
-            raise ValueError(f"secondary_ratio must lie in [0, 1), got {secondary_ratio!r}")
-        self.secondary_ratio = secondary
+        self.secondary_ratio = check_fraction("secondary_ratio", secondary_ratio, include_one=False)
         self.secondary_in_loss = bool(secondary_in_loss)
 
     def num_visible(self, num_patches: int) -> int:
