@@ -324,7 +324,7 @@ def test_guided_fraction_passes_through_and_masker_reg_reaches_the_engine(tmp_pa
           *FAST)
     fails("--masker-reg only apply to a learnable policy", "pretrain", "--out", tmp_path / "bad", "--policy", "hpm",
           "--masker-reg", "0.1", *FAST)
-    fails("guided_fraction must be a number in [0, 1]", "pretrain", "--out", tmp_path / "bad", "--policy", "hpm",
+    fails("guided_fraction must lie in [0, 1]", "pretrain", "--out", tmp_path / "bad", "--policy", "hpm",
           "--hpm-guided-fraction", "2", *FAST)
     assert not (tmp_path / "bad").exists()
 
