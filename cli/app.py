@@ -151,7 +151,7 @@ def pretrain_command(ctx: typer.Context, **values: Any) -> None:
     """MAE pretraining with any masking policy; `learned` trains the masker by multi-level optimisation.
 
     Policy options pass through as --<policy>-<option> VALUE (e.g. --attention-mode hint).
-    With no options: the learned masker on the bundled 8x8 digits, a few CPU minutes.
+    With no options: random masking (MAE) on the bundled 8x8 digits, a few CPU minutes.
     """
     from maskkit import run
 

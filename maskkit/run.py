@@ -124,7 +124,10 @@ class ModelConfig:
 class PolicyConfig:
     """Which patches are hidden: a registered policy, its options, the mask ratio."""
 
-    name: str = setting("learned", "Masking policy (maskkit policies lists them).", param="policy", flags=("--policy",))
+    name: str = setting(
+        "random", "Masking policy (maskkit policies lists them); random: the safe choice (docs/results.md, issue 12).",
+        param="policy", flags=("--policy",),
+    )  # fmt: skip
     options: dict[str, Any] = setting(
         default_factory=dict, help="Policy option as option=value (repeatable), or --<policy>-<option> VALUE.",
         param="policy_opt", flags=("--policy-opt",),

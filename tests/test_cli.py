@@ -196,7 +196,7 @@ def test_default_run_directory_is_dated_and_unique(tmp_path, monkeypatch):
 
 def test_learned_policy_runs_the_mlo_engine(tmp_path):
     run = tmp_path / "learned"
-    ok("pretrain", "--out", run, "--hypergrad", "darts", "--learned-hidden-dim", "16", *FAST)
+    ok("pretrain", "--policy", "learned", "--out", run, "--hypergrad", "darts", "--learned-hidden-dim", "16", *FAST)
     config = json.loads((run / "config.json").read_text())
     assert config["policy"]["name"] == "learned" and config["policy"]["options"] == {"hidden_dim": 16}
     records = metrics(run)
@@ -211,9 +211,9 @@ def test_frozen_masker_control_keeps_the_initial_masker(tmp_path):
     # the study's control: same masker, selection and loss weighting as `learned`, no MLO feedback
     args = ["--learned-hidden-dim", "16", "--hypergrad", "darts", *FAST]
     frozen, longer, learned = tmp_path / "frozen", tmp_path / "longer", tmp_path / "learned"
-    ok("pretrain", "--out", frozen, "--freeze-masker", *args)
-    ok("pretrain", "--out", longer, "--freeze-masker", *args[:-len(FAST)], *FAST[:1], "12", *FAST[2:])
-    ok("pretrain", "--out", learned, *args)
+    ok("pretrain", "--policy", "learned", "--out", frozen, "--freeze-masker", *args)
+    ok("pretrain", "--policy", "learned", "--out", longer, "--freeze-masker", *args[:-len(FAST)], *FAST[:1], "12", *FAST[2:])
+    ok("pretrain", "--policy", "learned", "--out", learned, *args)
     a, b, c = (load_checkpoint(run / "model.pt") for run in (frozen, longer, learned))
     assert "head" not in a and "head" in c
     # 6 or 12 MAE steps: the masker is bit-identical (its initialisation); MLO moved it
@@ -224,16 +224,16 @@ def test_frozen_masker_control_keeps_the_initial_masker(tmp_path):
 
 def test_masker_start_and_weighting_reach_the_engine(tmp_path):
     run = tmp_path / "warm"
-    ok("pretrain", "--out", run, "--learned-hidden-dim", "16", "--masker-start", "4", "--learned-weighting",
+    ok("pretrain", "--policy", "learned", "--out", run, "--learned-hidden-dim", "16", "--masker-start", "4", "--learned-weighting",
        "straight", *FAST)
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["mlo"]["masker_start"] == 4 and config["policy"]["options"]["weighting"] == "straight"
     updated = {r["step"]: r["masker_updated"] for r in metrics(run)}  # means over 2-step windows
     assert updated == {2: 0.0, 4: 0.0, 6: 0.5}  # masker steps end iterations 2, 4, 6: only the last learns
     assert all(r["mask_prob_mean"] < 0.9 for r in metrics(run))  # probabilities, not the straight weights (1)
-    fails("--level2 ridge needs --hypergrad darts", "pretrain", "--out", tmp_path / "bad", "--level2", "ridge",
+    fails("--level2 ridge needs --hypergrad darts", "pretrain", "--policy", "learned", "--out", tmp_path / "bad", "--level2", "ridge",
           "--hypergrad", "unroll", *FAST)
-    fails("--masker-start must be a non-negative integer", "pretrain", "--out", tmp_path / "bad",
+    fails("--masker-start must be a non-negative integer", "pretrain", "--policy", "learned", "--out", tmp_path / "bad",
           "--masker-start", "-1", *FAST)
     assert not (tmp_path / "bad").exists()
     # options of the MLO training are refused with a policy that has no masker, not silently ignored
@@ -245,8 +245,8 @@ def test_masker_start_and_weighting_reach_the_engine(tmp_path):
 def test_learned_run_resumes_exactly(tmp_path):
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     args = ["--learned-hidden-dim", "16", *FAST]
-    ok("pretrain", "--out", full, *args)
-    ok("pretrain", "--out", crashed, *args)
+    ok("pretrain", "--policy", "learned", "--out", full, *args)
+    ok("pretrain", "--policy", "learned", "--out", crashed, *args)
     for name in ("checkpoints/checkpoint-0000006.pt", "checkpoints/checkpoint-0000006.pt.sha256", "model.pt"):
         (crashed / name).unlink()  # as if killed between steps 3 and 6
     ok("pretrain", "--resume", crashed, "--no-progress")
@@ -258,7 +258,7 @@ def test_learned_run_resumes_exactly(tmp_path):
 
 def test_unrolled_hypergradient_checkpoints_between_masker_cycles(tmp_path):
     run = tmp_path / "unroll"
-    ok("pretrain", "--out", run, "--hypergrad", "unroll", "--masker-every", "2", "--unroll-steps", "2",
+    ok("pretrain", "--policy", "learned", "--out", run, "--hypergrad", "unroll", "--masker-every", "2", "--unroll-steps", "2",
        "--learned-hidden-dim", "16", *FAST)
     # checkpoints are due at 3 and 6; step 3 is inside an open unroll window, so it is written at 4
     assert [p.name for p in sorted((run / "checkpoints").glob("*.pt"))] == [
@@ -292,7 +292,7 @@ def test_attention_options_pass_through(tmp_path):
 def test_hpm_pretrains_resumes_and_pictures_its_guided_patches(tmp_path):
     full, crashed = tmp_path / "hpm", tmp_path / "crashed"
     args = ["--policy", "hpm", "--hpm-hidden-dim", "16", *FAST]
-    ok("pretrain", "--out", full, *args)
+    ok("pretrain", "--policy", "learned", "--out", full, *args)
     records = metrics(full)
     assert all({"hpm_rank_corr", "mask_iou", "mask_pos_entropy", "logit_spread", "policy_loss"} <= set(r)
                for r in records)
@@ -300,7 +300,7 @@ def test_hpm_pretrains_resumes_and_pictures_its_guided_patches(tmp_path):
     assert weights["policy"]["scorer.net.0.weight"].shape[0] == 16 and "head" not in weights
     start = load_checkpoint(sorted((full / "checkpoints").glob("*.pt"))[0])["policy"]
     assert not all(torch.equal(start[k], weights["policy"][k]) for k in start)  # the scorer trained
-    ok("pretrain", "--out", crashed, *args)
+    ok("pretrain", "--policy", "learned", "--out", crashed, *args)
     for name in ("checkpoints/checkpoint-0000006.pt", "checkpoints/checkpoint-0000006.pt.sha256", "model.pt"):
         (crashed / name).unlink()
     ok("pretrain", "--resume", crashed, "--no-progress")
@@ -316,11 +316,11 @@ def test_guided_fraction_passes_through_and_masker_reg_reaches_the_engine(tmp_pa
     config = json.loads((run / "config.json").read_text())
     assert config["policy"]["options"] == {"guided_fraction": 0.5, "guided_ramp": 1.0}
     reg = tmp_path / "reg"
-    ok("pretrain", "--out", reg, "--learned-hidden-dim", "16", "--learned-guided-fraction", "0.5",
+    ok("pretrain", "--policy", "learned", "--out", reg, "--learned-hidden-dim", "16", "--learned-guided-fraction", "0.5",
        "--learned-selection", "gumbel", "--masker-reg", "0.5", *FAST)
     assert json.loads((reg / "config.json").read_text())["train"]["mlo"]["masker_reg"] == 0.5
     assert all(r["masker_prior_kl"] > 0 for r in metrics(reg))
-    fails("--masker-reg must be a non-negative number", "pretrain", "--out", tmp_path / "bad", "--masker-reg", "-1",
+    fails("--masker-reg must be a non-negative number", "pretrain", "--policy", "learned", "--out", tmp_path / "bad", "--masker-reg", "-1",
           *FAST)
     fails("--masker-reg only apply to a learnable policy", "pretrain", "--out", tmp_path / "bad", "--policy", "hpm",
           "--masker-reg", "0.1", *FAST)
@@ -459,20 +459,20 @@ def test_module_entry_point():
 )
 def test_bad_pretrain_options(tmp_path, args, message):
     out = tmp_path / "run"
-    fails(message, "pretrain", "--out", out, *FAST[:2], *args)
+    fails(message, "pretrain", "--policy", "learned", "--out", out, *FAST[:2], *args)
     assert not out.exists()  # validated before anything was written
 
 
 def test_bad_data(tmp_path):
-    fails("data directory", "pretrain", "--dataset", "mnist", "--data-dir", tmp_path / "missing")
+    fails("data directory", "pretrain", "--policy", "learned", "--dataset", "mnist", "--data-dir", tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    fails(f"data directory {tmp_path / 'empty'} is empty", "pretrain", "--dataset", "mnist",
+    fails(f"data directory {tmp_path / 'empty'} is empty", "pretrain", "--policy", "learned", "--dataset", "mnist",
           "--data-dir", tmp_path / "empty")
-    fails("is empty", "pretrain", "--dataset", f"imagefolder:{tmp_path / 'empty'}")
+    fails("is empty", "pretrain", "--policy", "learned", "--dataset", f"imagefolder:{tmp_path / 'empty'}")
     np.savez(tmp_path / "noimages.npz", pixels=np.zeros((4, 8, 8), np.uint8))
-    fails("has no array 'images'", "pretrain", "--dataset", f"npz:{tmp_path / 'noimages.npz'}")
+    fails("has no array 'images'", "pretrain", "--policy", "learned", "--dataset", f"npz:{tmp_path / 'noimages.npz'}")
     np.savez(tmp_path / "short.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.zeros(3, np.int64))
-    fails("has 4 images but 3 labels", "pretrain", "--dataset", f"npz:{tmp_path / 'short.npz'}")
+    fails("has 4 images but 3 labels", "pretrain", "--policy", "learned", "--dataset", f"npz:{tmp_path / 'short.npz'}")
     np.savez(tmp_path / "unlabeled.npz", images=np.random.default_rng(0).random((40, 8, 8)))
     fails("policy 'learned' learns from labels, but dataset", "pretrain",
           "--dataset", f"npz:{tmp_path / 'unlabeled.npz'}", "--policy", "learned")
@@ -563,12 +563,12 @@ def test_one_class_is_refused_by_the_learned_policy_and_by_evaluate(tmp_path):
     write_pngs(tmp_path / "one" / "cats", 20)
     data = f"imagefolder:{tmp_path / 'one'}"
     out = tmp_path / "learned"
-    fails("policy 'learned' needs labels of at least 2 classes, but dataset", "pretrain", "--dataset", data,
+    fails("policy 'learned' needs labels of at least 2 classes, but dataset", "pretrain", "--policy", "learned", "--dataset", data,
           "--out", out, *FAST)
     assert not out.exists()  # refused before anything was written
     labels = np.zeros(30, np.int64)
     np.savez(tmp_path / "one.npz", images=np.zeros((30, 8, 8), np.uint8), labels=labels)
-    fails("has 1 (0)", "pretrain", "--dataset", f"npz:{tmp_path / 'one.npz'}", "--out", out, *FAST)
+    fails("has 1 (0)", "pretrain", "--policy", "learned", "--dataset", f"npz:{tmp_path / 'one.npz'}", "--out", out, *FAST)
     assert not out.exists()
     run = tmp_path / "random"
     ok("pretrain", "--dataset", data, "--policy", "random", "--out", run, *FAST)  # label-free: fine

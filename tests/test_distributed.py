@@ -122,7 +122,7 @@ def _parts():
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 ENV.pop("MASKKIT_INJECT_NAN", None)
-ARGS = ["--learned-hidden-dim", "8", "--hypergrad", "darts", "--steps", "10", "--batch-size", "16",
+ARGS = ["--policy", "learned", "--learned-hidden-dim", "8", "--hypergrad", "darts", "--steps", "10", "--batch-size", "16",
         "--log-every", "1", "--ckpt-every", "2", "--no-progress"]
 
 

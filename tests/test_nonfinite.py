@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pretrain(run: Path, policy: list[str], *extra: str):
-    return runner.invoke(app, ["pretrain", *policy, "--steps", "5", "--batch-size", "16", "--log-every", "1",
+    return runner.invoke(app, ["pretrain", "--policy", "learned", *policy, "--steps", "5", "--batch-size", "16", "--log-every", "1",
                                "--ckpt-every", "1", "--keep-last", "10", "--no-progress", "--out", str(run), *extra])
 
 
