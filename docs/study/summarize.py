@@ -249,6 +249,16 @@ def guided_verdicts(table: dict[str, dict[int, dict]], prefix: str) -> list[str]
                    + ("-" if st is None else f"{st[0]:+.1f} ± {st[1]:.1f} (n={st[2]})"))
         st = stats("hpm@1632", best)
         out.append(f"(c) hpm against {best}: " + ("-" if st is None else f"{st[0]:+.1f} ± {st[1]:.1f} (n={st[2]})"))
+        others = []  # every MLO arm, for the record (the verdict uses the validation split's choice only)
+        for arm in mlo:
+            if arm == best or not table.get(prefix + arm):
+                continue
+            vs_frozen, vs_hpm = stats(arm, "frozen-gumbel-g05@1632"), stats("hpm@1632", arm)
+            if vs_frozen is not None and vs_hpm is not None:
+                others.append(f"{arm}: against the frozen control {vs_frozen[0]:+.1f} ± {vs_frozen[1]:.1f}, "
+                              f"hpm against it {vs_hpm[0]:+.1f} ± {vs_hpm[1]:.1f} (n={vs_frozen[2]})")
+        if others:
+            out.append("the other MLO arms (not chosen on val): " + "; ".join(others))
     return out
 
 
