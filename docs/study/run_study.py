@@ -113,7 +113,7 @@ ARMS.update(GUIDED)
 #: ratio and at 0.75 (`uniform` needs an even grid: MNIST's 7x7 patches at the pilot's patch 4 have
 #: none, so it has no row here). Paper defaults: SimMIM 0.6; ColorMAE 0.75; AdaMAE 0.95 (video).
 ZOO: dict[str, list[str]] = {
-    "simmim": ["--policy", "simmim"],  # its default: ratio 0.6, 2x2 groups of patches
+    "simmim": ["--policy", "simmim", "--mask-ratio", "0.6"],  # its paper's ratio (--mask-ratio sets every policy's)
     "simmim-r0.75": ["--policy", "simmim", "--mask-ratio", "0.75"],
     "colornoise": ["--policy", "colornoise"],  # green noise, ratio 0.75 (the paper's default and 0.75 at once)
     "adamae-r0.95": ["--policy", "adamae", "--mask-ratio", "0.95"],
