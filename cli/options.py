@@ -18,6 +18,7 @@ from typing import Any, Optional
 import typer
 
 from maskkit.run import SECTIONS, RunConfig
+from maskkit.settings import flag
 
 #: options of `maskkit pretrain` that are not run settings
 EXTRA_OPTIONS: dict[str, tuple[Any, Any]] = {
@@ -47,7 +48,7 @@ def _option(f: Field) -> Any:
     if f.default_factory is not MISSING:  # a dict of options: repeatable
         return typer.Option([], *flags, help=help_text)
     if isinstance(f.default, bool) and not flags:
-        flags = ["--" + f.name.replace("_", "-")]  # a switch, off by default
+        flags = [flag(f.name)]  # a switch, off by default
     return typer.Option(f.default, *flags, help=help_text)
 
 

@@ -305,10 +305,6 @@ class RunRecord:
         return cls(**raw)
 
 
-#: kept for scripts written against the first layout
-RunSpec = RunRecord
-
-
 # ---- building a run's parts -------------------------------------------------------------------
 
 
@@ -343,14 +339,19 @@ def resolve_device(name: str, dist: DistContext = SINGLE) -> torch.device:
     return device
 
 
-def model_kind(name: str) -> str:
-    """'timm' for a preset, else the prefix of `official:...` / `hf:...`."""
+def model_spec(name: str) -> Any:
+    """The parsed `--model` spec (`maskkit.adapters.models.ModelSpec`: kind, absolute paths); RunError if bad."""
     from maskkit.adapters.models import parse_model_spec
 
     try:
-        return parse_model_spec(name).kind
+        return parse_model_spec(name)
     except ValueError as err:
         raise RunError(str(err)) from None
+
+
+def model_kind(name: str) -> str:
+    """'timm' for a preset, else the prefix of `official:...` / `hf:...`."""
+    return model_spec(name).kind
 
 
 def choose_patch_size(model: str, img_size: tuple[int, int], patch_size: int | None) -> int | None:
@@ -431,7 +432,7 @@ def model_section(model: ModelConfig, data: ImageData, seed: int) -> dict[str, A
     """The record's `model` section before the model is built (its sizes are added after)."""
     height, width = data.image_size
     return {
-        "name": model.name if model_kind(model.name) != "official" else _absolute_official(model.name),
+        "name": str(model_spec(model.name)),  # canonical: file paths absolute, so the run resumes from anywhere
         "options": dict(model.options),
         "img_size": height if height == width else [height, width],
         "patch_size": choose_patch_size(model.name, data.image_size, model.patch_size),
@@ -439,14 +440,6 @@ def model_section(model: ModelConfig, data: ImageData, seed: int) -> dict[str, A
         "norm_pix_loss": model.norm_pix_loss,
         "init_seed": seed,
     }
-
-
-def _absolute_official(name: str) -> str:
-    """official:PATH[:CALLABLE] with PATH made absolute, so the run resumes from any directory."""
-    from maskkit.adapters.models import parse_model_spec
-
-    spec = parse_model_spec(name)
-    return f"official:{spec.target}:{spec.callable}"
 
 
 def dataset_section(

@@ -262,3 +262,19 @@ def test_loaders_give_the_trained_encoder_and_masker(tmp_path):
     assert all(torch.equal(masker.state_dict()[k], v) for k, v in saved["policy"].items())
     images = torch.randn(2, 1, 8, 8)
     assert encoder.features(images).shape == (2, encoder.embed_dim)
+
+
+def test_model_files_are_recorded_by_absolute_path(tmp_path, monkeypatch):
+    """official: and hf: specs with relative paths are stored absolute, so the run resumes from anywhere."""
+    transformers = pytest.importorskip("transformers")
+    transformers.ViTMAEConfig(**{"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                 "intermediate_size": 64, "decoder_hidden_size": 16,
+                                 "decoder_num_hidden_layers": 1, "decoder_num_attention_heads": 2,
+                                 "decoder_intermediate_size": 32}).to_json_file(tmp_path / "vitmae.json")
+    monkeypatch.chdir(tmp_path)
+    config = small("random", steps=2)
+    config.model = ModelConfig("hf:vitmae.json", patch_size=2)
+    train_run(create_run(config, tmp_path / "hf"))
+    assert RunRecord.read(tmp_path / "hf").model["name"] == f"hf:{tmp_path / 'vitmae.json'}"
+    monkeypatch.chdir(EXAMPLES)  # elsewhere: the run still rebuilds its model
+    assert load_run(tmp_path / "hf", "cpu").mae.num_patches == 16

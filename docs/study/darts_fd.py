@@ -65,21 +65,24 @@ def unroll_grad(state: dict) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in grads])
 
 
-def darts_grad(state: dict, fd: str, r: float) -> torch.Tensor:
+def _darts_inputs(state: dict) -> tuple[dict, object, object]:
+    """A copy of `state` after darts' real pretrain step and head step (with the darts vector)."""
     q = copy.deepcopy(state)
     step = hg.pretrain_step(q["mae"], q["masker"], q["mae_opt"], q["images"], keep_params=True)
     ft = hg.finetune_step(q["mae"], q["head"], q["head_opt"], q["train"], q["val"],
                           mae_params=hg.optimizer_params(q["mae_opt"]), paths="both")  # fmt: skip
+    return q, step, ft
+
+
+def darts_grad(state: dict, fd: str, r: float) -> torch.Tensor:
+    q, step, ft = _darts_inputs(state)
     grads = hg.darts_masker_grad(q["mae"], q["masker"], step, ft.vector, q["mae_opt"], r=r, fd=fd)
     return torch.cat([g.reshape(-1) for g in grads])
 
 
 def fd_only_seconds(state: dict, fd: str, r: float) -> float:
     """Seconds of the finite-difference term alone (pretrain and head steps excluded)."""
-    q = copy.deepcopy(state)
-    step = hg.pretrain_step(q["mae"], q["masker"], q["mae_opt"], q["images"], keep_params=True)
-    ft = hg.finetune_step(q["mae"], q["head"], q["head_opt"], q["train"], q["val"],
-                          mae_params=hg.optimizer_params(q["mae_opt"]), paths="both")  # fmt: skip
+    q, step, ft = _darts_inputs(state)
     t0 = time.perf_counter()
     hg.darts_masker_grad(q["mae"], q["masker"], step, ft.vector, q["mae_opt"], r=r, fd=fd)
     return time.perf_counter() - t0
