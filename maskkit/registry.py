@@ -44,10 +44,25 @@ class PolicyOption:
 LEARNS = ("nothing", "reconstruction", "labels")
 
 
+#: allowed values of the options that mean the same in every built-in policy, written once here; a
+#: card's own `allowed` entry overrides one (e.g. `uniform` takes only ratio 0.75).
+COMMON_ALLOWED: Mapping[str, str] = {
+    "ratio": "(0, 1)",
+    "guided_fraction": "[0, 1]",
+    "guided_ramp": "[0, 1]",
+    "embed_dim": "int >= 1 | None",
+    "num_patches": "int >= 1 | None",
+    "hidden_dim": "int >= 1",
+    "pos_dim": "int >= 0, multiple of 4",
+    "loss_weight": ">= 0",
+}
+
+
 @dataclass(frozen=True)
 class CardInfo:
     """What a policy class declares for its `PolicyCard` (class attribute `card_info`); `allowed` maps
-    each option to its allowed values as text: "high | low | hint", "[0, 1]", "(0, 1)", "int >= 1 | None"."""
+    each option to its allowed values as text: "high | low | hint", "[0, 1]", "(0, 1)", "int >= 1 | None"
+    (options listed in COMMON_ALLOWED need no entry)."""
 
     paper: str
     idea: str
@@ -57,6 +72,10 @@ class CardInfo:
     def __post_init__(self) -> None:
         if self.learns not in LEARNS:
             raise ValueError(f"learns must be one of {LEARNS}, got {self.learns!r}")
+
+    def allowed_values(self, option: str) -> str | None:
+        """The option's allowed values: the card's own entry, else the shared COMMON_ALLOWED one."""
+        return self.allowed.get(option) or COMMON_ALLOWED.get(option)
 
 
 class CardOption(NamedTuple):
@@ -160,12 +179,13 @@ def policy_card(name: str) -> PolicyCard:
     learns from `learnable` / `aux_loss`, allowed values from the annotations)."""
     factory = get_policy_class(name)
     info = vars(factory).get("card_info") if isinstance(factory, type) else None  # not inherited
-    if not isinstance(info, CardInfo):
+    if isinstance(info, CardInfo):
+        options = tuple(CardOption(o.name, o.default, info.allowed_values(o.name) or o.annotation or "any")
+                        for o in policy_options(name))  # fmt: skip
+    else:  # a third-party class without a card: its annotations say what it takes
         doc = inspect.cleandoc(factory.__doc__ or "")  # its own docstring: a class's is not inherited
         info = CardInfo(paper="-", idea=doc.splitlines()[0] if doc else "", learns=_derived_learns(factory))
-    options = tuple(
-        CardOption(o.name, o.default, info.allowed.get(o.name) or o.annotation or "any") for o in policy_options(name)
-    )
+        options = tuple(CardOption(o.name, o.default, o.annotation or "any") for o in policy_options(name))
     return PolicyCard(name, info.paper, info.idea, info.learns, options)
 
 

@@ -22,3 +22,12 @@ if [ -z "${REG:-}" ]; then
   exit 0
 fi
 $study --data "$data" --finetune --arms "mlo-gumbel-g05-reg${REG}"
+# 4. equal wall time: random masking for the steps that fit in the wall time of the data set's best
+#    learned arm at 1632 steps (EQTIME_OF in run_study.py; MNIST-5k 5758 steps, photos8 6670)
+best=$(python -c "import sys; sys.path.insert(0, 'docs/study'); from run_study import EQTIME_OF; print(EQTIME_OF['$data'])")
+$study --data "$data" --finetune --equal-time-of "$best" --arms random-rerun
+# 5. MNIST-5k only: the two best arms and random at 4000 steps (does the ranking hold?)
+if [ "$data" = mnist5k ]; then
+  python docs/study/run_study.py --steps 4000 --finetune --arms random-rerun mlo-gumbel-g05-reg0.1 frozen-gumbel-g05
+fi
+python docs/study/summarize.py

@@ -125,6 +125,18 @@ ARMS.update(ZOO)
 #: random 3.99 s, darts top-k 13.02 s, a ratio of 3.26; a fixed count keeps the row independent of
 #: the machine's load while the study runs (the table also reports the measured wall times).
 EQTIME_STEPS = round(STEPS * 13.02 / 3.99)
+#: issue 12's equal wall time: per data set, the learned arm that beat random by the most at 1632
+#: steps (test split); random masking gets the steps that fit in that arm's wall time (`--equal-time-of`)
+EQTIME_OF = {"mnist5k": "mlo-gumbel-g05-reg0.1", "photos8": "mlo-gumbel-g05"}
+STEP_COSTS = ROOT / "docs" / "study" / "step_costs.json"
+
+
+def eqtime_steps(data: str, arm: str, steps: int) -> int:
+    """Steps of random masking in the idle-core wall time of `steps` steps of `arm` (docs/study/step_costs.json)."""
+    costs = json.loads(STEP_COSTS.read_text())
+    return round(steps * costs[f"{data}/{arm}"]["ratio_to_random"] / costs[f"{data}/random"]["ratio_to_random"])
+
+
 #: fine-tuning epochs (batch 128, AdamW lr 1e-3): 10 epochs of the 3,500 train images = 280 steps;
 #: the default (50 epochs, >= 1,000 steps) costs about 10 CPU minutes per run, too much for 20 runs.
 FINETUNE_EPOCHS = 10
@@ -316,8 +328,14 @@ def main() -> None:
                         help="score on test (the tables) or val (choosing settings: rows <key>@val)")
     parser.add_argument("--data", choices=sorted(DATASETS), default="mnist5k",
                         help="mnist5k (../shared/data/mnist5k.npz) or photos8 (natural photos; rows photos8:<arm>)")
+    parser.add_argument("--equal-time-of", metavar="ARM",
+                        help="run for the steps of random masking that fit in the wall time of --steps steps of ARM "
+                             f"(docs/study/step_costs.json; issue 12 uses {EQTIME_OF})")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
+    if args.equal_time_of:
+        args.steps = eqtime_steps(args.data, args.equal_time_of, args.steps)
+        print(f"equal wall time of {args.equal_time_of}: {args.steps} steps", flush=True)
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
     if args.dry_run:
         for arm, seed in jobs:

@@ -9,7 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_study import DATASETS, EQTIME_OF, eqtime_steps  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "study" / "results.jsonl"
@@ -297,11 +301,30 @@ def render_guided_all(table: dict[str, dict[int, dict]]) -> str:
         parts.append(f"**{heading}, 1632 steps.** Paired differences: mean ± sd over seeds of (arm − random) "
                      "in points.\n\n" + render_guided(table, prefix))
         parts.append("\n".join(f"- {line}" for line in guided_verdicts(table, prefix)))
+        eqtime = render_eqtime(table, prefix, heading)
+        if eqtime:
+            parts.append(eqtime)
     long_arms = [(arm.replace("@1632", "@4000"), label) for arm, label in GUIDED if arm.endswith("@1632")]
     if any(table.get(arm) for arm, _ in long_arms):
         parts.append("**MNIST-5k, 4000 steps.**\n\n"
                      + render_guided(table, "", base="random-rerun@4000", order=long_arms))
     return "\n\n".join(parts)
+
+
+def render_eqtime(table: dict[str, dict[int, dict]], prefix: str, heading: str) -> str:
+    """Issue 12's equal wall time: the data set's best learned arm against random masking given its wall time."""
+    data = next(name for name, (_, p) in DATASETS.items() if p == prefix)
+    arm = EQTIME_OF[data]
+    steps = eqtime_steps(data, arm, 1632)
+    base = f"random-rerun@{steps}"
+    if not table.get(prefix + base):
+        return ""
+    label = dict(GUIDED)[f"{arm}@1632"]
+    order = [(base, f"random (MAE), {steps} steps"), (f"{arm}@1632", f"{label}, 1632 steps")]
+    return (f"**{heading}, equal wall time.** Random masking for {steps} steps, the idle-core wall time of "
+            f"1632 steps of `{arm}` (docs/study/step_costs.json; `run_study.py --data {data} --steps 1632 "
+            f"--equal-time-of {arm} --finetune --arms random-rerun`). Δ: the learned arm − random at equal "
+            "wall time, paired by seed.\n\n" + render_guided(table, prefix, base=base, order=order))
 
 
 def render_step_costs() -> str:

@@ -63,8 +63,6 @@ class AdaMAEPolicy(MaskPolicy):
         paper="Bandara et al., CVPR 2023",
         idea="AdaMAE: a sampling network picks the visible patches, trained by REINFORCE toward high-error ones",
         learns="reconstruction",
-        allowed={"ratio": "(0, 1)", "embed_dim": "int >= 1 | None", "hidden_dim": "int >= 1",
-                 "pos_dim": "int >= 0, multiple of 4", "loss_weight": ">= 0"},
     )
 
     learnable = False

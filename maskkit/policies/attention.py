@@ -55,8 +55,7 @@ class AttentionPolicy(ScoredPolicy):
         paper="Kakogeorgiou et al., ECCV 2022",
         idea="AttMask: hide the patches the encoder's CLS token attends to most (high), least (low), or most with hints",
         learns="nothing",
-        allowed={"ratio": "(0, 1)", "mode": "high | low | hint", "hint_ratio": "[0, 1)",
-                 "guided_fraction": "[0, 1]", "guided_ramp": "[0, 1]"},
+        allowed={"mode": "high | low | hint", "hint_ratio": "[0, 1)"},
     )
 
     def __init__(

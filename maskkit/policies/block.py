@@ -40,7 +40,7 @@ class BlockPolicy(MaskPolicy):
         paper="Bao et al., ICLR 2022",
         idea="BEiT blockwise: hide random rectangles of patches",
         learns="nothing",
-        allowed={"ratio": "(0, 1)", "min_block_patches": "int >= 1",
+        allowed={"min_block_patches": "int >= 1",
                  "max_block_patches": "int >= min_block_patches | None", "min_aspect": "> 0",
                  "max_aspect": ">= min_aspect | None", "grid_size": "int >= 1 | (rows, cols) | None"},
     )

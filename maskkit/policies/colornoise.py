@@ -174,7 +174,7 @@ class ColorNoisePolicy(MaskPolicy):
         paper="Hinojosa et al., ECCV 2024",
         idea="ColorMAE: hide where filtered (coloured) random noise on the patch grid is highest",
         learns="nothing",
-        allowed={"ratio": "(0, 1)", "color": "green | red | blue | purple | white", "sigma_fine": "> 0",
+        allowed={"color": "green | red | blue | purple | white", "sigma_fine": "> 0",
                  "sigma_coarse": "> sigma_fine", "bank": "path | None"},
     )
 

@@ -89,9 +89,7 @@ class HPMPolicy(ScoredPolicy):
         paper="Wang et al., CVPR 2023",
         idea="HPM: a scorer predicts each patch's reconstruction loss; hide the predicted-hardest, the rest random",
         learns="reconstruction",
-        allowed={"ratio": "(0, 1)", "guided_fraction": "[0, 1]", "guided_ramp": "[0, 1]",
-                 "embed_dim": "int >= 1 | None", "num_patches": "int >= 1 | None", "hidden_dim": "int >= 1",
-                 "pos_dim": "int >= 0, multiple of 4", "loss": "rank | mse", "loss_weight": ">= 0"},
+        allowed={"loss": "rank | mse"},
     )
 
     learned_scores = True

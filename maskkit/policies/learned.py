@@ -150,10 +150,9 @@ class LearnedMasker(ScoredPolicy):
         paper="Guo et al., TMLR 2025",
         idea="MLO-MAE: a network gives each patch a masking probability; trained from labels by multi-level optimisation",
         learns="labels",
-        allowed={"ratio": "(0, 1)", "arch": "token | paper", "embed_dim": "int >= 1",
-                 "num_patches": "int >= 1 | None", "hidden_dim": "int >= 1 | None", "selection": "topk | gumbel",
-                 "temperature": "> 0", "weighting": "prob | normalized | straight", "detach_input": "bool",
-                 "pos_dim": "int >= 0, multiple of 4", "guided_fraction": "[0, 1]", "guided_ramp": "[0, 1]"},
+        allowed={"arch": "token | paper", "embed_dim": "int >= 1", "hidden_dim": "int >= 1 | None",
+                 "selection": "topk | gumbel", "temperature": "> 0", "weighting": "prob | normalized | straight",
+                 "detach_input": "bool"},
     )
 
     learned_scores = True

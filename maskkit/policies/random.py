@@ -25,7 +25,6 @@ class RandomPolicy(MaskPolicy):
         paper="He et al., CVPR 2022",
         idea="MAE's baseline: hide a uniformly random N - K of the patches",
         learns="nothing",
-        allowed={"ratio": "(0, 1)"},
     )
 
     def __init__(self, ratio: float = 0.75) -> None:

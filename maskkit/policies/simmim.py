@@ -55,7 +55,7 @@ class SimMIMPolicy(MaskPolicy):
         paper="Xie et al., CVPR 2022",
         idea="SimMIM: hide random square groups of g x g patches",
         learns="nothing",
-        allowed={"ratio": "(0, 1)", "mask_patch_size": "int >= 1", "mask_patch_unit": "tokens | pixels",
+        allowed={"mask_patch_size": "int >= 1", "mask_patch_unit": "tokens | pixels",
                  "patch_size": "int >= 1 | None"},
     )
 
