@@ -135,6 +135,10 @@ class HFMAE(nn.Module):
         """HF's decoder with the plan's `ids_restore`: [B, 1 + K, D] -> [B, N, P]."""
         return self.model.decoder(latent, plan.ids_restore).logits
 
+    def transformer_blocks(self) -> list[nn.Module]:
+        """Encoder then decoder layers: what `--compile` compiles."""
+        return [*self._layers(), *self.model.decoder.decoder_layers]
+
     def patchify(self, images: Tensor) -> Tensor:
         return self.model.patchify(images)
 

@@ -101,6 +101,10 @@ class OfficialMAE(nn.Module):
         """The model's own `forward_decoder` with the plan's `ids_restore`: -> [B, N, P]."""
         return self.model.forward_decoder(latent, plan.ids_restore)
 
+    def transformer_blocks(self) -> list[nn.Module]:
+        """Encoder then decoder blocks: what `--compile` compiles."""
+        return [*self.model.blocks, *self.model.decoder_blocks]
+
     def patchify(self, images: Tensor) -> Tensor:
         return self.model.patchify(images)
 

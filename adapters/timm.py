@@ -229,6 +229,10 @@ class TimmMAE(nn.Module):
         x = self.decoder_pred(self.decoder_norm(x))  # [B, 1 + N, P]
         return x[:, 1:]  # [B, N, P]
 
+    def transformer_blocks(self) -> list[nn.Module]:
+        """Encoder then decoder blocks: what `--compile` compiles."""
+        return [*self.encoder.blocks, *self.decoder_blocks]
+
     def patchify(self, images: Tensor) -> Tensor:
         """[B, C, H, W] -> [B, N, p*p*C], each patch flattened as (p, q, c) (MAE's 'nchpwq->nhwpqc')."""
         self._check_images(images)

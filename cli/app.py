@@ -344,6 +344,9 @@ def bench_command(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON here."),
     skip_mlo: bool = typer.Option(False, "--skip-mlo", help="Only the policy-overhead rows."),
     rss: bool = typer.Option(True, "--rss/--no-rss", help="CPU: peak RSS of each MLO contender in a fresh process."),
+    compile_backend: str = typer.Option(
+        "none", "--compile", help="A torch.compile backend (inductor, ...): every MLO row again with the MAE's blocks "
+        "compiled (<name>@<backend>), interleaved with the eager ones."),
 ) -> None:
     """Seconds per iteration and peak memory: masking policies vs MAE's random_masking, MLO vs a plain MAE step.
 
@@ -359,7 +362,8 @@ def bench_command(
         dev = resolve_device(device)
         if json_path is not None:
             check_writable(json_path.parent if str(json_path.parent) else Path("."))
-        payload = run_bench(preset, str(dev), batch=batch, repeats=repeats, skip_mlo=skip_mlo, rss=rss)
+        payload = run_bench(preset, str(dev), batch=batch, repeats=repeats, skip_mlo=skip_mlo, rss=rss,
+                            compile=compile_backend)
         rows = payload["rows"]
         console.print(bench_table(rows, f"maskkit bench ({preset}, {dev})"))
         model = payload["cost_model"]

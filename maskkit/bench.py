@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from maskkit.compile import NO_COMPILE, check_backend
 from maskkit.policies import AttentionPolicy, RandomPolicy
 from maskkit.registry import create_sized_policy, list_policies
 
@@ -287,16 +288,22 @@ def run_bench(
     repeats: int | None = None,
     skip_mlo: bool = False,
     rss: bool = True,
+    compile: str = "none",
 ) -> dict[str, Any]:
-    """`maskkit bench`: the policy rows, then (unless `skip_mlo`) the MLO rows, as one JSON-ready payload."""
+    """`maskkit bench`: the policy rows, then (unless `skip_mlo`) the MLO rows, as one JSON-ready payload.
+
+    compile: a torch.compile backend: each MLO contender also runs with the MAE's blocks compiled
+    (rows `<name>@<backend>`, interleaved with the eager ones); "none" for eager only.
+    """
     from maskkit.adapters.timm import create_mae
-    from maskkit.mlo_bench import bench_mlo
+    from maskkit.mlo_bench import DEFAULT_NAMES, bench_mlo
 
     if preset not in BENCH_SIZES:
         raise ValueError(f"unknown bench preset {preset!r}; choose one of {', '.join(BENCH_SIZES)}")
     for name, value in (("batch", batch), ("repeats", repeats)):
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be a positive integer, got {value}")
+    check_backend(compile)
     dev = torch.device(device)
     size = {**BENCH_SIZES[preset], **BENCH_SIZES[preset].get(dev.type, {})}
     warmup = {"warmup": size["warmup"]} if "warmup" in size else {}
@@ -305,9 +312,12 @@ def run_bench(
         repeats=repeats or size["repeats"], encoder=create_mae(size["mae"], seed=0), **warmup,
     )  # fmt: skip
     if not skip_mlo:
+        names = list(DEFAULT_NAMES)
+        if compile != NO_COMPILE:
+            names += [f"{n}@{compile}" for n in DEFAULT_NAMES]
         rows += bench_mlo(
             preset=size["mae"], device=str(dev), batch=batch or size["mlo_batch"], rss=rss and size.get("rss", True),
-            repeats=repeats or size.get("mlo_repeats", 7), **warmup,
+            repeats=repeats or size.get("mlo_repeats", 7), names=names, **warmup,
         )  # fmt: skip
     from maskkit.mlo_bench import predicted_ratios
 

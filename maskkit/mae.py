@@ -3,6 +3,7 @@
 Adapters (maskkit.adapters) provide it for timm, the official MAE and Hugging Face ViTMAE.
 An implementation is an `nn.Module` (so it can be unrolled functionally by `higher`) with
 the attributes and methods of `MAEProtocol`. The losses below are shared by every adapter.
+Optional: `transformer_blocks()` (the encoder and decoder blocks), which `--compile` compiles.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ Contenders (timm MAE of preset "tiny": 32x32 images, patch 4, width 192, depth 4
   mlo_darts_direct  darts, masker -> pretrain -> validation path only
   mlo_unroll_k1/k2  exact hypergradient through 1 / 2 unrolled pretrain steps
   (--extra) mlo_darts_fwdfd, mlo_darts_direct_fwdfd: darts with darts_fd="forward"
+  NAME@BACKEND      any of them with the MAE's blocks compiled by torch.compile(backend=BACKEND)
+                    (`maskkit bench --compile inductor`); no RSS row (a fresh process would compile again)
 Times are per iteration, amortised over a masker cycle (masker_every iterations), medians of
 `repeats` cycles run interleaved in one process (so machine load hits all alike).
 
@@ -45,6 +47,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from maskkit.compile import NO_COMPILE, compile_blocks
 from maskkit.mae import mae_step_loss
 from maskkit.mlo import MLOConfig, MLOEngine, default_optimizers
 from maskkit.optim import param_groups
@@ -72,13 +75,16 @@ CYCLE = 2  # iterations per masker cycle (masker_every of the contenders)
 
 def make_contender(name: str, preset: str = "tiny", device: str = "cpu", batch: int = 64,
                    val_batch: int = 64, num_classes: int = 10, seed: int = 0) -> Callable[[], None]:
-    """Build one contender; returns a function that runs one masker cycle (CYCLE iterations)."""
+    """Build one contender; returns a function that runs one masker cycle (CYCLE iterations).
+    `NAME@BACKEND` is contender NAME with the MAE's transformer blocks compiled by BACKEND."""
     from maskkit.adapters.timm import create_mae
 
+    name, _, backend = name.partition("@")
     if name not in CONTENDERS:
         raise ValueError(f"unknown contender {name!r}; choose from {list(CONTENDERS)}")
     dev = torch.device(device)
     mae = create_mae(preset, seed=seed).to(dev)
+    compile_blocks(mae, backend or NO_COMPILE)
     gen = torch.Generator().manual_seed(seed)
     shape = (mae.in_chans, *tuple(getattr(mae, "img_size", (32, 32))))
 
@@ -182,14 +188,14 @@ def bench_mlo(preset: str = "tiny", device: str = "cpu", batch: int = 64, repeat
             "name": n,
             "seconds": statistics.median(times[n]),
             "peak_mem_mb": peak_memory_mb(cycles[n], dev),
-            "rss_mb": rss_peak_mb(n, preset, batch) if rss and dev.type == "cpu" else None,
+            "rss_mb": rss_peak_mb(n, preset, batch) if rss and dev.type == "cpu" and "@" not in n else None,
             "baseline": None if n == BASELINE else BASELINE,
         })
     base = rows[0]
     for row in rows:
         row["ratio"] = row["seconds"] / base["seconds"]
         row["mem_ratio"] = row["peak_mem_mb"] / base["peak_mem_mb"]
-        row["rss_ratio"] = None if row["rss_mb"] is None else row["rss_mb"] / base["rss_mb"]
+        row["rss_ratio"] = None if row["rss_mb"] is None or base["rss_mb"] is None else row["rss_mb"] / base["rss_mb"]
     return rows
 
 

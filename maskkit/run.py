@@ -37,6 +37,7 @@ from maskkit.checkpoint import (
     load_latest,
     save_checkpoint,
 )
+from maskkit.compile import check_backend
 from maskkit.data import (
     DEFAULT_FRACTIONS,
     Batcher,
@@ -162,6 +163,10 @@ class TrainSettings:
     amp: str = setting(
         "none", "bf16: autocast the MAE forward of the real pretrain steps to bfloat16 (hypergradients stay float32)."
     )
+    compile: str = setting(
+        "none", "none | a torch.compile backend (inductor, aot_eager, ...): compile the MAE's encoder and decoder "
+        "blocks for the pretrain steps; the exact unroll always runs them eagerly.",
+    )  # fmt: skip
     mask_noise: str = setting(
         "rank", "rank: each process draws its own masks; sample: random-policy masks keyed by step and sample "
         "(same for any process count).",
@@ -247,6 +252,10 @@ class RunConfig:
                                      ("mask_noise", t.mask_noise, MASK_NOISE)):  # fmt: skip
             if value not in allowed:
                 raise RunError(f"{flag(name)} must be one of {', '.join(allowed)}, got {value!r}")
+        try:
+            check_backend(t.compile)
+        except ValueError as err:
+            raise RunError(str(err)) from None
         if self.model.patch_size is not None and self.model.patch_size < 1:
             raise RunError(f"--patch-size must be a positive integer, got {self.model.patch_size}")
 
@@ -578,7 +587,7 @@ def create_run(
         warmup_steps=t.warmup_steps if t.warmup_steps is not None else steps // 20, mask_ratio=pol.mask_ratio,
         seed=t.seed, log_every=t.log_every, ckpt_every=t.ckpt_every, keep_checkpoints=t.keep_checkpoints,
         mlo=config.mlo, skip_nonfinite=t.skip_nonfinite, amp=t.amp, mask_noise=t.mask_noise,
-        world_size=dist.world_size,
+        compile=t.compile, world_size=dist.world_size,
     )  # fmt: skip
     batcher = Batcher(data, section["mean"], section["std"], dev, section["augment"])
     trainer = Pretrainer(mae, policy, batcher, splits, train_cfg, dev, dist)  # builds optimizers and engine: may fail

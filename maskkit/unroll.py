@@ -53,6 +53,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from maskkit.compile import uncompiled
+
 __all__ = [
     "UnrollError",
     "Unroll",
@@ -558,6 +560,7 @@ def unroll(
     with ExitStack() as stack:
         if math_sdpa:
             stack.enter_context(math_attention())
+        stack.enter_context(uncompiled(module))  # compiled blocks: no double backward, and blind to fmodel
         fmodel = stack.enter_context(_functional(module))
         diff_cls = {torch.optim.SGD: DifferentiableSGD, torch.optim.Adam: DifferentiableAdam}.get(
             type(optimizer), DifferentiableAdamW

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from maskkit import MaskPlan, create_policy, gather_tokens, is_mae, mae_forward, mae_step_loss, num_visible
 from maskkit.adapters.models import load_official_module
+from maskkit.compile import compile_blocks, is_compiled, transformer_blocks
 
 B = 3
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -490,3 +491,15 @@ def test_state_dict_round_trip(case, images, noise):
     got = mae_step_loss(fresh, policy, images, noise=noise.values)
     assert torch.equal(got.loss, expected.loss) and torch.equal(got.pred, expected.pred)
     assert torch.equal(case.own_loss(fresh, images, noise, 0.75)[0], expected.loss)  # the codebase's own, too
+
+
+def test_transformer_blocks_compile_to_the_same_loss(case, images, noise):
+    """`--compile` compiles exactly the adapter's encoder and decoder blocks; the loss does not change."""
+    mae, ref = case.build(0, False), case.build(0, False)
+    blocks = transformer_blocks(mae)
+    submodules = {id(m) for m in mae.modules()}
+    assert len(blocks) >= 2 and all(id(b) in submodules for b in blocks)
+    assert compile_blocks(mae, "eager") == len(blocks) and is_compiled(mae)
+    random = create_policy("random")
+    got, want = (mae_step_loss(m, random, images, noise=noise.values).loss for m in (mae, ref))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

@@ -50,6 +50,19 @@ def test_bench_json_trivial(tmp_path):
     assert {p["num_patches"] for p in payload["params"]} == {256, 196}
 
 
+def test_bench_compile_adds_each_mlo_row_compiled_interleaved():
+    from maskkit.bench import run_bench
+    from maskkit.mlo_bench import DEFAULT_NAMES
+
+    rows = {r["name"]: r for r in run_bench("trivial", "cpu", repeats=1, compile="eager")["rows"]}
+    for name in DEFAULT_NAMES:
+        compiled = rows[f"{name}@eager"]
+        assert compiled["baseline"] == "mae_step" and compiled["rss_mb"] is None
+        assert compiled["ratio"] == pytest.approx(compiled["seconds"] / rows["mae_step"]["seconds"])
+    with pytest.raises(ValueError, match="--compile must be none or a torch.compile backend"):
+        run_bench("trivial", "cpu", repeats=1, compile="turbo")
+
+
 def test_every_policy_that_sizes_alone_can_build_gets_a_row():
     assert set(list_policies()) - {"random", "attention"} == set(ZOO_ROWS)
     assert list(sized_policies(16, 8, 0.75)) == list(ZOO_ROWS)  # sorted, as the rows

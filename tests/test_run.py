@@ -110,6 +110,7 @@ def test_learned_only_settings_are_refused_for_other_policies_before_anything_is
     (lambda c: setattr(c.data, "dataset", "npz:/nonexistent.npz"), "nonexistent"),
     (lambda c: setattr(c.model, "name", "official:/nonexistent/models_mae.py"), "nonexistent"),
     (lambda c: setattr(c.policy, "options", {"speed": 2}), "has no option 'speed'"),
+    (lambda c: setattr(c.train, "compile", "turbo"), "--compile must be none or a torch.compile backend"),
 ])  # fmt: skip
 def test_bad_configs_fail_in_one_line_and_write_nothing(tmp_path, change, message):
     config = small()
