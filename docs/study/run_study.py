@@ -110,14 +110,17 @@ GUIDED: dict[str, list[str]] = {
 }
 ARMS.update(GUIDED)
 #: issue 15: the policy zoo against random masking (MNIST-5k, 1632 steps), each at its paper's default
-#: ratio and at 0.75 (`uniform` needs an even grid: MNIST's 7x7 patches at the pilot's patch 4 have
-#: none, so it has no row here). Paper defaults: SimMIM 0.6; ColorMAE 0.75; AdaMAE 0.95 (video).
+#: ratio and at 0.75. Paper defaults: SimMIM 0.6; ColorMAE 0.75; AdaMAE 0.95 (video); UM-MAE 0.75 only.
+#: `uniform` needs an even grid, and MNIST's 28x28 at the pilot's patch 4 is 7x7: its row resizes the
+#: digits to 32x32 (8x8 patches, no augmentation, as at 28) and is paired with random masking on the same.
 ZOO: dict[str, list[str]] = {
     "simmim": ["--policy", "simmim", "--mask-ratio", "0.6"],  # its paper's ratio (--mask-ratio sets every policy's)
     "simmim-r0.75": ["--policy", "simmim", "--mask-ratio", "0.75"],
     "colornoise": ["--policy", "colornoise"],  # green noise, ratio 0.75 (the paper's default and 0.75 at once)
     "adamae-r0.95": ["--policy", "adamae", "--mask-ratio", "0.95"],
     "adamae": ["--policy", "adamae"],  # ratio 0.75
+    "random-i32": ["--img-size", "32", "--augment", "none", "--policy", "random"],
+    "uniform-i32": ["--img-size", "32", "--augment", "none", "--policy", "uniform"],
 }
 ARMS.update(ZOO)
 #: `random-eqtime`: random masking for the wall time of STEPS steps of `learned-darts-topk`. Measured
