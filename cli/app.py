@@ -125,8 +125,10 @@ def policies_command() -> None:
             # Text cells: allowed values such as "[0, 1]" are not rich markup
             options.add_row(flag, Text(_cli_value(opt.default)), Text(opt.allowed), end_section=i == len(shown) - 1)
     console.print(options)
+    ratios = {c.name: o.default for c in cards for o in c.options if o.name == "ratio"}
+    own = ", ".join(f"{name} {r}" for name, r in ratios.items())
     console.print(
-        f"--mask-ratio sets every policy's ratio; {', '.join(AUTO_POLICY_OPTIONS[1:])} come from the model.",
+        f"--mask-ratio sets the policy's ratio (default: the policy's own: {own}); {', '.join(AUTO_POLICY_OPTIONS[1:])} come from the model.",
         highlight=False,
     )
 

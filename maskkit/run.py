@@ -89,6 +89,9 @@ class RunError(ValueError):
 
 # ---- the configuration ------------------------------------------------------------------------
 
+#: the mask ratio of a policy without a default of its own (MAE's)
+DEFAULT_MASK_RATIO = 0.75
+
 
 @dataclass
 class DataConfig:
@@ -133,7 +136,13 @@ class PolicyConfig:
         default_factory=dict, help="Policy option as option=value (repeatable), or --<policy>-<option> VALUE.",
         param="policy_opt", flags=("--policy-opt",),
     )  # fmt: skip
-    mask_ratio: float = setting(0.75, "Fraction of patches hidden, in (0, 1).")
+    mask_ratio: float | None = setting(
+        None, "Fraction of patches hidden, in (0, 1) (default: the policy's own: 0.75, simmim 0.6 as in SimMIM)."
+    )
+
+    def ratio(self) -> float:
+        """The mask ratio the run uses: --mask-ratio, else the policy's own default (else 0.75)."""
+        return self.mask_ratio if self.mask_ratio is not None else default_ratio(self.name)
 
 
 @dataclass
@@ -229,7 +238,8 @@ class RunConfig:
         """Validate every setting that needs no data or model (one-line RunError); nothing is written."""
         t = self.train
         try:
-            check_ratio(self.policy.mask_ratio)
+            if self.policy.mask_ratio is not None:
+                check_ratio(self.policy.mask_ratio)
             self.mlo.check()
         except ValueError as err:
             raise RunError(str(err)) from None
@@ -394,6 +404,12 @@ def build_mae(model: dict[str, Any]) -> nn.Module:
         name, img_size=model["img_size"], patch_size=model["patch_size"], in_chans=model["in_chans"],
         norm_pix_loss=model["norm_pix_loss"], seed=model["init_seed"], options=options,
     )  # fmt: skip
+
+
+def default_ratio(name: str) -> float:
+    """A policy's own default mask ratio (its constructor's `ratio`), or DEFAULT_MASK_RATIO."""
+    own = {o.name: o.default for o in policy_options(name)}.get("ratio")
+    return float(own) if isinstance(own, (int, float)) else DEFAULT_MASK_RATIO
 
 
 def policy_kwargs(name: str, options: dict[str, Any], ratio: float, mae: nn.Module) -> dict[str, Any]:
@@ -578,13 +594,14 @@ def create_run(
     except (TypeError, KeyError) as err:
         raise RunError(f"cannot build model {config.model.name!r}: {err}") from None
     model.update(patch_size=int(mae.patch_size), num_patches=mae.num_patches, embed_dim=mae.embed_dim)
-    check_ratio(pol.mask_ratio, mae.num_patches)
-    policy = create_policy(pol.name, **policy_kwargs(pol.name, options, pol.mask_ratio, mae)).to(dev)
+    ratio = pol.ratio()
+    check_ratio(ratio, mae.num_patches)
+    policy = create_policy(pol.name, **policy_kwargs(pol.name, options, ratio, mae)).to(dev)
 
     steps = total_steps(t, len(splits["train"]))
     train_cfg = TrainConfig(
         steps=steps, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer,
-        warmup_steps=t.warmup_steps if t.warmup_steps is not None else steps // 20, mask_ratio=pol.mask_ratio,
+        warmup_steps=t.warmup_steps if t.warmup_steps is not None else steps // 20, mask_ratio=ratio,
         seed=t.seed, log_every=t.log_every, ckpt_every=t.ckpt_every, keep_checkpoints=t.keep_checkpoints,
         mlo=config.mlo, skip_nonfinite=t.skip_nonfinite, amp=t.amp, mask_noise=t.mask_noise,
         compile=t.compile, world_size=dist.world_size,

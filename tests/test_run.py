@@ -28,6 +28,7 @@ from maskkit.run import (
     resume_run,
     train_run,
 )
+from maskkit.registry import get_policy_class
 from maskkit.training import MLOSettings
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -279,3 +280,15 @@ def test_model_files_are_recorded_by_absolute_path(tmp_path, monkeypatch):
     assert RunRecord.read(tmp_path / "hf").model["name"] == f"hf:{tmp_path / 'vitmae.json'}"
     monkeypatch.chdir(EXAMPLES)  # elsewhere: the run still rebuilds its model
     assert load_run(tmp_path / "hf", "cpu").mae.num_patches == 16
+
+
+@pytest.mark.parametrize("policy,given,used", [("simmim", None, 0.6), ("simmim", 0.75, 0.75), ("random", None, 0.75)])
+def test_the_mask_ratio_defaults_to_the_policy_s_own(tmp_path, policy, given, used):
+    from maskkit.run import default_ratio
+
+    config = small(policy)
+    config.policy.mask_ratio = given
+    prepared = create_run(config, tmp_path / "run")
+    assert prepared.record.train["mask_ratio"] == used and prepared.trainer.policy.ratio == used
+    assert prepared.record.config["policy"]["mask_ratio"] == given  # the request, as asked
+    assert default_ratio(policy) == get_policy_class(policy)().ratio

@@ -114,7 +114,7 @@ ARMS.update(GUIDED)
 #: `uniform` needs an even grid, and MNIST's 28x28 at the pilot's patch 4 is 7x7: its row resizes the
 #: digits to 32x32 (8x8 patches, no augmentation, as at 28) and is paired with random masking on the same.
 ZOO: dict[str, list[str]] = {
-    "simmim": ["--policy", "simmim", "--mask-ratio", "0.6"],  # its paper's ratio (--mask-ratio sets every policy's)
+    "simmim": ["--policy", "simmim", "--mask-ratio", "0.6"],  # its paper's ratio (its default too, given for the record)
     "simmim-r0.75": ["--policy", "simmim", "--mask-ratio", "0.75"],
     "colornoise": ["--policy", "colornoise"],  # green noise, ratio 0.75 (the paper's default and 0.75 at once)
     "adamae-r0.95": ["--policy", "adamae", "--mask-ratio", "0.95"],
