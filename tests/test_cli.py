@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -508,6 +509,23 @@ def test_corrupt_checkpoint_on_resume(random_run, tmp_path):
     assert snapshot(run) == before
     fails("is not a run directory", "pretrain", "--resume", tmp_path)
     fails("does not exist", "evaluate", tmp_path / "nowhere")
+
+
+def test_evaluate_shows_a_progress_bar_of_its_optimizer_steps(tmp_path, monkeypatch):
+    from io import StringIO
+
+    from rich.console import Console
+
+    import maskkit.cli.app as cli_app
+
+    run = tmp_path / "run"
+    ok("pretrain", "--dataset", "digits", "--out", run, *FAST)
+    frames = Console(file=StringIO(), width=200, color_system=None, force_terminal=False)
+    monkeypatch.setattr(cli_app, "console", frames)
+    ok("evaluate", run, "--epochs", "2")
+    text = frames.file.getvalue()
+    done = re.search(r"evaluate linear.*?(\d+)/(\d+) steps", text)
+    assert done and done[1] == done[2] and int(done[1]) >= 2  # the bar's last frame: every optimizer step done
 
 
 def test_pretrain_bar_shows_no_loss_before_the_first_step():
