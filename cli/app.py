@@ -32,7 +32,7 @@ from maskkit.evaluate import (
     LINEAR_EPOCHS,
     MIN_DEFAULT_STEPS,
 )
-from maskkit.registry import AUTO_POLICY_OPTIONS
+from maskkit.registry import AUTO_POLICY_OPTIONS, COMMON_ALLOWED
 
 from .options import config_command, config_from_values, given_on_command_line, policy_extras
 from .printing import bench_table, describe, evaluate_progress, pretrain_progress, step_fields, summary_table
@@ -125,10 +125,11 @@ def policies_command() -> None:
             # Text cells: allowed values such as "[0, 1]" are not rich markup
             options.add_row(flag, Text(_cli_value(opt.default)), Text(opt.allowed), end_section=i == len(shown) - 1)
     console.print(options)
-    ratios = {c.name: o.default for c in cards for o in c.options if o.name == "ratio"}
-    own = ", ".join(f"{name} {r}" for name, r in ratios.items())
+    ratio = {c.name: o for c in cards for o in c.options if o.name == "ratio"}
+    own = ", ".join(f"{name} {o.default}" for name, o in ratio.items())
+    only = "".join(f"; {name} takes {o.allowed}" for name, o in ratio.items() if o.allowed != COMMON_ALLOWED["ratio"])
     console.print(
-        f"--mask-ratio sets the policy's ratio (default: the policy's own: {own}); {', '.join(AUTO_POLICY_OPTIONS[1:])} come from the model.",
+        f"--mask-ratio sets the policy's ratio (default: the policy's own: {own}; in (0, 1){only}); {', '.join(AUTO_POLICY_OPTIONS[1:])} come from the model.",
         highlight=False,
     )
 

@@ -82,7 +82,9 @@ def test_policies_table_shows_each_card(monkeypatch):
 
     monkeypatch.setattr(app_module, "console", Console(width=300))  # wide: no cell is wrapped
     cards, options = {}, {}
-    for line in ok("policies").output.splitlines():
+    output = ok("policies").output
+    assert "simmim 0.6" in output and "random 0.75" in output and "uniform takes 0.75" in output  # the ratio line
+    for line in output.splitlines():
         cells = [c.strip() for c in line.strip("│ ").split("│")]
         if len(cells) == 4 and line.startswith("│"):  # policy | paper | learns from | idea
             cards[cells[0]] = cells[1:]
