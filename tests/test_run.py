@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from maskkit.registry import get_policy_class
 from maskkit.run import (
     CONFIG,
     FORMAT_VERSION,
@@ -28,7 +29,6 @@ from maskkit.run import (
     resume_run,
     train_run,
 )
-from maskkit.registry import get_policy_class
 from maskkit.training import MLOSettings
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
