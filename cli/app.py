@@ -129,7 +129,7 @@ def policies_command() -> None:
     own = ", ".join(f"{name} {o.default}" for name, o in ratio.items())
     only = "".join(f"; {name} takes {o.allowed}" for name, o in ratio.items() if o.allowed != COMMON_ALLOWED["ratio"])
     console.print(
-        f"--mask-ratio sets the policy's ratio (default: the policy's own: {own}; in (0, 1){only}); {', '.join(AUTO_POLICY_OPTIONS[1:])} come from the model.",
+        f"--mask-ratio sets the policy's ratio (default: the policy's own: {own}; in {COMMON_ALLOWED['ratio']}{only}); {', '.join(AUTO_POLICY_OPTIONS[1:])} come from the model.",
         highlight=False,
     )
 

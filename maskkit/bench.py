@@ -288,7 +288,7 @@ def run_bench(
     repeats: int | None = None,
     skip_mlo: bool = False,
     rss: bool = True,
-    compile: str = "none",
+    compile: str = NO_COMPILE,
 ) -> dict[str, Any]:
     """`maskkit bench`: the policy rows, then (unless `skip_mlo`) the MLO rows, as one JSON-ready payload.
 

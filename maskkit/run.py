@@ -37,7 +37,7 @@ from maskkit.checkpoint import (
     load_latest,
     save_checkpoint,
 )
-from maskkit.compile import check_backend
+from maskkit.compile import NO_COMPILE, check_backend
 from maskkit.data import (
     DEFAULT_FRACTIONS,
     Batcher,
@@ -173,7 +173,7 @@ class TrainSettings:
         "none", "bf16: autocast the MAE forward of the real pretrain steps to bfloat16 (hypergradients stay float32)."
     )
     compile: str = setting(
-        "none", "none | a torch.compile backend (inductor, aot_eager, ...): compile the MAE's encoder and decoder "
+        NO_COMPILE, "none | a torch.compile backend (inductor, aot_eager, ...): compile the MAE's encoder and decoder "
         "blocks for the pretrain steps; the exact unroll always runs them eagerly.",
     )  # fmt: skip
     mask_noise: str = setting(
@@ -886,7 +886,7 @@ def picture(
         ratio = run.record.train["mask_ratio"] if mask_ratio is None else mask_ratio
     else:
         mae, batcher, pool = untrained_setup(dataset or "digits", data_dir, model or DEFAULT_MODEL, seed, dev)
-        ratio = 0.75 if mask_ratio is None else mask_ratio
+        ratio = DEFAULT_MASK_RATIO if mask_ratio is None else mask_ratio
     check_ratio(ratio, mae.num_patches)
     check_writable(output.parent if str(output.parent) else Path("."))
     notes: dict[str, str] = {}

@@ -36,7 +36,7 @@ from maskkit.checkpoint import (
     set_rng_state,
     verify_checkpoint,
 )
-from maskkit.compile import check_backend, compile_blocks
+from maskkit.compile import NO_COMPILE, compile_blocks
 from maskkit.data import Batcher, BatchStream, check_classes
 from maskkit.diagnostics import plan_diagnostics
 from maskkit.distributed import (
@@ -160,7 +160,7 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip a batch whose loss/hypergradient is not finite (else stop)
     amp: str = "none"  # "bf16": autocast the MAE forward of the real pretrain steps (hypergradients stay fp32)
     mask_noise: str = "rank"  # "sample": random-policy noise keyed by (step, global sample position)
-    compile: str = "none"  # a torch.compile backend: compile the MAE's transformer blocks (never in the unroll)
+    compile: str = NO_COMPILE  # a torch.compile backend: compile the MAE's transformer blocks (never in the unroll)
     world_size: int = 1  # processes (torchrun); batch_size is per process
 
     @classmethod
@@ -279,7 +279,6 @@ class Pretrainer:
         cfg, learned = self.config, getattr(policy, "learnable", False) and not self.config.mlo.freeze_masker
         if cfg.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {cfg.amp!r}")
-        check_backend(cfg.compile)
         if cfg.mask_noise not in MASK_NOISE:
             raise ValueError(f"mask_noise must be one of {MASK_NOISE}, got {cfg.mask_noise!r}")
         if cfg.world_size != self.dist.world_size:

@@ -137,7 +137,7 @@ STEP_COSTS = ROOT / "docs" / "study" / "step_costs.json"
 def eqtime_steps(data: str, arm: str, steps: int) -> int:
     """Steps of random masking in the idle-core wall time of `steps` steps of `arm` (docs/study/step_costs.json)."""
     costs = json.loads(STEP_COSTS.read_text())
-    return round(steps * costs[f"{data}/{arm}"]["ratio_to_random"] / costs[f"{data}/random"]["ratio_to_random"])
+    return round(steps * costs[f"{data}/{arm}"]["ratio_to_random"])
 
 
 #: fine-tuning epochs (batch 128, AdamW lr 1e-3): 10 epochs of the 3,500 train images = 280 steps;
