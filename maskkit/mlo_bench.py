@@ -8,6 +8,8 @@ Contenders (timm MAE of preset "tiny": 32x32 images, patch 4, width 192, depth 4
   mlo_darts_direct  darts, masker -> pretrain -> validation path only
   mlo_unroll_k1/k2  exact hypergradient through 1 / 2 unrolled pretrain steps
   (--extra) mlo_darts_fwdfd, mlo_darts_direct_fwdfd: darts with darts_fd="forward"
+  (--extra) mlo_darts_direct_half: direct darts with labeled and validation batches of half the MAE batch
+            (`maskkit pretrain --darts-paths direct --labeled-batch-size B/2`)
   NAME@BACKEND      any of them with the MAE's blocks compiled by torch.compile(backend=BACKEND)
                     (`maskkit bench --compile inductor`); no RSS row (a fresh process would compile again)
 Times are per iteration, amortised over a masker cycle (masker_every iterations), medians of
@@ -64,7 +66,10 @@ CONTENDERS: dict[str, MLOConfig | None] = {
     # optional (`--extra`): darts with the one-forward finite difference
     "mlo_darts_fwdfd": MLOConfig(hypergrad="darts", darts_paths="both", darts_fd="forward"),
     "mlo_darts_direct_fwdfd": MLOConfig(hypergrad="darts", darts_paths="direct", darts_fd="forward"),
+    "mlo_darts_direct_half": MLOConfig(hypergrad="darts", darts_paths="direct"),
 }
+#: contender -> its labeled and validation batch as a fraction of the one it is given (default 1)
+LABELED_FRACTION = {"mlo_darts_direct_half": 0.5}
 #: the contenders `bench_mlo` runs by default.
 DEFAULT_NAMES = ["mae_step", "hpm_step", "mlo_darts", "mlo_darts_direct", "mlo_unroll_k1", "mlo_unroll_k2"]
 #: the policy of each plain-step contender (no MLO config)
@@ -111,6 +116,7 @@ def make_contender(name: str, preset: str = "tiny", device: str = "cpu", batch: 
 
     masker = create_policy("learned", embed_dim=mae.embed_dim, num_patches=mae.num_patches).to(dev)
     head = nn.Linear(mae.embed_dim, num_classes).to(dev)
+    val_batch = max(1, round(val_batch * LABELED_FRACTION.get(name, 1.0)))
     train = (data(val_batch), torch.randint(0, num_classes, (val_batch,), generator=gen).to(dev))
     val = (data(val_batch), torch.randint(0, num_classes, (val_batch,), generator=gen).to(dev))
     engine = MLOEngine(mae, masker, head, **default_optimizers(mae, head, masker), config=config,
@@ -122,6 +128,7 @@ def make_contender(name: str, preset: str = "tiny", device: str = "cpu", batch: 
         for x in images:
             engine.step(x)
 
+    cycle.engine = engine  # type: ignore[attr-defined]  # for inspection (tests)
     return cycle
 
 
@@ -222,8 +229,8 @@ def predicted_ratios(preset: str, ratio: float = 0.75) -> dict[str, float]:
     visible tokens, decoder on all N+1) and one unmasked encoder forward U for the CLS feature (the
     last block CLS-only), a backward costing twice its forward:
       mae_step 2 x 3F = 6F; darts (both paths) 6F + 2F (central difference) + 3 x 2U (forward and
-      backward over the labeled and validation batches); darts direct 6F + 2F + U + 3U; unroll K=1
-      6F + 4F (the differentiated step's double backward) + 6U.
+      backward over the labeled and validation batches); darts direct 6F + 2F + U + 3U (direct_half:
+      half of that U); unroll K=1 6F + 4F (the differentiated step's double backward) + 6U.
     """
     from maskkit.adapters.timm import get_preset
     from maskkit.plan import num_visible
@@ -239,6 +246,7 @@ def predicted_ratios(preset: str, ratio: float = 0.75) -> dict[str, float]:
         "unmasked_over_masked": u / f,
         "mlo_darts": (8 * f + 6 * u) / (6 * f),
         "mlo_darts_direct": (8 * f + 4 * u) / (6 * f),
+        "mlo_darts_direct_half": (8 * f + 2 * u) / (6 * f),
         "mlo_unroll_k1": (10 * f + 6 * u) / (6 * f),
     }
 

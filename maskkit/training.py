@@ -50,6 +50,7 @@ from maskkit.distributed import (
     max_int,
     mean_floats,
 )
+from maskkit.hypergrad import DARTS_FDS, DARTS_PATHS, HYPERGRADS
 from maskkit.mae import mae_step_loss
 from maskkit.optim import create_optimizer, warmup_cosine
 from maskkit.settings import flag, setting
@@ -111,9 +112,21 @@ class MLOSettings:
     masker_reg: float = setting(
         0.0, "Anti-collapse: weight of KL(masker probabilities || mask ratio) in the masker's objective (0: off)."
     )
+    darts_paths: str = setting(
+        "both", "darts: both (the reference: through the pretrain and the head steps) | direct (the pretrain "
+        "step only; cheaper, no backward over the labeled batch).",
+    )  # fmt: skip
+    darts_fd: str = setting(
+        "central", "darts finite difference: central (two MAE forwards, error O(r^2)) | forward (one, error O(r)).",
+    )  # fmt: skip
+    labeled_batch_size: int | None = setting(
+        None, "Labeled and validation images per masker step (default --batch-size); fewer is cheaper, noisier.",
+    )  # fmt: skip
 
-    #: the fields `MLOConfig` shares by name (the rest configure the optimizers and the control run)
-    ENGINE_FIELDS = ("masker_every", "unroll_steps", "hypergrad", "masker_start", "level2", "masker_reg")
+    #: the fields `MLOConfig` shares by name (the rest configure the optimizers, the control run, the batches)
+    ENGINE_FIELDS = (
+        "masker_every", "unroll_steps", "hypergrad", "masker_start", "level2", "masker_reg", "darts_paths", "darts_fd",
+    )  # fmt: skip
 
     def check(self) -> None:
         """One-line ValueError for a setting out of range (the engine checks the rest)."""
@@ -130,14 +143,25 @@ class MLOSettings:
             raise ValueError(f"--masker-reg must be a non-negative number, got {self.masker_reg}")
         if self.level2 == "ridge" and self.hypergrad != "darts":
             raise ValueError("--level2 ridge needs --hypergrad darts")
+        for name, allowed in (("darts_paths", DARTS_PATHS), ("darts_fd", DARTS_FDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        darts_only = [flag(n) for n in ("darts_paths", "darts_fd") if getattr(self, n) != MLO_DEFAULTS[n]]
+        if darts_only and self.hypergrad != "darts":
+            raise ValueError(f"{', '.join(darts_only)}: only for --hypergrad darts, got --hypergrad {self.hypergrad}")
+        if self.darts_paths != MLO_DEFAULTS["darts_paths"] and self.level2 == "ridge":
+            raise ValueError("--darts-paths applies to --level2 head (the ridge probe has no head step to skip)")
+        if self.labeled_batch_size is not None and self.labeled_batch_size < 1:
+            raise ValueError(f"--labeled-batch-size must be a positive integer, got {self.labeled_batch_size}")
 
     def changed(self) -> list[str]:
         """The fields set to something other than their default."""
         return [f.name for f in fields(self) if getattr(self, f.name) != f.default]
 
 
-HYPERGRADS = ("darts", "unroll")
 LEVEL2 = ("head", "ridge")
+#: MLOSettings' defaults by field name
+MLO_DEFAULTS = {f.name: f.default for f in fields(MLOSettings)}
 
 
 @dataclass
@@ -289,10 +313,11 @@ class Pretrainer:
             raise ValueError("--skip-nonfinite with --hypergrad unroll needs --unroll-steps 1 "
                              "(a bad batch inside a longer unroll window cannot be undone alone)")
 
-    def _stream(self, indices: np.ndarray, seed: int, name: str) -> BatchStream:
-        """A stream of GLOBAL batches (batch_size per rank x world_size); `_shard` takes this rank's part."""
+    def _stream(self, indices: np.ndarray, seed: int, name: str, batch_size: int | None = None) -> BatchStream:
+        """A stream of GLOBAL batches (batch_size per rank x world_size, default the MAE's); `_shard` takes this
+        rank's part."""
         world = self.dist.world_size
-        stream = BatchStream(indices, self.config.batch_size * world, seed)
+        stream = BatchStream(indices, (batch_size or self.config.batch_size) * world, seed)
         if stream.batch_size < world:
             raise ValueError(f"the {name} split ({len(indices)} images) is too small for {world} processes")
         return stream
@@ -321,8 +346,9 @@ class Pretrainer:
         data = self.batcher.data
         check_classes(data, "a learnable policy")  # its head classifies: labels of two classes or more
         self.head = ClassifierHead(self.mae.embed_dim, data.num_classes).to(self.device)
-        self.streams["labeled"] = self._stream(splits["train"], cfg.seed + 10, "train")
-        self.streams["val"] = self._stream(splits["val"], cfg.seed + 20, "val")
+        labeled = mlo.labeled_batch_size
+        self.streams["labeled"] = self._stream(splits["train"], cfg.seed + 10, "train", labeled)
+        self.streams["val"] = self._stream(splits["val"], cfg.seed + 20, "val", labeled)
         # the reference's head and masker optimizers: AdamW with torch's defaults (betas 0.9/0.999, wd 0.01)
         head_opt = create_optimizer(
             mlo.head_optimizer, self.head, lr=mlo.head_lr, weight_decay=0.01, betas=(0.9, 0.999)

@@ -122,3 +122,15 @@ def test_cost_model_ratios_follow_the_pass_counts():
     assert model["num_patches"] == 64 and model["unmasked_over_masked"] == u / f
     assert model["mlo_darts"] == (8 * f + 6 * u) / (6 * f)
     assert model["mlo_darts_direct"] < model["mlo_darts"] < model["mlo_unroll_k1"]
+    assert model["mlo_darts_direct_half"] == (8 * f + 2 * u) / (6 * f)
+
+
+def test_the_half_labeled_batch_contender_draws_half_batches():
+    from maskkit.mlo_bench import make_contender
+
+    for name, labeled in (("mlo_darts_direct", 8), ("mlo_darts_direct_half", 4)):
+        engine = make_contender(name, preset="micro", batch=8, val_batch=8).engine
+        assert engine.config.darts_paths == "direct"
+        for source in (engine.train_batches, engine.val_batches):
+            images, labels = source()
+            assert images.shape[0] == labels.shape[0] == labeled, name

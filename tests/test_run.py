@@ -112,6 +112,12 @@ def test_learned_only_settings_are_refused_for_other_policies_before_anything_is
     (lambda c: setattr(c.model, "name", "official:/nonexistent/models_mae.py"), "nonexistent"),
     (lambda c: setattr(c.policy, "options", {"speed": 2}), "has no option 'speed'"),
     (lambda c: setattr(c.train, "compile", "turbo"), "--compile must be none or a torch.compile backend"),
+    (lambda c: setattr(c.mlo, "darts_paths", "all"), "--darts-paths must be one of both, direct, got 'all'"),
+    (lambda c: (setattr(c.mlo, "darts_fd", "forward"), setattr(c.mlo, "hypergrad", "unroll")),
+     "--darts-fd: only for --hypergrad darts, got --hypergrad unroll"),
+    (lambda c: (setattr(c.mlo, "darts_paths", "direct"), setattr(c.mlo, "level2", "ridge")),
+     "--darts-paths applies to --level2 head"),
+    (lambda c: setattr(c.mlo, "labeled_batch_size", 0), "--labeled-batch-size must be a positive integer, got 0"),
 ])  # fmt: skip
 def test_bad_configs_fail_in_one_line_and_write_nothing(tmp_path, change, message):
     config = small()
@@ -120,6 +126,31 @@ def test_bad_configs_fail_in_one_line_and_write_nothing(tmp_path, change, messag
         create_run(config, tmp_path / "run")
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mlo,labeled", [
+    (MLOSettings(), 16),  # the MAE's --batch-size
+    (MLOSettings(darts_paths="direct", darts_fd="forward", labeled_batch_size=8), 8),
+])  # fmt: skip
+def test_the_darts_variant_and_the_labeled_batch_size_reach_the_engine(tmp_path, mlo, labeled):
+    config = small("learned", steps=2, hidden_dim=8)
+    config.mlo = mlo
+    trainer = create_run(config, tmp_path / "run").trainer
+    engine = trainer.engine
+    assert (engine.config.darts_paths, engine.config.darts_fd) == (mlo.darts_paths, mlo.darts_fd)
+    sizes = []
+
+    def counted(source):
+        def batch():
+            images, labels = source()
+            sizes.append((images.shape[0], labels.shape[0]))
+            return images, labels
+        return batch
+
+    engine.train_batches, engine.val_batches = counted(engine.train_batches), counted(engine.val_batches)
+    trainer.step()
+    trainer.step()  # the masker step (every 2): one labeled and one validation batch
+    assert sizes == [(labeled, labeled)] * 2
 
 
 # ---- create, train, resume --------------------------------------------------------------------

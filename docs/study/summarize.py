@@ -306,8 +306,14 @@ def render_guided_all(table: dict[str, dict[int, dict]]) -> str:
             parts.append(eqtime)
     long_arms = [(arm.replace("@1632", "@4000"), label) for arm, label in GUIDED if arm.endswith("@1632")]
     if any(table.get(arm) for arm, _ in long_arms):
-        parts.append("**MNIST-5k, 4000 steps.**\n\n"
+        parts.append("**MNIST-5k, 4000 steps** (`run_study.py --steps 4000 --finetune --arms random-rerun "
+                     "mlo-gumbel-g05-reg0.1 frozen-gumbel-g05`; its `--dry-run` prints the commands).\n\n"
                      + render_guided(table, "", base="random-rerun@4000", order=long_arms))
+        parts.append("\n".join(
+            f"- {arm} against its frozen control, {what}: {diff_text(paired(table, arm, 'frozen-gumbel-g05@4000', key))}"
+            for arm, _ in long_arms if arm.startswith("mlo-") and table.get(arm)
+            for key, what in (("linear", "linear probe"), ("finetune", "fine-tune"))
+        ))
     return "\n\n".join(parts)
 
 
