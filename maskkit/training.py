@@ -130,29 +130,26 @@ class MLOSettings:
 
     def check(self) -> None:
         """One-line ValueError for a setting out of range (the engine checks the rest)."""
-        if self.hypergrad not in HYPERGRADS:
-            raise ValueError(f"--hypergrad must be one of {', '.join(HYPERGRADS)}, got {self.hypergrad!r}")
-        if self.level2 not in LEVEL2:
-            raise ValueError(f"--level2 must be one of {', '.join(LEVEL2)}, got {self.level2!r}")
-        for name in ("masker_every", "unroll_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{flag(name)} must be a positive integer, got {getattr(self, name)}")
+        for name, allowed in (("hypergrad", HYPERGRADS), ("level2", LEVEL2), ("darts_paths", DARTS_PATHS),
+                              ("darts_fd", DARTS_FDS)):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("masker_every", "unroll_steps", "labeled_batch_size"):  # labeled_batch_size None: --batch-size
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{flag(name)} must be a positive integer, got {value}")
         if self.masker_start < 0:
             raise ValueError(f"--masker-start must be a non-negative integer, got {self.masker_start}")
         if not self.masker_reg >= 0:
             raise ValueError(f"--masker-reg must be a non-negative number, got {self.masker_reg}")
         if self.level2 == "ridge" and self.hypergrad != "darts":
             raise ValueError("--level2 ridge needs --hypergrad darts")
-        for name, allowed in (("darts_paths", DARTS_PATHS), ("darts_fd", DARTS_FDS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        darts_only = [flag(n) for n in ("darts_paths", "darts_fd") if getattr(self, n) != MLO_DEFAULTS[n]]
+        changed = self.changed()
+        darts_only = [flag(n) for n in ("darts_paths", "darts_fd") if n in changed]
         if darts_only and self.hypergrad != "darts":
             raise ValueError(f"{', '.join(darts_only)}: only for --hypergrad darts, got --hypergrad {self.hypergrad}")
-        if self.darts_paths != MLO_DEFAULTS["darts_paths"] and self.level2 == "ridge":
+        if "darts_paths" in changed and self.level2 == "ridge":
             raise ValueError("--darts-paths applies to --level2 head (the ridge probe has no head step to skip)")
-        if self.labeled_batch_size is not None and self.labeled_batch_size < 1:
-            raise ValueError(f"--labeled-batch-size must be a positive integer, got {self.labeled_batch_size}")
 
     def changed(self) -> list[str]:
         """The fields set to something other than their default."""
@@ -160,8 +157,6 @@ class MLOSettings:
 
 
 LEVEL2 = ("head", "ridge")
-#: MLOSettings' defaults by field name
-MLO_DEFAULTS = {f.name: f.default for f in fields(MLOSettings)}
 
 
 @dataclass
