@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from enum import Enum
@@ -382,8 +383,28 @@ def bench_command(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    Under torchrun the process ends with `os._exit` once the command has returned (files written,
+    process group left): a gloo worker thread may still be releasing the tensors of a finished
+    collective, and at interpreter shutdown such a thread, waiting for the GIL, is torn down, which
+    aborts the process (std::terminate, SIGABRT) after a run that succeeded.
+    """
+    from maskkit.distributed import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        app()
+        return
+    try:
+        app()
+        code = 0
+    except SystemExit as done:  # typer's standalone mode ends every command this way
+        code = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+        if isinstance(done.code, str):
+            print(done.code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
