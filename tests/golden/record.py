@@ -1,0 +1,121 @@
+"""Golden runs: `maskkit pretrain` outputs that every refactor must reproduce bit for bit.
+
+Each case is a real `maskkit pretrain` process on one CPU thread (OMP_NUM_THREADS=1). Its
+fixture, `tests/golden/<case>.json`, holds the run's metrics.jsonl verbatim and a SHA-256 of every
+tensor in model.pt. The `resume` case SIGKILLs a run once its step-20 checkpoint exists, resumes
+it with --resume and must equal the uninterrupted `random40` case.
+
+    python tests/golden/record.py            # check every case against its fixture (what the test does)
+    python tests/golden/record.py --write    # regenerate the fixtures (only when behaviour SHOULD change)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+COMMON = ["--no-progress", "--log-every", "5", "--ckpt-every", "10", "--seed", "3"]
+CASES: dict[str, list[str]] = {
+    "random": ["--policy", "random", "--steps", "30"],
+    "attention": ["--policy", "attention", "--steps", "20"],
+    "hpm": ["--policy", "hpm", "--steps", "30"],
+    "adamae": ["--policy", "adamae", "--steps", "30"],
+    "learned-darts": ["--policy", "learned", "--steps", "20", "--batch-size", "64"],
+    "learned-unroll": ["--policy", "learned", "--hypergrad", "unroll", "--steps", "20", "--batch-size", "64"],
+    "random40": ["--policy", "random", "--steps", "40", "--batch-size", "64"],
+}
+#: the resume case: random40 killed after its step-20 checkpoint, then resumed
+RESUME_OF = "random40"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+for _name in ("MASKKIT_INJECT_NAN", "MASKKIT_PLUGINS"):
+    ENV.pop(_name, None)
+
+
+def _command(out: Path, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "maskkit.cli", "pretrain", "--out", str(out), *COMMON, *args]
+
+
+def digest(run: Path) -> dict:
+    """metrics.jsonl verbatim and {part.key: sha256 of the tensor's bytes, dtype, shape} of model.pt."""
+    import torch
+
+    weights = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    tensors = {}
+    for part in sorted(k for k in weights if isinstance(weights[k], dict)):
+        for key, value in sorted(weights[part].items()):
+            t = value.detach().contiguous().cpu()
+            raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            tensors[f"{part}.{key}"] = f"{hashlib.sha256(raw).hexdigest()} {t.dtype} {list(t.shape)}"
+    return {"metrics": (run / "metrics.jsonl").read_text(encoding="utf-8"), "step": int(weights["step"]),
+            "tensors": tensors}
+
+
+def run_case(name: str, work: Path) -> dict:
+    out = work / name
+    proc = subprocess.run(_command(out, CASES[name]), env=ENV, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"golden case {name} failed: {proc.stderr.strip()[-2000:]}")
+    return digest(out)
+
+
+def run_resume(work: Path) -> dict:
+    out = work / "resume"
+    proc = subprocess.Popen(_command(out, CASES[RESUME_OF]), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    marker = out / "checkpoints" / "checkpoint-0000020.pt.sha256"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        raise RuntimeError("golden resume case: the run ended before it could be killed")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run([sys.executable, "-m", "maskkit.cli", "pretrain", "--no-progress", "--resume", str(out)],
+                             env=ENV, capture_output=True, text=True)
+    if resumed.returncode != 0:
+        raise RuntimeError(f"golden resume case failed: {resumed.stderr.strip()[-2000:]}")
+    return digest(out)
+
+
+def compute(names: list[str], work: Path) -> dict[str, dict]:
+    results = {}
+    for name in names:
+        results[name] = run_resume(work) if name == "resume" else run_case(name, work)
+    return results
+
+
+def fixture(name: str) -> Path:
+    return HERE / f"{name}.json"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="regenerate the fixtures")
+    parser.add_argument("cases", nargs="*", default=[*CASES, "resume"])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = compute(args.cases, Path(tmp))
+    bad = 0
+    for name, result in results.items():
+        if args.write:
+            fixture(name).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            print(f"wrote {fixture(name)}")
+            continue
+        expected = json.loads(fixture(name if name != "resume" else RESUME_OF).read_text(encoding="utf-8"))
+        same = expected == result
+        bad += not same
+        print(f"{name}: {'identical' if same else 'DIFFERENT'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
