@@ -1,15 +1,20 @@
-"""Policy registry in the style of timm's `register_model` / `create_model`.
+"""The registries: a generic `Registry`, in the style of timm's `register_model` / `create_model`, used for every kind of
+thing a user plugs in: masking policies, model adapters, data sources and hypergradient methods.
 
-A third-party policy plugs in with one decorator and is then usable by name everywhere,
-the CLI included:
+    DATASETS = Registry("dataset", entry_point_group="maskkit.datasets")
 
-    @register_policy("center")
-    class CenterPolicy(MaskPolicy): ...
+    @DATASETS.register("mine", card=Card(idea="my images"))
+    class MySource: ...
 
-    policy = create_policy("center", ratio=0.6)
+    DATASETS.create("mine", **options)     # DATASETS.names(), DATASETS.card("mine"), DATASETS.get("mine")
 
-`policy_card(name)` describes a policy: its paper, idea, what it learns from and its options
-with defaults and allowed values (declared by built-ins as `card_info`, derived for others).
+This module imports none of what it registers. Third-party entries arrive in two ways, loaded on
+the first look-up of a registry:
+- modules named in the `MASKKIT_PLUGINS` environment variable (comma-separated; imported once per
+  process, looked up in the current directory first, as `python -m` does), which may register
+  entries of any kind;
+- installed packages' entry points in the registry's group (`maskkit.policies`,
+  `maskkit.adapters`, `maskkit.datasets`, `maskkit.hypergrads`).
 """
 
 from __future__ import annotations
@@ -18,13 +23,219 @@ import contextlib
 import importlib
 import importlib.metadata
 import inspect
-import json
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
+T = TypeVar("T")
+
+PLUGINS_ENV = "MASKKIT_PLUGINS"
+
+
+class CardOption(NamedTuple):
+    """One option of a card: (name, default, allowed-values text)."""
+
+    name: str
+    default: Any
+    allowed: str
+
+
+@dataclass(frozen=True)
+class Card:
+    """What a registered entry says about itself: a short citation ("-" for none), a one-line idea, and the
+    allowed values of its options as text ("a | b", "[0, 1]", "int >= 1"); the options themselves and their
+    defaults are read from the constructor's signature (`Registry.card`)."""
+
+    idea: str = ""
+    paper: str = "-"
+    allowed: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EntryCard:
+    """An entry at a glance: kind, name, paper, idea, and its options with defaults and allowed values."""
+
+    kind: str
+    name: str
+    paper: str
+    idea: str
+    options: tuple[CardOption, ...]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One constructor argument of a registered entry: name, default (None when required), annotation text."""
+
+    name: str
+    default: Any
+    annotation: str
+
+
+def signature_options(factory: Callable[..., Any]) -> list[Option]:
+    """The keyword options a constructor takes, with defaults and annotation text (for help and the CLI)."""
+    options = []
+    for param in inspect.signature(factory).parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        default = None if param.default is param.empty else param.default
+        annotation = param.annotation if isinstance(param.annotation, str) else getattr(
+            param.annotation, "__name__", str(param.annotation)
+        )
+        options.append(Option(param.name, default, "" if param.annotation is param.empty else annotation))
+    return options
+
+
+_plugin_modules_loaded = False
+
+
+def load_plugin_modules(kind: str = "") -> list[str]:
+    """Import the modules named in MASKKIT_PLUGINS (once per process); returns their names.
+
+    `kind` names the registry that asked, for the one-line error of a module that fails to import."""
+    global _plugin_modules_loaded
+    if _plugin_modules_loaded:
+        return []
+    _plugin_modules_loaded = True
+    names = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
+    with _current_directory_first() if names else contextlib.nullcontext():
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception as err:  # a plugin's own failure, reported in one line
+                what = f"{kind} plugin" if kind else "plugin"
+                raise ValueError(f"cannot import {what} {name!r} named in {PLUGINS_ENV}: {err}") from None
+    return names
+
+
+@contextlib.contextmanager
+def _current_directory_first() -> Iterator[None]:
+    """The current directory at the front of sys.path while the plugins (and what they import) load."""
+    cwd = os.getcwd()
+    present = any(os.path.abspath(entry or os.curdir) == cwd for entry in sys.path[:1])
+    if not present:
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        if not present and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+class Registry(Generic[T]):
+    """Named factories of one kind, with cards and plugin loading.
+
+    Args:
+        kind: what an entry is, for messages and cards ("policy", "adapter", "dataset", "hypergrad").
+        entry_point_group: the entry-point group third-party packages register under.
+        builtins: a module to import before the first look-up, whose import registers the built-in
+            entries (by name, so that this module imports nothing it registers); None if the
+            registering module is imported anyway.
+    """
+
+    def __init__(self, kind: str, entry_point_group: str, *, builtins: str | None = None) -> None:
+        self.kind = kind
+        self.entry_point_group = entry_point_group
+        self.builtins = builtins
+        self._entries: dict[str, Callable[..., T]] = {}
+        self._cards: dict[str, Card] = {}
+        self._loaded = False
+
+    # ---- registering --------------------------------------------------------------------------
+
+    def register(self, name: Any = None, *, card: Card | None = None, overwrite: bool = False) -> Any:
+        """Register a class or factory under `name` (default: its `registry_name`, else its lower-cased name).
+
+        Usable bare (`@REG.register`) or with a name (`@REG.register("mine", card=Card(...))`).
+        Re-registering a taken name raises ValueError unless `overwrite=True`.
+        """
+
+        def decorator(fn: Callable[..., T], key: str | None = None) -> Callable[..., T]:
+            key = key or getattr(fn, "registry_name", None) or fn.__name__.lower()
+            if key in self._entries and self._entries[key] is not fn and not overwrite:
+                raise ValueError(f"a {self.kind} named {key!r} is already registered ({self._entries[key]!r})")
+            self._entries[key] = fn
+            if card is not None:
+                self._cards[key] = card
+            return fn
+
+        if callable(name):  # bare decorator
+            return decorator(name)
+        return lambda fn: decorator(fn, name)
+
+    def unregister(self, name: str) -> None:
+        """Remove an entry (tests and plugin reloads)."""
+        self._entries.pop(name, None)
+        self._cards.pop(name, None)
+
+    # ---- looking up ---------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Import the built-ins, the MASKKIT_PLUGINS modules and this group's entry points (once)."""
+        if self._loaded:
+            return
+        self._loaded = True
+        if self.builtins is not None:
+            importlib.import_module(self.builtins)
+        load_plugin_modules(self.kind)
+        for entry in importlib.metadata.entry_points(group=self.entry_point_group):
+            try:
+                entry.load()
+            except Exception as err:
+                raise ValueError(
+                    f"cannot load {self.kind} plugin entry point {entry.name!r} ({entry.value}): {err}"
+                ) from None
+
+    def names(self) -> list[str]:
+        """Every registered name, sorted."""
+        self.load()
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        self.load()
+        return name in self._entries
+
+    def get(self, name: str) -> Callable[..., T]:
+        """The class or factory registered as `name`; a one-line ValueError naming the registered ones."""
+        self.load()
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise ValueError(f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._entries))}") from None
+
+    def options(self, name: str) -> list[Option]:
+        """The constructor's keyword options, with defaults."""
+        return signature_options(self.get(name))
+
+    def create(self, name: str, **kwargs: Any) -> T:
+        """Build the entry `name` from keyword options (checked against its signature: one-line ValueError)."""
+        factory = self.get(name)
+        try:
+            inspect.signature(factory).bind(**kwargs)
+        except TypeError as err:
+            raise ValueError(f"bad options for {self.kind} {name!r}: {err}") from None
+        return factory(**kwargs)
+
+    def card(self, name: str) -> EntryCard:
+        """The entry's card: its registered `Card` (else the first docstring line), options from its signature."""
+        factory = self.get(name)
+        card = self._cards.get(name)
+        if card is None:
+            doc = inspect.cleandoc(getattr(factory, "__doc__", None) or "")
+            card = Card(idea=doc.splitlines()[0] if doc else "")
+        options = tuple(
+            CardOption(o.name, o.default, card.allowed.get(o.name) or o.annotation or "any") for o in self.options(name)
+        )
+        return EntryCard(self.kind, name, card.paper, card.idea, options)
+
+
+# ---- masking policies (moving onto Registry; see issue 21) ----------------------------------
+
+import json  # noqa: E402
+
+F = TypeVar("F", bound=Callable[..., Any])
 _REGISTRY: dict[str, Callable[..., Any]] = {}
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -76,14 +287,6 @@ class CardInfo:
     def allowed_values(self, option: str) -> str | None:
         """The option's allowed values: the card's own entry, else the shared COMMON_ALLOWED one."""
         return self.allowed.get(option) or COMMON_ALLOWED.get(option)
-
-
-class CardOption(NamedTuple):
-    """One option of a policy card: (name, default, allowed-values text)."""
-
-    name: str
-    default: Any
-    allowed: str
 
 
 @dataclass(frozen=True)
@@ -206,30 +409,19 @@ def policy_summary(name: str) -> str:
     return doc.splitlines()[0] if doc else ""
 
 
-PLUGINS_ENV = "MASKKIT_PLUGINS"
 ENTRY_POINT_GROUP = "maskkit.policies"
 _plugins_loaded = False
 
 
 def load_plugins() -> list[str]:
-    """Import third-party policy modules so that their `@register_policy` runs; returns their names.
-
-    Modules come from the `MASKKIT_PLUGINS` environment variable (comma-separated module names),
-    looked up in the current directory first, as `python -m` would (a console script's import path
-    starts with its own folder instead), and from installed packages' `maskkit.policies` entry
-    points. Runs once per process.
-    """
+    """Import third-party policy modules (MASKKIT_PLUGINS and `maskkit.policies` entry points) once per process."""
     global _plugins_loaded
     if _plugins_loaded:
         return []
     _plugins_loaded = True
-    names = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
-    with _current_directory_first() if names else contextlib.nullcontext():
-        for name in names:
-            try:
-                importlib.import_module(name)
-            except Exception as err:  # a plugin's own failure, reported in one line
-                raise ValueError(f"cannot import policy plugin {name!r} named in {PLUGINS_ENV}: {err}") from None
+    global _plugin_modules_loaded
+    _plugin_modules_loaded = False  # a test that resets _plugins_loaded re-reads MASKKIT_PLUGINS
+    names = load_plugin_modules("policy")
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             entry.load()
@@ -237,21 +429,6 @@ def load_plugins() -> list[str]:
             raise ValueError(f"cannot load policy plugin entry point {entry.name!r} ({entry.value}): {err}") from None
         names.append(entry.value)
     return names
-
-
-@contextlib.contextmanager
-def _current_directory_first() -> Iterator[None]:
-    """The current directory at the front of sys.path while the plugins (and what they import) load."""
-    cwd = os.getcwd()
-    present = any(os.path.abspath(entry or os.curdir) == cwd for entry in sys.path[:1])
-    if not present:
-        sys.path.insert(0, cwd)
-        importlib.invalidate_caches()
-    try:
-        yield
-    finally:
-        if not present and cwd in sys.path:
-            sys.path.remove(cwd)
 
 
 def _ensure_builtins() -> None:
