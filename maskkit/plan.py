@@ -8,6 +8,7 @@ ascending, the first K = int(N * (1 - ratio)) patches are kept (visible), and
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -51,6 +52,27 @@ def guided_fraction_at(fraction: float, ramp: float, progress: float | None) -> 
 def num_guided(num_hidden: int, fraction: float) -> int:
     """round(fraction * (N - K)) hidden patches chosen by the policy's rule, rounded half up."""
     return min(num_hidden, int(math.floor(fraction * num_hidden + 0.5)))
+
+
+class PlanError(ValueError):
+    """A MaskPlan whose fields disagree (shapes, ids, mask, weights): a policy's bug, in one line."""
+
+
+#: whether every plan a policy returns is checked (`MaskPlan.validate`); on by default, as in `maskkit
+#: pretrain`. `set_plan_checks(False)` (or MASKKIT_CHECK_PLANS=0) turns the checks off for a tuned loop.
+_CHECK_PLANS = os.environ.get("MASKKIT_CHECK_PLANS", "1") not in ("0", "false", "no", "off")
+
+
+def set_plan_checks(enabled: bool) -> bool:
+    """Turn the check of every policy's plan on or off; returns the previous setting."""
+    global _CHECK_PLANS
+    previous, _CHECK_PLANS = _CHECK_PLANS, bool(enabled)
+    return previous
+
+
+def plan_checks_enabled() -> bool:
+    """Whether policies' plans are checked (`set_plan_checks`)."""
+    return _CHECK_PLANS
 
 
 def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
@@ -119,6 +141,59 @@ class MaskPlan:
     @property
     def num_hidden(self) -> int:
         return self.num_patches - self.num_visible
+
+    def validate(self, num_patches: int | None = None, batch_size: int | None = None, *, who: str = "plan") -> MaskPlan:
+        """Check the plan's invariants; returns it, or raises a one-line PlanError naming what is wrong.
+
+        Shapes agree (mask and ids_restore [B, N], ids_keep [B, K], weights [B, N]; B and N as given);
+        ids are integers in range; `ids_restore` is a permutation and `ids_keep[b, j]` is the patch at
+        shuffled position j (so ids_keep holds no duplicates and `restore` undoes the shuffle); `mask`
+        is exactly 1 where `ids_restore >= K`; weights are finite; at least one patch is visible and
+        one hidden. All value checks are reduced into one boolean (one device sync); only a failing
+        plan is examined further, to say which check failed.
+        """
+        mask, ids_keep, ids_restore, weights = self.mask, self.ids_keep, self.ids_restore, self.weights
+        for name, t in (("mask", mask), ("ids_keep", ids_keep), ("ids_restore", ids_restore)):
+            if not isinstance(t, Tensor) or t.dim() != 2:
+                raise PlanError(f"{who}: {name} must be a 2-d tensor, got {tuple(getattr(t, 'shape', ())) or type(t).__name__}")
+        b, n = mask.shape
+        k = ids_keep.shape[1]
+        if tuple(ids_restore.shape) != (b, n) or ids_keep.shape[0] != b:
+            raise PlanError(f"{who}: shapes disagree: mask {tuple(mask.shape)}, ids_restore {tuple(ids_restore.shape)}, "
+                            f"ids_keep {tuple(ids_keep.shape)}")
+        if num_patches is not None and n != num_patches:
+            raise PlanError(f"{who}: the plan covers {n} patches but the tokens have {num_patches}")
+        if batch_size is not None and b != batch_size:
+            raise PlanError(f"{who}: the plan is for {b} images but the batch has {batch_size}")
+        if k == 0 or k == n:
+            raise PlanError(f"{who}: the plan {'hides' if k == 0 else 'keeps'} every patch ({k} of {n} visible)")
+        if ids_keep.dtype != torch.long or ids_restore.dtype != torch.long:
+            raise PlanError(f"{who}: ids must be int64, got ids_keep {ids_keep.dtype}, ids_restore {ids_restore.dtype}")
+        if weights is not None and (not isinstance(weights, Tensor) or tuple(weights.shape) != (b, n)):
+            raise PlanError(f"{who}: weights must be [B, N] = {(b, n)}, got {tuple(getattr(weights, 'shape', ()))}")
+        ok = self._checks(k)
+        if bool(torch.stack(ok).all()):
+            return self
+        names = ("ids in range", "ids_restore a permutation", "ids_keep in shuffled order (no duplicates)",
+                 "mask = (ids_restore >= K)", "finite weights")
+        failed = [name for name, good in zip(names, ok, strict=True) if not bool(good)]
+        raise PlanError(f"{who}: invalid plan: not {failed[0]} (B={b}, N={n}, K={k})")
+
+    def _checks(self, k: int) -> list[Tensor]:
+        """The value checks as 0-d booleans: range, permutation, keep order, mask, weights."""
+        mask, ids_keep, ids_restore = self.mask, self.ids_keep, self.ids_restore
+        b, n = mask.shape
+        in_range = (ids_keep.min() >= 0) & (ids_keep.max() < n) & (ids_restore.min() >= 0) & (ids_restore.max() < n)
+        if not bool(in_range):  # gather/scatter below need valid ids
+            false = torch.zeros((), dtype=torch.bool, device=mask.device)
+            return [in_range, false, false, false, false]
+        seen = torch.zeros(b, n, dtype=torch.bool, device=mask.device).scatter_(1, ids_restore, True)
+        order = torch.arange(k, device=mask.device).expand(b, k)
+        keep_order = (ids_restore.gather(1, ids_keep) == order).all()
+        mask_ok = (mask.detach() == (ids_restore >= k).to(mask.dtype)).all()
+        weights = self.weights
+        finite = torch.isfinite(weights.detach()).all() if weights is not None else torch.ones_like(mask_ok)
+        return [in_range, seen.all(), keep_order, mask_ok, finite]
 
     def gather(self, tokens: Tensor) -> Tensor:
         """Visible tokens in encoder order: [B, N, D] -> [B, K, D]."""

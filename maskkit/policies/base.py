@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from maskkit.plan import MaskPlan, check_ratio
+from maskkit.plan import MaskPlan, check_ratio, plan_checks_enabled
 from maskkit.registry import CardInfo
 
 
@@ -57,6 +57,24 @@ class MaskPolicy(nn.Module):
         if not isinstance(tokens, Tensor) or tokens.dim() != 3:
             raise ValueError(f"tokens must be [B, N, D], got shape {tuple(getattr(tokens, 'shape', ()))}")
         return tokens.shape[0], tokens.shape[1]
+
+    def __call__(self, tokens: Tensor, *args: Any, **kwargs: Any) -> MaskPlan:
+        """`forward`, then the plan's invariants checked (`MaskPlan.validate`) for every policy, plugins
+        included, unless `maskkit.plan.set_plan_checks(False)`; explicit `noise` / `attention` inputs must
+        be finite (a NaN would give every image the same mask)."""
+        check = plan_checks_enabled()
+        if check:
+            for key in ("noise", "attention"):
+                value = kwargs.get(key)
+                if isinstance(value, Tensor) and not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"policy {type(self).__name__}: {key} holds non-finite values (NaN or inf)")
+        plan = super().__call__(tokens, *args, **kwargs)
+        if check:
+            if not isinstance(plan, MaskPlan):
+                raise TypeError(f"policy {type(self).__name__} returned {type(plan).__name__}, not a MaskPlan")
+            b, n = self.token_grid(tokens)
+            plan.validate(n, b, who=f"policy {type(self).__name__}")
+        return plan
 
     def forward(
         self,
