@@ -1,0 +1,129 @@
+"""One writer per run directory: an exclusive advisory lock held for the whole of a run, and run
+directories created atomically.
+
+`RunLock(run_dir)` takes `fcntl.flock(LOCK_EX | LOCK_NB)` on `run_dir/.lock` and writes the holder's
+process id, host and start time into it. The kernel releases a flock when its process ends, however it
+ends (SIGKILL included), so a stale lock never blocks a resume, and no lock file ever needs deleting.
+The standard library's fcntl is used rather than the `filelock` package because the message a second
+writer gets must name the process that holds the lock, which filelock does not record; both rest on the
+same flock(2). POSIX only (Linux, macOS): on other systems the lock is a no-op, said once in a warning.
+
+`make_unique_dir(base)` creates `base`, or `base-2`, `base-3`, ... with `os.mkdir`, which fails if the
+name exists, so two runs started in the same second never share a directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_FILE = ".lock"
+
+
+class RunLockedError(ValueError):
+    """The run directory is held by another process; the message (one line) names it."""
+
+
+def _holder_text(path: Path) -> str:
+    """Who holds the lock, from the lock file: 'process 1234 on host (since 12:00:00)'."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not isinstance(info, dict) or "pid" not in info:
+        return "another process"
+    since = f" (since {info['started']})" if info.get("started") else ""
+    return f"process {info['pid']} on {info.get('host', '?')}{since}"
+
+
+class RunLock:
+    """Context manager: the exclusive lock of a run directory, held until released or the process ends."""
+
+    def __init__(self, run_dir: str | Path, *, what: str = "pretrain") -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self.what = what
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock; RunLockedError naming the holder when another process has it."""
+        if self._fd is not None:
+            return self
+        if fcntl is None:  # pragma: no cover
+            warnings.warn("run directory locks need fcntl (POSIX); two writers are not prevented here", stacklevel=2)
+            return self
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunLockedError(
+                f"run directory {self.run_dir} is in use by {_holder_text(self.path)}; wait for it to end "
+                "or choose another --out"
+            ) from None
+        record: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname(), "what": self.what,
+                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(record) + "\n").encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Let the lock go (the file stays: deleting a lock file races with the next taker)."""
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def run_in_progress(run_dir: str | Path) -> str | None:
+    """Who is writing `run_dir` now ('process 1234 on host ...'), or None when no process holds its lock."""
+    path = Path(run_dir) / LOCK_FILE
+    if fcntl is None or not path.is_file():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder_text(path)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def make_unique_dir(base: str | Path) -> Path:
+    """Create and return `base`, or the first free `base-2`, `base-3`, ...; atomic (os.mkdir)."""
+    base = Path(base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            n += 1
