@@ -2,9 +2,10 @@
 
 Parsing and printing only: the work is done by maskkit.run (runs: create, resume, train,
 evaluate, pictures), maskkit.registry and maskkit.bench. `pretrain`'s options are made from
-`maskkit.run.RunConfig`'s fields (cli/options.py). Every expected failure (bad option, bad data,
-bad checkpoint) ends the command with exit code 1 and ONE line on stderr, no traceback; set
-MASKKIT_DEBUG=1 to see the traceback.
+`maskkit.run.RunConfig`'s fields (cli/options.py); what is printed is drawn in cli/printing.py;
+one-line errors, torchrun and the pretraining bar with its clean stops live in cli/runner.py.
+Every expected failure (bad option, bad data, bad checkpoint) ends the command with exit code 1
+and ONE line on stderr, no traceback; set MASKKIT_DEBUG=1 to see the traceback.
 """
 
 from __future__ import annotations
@@ -13,16 +14,12 @@ import contextlib
 import json
 import os
 import sys
-import time
-from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from maskkit.evaluate import (
     FINETUNE_BATCH_SIZE,
@@ -35,8 +32,19 @@ from maskkit.evaluate import (
 )
 from maskkit.registry import AUTO_POLICY_OPTIONS, COMMON_ALLOWED
 
+from . import runner
 from .options import config_command, config_from_values, given_on_command_line, policy_extras
-from .printing import bench_table, describe, evaluate_progress, pretrain_progress, step_fields, summary_table
+from .printing import (  # noqa: F401 - pretrain_progress, step_fields: the bar's parts, importable from here
+    bench_table,
+    describe,
+    evaluate_progress,
+    evaluation_table,
+    policy_tables,
+    pretrain_progress,
+    step_fields,
+    summary_table,
+)
+from .runner import CommandError
 
 app = typer.Typer(
     name="maskkit",
@@ -64,36 +72,13 @@ class ScoreSplit(str, Enum):
     val = "val"
 
 
-class CommandError(ValueError):
-    """An expected failure, reported as one line."""
-
-
-#: set by pretrain under torchrun: this process's place in the group (maskkit.distributed.DistContext)
-_DIST: Any = None
-
-
-@contextlib.contextmanager
-def one_line_errors() -> Iterator[None]:
-    """Turn expected exceptions into 'Error: ...' on stderr and exit code 1."""
-    try:
-        yield
-    except typer.Exit:
-        raise
-    except (ValueError, TypeError, OSError, FloatingPointError, KeyError, ImportError) as err:
-        if os.environ.get("MASKKIT_DEBUG"):
-            raise
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if isinstance(err, KeyError):
-            text = f"missing entry {text}"
-        if _DIST is not None and _DIST.enabled and not _DIST.is_main:  # quiet rank: still name its failure
-            Console(stderr=True, soft_wrap=True).print(f"Error (rank {_DIST.rank}): {text}", markup=False, highlight=False)
-        else:
-            err_console.print(f"Error: {text}", markup=False, highlight=False)
-        raise typer.Exit(code=1) from None
+def one_line_errors() -> contextlib.AbstractContextManager[None]:
+    """Expected exceptions become 'Error: ...' on stderr and exit code 1 (cli/runner.py)."""
+    return runner.one_line_errors(err_console)
 
 
 def _say(text: str, *, err: bool = False) -> None:
-    (err_console if err else console).print(text, markup=False, highlight=False)
+    runner.say(err_console if err else console, text)
 
 
 # ---- policies ---------------------------------------------------------------------------------
@@ -107,41 +92,10 @@ def policies_command() -> None:
     with one_line_errors():
         load_plugins()
     cards = [policy_card(name) for name in list_policies()]
-    table = Table(title="masking policies", show_lines=True)
-    table.add_column("policy", style="bold", overflow="fold")
-    table.add_column("paper", overflow="fold")
-    table.add_column("learns from", overflow="fold")
-    table.add_column("idea", overflow="fold")
-    for card in cards:
-        table.add_row(card.name, Text(card.paper), card.learns, Text(card.idea))
+    table, options, note = policy_tables(cards, AUTO_POLICY_OPTIONS, COMMON_ALLOWED["ratio"])
     console.print(table)
-    options = Table(title="policy options: --<policy>-<option> VALUE, or --policy-opt option=VALUE")
-    options.add_column("option", overflow="fold")
-    options.add_column("default", overflow="fold")
-    options.add_column("allowed values", overflow="fold")
-    for card in cards:
-        shown = [o for o in card.options if o.name not in AUTO_POLICY_OPTIONS]
-        for i, opt in enumerate(shown):
-            flag = f"--{card.name.replace('_', '-')}-{opt.name.replace('_', '-')}"
-            # Text cells: allowed values such as "[0, 1]" are not rich markup
-            options.add_row(flag, Text(_cli_value(opt.default)), Text(opt.allowed), end_section=i == len(shown) - 1)
     console.print(options)
-    ratio = {c.name: o for c in cards for o in c.options if o.name == "ratio"}
-    own = ", ".join(f"{name} {o.default}" for name, o in ratio.items())
-    only = "".join(f"; {name} takes {o.allowed}" for name, o in ratio.items() if o.allowed != COMMON_ALLOWED["ratio"])
-    console.print(
-        f"--mask-ratio sets the policy's ratio (default: the policy's own: {own}; in {COMMON_ALLOWED['ratio']}{only}); {', '.join(AUTO_POLICY_OPTIONS[1:])} come from the model.",
-        highlight=False,
-    )
-
-
-def _cli_value(value: Any) -> str:
-    """A default as the command line spells it: none, true/false, or the value."""
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
+    console.print(note, highlight=False)
 
 
 # ---- pretrain ---------------------------------------------------------------------------------
@@ -159,13 +113,13 @@ def pretrain_command(ctx: typer.Context, **values: Any) -> None:
     """
     from maskkit import run
 
-    with _distributed(values["device"]), one_line_errors():
+    with runner.distributed(values["device"], console, err_console) as dist, one_line_errors():
         if values["resume"] is not None:
             given = [n for n in ctx.params if n not in RESUME_OPTIONS and given_on_command_line(ctx, n)]
             if given or ctx.args:
                 extra = [f"--{n.replace('_', '-')}" for n in given] + [a for a in ctx.args if a.startswith("--")]
                 raise CommandError(f"--resume takes its settings from the run's config.json; drop {', '.join(extra)}")
-            prepared = run.resume_run(values["resume"], steps=values["steps"], device=values["device"], dist=_DIST)
+            prepared = run.resume_run(values["resume"], steps=values["steps"], device=values["device"], dist=dist)
             for warning in prepared.warnings:
                 _say(f"Warning: {warning}", err=True)
             console.print(f"[bold]maskkit pretrain --resume[/bold] {prepared.out}: from {prepared.source} "
@@ -177,70 +131,16 @@ def pretrain_command(ctx: typer.Context, **values: Any) -> None:
             raw, spelled = policy_extras(values["policy"], list(ctx.args), values["policy_opt"])
             options = coerce_policy_options(values["policy"], raw, spelled)  # named as typed, before any work
             config = config_from_values(values, options, parse_model_options(values["model_opt"]))
-            prepared = run.create_run(config, values["out"], dist=_DIST)
+            prepared = run.create_run(config, values["out"], dist=dist)
             describe(console, prepared.record, prepared.out)
-        _train(prepared, values["progress"])
+        summary = runner.train_with_progress(prepared, console, err_console, values["progress"])
+        if summary is not None:  # rank 0
+            console.print(summary_table(summary, prepared.out))
+            _say(f"next: maskkit evaluate {prepared.out}  |  maskkit visualize {prepared.out} -o "
+                 f"{prepared.out / 'masks.png'}")
 
 
 app.command("pretrain", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(pretrain_command)
-
-
-@contextlib.contextmanager
-def _distributed(device: str) -> Iterator[None]:
-    """Under torchrun: join the process group (gloo on CPU, nccl on CUDA); rank 0 alone prints and writes."""
-    global _DIST
-    from maskkit.distributed import SINGLE, cleanup, init_from_env, launched_by_torchrun
-    from maskkit.run import resolve_device
-
-    if not launched_by_torchrun():
-        _DIST = SINGLE
-        yield
-        return
-    with one_line_errors():
-        _DIST = init_from_env(resolve_device(device).type)
-    quiet = console.quiet, err_console.quiet
-    if not _DIST.is_main:
-        console.quiet = err_console.quiet = True
-    try:
-        yield
-    finally:
-        console.quiet, err_console.quiet = quiet
-        cleanup(_DIST)
-        _DIST = SINGLE
-
-
-def _train(prepared: Any, show_progress: bool) -> None:
-    """Train with SIGTERM/SIGINT turned into a clean stop (checkpoint, one line, exit 143/130); print the summary."""
-    from maskkit.run import CHECKPOINTS, train_run
-    from maskkit.training import StopSignals, TrainingStopped
-
-    trainer, out = prepared.trainer, prepared.out
-    state = {"t0": time.perf_counter(), "images": 0}
-    bar, task = pretrain_progress(console, trainer.config.steps, trainer.step_count,
-                                  disable=not (show_progress and trainer.dist.is_main))  # fmt: skip
-
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        state["images"] += trainer.streams["train"].batch_size
-        rate = state["images"] / max(time.perf_counter() - state["t0"], 1e-9)
-        bar.update(task, completed=step, **step_fields(metrics["loss"], rate))
-
-    with StopSignals() as stop, bar:  # also over the final writes: a late signal lets the run finish them
-        try:
-            summary = train_run(prepared, on_step=on_step, stop=stop)
-        except FloatingPointError as err:
-            raise CommandError(f"{err}; the last good checkpoint is kept in {out / CHECKPOINTS}") from None
-        except TrainingStopped as stopped:  # a scheduler's SIGTERM or a Ctrl-C: checkpointed, ready to resume
-            _say(f"Stopped by {stopped.signal_name} at step {stopped.step}, checkpoint {stopped.checkpoint.name} "
-                 f"written; continue with: {prepared.resume_command()}", err=True)  # fmt: skip
-            raise typer.Exit(code=stopped.exit_code) from None
-        except KeyboardInterrupt:  # a second Ctrl-C while waiting for the step to end
-            _say(f"Interrupted at step {trainer.step_count} (no checkpoint at this step); continue with: "
-                 f"{prepared.resume_command()}", err=True)  # fmt: skip
-            raise typer.Exit(code=130) from None
-    if not trainer.dist.is_main:
-        return
-    console.print(summary_table(summary, out))
-    _say(f"next: maskkit evaluate {out}  |  maskkit visualize {out} -o {out / 'masks.png'}")
 
 
 # ---- evaluate ---------------------------------------------------------------------------------
@@ -282,13 +182,7 @@ def evaluate_command(
                 run_dir, protocol.value, init=init.value, split=split.value, epochs=epochs, batch_size=batch_size,
                 lr=lr, seed=seed, device=device, on_step=lambda step, total: bar.update(task, completed=step, total=total),
             )  # fmt: skip
-        table = Table(title=f"evaluation of {run_dir}")
-        for col in ("protocol", "init", f"{split.value} top-1", "train top-1", f"train / {split.value} images"):
-            table.add_column(col, justify="left" if col in ("protocol", "init") else "right")
-        table.add_row(
-            result["protocol"], init.value, f"{100 * result['top1']:.2f}%", f"{100 * result['train_top1']:.2f}%",
-            f"{result['num_train']} / {result['num_test']}",
-        )  # fmt: skip
+        table = evaluation_table(run_dir, result, init.value, split.value)
         console.print(table)
         _say(f"wrote {run_dir / EVAL} [{key}]")
 

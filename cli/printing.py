@@ -1,4 +1,5 @@
-"""What the `maskkit` commands print: the run's description, the progress bar, the summary and bench tables."""
+"""What the `maskkit` commands print: the policy cards, the run's description, the progress bars, the
+summary, evaluation and bench tables."""
 
 from __future__ import annotations
 
@@ -15,6 +16,44 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
+
+
+def cli_value(value: Any) -> str:
+    """A default as the command line spells it: none, true/false, or the value."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def policy_tables(cards: list[Any], auto_options: tuple[str, ...], common_ratio: str) -> tuple[Table, Table, str]:
+    """`maskkit policies`: the cards (paper, what each learns from, idea), every option's flag, default and
+    allowed values, and a line on --mask-ratio and the options that come from the model."""
+    table = Table(title="masking policies", show_lines=True)
+    table.add_column("policy", style="bold", overflow="fold")
+    table.add_column("paper", overflow="fold")
+    table.add_column("learns from", overflow="fold")
+    table.add_column("idea", overflow="fold")
+    for card in cards:
+        table.add_row(card.name, Text(card.paper), card.learns, Text(card.idea))
+    options = Table(title="policy options: --<policy>-<option> VALUE, or --policy-opt option=VALUE")
+    options.add_column("option", overflow="fold")
+    options.add_column("default", overflow="fold")
+    options.add_column("allowed values", overflow="fold")
+    for card in cards:
+        shown = [o for o in card.options if o.name not in auto_options]
+        for i, opt in enumerate(shown):
+            flag = f"--{card.name.replace('_', '-')}-{opt.name.replace('_', '-')}"
+            # Text cells: allowed values such as "[0, 1]" are not rich markup
+            options.add_row(flag, Text(cli_value(opt.default)), Text(opt.allowed), end_section=i == len(shown) - 1)
+    ratio = {c.name: o for c in cards for o in c.options if o.name == "ratio"}
+    own = ", ".join(f"{name} {o.default}" for name, o in ratio.items())
+    only = "".join(f"; {name} takes {o.allowed}" for name, o in ratio.items() if o.allowed != common_ratio)
+    note = (f"--mask-ratio sets the policy's ratio (default: the policy's own: {own}; in {common_ratio}{only}); "
+            f"{', '.join(auto_options[1:])} come from the model.")  # fmt: skip
+    return table, options, note
 
 
 def describe(console: Console, record: Any, out: Path) -> None:
@@ -84,6 +123,18 @@ def summary_table(summary: dict[str, Any], out: Path) -> Table:
     for key, value in summary["final"].items():
         if key != "step":
             table.add_row(f"last log: {key}", f"{value:.4g}" if isinstance(value, float) else str(value))
+    return table
+
+
+def evaluation_table(run_dir: Path, result: dict[str, Any], init: str, split: str) -> Table:
+    """`maskkit evaluate`'s table: protocol, init, top-1 on the scored and the train split, image counts."""
+    table = Table(title=f"evaluation of {run_dir}")
+    for col in ("protocol", "init", f"{split} top-1", "train top-1", f"train / {split} images"):
+        table.add_column(col, justify="left" if col in ("protocol", "init") else "right")
+    table.add_row(
+        result["protocol"], init, f"{100 * result['top1']:.2f}%", f"{100 * result['train_top1']:.2f}%",
+        f"{result['num_train']} / {result['num_test']}",
+    )  # fmt: skip
     return table
 
 

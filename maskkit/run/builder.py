@@ -1,0 +1,289 @@
+"""The one builder of a run: config -> resolved record -> built run (-> trainer).
+
+`resolve` turns a `RunConfig` and its data into a `RunRecord` (the data's statistics and splits,
+the model's builder and init seed, the policy's typed options, every training setting);
+`build_run` turns a record into a `Run` (data, splits, batcher, MAE, policy), exactly as
+config.json describes it; `build_trainer` gives a built run its trainer. `new_run` (resolve, then
+build) serves `create_run` and the policy gallery's untrained set-up; `build_run` alone serves
+resume, load, evaluate and visualize. The order of construction here is the order in which the
+global torch RNG is drawn (MAE from its own seed, then the policy, then the trainer's head), so it
+is part of every run's result.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from maskkit.data import (
+    DEFAULT_FRACTIONS,
+    Batcher,
+    DataError,
+    ImageData,
+    channel_stats,
+    check_classes,
+    load_dataset,
+    make_splits,
+    parse_dataset,
+    resolve_augment,
+)
+from maskkit.distributed import SINGLE, DistContext
+from maskkit.plan import check_ratio
+from maskkit.registry import create_policy, policy_options
+from maskkit.training import Pretrainer, TrainConfig
+
+from .config import FORMAT_VERSION, DataConfig, ModelConfig, RunConfig, RunError
+from .record import RunRecord
+
+#: fewest patches an automatically chosen patch size may give.
+MIN_AUTO_PATCHES = 16
+
+
+@dataclass
+class Run:
+    """A run built from its record: data, splits, batcher, MAE and policy (untrained)."""
+
+    record: RunRecord
+    data: ImageData
+    splits: dict[str, np.ndarray]
+    batcher: Batcher
+    mae: nn.Module
+    policy: nn.Module
+    device: torch.device
+
+
+def resolve_device(name: str, dist: DistContext = SINGLE) -> torch.device:
+    """'auto' -> cuda if available else cpu; else a device that exists here; under torchrun on CUDA, cuda:LOCAL_RANK."""
+    if name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise RunError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RunError(f"device {name!r} requested but MPS is not available")
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    return device
+
+
+# ---- the model and the policy -----------------------------------------------------------------
+
+
+def model_spec(name: str) -> Any:
+    """The parsed `--model` spec (`maskkit.adapters.models.ModelSpec`: kind, absolute paths); RunError if bad."""
+    from maskkit.adapters.models import parse_model_spec
+
+    try:
+        return parse_model_spec(name)
+    except ValueError as err:
+        raise RunError(str(err)) from None
+
+
+def model_kind(name: str) -> str:
+    """'timm' for a preset, else the prefix of `official:...` / `hf:...`."""
+    return model_spec(name).kind
+
+
+def choose_patch_size(model: str, img_size: tuple[int, int], patch_size: int | None) -> int | None:
+    """The given patch size, checked; for a timm preset without one, the preset's if it divides the image
+    into >= 16 patches, else the largest size below it that does; None lets another builder choose."""
+    height, width = img_size
+    if patch_size is not None:
+        if patch_size < 1:
+            raise RunError(f"patch size must be a positive integer, got {patch_size}")
+        if height % patch_size or width % patch_size:
+            raise RunError(f"image size {height}x{width} is not divisible by patch size {patch_size}")
+        return patch_size
+    if model_kind(model) != "timm":
+        return None
+    from maskkit.adapters.timm import get_preset
+
+    base = get_preset(model).patch_size
+    for p in range(base, 0, -1):
+        if height % p == 0 and width % p == 0 and (height // p) * (width // p) >= MIN_AUTO_PATCHES:
+            return p
+    raise RunError(f"no patch size divides image size {height}x{width}; pass --patch-size")
+
+
+def build_mae(model: dict[str, Any]) -> nn.Module:
+    """The MAE of a record's `model` section, freshly initialised from its seed (any adapter)."""
+    from maskkit.adapters.models import create_mae_from_spec
+
+    name = model.get("name", model.get("preset"))  # format 1 spelled it preset / overrides
+    options = model.get("options", model.get("overrides", {}))
+    return create_mae_from_spec(
+        name, img_size=model["img_size"], patch_size=model["patch_size"], in_chans=model["in_chans"],
+        norm_pix_loss=model["norm_pix_loss"], seed=model["init_seed"], options=options,
+    )  # fmt: skip
+
+
+def policy_kwargs(name: str, options: dict[str, Any], ratio: float, mae: nn.Module) -> dict[str, Any]:
+    """Constructor arguments: the user's options, the mask ratio, and embed_dim/num_patches from the MAE."""
+    accepted = {o.name for o in policy_options(name)}
+    kwargs = dict(options)
+    if "ratio" in accepted:
+        kwargs["ratio"] = ratio
+    for key in ("embed_dim", "num_patches"):
+        if key in accepted and key not in kwargs:
+            kwargs[key] = getattr(mae, key)
+    return kwargs
+
+
+# ---- config -> resolved record ----------------------------------------------------------------
+
+
+def load_data(data: DataConfig) -> ImageData:
+    """The images a `DataConfig` names (downloaded if it says so)."""
+    return load_dataset(data.dataset, data.data_dir, download=data.download, img_size=data.img_size)
+
+
+def dataset_section(
+    name: str, data_dir: str | None, img_size: int | None, data: ImageData, seed: int, augment: str,
+    fractions: dict[str, float],
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The record's `dataset` section (statistics of the train split, split sizes) and the splits."""
+    splits = make_splits(data, seed, fractions)
+    mean, std = channel_stats(data, splits["train"])
+    kind, path = parse_dataset(name)
+    section = {
+        "name": name if path is None else f"{kind}:{Path(path).resolve()}",  # usable from any directory
+        "data_dir": None if data_dir is None else str(Path(data_dir).resolve()),
+        "img_size_override": img_size,
+        "image_size": list(data.image_size),
+        "in_chans": data.in_chans,
+        "num_images": len(data),
+        "num_classes": data.num_classes,
+        "labeled": data.labels is not None,
+        "layout": data.layout,  # how an image folder was read (None for the other kinds)
+        "mean": mean,
+        "std": std,
+        "augment": resolve_augment(augment, data.image_size),
+        "split_seed": seed,
+        "split_fractions": fractions,
+        "splits": {k: len(v) for k, v in splits.items()},
+    }
+    return section, splits
+
+
+def model_section(model: ModelConfig, data: ImageData, seed: int) -> dict[str, Any]:
+    """The record's `model` section before the model is built (`build_run` adds its sizes)."""
+    height, width = data.image_size
+    return {
+        "name": str(model_spec(model.name)),  # canonical: file paths absolute, so the run resumes from anywhere
+        "options": dict(model.options),
+        "img_size": height if height == width else [height, width],
+        "patch_size": choose_patch_size(model.name, data.image_size, model.patch_size),
+        "in_chans": data.in_chans,
+        "norm_pix_loss": model.norm_pix_loss,
+        "init_seed": seed,
+    }
+
+
+def train_section(config: RunConfig, train_split: int, world_size: int) -> dict[str, Any]:
+    """The record's `train` section: every training setting resolved (steps, warm-up, mask ratio, processes)."""
+    t = config.train
+    steps = t.total_steps(train_split)
+    train_cfg = TrainConfig(
+        steps=steps, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer,
+        warmup_steps=t.warmup_steps if t.warmup_steps is not None else steps // 20, mask_ratio=config.policy.ratio(),
+        seed=t.seed, log_every=t.log_every, ckpt_every=t.ckpt_every, keep_checkpoints=t.keep_checkpoints,
+        mlo=config.mlo, skip_nonfinite=t.skip_nonfinite, amp=t.amp, mask_noise=t.mask_noise,
+        compile=t.compile, world_size=world_size,
+    )  # fmt: skip
+    return asdict(train_cfg)
+
+
+def check_data_fits(config: RunConfig, data: ImageData) -> None:
+    """A policy trained from labels needs a labelled data set (of at least two classes unless the masker is frozen)."""
+    pol, name = config.policy, config.data.dataset
+    if not pol.learnable():
+        return
+    if data.labels is None:
+        raise RunError(f"policy {pol.name!r} learns from labels, but dataset {name!r} has none "
+                       "(use --policy random or attention)")  # fmt: skip
+    if not config.mlo.freeze_masker:
+        try:
+            check_classes(data, f"policy {pol.name!r}")
+        except DataError as err:
+            raise RunError(f"{err} (use --policy random or attention)") from None
+
+
+def resolve(
+    config: RunConfig, data: ImageData, device: torch.device, *, world_size: int = 1, command: list[str] | None = None
+) -> RunRecord:
+    """The record of a new run of `config` on `data`: every section resolved but the model's sizes."""
+    from maskkit import __version__
+
+    check_data_fits(config, data)
+    d, seed = config.data, config.train.seed
+    section, splits = dataset_section(d.dataset, d.data_dir, d.img_size, data, seed, d.augment, dict(DEFAULT_FRACTIONS))
+    pol = config.policy
+    return RunRecord(
+        dataset=section, model=model_section(config.model, data, seed),
+        policy={"name": pol.name, "options": pol.typed_options(), "learnable": pol.learnable()},
+        train=train_section(config, len(splits["train"]), world_size), device=str(device),
+        versions={"maskkit": __version__, "torch": torch.__version__},
+        command=list(sys.argv if command is None else command), config=config.to_dict(),
+        format_version=FORMAT_VERSION,
+    )  # fmt: skip
+
+
+# ---- resolved record -> built run -> trainer ----------------------------------------------------
+
+
+def build_run(record: RunRecord, device: torch.device | None = None, data: ImageData | None = None) -> Run:
+    """Data, splits, normalisation, MAE and policy exactly as config.json describes them.
+
+    `data`: the images of a new run (`new_run`), already read; the record then gets the model's
+    sizes and the mask ratio is checked against them. Without it they are read as the record says.
+    """
+    device = resolve_device(record.device) if device is None else device
+    ds, new = record.dataset, data is not None
+    if data is None:
+        data = load_dataset(ds["name"], ds.get("data_dir"), download=False, img_size=ds.get("img_size_override"))
+    splits = make_splits(data, ds["split_seed"], ds["split_fractions"])
+    sizes = {k: len(v) for k, v in splits.items()}
+    if sizes != ds["splits"]:
+        raise RunError(f"dataset {ds['name']!r} no longer gives the run's splits ({sizes} vs {ds['splits']})")
+    batcher = Batcher(data, ds["mean"], ds["std"], device, ds["augment"])
+    try:
+        mae = build_mae(record.model).to(device)
+    except (TypeError, KeyError) as err:
+        if not new:
+            raise
+        raise RunError(f"cannot build model {record.config['model']['name']!r}: {err}") from None
+    ratio, pol = record.train["mask_ratio"], record.policy
+    if new:
+        record.model.update(patch_size=int(mae.patch_size), num_patches=mae.num_patches, embed_dim=mae.embed_dim)
+        check_ratio(ratio, mae.num_patches)
+    policy = create_policy(pol["name"], **policy_kwargs(pol["name"], pol["options"], ratio, mae))
+    return Run(record, data, splits, batcher, mae, policy.to(device), device)
+
+
+def new_run(
+    config: RunConfig, data: ImageData, device: torch.device, *, world_size: int = 1, command: list[str] | None = None
+) -> Run:
+    """config -> resolved record -> built run: a new run of `config` on `data`, its record complete."""
+    return build_run(resolve(config, data, device, world_size=world_size, command=command), device, data)
+
+
+def build_trainer(run: Run, dist: DistContext = SINGLE, *, steps: int | None = None) -> Pretrainer:
+    """The trainer of a built run, with the settings of its record's `train` section (`steps`: extended to).
+
+    Builds the optimizers and, for a learnable policy, the MLO engine and its head (from the
+    global torch RNG, after the policy): may fail with a one-line error.
+    """
+    cfg = TrainConfig.from_dict(run.record.train)
+    if steps is not None:
+        cfg.steps = steps
+    return Pretrainer(run.mae, run.policy, run.batcher, run.splits, cfg, run.device, dist)

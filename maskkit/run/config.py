@@ -1,0 +1,250 @@
+"""The run's configuration schema: `RunConfig` and its sections, declared once and checked once.
+
+Each `maskkit pretrain` option is one field of one section (`maskkit.settings.setting` carries its
+help text and flags; cli/options.py makes the options from them). `RunConfig.check` is the one
+place where the settings are validated, section by section, before any data is read or any file
+written; `RunConfig.to_dict` / `from_dict` are the JSON round trip kept in config.json.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from maskkit.compile import NO_COMPILE, check_backend
+from maskkit.plan import check_ratio
+from maskkit.registry import coerce_policy_options, get_policy_class, policy_options
+from maskkit.settings import flag, setting
+from maskkit.training import AMP_MODES, MASK_NOISE, MLOSettings
+
+#: version of config.json; 1 is the layout before `RunConfig` (read as is), 2 adds `format_version` and `config`.
+FORMAT_VERSION = 2
+#: training iterations when neither steps nor epochs are given
+DEFAULT_STEPS = 600
+#: the default model: small enough for a CPU-minutes run on 8x8 digits (patch 2 -> 16 patches).
+DEFAULT_MODEL = "micro"
+#: the mask ratio of a policy without a default of its own (MAE's)
+DEFAULT_MASK_RATIO = 0.75
+AUGMENT = ("auto", "none", "crop-flip")
+
+
+class RunError(ValueError):
+    """A run that cannot be created, resumed or read; its message is one line."""
+
+
+def _one_line(check: Any, *args: Any) -> None:
+    """Run `check(*args)`, turning its ValueError into a RunError with the same message."""
+    try:
+        check(*args)
+    except ValueError as err:
+        raise RunError(str(err)) from None
+
+
+def default_ratio(name: str) -> float:
+    """A policy's own default mask ratio (its constructor's `ratio`), or DEFAULT_MASK_RATIO."""
+    own = {o.name: o.default for o in policy_options(name)}.get("ratio")
+    return float(own) if isinstance(own, (int, float)) else DEFAULT_MASK_RATIO
+
+
+@dataclass
+class DataConfig:
+    """Which images, at which size, with which augmentation."""
+
+    dataset: str = setting(
+        "digits", "digits | mnist | fashion-mnist | cifar10 | cifar100 | imagefolder:PATH | npz:PATH."
+    )
+    data_dir: str | None = setting(None, "Where torchvision datasets live.")
+    download: bool = setting(False, "Download a torchvision dataset into --data-dir.")
+    img_size: int | None = setting(None, "Resize images to this side (default: as stored).")
+    augment: str = setting("auto", "auto: MAE crop + flip for images of side >= 32, else none | none | crop-flip.")
+
+    def check(self) -> None:
+        if self.augment not in AUGMENT:
+            raise RunError(f"{flag('augment')} must be one of {', '.join(AUGMENT)}, got {self.augment!r}")
+
+
+@dataclass
+class ModelConfig:
+    """The MAE: a timm preset, the user's official-MAE file, or a Hugging Face ViTMAE config."""
+
+    name: str = setting(
+        DEFAULT_MODEL,
+        "MAE: a timm preset (micro, pilot, tiny, small, vit-b, ...), official:PATH/models_mae.py[:CALLABLE], "
+        "hf:tiny or hf:PATH/config.json.",
+        param="model", flags=("--model",),
+    )  # fmt: skip
+    options: dict[str, Any] = setting(
+        default_factory=dict, help="Model option key=value passed to the builder (repeatable).",
+        param="model_opt", flags=("--model-opt",),
+    )  # fmt: skip
+    patch_size: int | None = setting(None, "Patch side (default: the model's, if it fits the images).")
+    norm_pix_loss: bool = setting(False, "Normalise each target patch (MAE).")
+
+    def check(self) -> None:
+        if self.patch_size is not None and self.patch_size < 1:
+            raise RunError(f"--patch-size must be a positive integer, got {self.patch_size}")
+
+
+@dataclass
+class PolicyConfig:
+    """Which patches are hidden: a registered policy, its options, the mask ratio."""
+
+    name: str = setting(
+        "random", "Masking policy (maskkit policies lists them); random: the safe choice (docs/results.md, issue 12).",
+        param="policy", flags=("--policy",),
+    )  # fmt: skip
+    options: dict[str, Any] = setting(
+        default_factory=dict, help="Policy option as option=value (repeatable), or --<policy>-<option> VALUE.",
+        param="policy_opt", flags=("--policy-opt",),
+    )  # fmt: skip
+    mask_ratio: float | None = setting(
+        None, "Fraction of patches hidden, in (0, 1) (default: the policy's own: 0.75, simmim 0.6 as in SimMIM)."
+    )
+
+    def ratio(self) -> float:
+        """The mask ratio the run uses: --mask-ratio, else the policy's own default (else 0.75)."""
+        return self.mask_ratio if self.mask_ratio is not None else default_ratio(self.name)
+
+    def typed_options(self) -> dict[str, Any]:
+        """The options checked against the policy's constructor and typed (ValueError naming the option)."""
+        return coerce_policy_options(self.name, self.options)
+
+    def learnable(self) -> bool:
+        """Whether the policy is trained from labels (a `learnable` one, via the MLO engine)."""
+        return bool(getattr(get_policy_class(self.name), "learnable", False))
+
+    def check(self) -> None:
+        if self.mask_ratio is not None:
+            _one_line(check_ratio, self.mask_ratio)
+
+
+@dataclass
+class TrainSettings:
+    """Length, optimiser, seed, device, logging and checkpoints of the MAE's pretraining."""
+
+    steps: int | None = setting(None, f"Training iterations (default {DEFAULT_STEPS}).")
+    epochs: float | None = setting(None, "Training length in epochs of the train split (instead of --steps).")
+    batch_size: int = setting(128, "Images per iteration.")
+    lr: float = setting(1.5e-3, "MAE learning rate (peak of warm-up + cosine).")
+    weight_decay: float = setting(0.05, "MAE weight decay (none on biases, norms, embeddings, tokens).")
+    warmup_steps: int | None = setting(None, "Linear warm-up iterations (default 5% of the steps).")
+    optimizer: str = setting(
+        "adamw", "MAE optimizer: adamw | adam | sgd | lamb | lars | ... (torch-optimizer); the learned "
+        "policy's hypergradient needs adamw, adam or sgd.",
+    )  # fmt: skip
+    seed: int = setting(0, "Seed of splits, initialisation, batches, masks.")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N.")
+    log_every: int = setting(10, "Write a metrics.jsonl line every this many steps.")
+    ckpt_every: int = setting(100, "Checkpoint every this many steps (and at the end).")
+    keep_checkpoints: int = setting(
+        2, "How many checkpoints to keep (the newest).", flags=("--keep-checkpoints", "--keep-last")
+    )
+    skip_nonfinite: bool = setting(
+        False, "Skip a batch with a non-finite loss or hypergradient (counted in metrics.jsonl) instead of stopping."
+    )
+    amp: str = setting(
+        "none", "bf16: autocast the MAE forward of the real pretrain steps to bfloat16 (hypergradients stay float32)."
+    )
+    compile: str = setting(
+        NO_COMPILE, "none | a torch.compile backend (inductor, aot_eager, ...): compile the MAE's encoder and decoder "
+        "blocks for the pretrain steps; the exact unroll always runs them eagerly.",
+    )  # fmt: skip
+    mask_noise: str = setting(
+        "rank", "rank: each process draws its own masks; sample: random-policy masks keyed by step and sample "
+        "(same for any process count).",
+    )  # fmt: skip
+
+    def check(self) -> None:
+        if self.steps is not None and self.epochs is not None:
+            raise RunError("give --steps or --epochs, not both")
+        if self.steps is not None and self.steps < 1:
+            raise RunError(f"--steps must be a positive integer, got {self.steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise RunError(f"--epochs must be positive, got {self.epochs}")
+        for name in ("batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise RunError(f"{flag(name)} must be a positive integer, got {getattr(self, name)}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise RunError(f"--warmup-steps must be a non-negative integer, got {self.warmup_steps}")
+        for name, allowed in (("amp", AMP_MODES), ("mask_noise", MASK_NOISE)):
+            if getattr(self, name) not in allowed:
+                raise RunError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        _one_line(check_backend, self.compile)
+
+    def total_steps(self, train_split: int) -> int:
+        """Steps from --steps, or --epochs of the train split, or the default."""
+        if self.epochs is not None:
+            per_epoch = max(train_split // min(self.batch_size, train_split), 1)
+            return max(round(self.epochs * per_epoch), 1)
+        return DEFAULT_STEPS if self.steps is None else self.steps
+
+
+#: RunConfig's sections, in the order of config.json and of `maskkit pretrain --help`
+SECTIONS: dict[str, type] = {
+    "data": DataConfig, "model": ModelConfig, "policy": PolicyConfig, "mlo": MLOSettings, "train": TrainSettings,
+}  # fmt: skip
+
+
+@dataclass
+class RunConfig:
+    """Everything a pretraining run is asked to do; JSON round trip with `to_dict` / `from_dict`."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    mlo: MLOSettings = field(default_factory=MLOSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        """Strict: unknown sections or keys, or another version, give a one-line RunError."""
+        if not isinstance(raw, dict):
+            raise RunError(f"a run configuration is a JSON object, got {type(raw).__name__}")
+        version = raw.get("version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise RunError(f"run configuration version {version!r} is not {FORMAT_VERSION} (this maskkit's)")
+        unknown = sorted(set(raw) - set(SECTIONS) - {"version"})
+        if unknown:
+            raise RunError(f"unknown run configuration section(s): {', '.join(unknown)}")
+        sections = {}
+        for name, kind in SECTIONS.items():
+            values = raw.get(name, {})
+            if not isinstance(values, dict):
+                raise RunError(f"run configuration section {name!r} is not an object")
+            bad = sorted(set(values) - {f.name for f in fields(kind)})
+            if bad:
+                raise RunError(f"unknown key(s) in run configuration section {name!r}: {', '.join(bad)}")
+            sections[name] = kind(**values)
+        return cls(**sections, version=version)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as err:
+            raise RunError(f"a run configuration is not valid JSON: {err}") from None
+
+    def check(self) -> None:
+        """Validate every setting that needs no data or model (one-line errors); nothing is read or written.
+
+        The one place the settings are checked: each section's own `check`, then what spans sections
+        (the learned masker's settings need a learnable policy), the policy's options against its
+        constructor and the model spec.
+        """
+        self.policy.check()
+        _one_line(self.mlo.check)
+        if not self.policy.learnable() and self.mlo.changed():
+            flags = ", ".join(flag(n) for n in self.mlo.changed())
+            raise RunError(f"{flags} only apply to a learnable policy (e.g. --policy learned), not {self.policy.name!r}")
+        self.train.check()
+        self.data.check()
+        self.model.check()
+        self.policy.typed_options()

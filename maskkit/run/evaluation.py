@@ -1,0 +1,123 @@
+"""A finished (or checkpointed) run: its weights loaded into the built run, and its encoder scored.
+
+`load_run` rebuilds a run with its trained MAE and masker; `load_encoder` / `load_masker` give
+those modules alone; `evaluate_run` scores the encoder with a linear probe or fine-tuning
+(`maskkit.evaluate`) and records the result in the run's eval.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from maskkit.checkpoint import CheckpointError, load_checkpoint, load_latest
+from maskkit.settings import flag
+
+from .builder import Run, build_run, resolve_device
+from .config import RunError
+from .record import CHECKPOINTS, EVAL, MODEL, RunRecord, check_writable, merge_json
+
+PROTOCOLS = ("linear", "finetune")
+INITS = ("pretrained", "random")
+SCORE_SPLITS = ("test", "val")
+
+
+def weights_from_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
+    """{"mae", "policy", "head", "step"} out of a training checkpoint (plain or MLO engine)."""
+    if "engine" in state:
+        eng = state["engine"]
+        return {"mae": eng["mae"], "policy": eng["masker"], "head": eng["head"], "step": state["step"]}
+    return {"mae": state["mae"], "policy": state["policy"], "head": None, "step": state["step"]}
+
+
+def load_weights(run: Run, run_dir: str | Path) -> dict[str, Any]:
+    """Load the run's final weights (model.pt) or else its newest good checkpoint into run.mae/policy.
+
+    Returns {"source": path, "step": int, "head": state or None}.
+    """
+    run_dir = Path(run_dir)
+    final = run_dir / MODEL
+    if final.is_file():
+        state = load_checkpoint(final, map_location=run.device)
+        source = final
+    else:
+        try:
+            source, ckpt, _ = load_latest(run_dir / CHECKPOINTS, map_location=run.device)
+        except CheckpointError as err:
+            raise RunError(f"run {run_dir} has no usable weights: {err}") from None
+        state = weights_from_checkpoint(ckpt)
+    try:
+        run.mae.load_state_dict(state["mae"])
+        run.policy.load_state_dict(state["policy"])
+    except (KeyError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise RunError(f"weights in {source} do not fit the run's model: {first}") from None
+    return {"source": str(source), "step": int(state.get("step", 0)), "head": state.get("head")}
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "auto", *, weights: bool = True) -> Run:
+    """A finished (or checkpointed) run rebuilt with its trained encoder and masker (`weights=False`: untrained)."""
+    record = RunRecord.read(run_dir)
+    run = build_run(record, device if isinstance(device, torch.device) else resolve_device(device))
+    if weights:
+        load_weights(run, run_dir)
+    return run
+
+
+def load_encoder(run_dir: str | Path, device: str | torch.device = "auto") -> nn.Module:
+    """The run's trained MAE (its adapter's MAE-protocol module; `.features(images)` gives [B, D])."""
+    return load_run(run_dir, device).mae
+
+
+def load_masker(run_dir: str | Path, device: str | torch.device = "auto") -> nn.Module:
+    """The run's trained masking policy (e.g. the learned masker), ready for `use_policy` or a MaskPlan."""
+    return load_run(run_dir, device).policy
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    protocol: str = "linear",
+    *,
+    init: str = "pretrained",
+    split: str = "test",
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    on_step: Callable[[int, int], None] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Score the run's encoder (linear probe or fine-tune) and record it in eval.json; returns (key, record).
+
+    The key is `<protocol>` (`-random` for the untrained encoder) with `@val` when scored on val.
+    """
+    from maskkit.evaluate import evaluate_encoder
+
+    run_dir = Path(run_dir)
+    record = RunRecord.read(run_dir)
+    if protocol not in PROTOCOLS or init not in INITS or split not in SCORE_SPLITS:
+        raise RunError(f"unknown evaluation {protocol!r}/{init!r}/{split!r}: protocol linear|finetune, "
+                       "init pretrained|random, split test|val")  # fmt: skip
+    if not record.dataset.get("labeled", True):
+        raise RunError(f"dataset {record.dataset['name']!r} has no labels to evaluate with")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if value is not None and value < 1:
+            raise RunError(f"{flag(name)} must be a positive integer, got {value}")
+    run = build_run(record, resolve_device(device))
+    source = {"source": "random initialisation", "step": 0}
+    if init == "pretrained":
+        source = load_weights(run, run_dir)
+    check_writable(run_dir)
+    result = evaluate_encoder(
+        run.mae, run.batcher, run.splits, protocol, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+        score_split=split, on_step=on_step,
+    )  # fmt: skip
+    key = (protocol if init == "pretrained" else f"{protocol}-random") + ("@val" if split == "val" else "")
+    entry = {**asdict(result), "init": init, "weights": source["source"], "step": source["step"], "seed": seed}
+    merge_json(run_dir / EVAL, key, entry)
+    return key, entry

@@ -1,0 +1,118 @@
+"""Pictures of masks: a run's masks (image, hidden patches, heat map, reconstruction) or a gallery of policies.
+
+`picture` checks its options, builds what it draws through the one builder (a run's record, or,
+for a gallery without a run, a new untrained run of `model` over `dataset`), lets
+`maskkit.visualize` draw, and writes the PNG atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from maskkit.checkpoint import atomic_write_bytes
+from maskkit.plan import check_ratio
+from maskkit.registry import get_policy_class, list_policies
+
+from .builder import Run, load_data, new_run, resolve_device
+from .config import (
+    DEFAULT_MASK_RATIO,
+    DEFAULT_MODEL,
+    DataConfig,
+    ModelConfig,
+    PolicyConfig,
+    RunConfig,
+    RunError,
+    TrainSettings,
+)
+from .evaluation import load_run
+from .record import check_writable
+
+
+@dataclass
+class Picture:
+    """What `picture` wrote: the image, the ratio, the gallery's policies and why any was not drawn."""
+
+    image: Any  # PIL.Image
+    ratio: float
+    policies: list[str]
+    not_drawn: dict[str, str]
+
+
+def policy_names(spec: str) -> list[str]:
+    """'all' -> every registered policy; 'a,b' -> those names (checked, duplicates dropped, order kept)."""
+    if spec.strip() == "all":
+        return list_policies()
+    names = list(dict.fromkeys(n.strip() for n in spec.split(",") if n.strip()))
+    if not names:
+        raise RunError(f"--policies expects 'all' or comma-separated policy names, got {spec!r}")
+    for name in names:
+        get_policy_class(name)  # unknown names: one line naming the registered ones
+    return names
+
+
+def untrained_run(dataset: str, data_dir: str | None, model: str, seed: int, ratio: float, device: Any) -> Run:
+    """A new, untrained run of `model` over `dataset` (patch size as pretrain chooses it, weights and
+    splits from `seed`, no augmentation) with random masking at `ratio`: the gallery's set-up."""
+    config = RunConfig(
+        data=DataConfig(dataset, data_dir, augment="none"), model=ModelConfig(name=model),
+        policy=PolicyConfig("random", mask_ratio=ratio), train=TrainSettings(seed=seed),
+    )  # fmt: skip
+    return new_run(config, load_data(config.data), device)
+
+
+def picture(
+    output: Path,
+    run_dir: str | Path | None = None,
+    *,
+    policies: str | None = None,
+    mask_ratio: float | None = None,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    model: str | None = None,
+    num_images: int = 8,
+    tile: int = 96,
+    seed: int = 0,
+    device: str = "auto",
+) -> Picture:
+    """Write a PNG of a run's masks (image, hidden patches, heat map, reconstruction) or a policy gallery.
+
+    With `policies` ('all' or 'a,b'): one column per policy on the same test images at one ratio,
+    on `run_dir`'s model and data if given, else on an untrained `model` (default micro) over
+    `dataset` (default digits).
+    """
+    from maskkit.visualize import mask_grid, policy_gallery
+
+    output = Path(output)
+    if num_images < 1 or tile < 8:
+        raise RunError("--num-images must be >= 1 and --tile >= 8")
+    if output.suffix.lower() != ".png":
+        raise RunError(f"output {output} must end in .png")
+    if run_dir is None and policies is None:
+        raise RunError("give RUN_DIR (a run's masks) or --policies all|NAME,... (a gallery of policies)")
+    if run_dir is not None and (dataset, data_dir, model) != (None, None, None):
+        raise RunError("--dataset, --data-dir and --model are for a gallery without RUN_DIR")
+    names = None if policies is None else policy_names(policies)
+    if mask_ratio is not None:
+        check_ratio(mask_ratio)
+    dev = resolve_device(device)
+    if run_dir is not None:
+        run = load_run(run_dir, dev)
+        ratio = run.record.train["mask_ratio"] if mask_ratio is None else mask_ratio
+    else:
+        ratio = DEFAULT_MASK_RATIO if mask_ratio is None else mask_ratio
+        run = untrained_run(dataset or "digits", data_dir, model or DEFAULT_MODEL, seed, ratio, dev)
+    mae, batcher, pool = run.mae, run.batcher, run.splits["test"]
+    check_ratio(ratio, mae.num_patches)
+    check_writable(output.parent if str(output.parent) else Path("."))
+    notes: dict[str, str] = {}
+    if names is None:
+        image = mask_grid(mae, run.policy, batcher, pool, ratio=ratio, num_images=num_images, tile=tile, seed=seed)
+    else:
+        image, notes = policy_gallery(mae, batcher, pool, names, ratio=ratio, num_images=num_images, tile=tile, seed=seed)
+    buffer = BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(output, buffer.getvalue())
+    return Picture(image, ratio, names or [], notes)
