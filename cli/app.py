@@ -212,7 +212,7 @@ def _distributed(device: str) -> Iterator[None]:
 def _train(prepared: Any, show_progress: bool) -> None:
     """Train with SIGTERM/SIGINT turned into a clean stop (checkpoint, one line, exit 143/130); print the summary."""
     from maskkit.run import CHECKPOINTS, train_run
-    from maskkit.training import StopSignals, TrainingStopped
+    from maskkit.train import StopSignals, TrainingStopped
 
     trainer, out = prepared.trainer, prepared.out
     state = {"t0": time.perf_counter(), "images": 0}

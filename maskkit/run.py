@@ -37,7 +37,7 @@ from maskkit.checkpoint import (
     load_latest,
     save_checkpoint,
 )
-from maskkit.compile import NO_COMPILE, check_backend
+from maskkit.compile import check_backend
 from maskkit.data import (
     DEFAULT_FRACTIONS,
     Batcher,
@@ -52,16 +52,25 @@ from maskkit.data import (
 )
 from maskkit.distributed import SINGLE, DistContext, barrier, broadcast_object
 from maskkit.plan import check_ratio
-from maskkit.registry import coerce_policy_options, create_policy, get_policy_class, policy_options
+from maskkit.registry import (
+    coerce_policy_options,
+    create_policy,
+    get_policy_class,
+    policy_card,
+    policy_options,
+)
 from maskkit.settings import flag, setting
-from maskkit.training import (
+from maskkit.train import (
     AMP_MODES,
+    DEFAULT_STEPS,
     MASK_NOISE,
     MetricsLog,
     MLOSettings,
     Pretrainer,
+    Resolved,
     StopSignals,
     TrainConfig,
+    TrainSettings,
     train,
 )
 
@@ -74,8 +83,6 @@ CHECKPOINTS = "checkpoints"
 
 #: version of config.json; 1 is the layout before `RunConfig` (read as is), 2 adds `format_version` and `config`.
 FORMAT_VERSION = 2
-#: training iterations when neither steps nor epochs are given
-DEFAULT_STEPS = 600
 #: the default model: small enough for a CPU-minutes run on 8x8 digits (patch 2 -> 16 patches).
 DEFAULT_MODEL = "micro"
 #: fewest patches an automatically chosen patch size may give.
@@ -143,43 +150,6 @@ class PolicyConfig:
     def ratio(self) -> float:
         """The mask ratio the run uses: --mask-ratio, else the policy's own default (else 0.75)."""
         return self.mask_ratio if self.mask_ratio is not None else default_ratio(self.name)
-
-
-@dataclass
-class TrainSettings:
-    """Length, optimiser, seed, device, logging and checkpoints of the MAE's pretraining."""
-
-    steps: int | None = setting(None, f"Training iterations (default {DEFAULT_STEPS}).")
-    epochs: float | None = setting(None, "Training length in epochs of the train split (instead of --steps).")
-    batch_size: int = setting(128, "Images per iteration.")
-    lr: float = setting(1.5e-3, "MAE learning rate (peak of warm-up + cosine).")
-    weight_decay: float = setting(0.05, "MAE weight decay (none on biases, norms, embeddings, tokens).")
-    warmup_steps: int | None = setting(None, "Linear warm-up iterations (default 5% of the steps).")
-    optimizer: str = setting(
-        "adamw", "MAE optimizer: adamw | adam | sgd | lamb | lars | ... (torch-optimizer); the learned "
-        "policy's hypergradient needs adamw, adam or sgd.",
-    )  # fmt: skip
-    seed: int = setting(0, "Seed of splits, initialisation, batches, masks.")
-    device: str = setting("auto", "auto | cpu | cuda | cuda:N.")
-    log_every: int = setting(10, "Write a metrics.jsonl line every this many steps.")
-    ckpt_every: int = setting(100, "Checkpoint every this many steps (and at the end).")
-    keep_checkpoints: int = setting(
-        2, "How many checkpoints to keep (the newest).", flags=("--keep-checkpoints", "--keep-last")
-    )
-    skip_nonfinite: bool = setting(
-        False, "Skip a batch with a non-finite loss or hypergradient (counted in metrics.jsonl) instead of stopping."
-    )
-    amp: str = setting(
-        "none", "bf16: autocast the MAE forward of the real pretrain steps to bfloat16 (hypergradients stay float32)."
-    )
-    compile: str = setting(
-        NO_COMPILE, "none | a torch.compile backend (inductor, aot_eager, ...): compile the MAE's encoder and decoder "
-        "blocks for the pretrain steps; the exact unroll always runs them eagerly.",
-    )  # fmt: skip
-    mask_noise: str = setting(
-        "rank", "rank: each process draws its own masks; sample: random-policy masks keyed by step and sample "
-        "(same for any process count).",
-    )  # fmt: skip
 
 
 #: RunConfig's sections, in the order of config.json and of `maskkit pretrain --help`
@@ -599,19 +569,15 @@ def create_run(
     policy = create_policy(pol.name, **policy_kwargs(pol.name, options, ratio, mae)).to(dev)
 
     steps = total_steps(t, len(splits["train"]))
-    train_cfg = TrainConfig(
-        steps=steps, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer,
-        warmup_steps=t.warmup_steps if t.warmup_steps is not None else steps // 20, mask_ratio=ratio,
-        seed=t.seed, log_every=t.log_every, ckpt_every=t.ckpt_every, keep_checkpoints=t.keep_checkpoints,
-        mlo=config.mlo, skip_nonfinite=t.skip_nonfinite, amp=t.amp, mask_noise=t.mask_noise,
-        compile=t.compile, world_size=dist.world_size,
-    )  # fmt: skip
+    warmup = t.warmup_steps if t.warmup_steps is not None else steps // 20
+    train_cfg = TrainConfig(t, config.mlo, Resolved(steps, warmup, ratio, dist.world_size))
     batcher = Batcher(data, section["mean"], section["std"], dev, section["augment"])
-    trainer = Pretrainer(mae, policy, batcher, splits, train_cfg, dev, dist)  # builds optimizers and engine: may fail
+    trainer = Pretrainer(mae, policy, batcher, splits, train_cfg, dev, dist,
+                         learns=policy_card(pol.name).learns)  # builds optimizers and engine: may fail
     record = RunRecord(
         dataset=section, model=model,
         policy={"name": pol.name, "options": options, "learnable": bool(getattr(policy, "learnable", False))},
-        train=asdict(train_cfg), device=str(dev),
+        train=train_cfg.to_dict(), device=str(dev),
         versions={"maskkit": __version__, "torch": torch.__version__},
         command=list(sys.argv if command is None else command), config=config.to_dict(),
         format_version=FORMAT_VERSION,
@@ -655,7 +621,8 @@ def resume_run(
             f"run {run_dir} was trained by {cfg.world_size} process(es); resume it with the same number "
             f"(torchrun --nproc_per_node {cfg.world_size}), not {dist.world_size}"
         )
-    trainer = Pretrainer(run.mae, run.policy, run.batcher, run.splits, cfg, dev, dist)
+    trainer = Pretrainer(run.mae, run.policy, run.batcher, run.splits, cfg, dev, dist,
+                         learns=policy_card(record.policy["name"]).learns)
     if state is not None:
         trainer.load_state_dict(state)
     barrier(dist)  # every rank has read the checkpoint before rank 0 changes the directory
@@ -678,7 +645,7 @@ def train_run(
 ) -> dict[str, Any]:
     """Train to the end, then write model.pt and summary.json (rank 0); returns the summary.
 
-    Raises `maskkit.training.TrainingStopped` after checkpointing when `stop` was signalled, and
+    Raises `maskkit.train.TrainingStopped` after checkpointing when `stop` was signalled, and
     `FloatingPointError` on a non-finite number (the last good checkpoint stays).
     """
     trainer, out = prepared.trainer, prepared.out
@@ -695,10 +662,7 @@ def train_run(
         "model": str(out / MODEL),
     }
     if trainer.dist.is_main:  # rank 0 writes the final weights and the summary
-        final = {"mae": trainer.mae.state_dict(), "policy": trainer.policy.state_dict(), "step": trainer.step_count}
-        if trainer.head is not None:
-            final["head"] = trainer.head.state_dict()
-        save_checkpoint(out / MODEL, final)
+        save_checkpoint(out / MODEL, trainer.weights())
         atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
 
