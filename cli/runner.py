@@ -87,7 +87,7 @@ def train_with_progress(prepared: Any, console: Console, err_console: Console, s
     SIGTERM/SIGINT become a clean stop: checkpoint, one line naming the resume command, exit 143/130.
     """
     from maskkit.run import CHECKPOINTS, train_run
-    from maskkit.training import StopSignals, TrainingStopped
+    from maskkit.train import StopSignals, TrainingStopped
 
     trainer, out = prepared.trainer, prepared.out
     state = {"t0": time.perf_counter(), "images": 0}

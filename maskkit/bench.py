@@ -6,18 +6,16 @@ interleaved runs in one process, same noise for every contender. Run `python -m 
 
 from __future__ import annotations
 
-import contextlib
-import os
 import statistics
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from maskkit.compile import NO_COMPILE, check_backend
+from maskkit.measure import peak_memory_mb, sync
 from maskkit.policies import AttentionPolicy, RandomPolicy
 from maskkit.registry import create_sized_policy, list_policies
 
@@ -47,52 +45,6 @@ def plain_random_masking(x: Tensor, mask_ratio: float, noise: Tensor) -> tuple[T
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters of `module` (only those with requires_grad if `trainable_only`)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence file descriptor 2 (the profiler backend logs start/stop lines there from C++)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
-    """Peak extra memory one call of `fn` allocates, in MiB.
-
-    CUDA: torch.cuda.max_memory_allocated above the memory in use before the call.
-    CPU: the running sum of torch.profiler's allocation and free events in time order
-    (an approximation: peaks inside a single op are not seen).
-    """
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        _sync(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for event in events:
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak / 2**20
 
 
 def sized_policies(
@@ -203,10 +155,10 @@ def bench_policy_overhead(
     with torch.no_grad():
         for round_ in range(warmup + repeats):
             for name, fn, _ in contenders:
-                _sync(dev)
+                sync(dev)
                 start = time.perf_counter()
                 fn()
-                _sync(dev)
+                sync(dev)
                 if round_ >= warmup:
                     times[name].append(time.perf_counter() - start)
         medians = {name: statistics.median(ts) for name, ts in times.items()}

@@ -2,9 +2,9 @@
 
 Contenders (timm MAE of preset "tiny": 32x32 images, patch 4, width 192, depth 4, decoder
 128x2; batch 64, labeled train and validation batches 64, masker every 2 iterations):
-  mae_step          plain MAE step (random masks, forward, backward, AdamW step): the baseline
-  hpm_step          plain MAE step masked by `hpm` (its scorer's forward, ranking loss and update)
-  mlo_darts         MLOEngine, darts along both paths (the reference's setting)
+  mae_step          the trainer's PlainStep (random masks, forward, backward, AdamW step): the baseline
+  hpm_step          PlainStep masked by `hpm` (its scorer's forward, ranking loss and update)
+  mlo_darts         MLOStep (one MLOEngine step), darts along both paths (the reference's setting)
   mlo_darts_direct  darts, masker -> pretrain -> validation path only
   mlo_unroll_k1/k2  exact hypergradient through 1 / 2 unrolled pretrain steps
   (--extra) mlo_darts_fwdfd, mlo_darts_direct_fwdfd: darts with darts_fd="forward"
@@ -39,7 +39,6 @@ Memory, two honest measures (tracemalloc does not see torch's allocations):
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -50,10 +49,13 @@ import torch
 from torch import nn
 
 from maskkit.compile import NO_COMPILE, compile_blocks
-from maskkit.mae import mae_step_loss
+from maskkit.measure import peak_memory_mb, peak_rss_mb, sync
 from maskkit.mlo import MLOConfig, MLOEngine, default_optimizers
 from maskkit.optim import param_groups
-from maskkit.registry import create_policy, create_sized_policy
+from maskkit.registry import create_policy, create_sized_policy, policy_card
+from maskkit.train.mlo_step import MLOStep
+from maskkit.train.plain import PlainStep
+from maskkit.train.step import TrainStep
 
 #: contender name -> MLO config (None: the plain MAE step).
 CONTENDERS: dict[str, MLOConfig | None] = {
@@ -98,43 +100,41 @@ def make_contender(name: str, preset: str = "tiny", device: str = "cpu", batch: 
 
     images = [data(batch) for _ in range(CYCLE)]
     config = CONTENDERS[name]
-    if config is None:  # a plain step; a policy with its own objective trains in the same optimizer
-        policy = create_sized_policy(PLAIN_POLICIES[name], embed_dim=mae.embed_dim, num_patches=mae.num_patches,
+    step: TrainStep
+    context: dict[str, Any] = {}
+    if config is None:  # the trainer's plain step; a policy that learns from reconstruction trains beside the MAE
+        policy_name = PLAIN_POLICIES[name]
+        policy = create_sized_policy(policy_name, embed_dim=mae.embed_dim, num_patches=mae.num_patches,
                                      ratio=0.75).to(dev)
         opt = torch.optim.AdamW(param_groups(nn.ModuleDict({"mae": mae, "policy": policy}), 1e-3), lr=1e-4,
                                 betas=(0.9, 0.95))
-        mask_gen = torch.Generator(device=dev).manual_seed(seed)
-
-        def cycle() -> None:
-            for x in images:
-                out = mae_step_loss(mae, policy, x, generator=mask_gen)  # hpm at its full guided fraction
-                opt.zero_grad(set_to_none=True)
-                out.total_loss.backward()
-                opt.step()
-
-        return cycle
-
-    masker = create_policy("learned", embed_dim=mae.embed_dim, num_patches=mae.num_patches).to(dev)
-    head = nn.Linear(mae.embed_dim, num_classes).to(dev)
-    val_batch = max(1, round(val_batch * LABELED_FRACTION.get(name, 1.0)))
-    train = (data(val_batch), torch.randint(0, num_classes, (val_batch,), generator=gen).to(dev))
-    val = (data(val_batch), torch.randint(0, num_classes, (val_batch,), generator=gen).to(dev))
-    engine = MLOEngine(mae, masker, head, **default_optimizers(mae, head, masker), config=config,
-                       train_batches=lambda: train, val_batches=lambda: val)
-    if config.masker_every != CYCLE:
-        raise ValueError("the benchmark assumes masker_every == CYCLE")
+        step = PlainStep(mae, policy, opt, trains_aux=policy_card(policy_name).learns == "reconstruction")
+        context["generator"] = torch.Generator(device=dev).manual_seed(seed)  # no progress: hpm at its full fraction
+    else:
+        masker = create_policy("learned", embed_dim=mae.embed_dim, num_patches=mae.num_patches).to(dev)
+        head = nn.Linear(mae.embed_dim, num_classes).to(dev)
+        val_batch = max(1, round(val_batch * LABELED_FRACTION.get(name, 1.0)))
+        train = (data(val_batch), torch.randint(0, num_classes, (val_batch,), generator=gen).to(dev))
+        val = (data(val_batch), torch.randint(0, num_classes, (val_batch,), generator=gen).to(dev))
+        engine = MLOEngine(mae, masker, head, **default_optimizers(mae, head, masker), config=config,
+                           train_batches=lambda: train, val_batches=lambda: val)
+        if config.masker_every != CYCLE:
+            raise ValueError("the benchmark assumes masker_every == CYCLE")
+        step = MLOStep(engine)
 
     def cycle() -> None:
         for x in images:
-            engine.step(x)
+            step.run(x, context, agree=_never, undoable=False)
+            step.commit()
 
-    cycle.engine = engine  # type: ignore[attr-defined]  # for inspection (tests)
+    cycle.step = step  # type: ignore[attr-defined]  # for inspection (tests)
+    cycle.engine = getattr(step, "engine", None)  # type: ignore[attr-defined]
     return cycle
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _never(bad: Any) -> bool:
+    """A benchmark does not guard: every iteration's update is applied."""
+    return False
 
 
 def rss_peak_mb(name: str, preset: str = "tiny", batch: int = 64, warmup: int = 2) -> float:
@@ -150,19 +150,7 @@ def _rss_child(name: str, preset: str, batch: int, warmup: int) -> None:
     cycle = make_contender(name, preset=preset, batch=batch, val_batch=batch)
     for _ in range(warmup + 2):
         cycle()
-    print(json.dumps({"name": name, "rss_mb": _peak_rss_mb()}))
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS in MiB: VmHWM (ru_maxrss on Linux carries the parent's peak across fork/exec)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux (bytes on macOS)
+    print(json.dumps({"name": name, "rss_mb": peak_rss_mb()}))
 
 
 def bench_mlo(preset: str = "tiny", device: str = "cpu", batch: int = 64, repeats: int = 7, warmup: int = 2,
@@ -172,8 +160,6 @@ def bench_mlo(preset: str = "tiny", device: str = "cpu", batch: int = 64, repeat
     Rows: {"name", "seconds", "peak_mem_mb", "rss_mb" (None unless CPU and rss), "baseline",
     "ratio" (seconds / baseline's), "mem_ratio", "rss_ratio"}; the baseline is "mae_step".
     """
-    from maskkit.bench import peak_memory_mb
-
     names = list(DEFAULT_NAMES) if names is None else list(names)
     if BASELINE not in names:
         names.insert(0, BASELINE)
@@ -183,10 +169,10 @@ def bench_mlo(preset: str = "tiny", device: str = "cpu", batch: int = 64, repeat
     times: dict[str, list[float]] = {n: [] for n in names}
     for round_ in range(warmup + repeats):
         for n in names:  # interleaved: each round runs every contender once
-            _sync(dev)
+            sync(dev)
             start = time.perf_counter()
             cycles[n]()
-            _sync(dev)
+            sync(dev)
             if round_ >= warmup:
                 times[n].append((time.perf_counter() - start) / CYCLE)
     rows = []

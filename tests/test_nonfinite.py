@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from maskkit.checkpoint import list_checkpoints, load_checkpoint
 from maskkit.cli.app import app
-from maskkit.training import INJECT_NAN_ENV, parse_inject_nan
+from maskkit.train import INJECT_NAN_ENV, parse_inject_nan
 
 runner = CliRunner()
 RANDOM = ["--policy", "random"]

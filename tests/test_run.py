@@ -29,7 +29,7 @@ from maskkit.run import (
     resume_run,
     train_run,
 )
-from maskkit.training import MLOSettings
+from maskkit.train import MLOSettings
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 runner = CliRunner()
@@ -175,7 +175,7 @@ def test_library_run_equals_the_cli_run_bit_for_bit(tmp_path):
 
 
 def test_a_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
-    from maskkit.training import StopSignals, TrainingStopped
+    from maskkit.train import StopSignals, TrainingStopped
 
     train_run(create_run(small("random", steps=8), tmp_path / "whole"))
     stop = StopSignals()

@@ -35,8 +35,8 @@ from maskkit.data import (
 )
 from maskkit.distributed import SINGLE, DistContext
 from maskkit.plan import check_ratio
-from maskkit.registry import create_policy, policy_options
-from maskkit.training import Pretrainer, TrainConfig
+from maskkit.registry import create_policy, policy_card, policy_options
+from maskkit.train import Pretrainer, Resolved, TrainConfig
 
 from .config import FORMAT_VERSION, DataConfig, ModelConfig, RunConfig, RunError
 from .record import RunRecord
@@ -193,14 +193,8 @@ def train_section(config: RunConfig, train_split: int, world_size: int) -> dict[
     """The record's `train` section: every training setting resolved (steps, warm-up, mask ratio, processes)."""
     t = config.train
     steps = t.total_steps(train_split)
-    train_cfg = TrainConfig(
-        steps=steps, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer,
-        warmup_steps=t.warmup_steps if t.warmup_steps is not None else steps // 20, mask_ratio=config.policy.ratio(),
-        seed=t.seed, log_every=t.log_every, ckpt_every=t.ckpt_every, keep_checkpoints=t.keep_checkpoints,
-        mlo=config.mlo, skip_nonfinite=t.skip_nonfinite, amp=t.amp, mask_noise=t.mask_noise,
-        compile=t.compile, world_size=world_size,
-    )  # fmt: skip
-    return asdict(train_cfg)
+    warmup = t.warmup_steps if t.warmup_steps is not None else steps // 20
+    return TrainConfig(t, config.mlo, Resolved(steps, warmup, config.policy.ratio(), world_size)).to_dict()
 
 
 def check_data_fits(config: RunConfig, data: ImageData) -> None:
@@ -286,4 +280,5 @@ def build_trainer(run: Run, dist: DistContext = SINGLE, *, steps: int | None = N
     cfg = TrainConfig.from_dict(run.record.train)
     if steps is not None:
         cfg.steps = steps
-    return Pretrainer(run.mae, run.policy, run.batcher, run.splits, cfg, run.device, dist)
+    learns = policy_card(run.record.policy["name"]).learns
+    return Pretrainer(run.mae, run.policy, run.batcher, run.splits, cfg, run.device, dist, learns=learns)

@@ -14,14 +14,13 @@ from typing import Any
 
 from maskkit.compile import NO_COMPILE, check_backend
 from maskkit.plan import check_ratio
-from maskkit.registry import coerce_policy_options, get_policy_class, policy_options
+from maskkit.registry import coerce_policy_options, get_policy_class, policy_card, policy_options
 from maskkit.settings import flag, setting
-from maskkit.training import AMP_MODES, MASK_NOISE, MLOSettings
+from maskkit.train.config import DEFAULT_STEPS, MLOSettings, TrainSettings
 
 #: version of config.json; 1 is the layout before `RunConfig` (read as is), 2 adds `format_version` and `config`.
 FORMAT_VERSION = 2
 #: training iterations when neither steps nor epochs are given
-DEFAULT_STEPS = 600
 #: the default model: small enough for a CPU-minutes run on 8x8 digits (patch 2 -> 16 patches).
 DEFAULT_MODEL = "micro"
 #: the mask ratio of a policy without a default of its own (MAE's)
@@ -112,72 +111,11 @@ class PolicyConfig:
 
     def learnable(self) -> bool:
         """Whether the policy is trained from labels (a `learnable` one, via the MLO engine)."""
-        return bool(getattr(get_policy_class(self.name), "learnable", False))
+        return policy_card(self.name).learns == "labels"
 
     def check(self) -> None:
         if self.mask_ratio is not None:
             _one_line(check_ratio, self.mask_ratio)
-
-
-@dataclass
-class TrainSettings:
-    """Length, optimiser, seed, device, logging and checkpoints of the MAE's pretraining."""
-
-    steps: int | None = setting(None, f"Training iterations (default {DEFAULT_STEPS}).")
-    epochs: float | None = setting(None, "Training length in epochs of the train split (instead of --steps).")
-    batch_size: int = setting(128, "Images per iteration.")
-    lr: float = setting(1.5e-3, "MAE learning rate (peak of warm-up + cosine).")
-    weight_decay: float = setting(0.05, "MAE weight decay (none on biases, norms, embeddings, tokens).")
-    warmup_steps: int | None = setting(None, "Linear warm-up iterations (default 5% of the steps).")
-    optimizer: str = setting(
-        "adamw", "MAE optimizer: adamw | adam | sgd | lamb | lars | ... (torch-optimizer); the learned "
-        "policy's hypergradient needs adamw, adam or sgd.",
-    )  # fmt: skip
-    seed: int = setting(0, "Seed of splits, initialisation, batches, masks.")
-    device: str = setting("auto", "auto | cpu | cuda | cuda:N.")
-    log_every: int = setting(10, "Write a metrics.jsonl line every this many steps.")
-    ckpt_every: int = setting(100, "Checkpoint every this many steps (and at the end).")
-    keep_checkpoints: int = setting(
-        2, "How many checkpoints to keep (the newest).", flags=("--keep-checkpoints", "--keep-last")
-    )
-    skip_nonfinite: bool = setting(
-        False, "Skip a batch with a non-finite loss or hypergradient (counted in metrics.jsonl) instead of stopping."
-    )
-    amp: str = setting(
-        "none", "bf16: autocast the MAE forward of the real pretrain steps to bfloat16 (hypergradients stay float32)."
-    )
-    compile: str = setting(
-        NO_COMPILE, "none | a torch.compile backend (inductor, aot_eager, ...): compile the MAE's encoder and decoder "
-        "blocks for the pretrain steps; the exact unroll always runs them eagerly.",
-    )  # fmt: skip
-    mask_noise: str = setting(
-        "rank", "rank: each process draws its own masks; sample: random-policy masks keyed by step and sample "
-        "(same for any process count).",
-    )  # fmt: skip
-
-    def check(self) -> None:
-        if self.steps is not None and self.epochs is not None:
-            raise RunError("give --steps or --epochs, not both")
-        if self.steps is not None and self.steps < 1:
-            raise RunError(f"--steps must be a positive integer, got {self.steps}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise RunError(f"--epochs must be positive, got {self.epochs}")
-        for name in ("batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise RunError(f"{flag(name)} must be a positive integer, got {getattr(self, name)}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise RunError(f"--warmup-steps must be a non-negative integer, got {self.warmup_steps}")
-        for name, allowed in (("amp", AMP_MODES), ("mask_noise", MASK_NOISE)):
-            if getattr(self, name) not in allowed:
-                raise RunError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        _one_line(check_backend, self.compile)
-
-    def total_steps(self, train_split: int) -> int:
-        """Steps from --steps, or --epochs of the train split, or the default."""
-        if self.epochs is not None:
-            per_epoch = max(train_split // min(self.batch_size, train_split), 1)
-            return max(round(self.epochs * per_epoch), 1)
-        return DEFAULT_STEPS if self.steps is None else self.steps
 
 
 #: RunConfig's sections, in the order of config.json and of `maskkit pretrain --help`
@@ -244,7 +182,7 @@ class RunConfig:
         if not self.policy.learnable() and self.mlo.changed():
             flags = ", ".join(flag(n) for n in self.mlo.changed())
             raise RunError(f"{flags} only apply to a learnable policy (e.g. --policy learned), not {self.policy.name!r}")
-        self.train.check()
+        _one_line(self.train.check)
         self.data.check()
         self.model.check()
         self.policy.typed_options()

@@ -22,7 +22,7 @@ import torch
 
 from maskkit.checkpoint import CheckpointError, list_checkpoints, load_latest, save_checkpoint
 from maskkit.distributed import SINGLE, DistContext, barrier, broadcast_object
-from maskkit.training import MetricsLog, Pretrainer, StopSignals, train
+from maskkit.train import MetricsLog, Pretrainer, StopSignals, train
 
 from .builder import build_run, build_trainer, load_data, model_kind, new_run, resolve_device
 from .config import RunConfig, RunError
@@ -140,7 +140,7 @@ def train_run(
 ) -> dict[str, Any]:
     """Train to the end, then write model.pt and summary.json (rank 0); returns the summary.
 
-    Raises `maskkit.training.TrainingStopped` after checkpointing when `stop` was signalled, and
+    Raises `maskkit.train.TrainingStopped` after checkpointing when `stop` was signalled, and
     `FloatingPointError` on a non-finite number (the last good checkpoint stays).
     """
     trainer, out = prepared.trainer, prepared.out
@@ -157,9 +157,6 @@ def train_run(
         "model": str(out / MODEL),
     }
     if trainer.dist.is_main:  # rank 0 writes the final weights and the summary
-        final = {"mae": trainer.mae.state_dict(), "policy": trainer.policy.state_dict(), "step": trainer.step_count}
-        if trainer.head is not None:
-            final["head"] = trainer.head.state_dict()
-        save_checkpoint(out / MODEL, final)
+        save_checkpoint(out / MODEL, trainer.weights())
         write_json(out / SUMMARY, summary)
     return summary

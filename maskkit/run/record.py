@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from maskkit.checkpoint import atomic_write_text
-from maskkit.training import TrainConfig
+from maskkit.train import TrainConfig
 
 from .config import FORMAT_VERSION, RunError
 

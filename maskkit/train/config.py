@@ -1,0 +1,233 @@
+"""The `train` and `mlo` sections of a run, each option declared once (a `setting` field) and checked once.
+
+`TrainSettings` (length, optimiser, precision, logging of the MAE's pretraining) and `MLOSettings` (the
+learned masker's multi-level optimisation) are `RunConfig`'s sections; `maskkit pretrain` makes one
+option of each field. What the run works out from them and from its data (the steps from --epochs,
+the warm-up default, the policy's mask ratio, the process count) is `Resolved`. `TrainConfig` is what
+the trainer and the steps receive: the two sections as they are plus `Resolved`; its flat `to_dict()`
+is the layout of config.json's `train` section and of a checkpoint's `config` (unchanged since format 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from maskkit.compile import NO_COMPILE, check_backend
+from maskkit.hypergrad import DARTS_FDS, DARTS_PATHS, HYPERGRADS
+from maskkit.mlo import LEVEL2S
+from maskkit.settings import flag, setting
+
+#: training iterations when neither steps nor epochs are given
+DEFAULT_STEPS = 600
+AMP_MODES = ("none", "bf16")
+MASK_NOISE = ("rank", "sample")
+
+
+@dataclass
+class TrainSettings:
+    """Length, optimiser, seed, device, logging and checkpoints of the MAE's pretraining."""
+
+    steps: int | None = setting(None, f"Training iterations (default {DEFAULT_STEPS}).")
+    epochs: float | None = setting(None, "Training length in epochs of the train split (instead of --steps).")
+    batch_size: int = setting(128, "Images per iteration.")
+    lr: float = setting(1.5e-3, "MAE learning rate (peak of warm-up + cosine).")
+    weight_decay: float = setting(0.05, "MAE weight decay (none on biases, norms, embeddings, tokens).")
+    warmup_steps: int | None = setting(None, "Linear warm-up iterations (default 5% of the steps).")
+    optimizer: str = setting(
+        "adamw", "MAE optimizer: adamw | adam | sgd | lamb | lars | ... (torch-optimizer); the learned "
+        "policy's hypergradient needs adamw, adam or sgd.",
+    )  # fmt: skip
+    seed: int = setting(0, "Seed of splits, initialisation, batches, masks.")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N.")
+    log_every: int = setting(10, "Write a metrics.jsonl line every this many steps.")
+    ckpt_every: int = setting(100, "Checkpoint every this many steps (and at the end).")
+    keep_checkpoints: int = setting(
+        2, "How many checkpoints to keep (the newest).", flags=("--keep-checkpoints", "--keep-last")
+    )
+    skip_nonfinite: bool = setting(
+        False, "Skip a batch with a non-finite loss or hypergradient (counted in metrics.jsonl) instead of stopping."
+    )
+    amp: str = setting(
+        "none", "bf16: autocast the MAE forward of the real pretrain steps to bfloat16 (hypergradients stay float32)."
+    )
+    compile: str = setting(
+        NO_COMPILE, "none | a torch.compile backend (inductor, aot_eager, ...): compile the MAE's encoder and decoder "
+        "blocks for the pretrain steps; the exact unroll always runs them eagerly.",
+    )  # fmt: skip
+    mask_noise: str = setting(
+        "rank", "rank: each process draws its own masks; sample: random-policy masks keyed by step and sample "
+        "(same for any process count).",
+    )  # fmt: skip
+
+    def check(self) -> None:
+        """One-line ValueError for a setting out of range or not among its choices (needs no data or model)."""
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give --steps or --epochs, not both")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"--steps must be a positive integer, got {self.steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"--epochs must be positive, got {self.epochs}")
+        for name in ("batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag(name)} must be a positive integer, got {getattr(self, name)}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be a non-negative integer, got {self.warmup_steps}")
+        for name, allowed in (("amp", AMP_MODES), ("mask_noise", MASK_NOISE)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        check_backend(self.compile)
+
+    def total_steps(self, train_split: int) -> int:
+        """Steps from --steps, or --epochs of the train split, or the default."""
+        if self.epochs is not None:
+            per_epoch = max(train_split // min(self.batch_size, train_split), 1)
+            return max(round(self.epochs * per_epoch), 1)
+        return DEFAULT_STEPS if self.steps is None else self.steps
+
+
+@dataclass
+class MLOSettings:
+    """The learned masker's multi-level optimisation, as a run sets it (`MLOConfig` adds the engine's internals).
+
+    Declared once: `maskkit pretrain` makes one option of each field (`--masker-lr` ...), and a
+    policy that is not `learnable` refuses any value other than these defaults.
+    """
+
+    hypergrad: str = setting(
+        "darts", "Hypergradient: darts (finite differences) | unroll (exact, through --unroll-steps MAE steps)."
+    )
+    masker_every: int = setting(2, "Head and masker step after every this many MAE steps.")
+    unroll_steps: int = setting(1, "MAE steps unrolled by --hypergrad unroll.")
+    head_optimizer: str = setting("adamw", "Optimizer of the classification head (level 2).")
+    head_lr: float = setting(1e-2, "Learning rate of the classification head (level 2).")
+    masker_optimizer: str = setting("adamw", "Optimizer of the learned masker.")
+    masker_lr: float = setting(1e-3, "Learning rate of the learned masker.")
+    level2: str = setting(
+        "head", "Level 2: head (a trained linear head, the paper) | ridge (a ridge probe refit on every "
+        "labeled batch; needs darts)."
+    )
+    masker_start: int = setting(
+        0, "Masker warm-up: MAE steps before the masker's first update (the head trains meanwhile)."
+    )
+    freeze_masker: bool = setting(False, "Control run: keep the learned masker at its initialisation (no MLO).")
+    masker_reg: float = setting(
+        0.0, "Anti-collapse: weight of KL(masker probabilities || mask ratio) in the masker's objective (0: off)."
+    )
+    darts_paths: str = setting(
+        "both", "darts: both (the reference: through the pretrain and the head steps) | direct (the pretrain "
+        "step only; cheaper, no backward over the labeled batch).",
+    )  # fmt: skip
+    darts_fd: str = setting(
+        "central", "darts finite difference: central (two MAE forwards, error O(r^2)) | forward (one, error O(r)).",
+    )  # fmt: skip
+    labeled_batch_size: int | None = setting(
+        None, "Labeled and validation images per masker step (default --batch-size); fewer is cheaper, noisier.",
+    )  # fmt: skip
+
+    def check(self) -> None:
+        """One-line ValueError for a setting out of range (the engine checks the rest)."""
+        for name, allowed in (("hypergrad", HYPERGRADS), ("level2", LEVEL2S), ("darts_paths", DARTS_PATHS),
+                              ("darts_fd", DARTS_FDS)):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("masker_every", "unroll_steps", "labeled_batch_size"):  # labeled_batch_size None: --batch-size
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{flag(name)} must be a positive integer, got {value}")
+        if self.masker_start < 0:
+            raise ValueError(f"--masker-start must be a non-negative integer, got {self.masker_start}")
+        if not self.masker_reg >= 0:
+            raise ValueError(f"--masker-reg must be a non-negative number, got {self.masker_reg}")
+        if self.level2 == "ridge" and self.hypergrad != "darts":
+            raise ValueError("--level2 ridge needs --hypergrad darts")
+        changed = self.changed()
+        darts_only = [flag(n) for n in ("darts_paths", "darts_fd") if n in changed]
+        if darts_only and self.hypergrad != "darts":
+            raise ValueError(f"{', '.join(darts_only)}: only for --hypergrad darts, got --hypergrad {self.hypergrad}")
+        if "darts_paths" in changed and self.level2 == "ridge":
+            raise ValueError("--darts-paths applies to --level2 head (the ridge probe has no head step to skip)")
+
+    def changed(self) -> list[str]:
+        """The fields set to something other than their default."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != f.default]
+
+
+@dataclass
+class Resolved:
+    """What a run resolved from its sections, data and processes: not options, so in no section."""
+
+    steps: int = 1000  # from --steps, --epochs or the default
+    warmup_steps: int = 0  # --warmup-steps, default 5% of the steps
+    mask_ratio: float = 0.75  # --mask-ratio, default the policy's own
+    world_size: int = 1  # processes (torchrun); the batch size is per process
+
+
+#: the record's flat layout (config.json `train`, a checkpoint's `config`), in its order; "mlo" is the section
+RECORD_KEYS = (
+    "steps", "batch_size", "lr", "weight_decay", "optimizer", "warmup_steps", "mask_ratio", "seed", "log_every",
+    "ckpt_every", "keep_checkpoints", "mlo", "skip_nonfinite", "amp", "mask_noise", "compile", "world_size",
+)  # fmt: skip
+RESOLVED_KEYS = tuple(f.name for f in fields(Resolved))
+
+
+class TrainConfig:
+    """The training of one run: its `train` and `mlo` sections as they are, and what it resolved.
+
+    `TrainConfig(train, mlo, resolved)`, or flat keywords in the record's layout
+    (`TrainConfig(steps=50, batch_size=16)`): the resolved keys go to `Resolved`, the rest to the sections.
+    """
+
+    def __init__(
+        self,
+        train: TrainSettings | None = None,
+        mlo: MLOSettings | None = None,
+        resolved: Resolved | None = None,
+        **flat: Any,
+    ) -> None:
+        unknown = sorted(set(flat) - set(RECORD_KEYS))
+        if unknown:
+            raise ValueError(f"unknown training setting(s): {', '.join(unknown)}")
+        if flat and (train is not None or resolved is not None):
+            raise ValueError("give TrainConfig sections or flat settings, not both")
+        self.resolved = resolved or Resolved(**{k: flat[k] for k in RESOLVED_KEYS if k in flat})
+        if train is None:  # the request that resolves to the same numbers
+            own = {k: v for k, v in flat.items() if k not in RESOLVED_KEYS}
+            train = TrainSettings(steps=self.resolved.steps, warmup_steps=self.resolved.warmup_steps, **own)
+        self.train = train
+        self.mlo = mlo if mlo is not None else MLOSettings()
+
+    @property
+    def steps(self) -> int:
+        """The run's length (resolved); setting it extends the run."""
+        return self.resolved.steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self.resolved.steps = int(value)
+
+    @property
+    def seed(self) -> int:
+        return self.train.seed
+
+    @property
+    def world_size(self) -> int:
+        return self.resolved.world_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat record (config.json `train`, a checkpoint's `config`)."""
+        values = {**asdict(self.train), **asdict(self.resolved), "mlo": asdict(self.mlo)}
+        return {key: values[key] for key in RECORD_KEYS}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        """From `to_dict()`; also the flat layout of runs written before `mlo` was its own section."""
+        raw = dict(raw)
+        mlo = dict(raw.pop("mlo", {}) or {})
+        names = {f.name for f in fields(MLOSettings)}
+        for name in names & set(raw):
+            mlo[name] = raw.pop(name)
+        unknown = sorted(set(raw) - set(RECORD_KEYS)) + sorted(set(mlo) - names)
+        if unknown:
+            raise ValueError(f"unknown training setting(s): {', '.join(unknown)}")
+        return cls(**raw, mlo=MLOSettings(**mlo))
