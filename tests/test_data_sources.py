@@ -189,3 +189,52 @@ def test_loader_restored_mid_epoch_yields_the_same_batches(case, prefetch):
         assert np.array_equal(got.index, want.index) and torch.equal(got.images, want.images)
         assert (got.labels is None and want.labels is None) or torch.equal(got.labels, want.labels)
     original.close()
+
+
+def test_a_source_read_one_at_a_time_is_resized_on_read(tmp_path):
+    from maskkit.data import Source, register_dataset, resize
+
+    class Ramp(Source):
+        """Horizontal ramps, read one at a time (not an ImageData)."""
+
+        name, labels = "ramp", None
+
+        def __init__(self, *, arg=None, **_):
+            self.n = 5
+
+        def __len__(self):
+            return self.n
+
+        def read(self, i):
+            return (torch.arange(12.0) / 11.0 * (i + 1) / 5).expand(2, 6, 12).clone()  # [C, H, W]
+
+    register_dataset("ramp-test")(Ramp)
+    try:
+        src = load_dataset("ramp-test", img_size=4)
+        assert src.image_size == (4, 4) and src.in_chans == 2 and len(src) == 5
+        for i in range(5):
+            assert torch.equal(src.read(i), resize(Ramp().read(i)[None], 4)[0])
+            assert torch.equal(src.read(i), src.floats(np.array([4, i]))[1])
+    finally:
+        DATASETS.unregister("ramp-test")
+
+
+def test_spec_grammar_follows_what_a_source_declares():
+    from maskkit.data import DataError, parse_dataset, parse_spec, register_dataset
+
+    register_dataset("value-test", arg="value")(lambda **_: None)
+    try:
+        assert parse_spec("value-test:a:b") == ("value-test", "a:b") and parse_spec("npz:x.npz") == ("npz", "x.npz")
+        assert parse_dataset("value-test:a") == ("value-test", None)  # nothing to record as an absolute path
+        assert parse_dataset("npz:x.npz") == ("npz", "x.npz") and parse_dataset("digits") == ("digits", None)
+        with pytest.raises(DataError, match="dataset 'value-test:' needs an argument after 'value-test:'"):
+            parse_spec("value-test:")
+        with pytest.raises(DataError, match="dataset 'imagefolder:' needs a path after 'imagefolder:'"):
+            parse_spec("imagefolder:")
+        for bad in ("value-test", "digits:8", "nope", "nope:x"):
+            with pytest.raises(DataError, match=f"unknown dataset '{bad}'; use one of .*value-test:ARG"):
+                parse_spec(bad)
+        with pytest.raises(ValueError, match="arg must be one of"):
+            register_dataset("bad-test", arg="file")
+    finally:
+        DATASETS.unregister("value-test")
