@@ -126,3 +126,21 @@ def test_loader_shards_are_parts_of_the_single_process_batch(world):
     assert ranks[1].state_dict() == single.state_dict()  # the stream's state: a global batch position
     with pytest.raises(ValueError, match="too small for 3 processes"):
         Loader(batcher, np.arange(2), 4, seed=0, world_size=3)
+
+
+def test_loader_without_augmentation_is_todays_stream_shard_and_batcher():
+    from maskkit.data import BatchStream, load_dataset, make_splits, shard
+
+    data = load_dataset("digits")
+    train = make_splits(data, seed=0)["train"]
+    batcher = Batcher(data, [0.3], [0.4], torch.device("cpu"))
+    stream = BatchStream(train, 16 * 2, seed=0)  # what the trainer's _stream / _shard / images do on rank 1 of 2
+    loader = Loader(batcher, train, 16, seed=0, rank=1, world_size=2)
+    for _ in range(5):
+        index = shard(stream.next(), 1, 2)
+        got = loader.next()
+        assert np.array_equal(got.index, index) and torch.equal(got.images, batcher.images(index))
+        assert torch.equal(got.labels, batcher.labels(index))
+    flipping = Batcher(data, [0.3], [0.4], torch.device("cpu"), "crop-flip")
+    plain = Loader(flipping, train, 16, seed=0, augment=False).next()
+    assert torch.equal(plain.images, batcher.images(plain.index))

@@ -134,12 +134,13 @@ class Loader:
         augment_seed: first element of every augmentation key (default `seed`). The sample at global
             position p of batch n (n counted from the start, kept by the state) is augmented by
             `crop_flip` with key (augment_seed, n, p): the same images on any number of ranks.
+        augment: False never augments (labeled and validation batches); True augments as `batcher.augment` says.
         prefetch: prepare the next batch on a background thread while the caller uses this one.
     """
 
     def __init__(
         self, batcher: Batcher, indices: np.ndarray, batch_size: int, seed: int, *, rank: int = 0,
-        world_size: int = 1, augment_seed: int | None = None, prefetch: bool = False,
+        world_size: int = 1, augment_seed: int | None = None, augment: bool = True, prefetch: bool = False,
     ) -> None:
         self.batcher = batcher
         self.rank, self.world_size = int(rank), int(world_size)
@@ -147,6 +148,7 @@ class Loader:
         if self.stream.batch_size < self.world_size:
             raise ValueError(f"a split of {len(indices)} images is too small for {self.world_size} processes")
         self.augment_seed = int(seed if augment_seed is None else augment_seed)
+        self.augment = bool(augment)
         self.prefetch = bool(prefetch)
         self._pool: ThreadPoolExecutor | None = None
         self._ahead: tuple[dict[str, int], Future[Batch]] | None = None  # (state before it, the batch)
@@ -164,7 +166,7 @@ class Loader:
         index = shard(global_index, self.rank, self.world_size)
         first = self.rank * len(index)
         keys = [(self.augment_seed, number, first + i) for i in range(len(index))]
-        images = self.batcher.images(index, keys=keys)
+        images = self.batcher.images(index, keys=keys if self.augment else None)
         labels = None if self.batcher.data.labels is None else self.batcher.labels(index)
         return Batch(index, images, labels)
 
