@@ -41,8 +41,8 @@ from torch.utils.data import DataLoader, Subset
 
 from maskkit import create_policy  # maskkit
 from maskkit.adapters.official_mae import timm_compat, wrap  # maskkit
+from maskkit.data.splits import stratified_split  # maskkit
 from maskkit.mlo import MLOConfig, MLOEngine, default_optimizers  # maskkit
-from maskkit.splits import stratified_split  # maskkit
 
 
 def get_args_parser() -> argparse.ArgumentParser:

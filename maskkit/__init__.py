@@ -11,6 +11,7 @@ Public API (see the README for a tour):
 - the MAE protocol: `MAEProtocol`, `patch_loss`, `masked_loss`, `mae_forward`, `mae_step_loss`, `MAEOutput`
 """
 
+from maskkit.data.splits import stratified_split
 from maskkit.mae import MAEOutput, MAEProtocol, is_mae, mae_forward, mae_step_loss, masked_loss, patch_loss
 from maskkit.mlo import MLOConfig, MLOEngine, default_optimizers
 from maskkit.plan import MaskPlan, check_ratio, gather_tokens, num_visible
@@ -31,7 +32,6 @@ from maskkit.registry import (
     policy_options,
     register_policy,
 )
-from maskkit.splits import stratified_split
 from maskkit.unroll import UnrollError, math_attention, unroll
 
 __version__ = "0.1.0"

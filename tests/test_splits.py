@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from maskkit.splits import stratified_split
+from maskkit.data.splits import stratified_split
 
 
 def _labels(seed=0):

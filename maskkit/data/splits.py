@@ -1,4 +1,5 @@
-"""Seeded, label-stratified splits of a labeled set into disjoint named subsets (MLO-MAE's 80/20).
+"""Seeded, label-stratified splits: `stratified_split` of any labels into disjoint named subsets (MLO-MAE's
+80/20), and `make_splits` of a data source into maskkit's `train` / `val` / `test`.
 
     parts = stratified_split(labels, {"train": 0.8, "val": 0.2}, seed=0)
     parts["train"], parts["val"]  # int64 index arrays, disjoint, together covering every sample
@@ -14,6 +15,25 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from maskkit.data.source import DataError, DataSource
+
+#: default split fractions: pretraining/labeled train, masker validation, test.
+DEFAULT_FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
+
+
+def make_splits(data: DataSource, seed: int, fractions: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """Disjoint `train`, `val`, `test` index arrays, stratified by label when there are labels."""
+    given = DEFAULT_FRACTIONS if fractions is None else fractions
+    if set(given) != set(DEFAULT_FRACTIONS):
+        raise ValueError(f"split fractions must name {', '.join(DEFAULT_FRACTIONS)}, got {sorted(given)}")
+    fractions = {name: given[name] for name in DEFAULT_FRACTIONS}  # a fixed order: the cut depends on it
+    labels = np.zeros(len(data), dtype=np.int64) if data.labels is None else data.labels.numpy()
+    parts = stratified_split(labels, fractions, seed)
+    for name, idx in parts.items():
+        if len(idx) == 0:
+            raise DataError(f"dataset {data.name!r} has too few images ({len(data)}) for a non-empty {name!r} split")
+    return parts
 
 
 def stratified_split(

@@ -1,0 +1,91 @@
+"""Image data: sources by name, seeded stratified splits, statistics, keyed augmentation, batches.
+
+- `source`: the `DataSource` protocol (len, labels, channels, image size, `read(i)`), `ImageData`
+  (a data set in memory) and `Source` (a base for sources that read one sample at a time);
+- `load`: the `DATASETS` registry, `register_dataset`, the `NAME` / `NAME:ARG` spec, `load_dataset`;
+- `sources/`: the built-in sources, one module each (digits, npz, torchvision, imagefolder);
+- `splits`: disjoint `train` (MAE pretraining and the labeled train set), `val` (the learned
+  masker's validation) and `test` (evaluation only);
+- `stats`: per-channel statistics and normalisation;
+- `augment`: MAE's crop + flip as pure functions, keyed per sample;
+- `loader`: `BatchStream` (a seeded endless sampler whose position is a state dict), `Batcher`
+  (indices -> tensors) and `Loader` (both, sharded, with an optional prefetch).
+"""
+
+from maskkit.data.augment import (
+    AUGMENT_MIN_SIDE,
+    crop_box,
+    crop_flip,
+    key_seed,
+    random_resized_crop_flip,
+    resolve_augment,
+)
+from maskkit.data.load import (
+    DATASETS,
+    DatasetSpec,
+    dataset_arg,
+    load_dataset,
+    parse_dataset,
+    parse_spec,
+    register_dataset,
+)
+from maskkit.data.loader import Batch, Batcher, BatchStream, Loader, shard
+from maskkit.data.source import (
+    MIN_CLASSES,
+    DataError,
+    DataSource,
+    ImageData,
+    Source,
+    check_classes,
+    check_dir,
+    resize,
+)
+from maskkit.data.sources.imagefolder import (
+    IMAGE_SUFFIXES,
+    SPLIT_FOLDERS,
+    imagefolder_layout,
+    load_imagefolder,
+)
+from maskkit.data.sources.npz import load_npz
+from maskkit.data.splits import DEFAULT_FRACTIONS, make_splits, stratified_split
+from maskkit.data.stats import channel_stats, denormalize, normalize
+
+__all__ = [
+    "AUGMENT_MIN_SIDE",
+    "DATASETS",
+    "DEFAULT_FRACTIONS",
+    "IMAGE_SUFFIXES",
+    "MIN_CLASSES",
+    "SPLIT_FOLDERS",
+    "Batch",
+    "BatchStream",
+    "Batcher",
+    "DataError",
+    "DataSource",
+    "DatasetSpec",
+    "ImageData",
+    "Loader",
+    "Source",
+    "channel_stats",
+    "check_classes",
+    "check_dir",
+    "crop_box",
+    "crop_flip",
+    "dataset_arg",
+    "denormalize",
+    "imagefolder_layout",
+    "key_seed",
+    "load_dataset",
+    "load_imagefolder",
+    "load_npz",
+    "make_splits",
+    "normalize",
+    "parse_dataset",
+    "parse_spec",
+    "random_resized_crop_flip",
+    "register_dataset",
+    "resize",
+    "resolve_augment",
+    "shard",
+    "stratified_split",
+]

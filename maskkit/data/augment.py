@@ -1,0 +1,122 @@
+"""MAE's pretraining augmentation (random resized crop + horizontal flip) as pure functions.
+
+Two ways to draw the random numbers, with the same crop rule (`crop_box`, torchvision's
+RandomResizedCrop) and the same 41 uniform draws per image:
+- `crop_flip(images, keys)`: each image's draws come from a generator seeded by a hash of its own
+  key (e.g. (seed, step, global sample position)), the way masking noise is keyed in training, so
+  a sample's crop depends on nothing but its key: any batch composition, order, or number of
+  worker processes gives the same tensors;
+- `random_resized_crop_flip(images, generator)`: the draws of image after image from one generator
+  (today's trainer; its result depends on the batch's order and on the generator's history).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: smallest image side for which `auto` augmentation uses MAE's crop and flip.
+AUGMENT_MIN_SIDE = 32
+#: uniform draws per image: 10 tries x (area, aspect, top, left) + flip
+DRAWS = 41
+SCALE = (0.2, 1.0)
+RATIO = (3 / 4, 4 / 3)
+
+
+def resolve_augment(augment: str, image_size: tuple[int, int]) -> str:
+    """'auto' -> 'crop-flip' for images of side >= 32 (CIFAR, ImageNet-like), else 'none'.
+
+    Tiny images (8x8 digits, 28x28 MNIST) lose too much to a 0.2-scale crop, and flips change
+    what a digit is, so they are used as they are.
+    """
+    if augment not in ("auto", "none", "crop-flip"):
+        raise ValueError(f"augment must be auto, none or crop-flip, got {augment!r}")
+    if augment == "auto":
+        return "crop-flip" if min(image_size) >= AUGMENT_MIN_SIDE else "none"
+    return augment
+
+
+def key_seed(key: Sequence[int]) -> int:
+    """A 63-bit generator seed from a tuple of integers (BLAKE2b of their 64-bit encoding; stable across
+    processes and Python versions, unlike `hash`)."""
+    data = struct.pack(f"<{len(key)}q", *(int(k) for k in key))
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & (2**63 - 1)
+
+
+def key_draws(key: Sequence[int]) -> list[float]:
+    """The DRAWS uniform numbers in [0, 1) of one key."""
+    return torch.rand(DRAWS, generator=torch.Generator().manual_seed(key_seed(key))).tolist()
+
+
+def crop_box(
+    u: Sequence[float], height: int, width: int, scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of RandomResizedCrop's rule for the draws `u` (at least 40 numbers in [0, 1)).
+
+    Up to 10 tries: area ~ U(scale) x H x W, log-aspect ~ U(log ratio), the box kept if it fits,
+    placed at a uniform top / left; else the central crop with the aspect ratio clamped into range.
+    """
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for t in range(10):
+        area = height * width * (scale[0] + (scale[1] - scale[0]) * u[4 * t])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[4 * t + 1])
+        w = int(round(math.sqrt(area * aspect)))
+        h = int(round(math.sqrt(area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(u[4 * t + 2] * (height - h + 1))
+            left = int(u[4 * t + 3] * (width - w + 1))
+            return (top, left, h, w)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return ((height - h) // 2, (width - w) // 2, h, w)
+
+
+def apply_crop_flip(image: Tensor, box: tuple[int, int, int, int], flip: bool) -> Tensor:
+    """Crop `box` of one image [C, H, W], bicubic back to H x W, flipped left-right if `flip`: [C, H, W]."""
+    height, width = image.shape[-2:]
+    top, left, h, w = box
+    crop = image[None, :, top : top + h, left : left + w]
+    crop = F.interpolate(crop, size=(height, width), mode="bicubic", align_corners=False)
+    return (crop.flip(-1) if flip else crop)[0]
+
+
+def _crop_flip_draws(images: Tensor, draws: Sequence[Sequence[float]], scale, ratio) -> Tensor:
+    height, width = images.shape[-2:]
+    out = torch.empty_like(images)  # [B, C, H, W]
+    for b, u in enumerate(draws):
+        out[b] = apply_crop_flip(images[b], crop_box(u, height, width, scale, ratio), u[40] < 0.5)
+    return out
+
+
+def crop_flip(
+    images: Tensor, keys: Sequence[Sequence[int]], scale: tuple[float, float] = SCALE,
+    ratio: tuple[float, float] = RATIO,
+) -> Tensor:
+    """Keyed crop + flip of images [B, C, H, W] -> [B, C, H, W]: image b's draws come from `keys[b]` alone."""
+    if len(keys) != images.shape[0]:
+        raise ValueError(f"crop_flip needs one key per image: {images.shape[0]} images, {len(keys)} keys")
+    return _crop_flip_draws(images, [key_draws(k) for k in keys], scale, ratio)
+
+
+def random_resized_crop_flip(
+    images: Tensor, generator: torch.Generator, scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO,
+) -> Tensor:
+    """MAE's pretraining augmentation per image: random resized crop (area `scale`, aspect `ratio`,
+    bicubic back to the input size) then a horizontal flip with probability 1/2: [B, C, H, W].
+
+    The crop box is drawn as torchvision's RandomResizedCrop does (10 tries, then the central
+    crop of the clamped aspect ratio), from `generator` so that runs are reproducible.
+    """
+    draws = [torch.rand(DRAWS, generator=generator).tolist() for _ in range(images.shape[0])]
+    return _crop_flip_draws(images, draws, scale, ratio)

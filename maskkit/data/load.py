@@ -1,0 +1,121 @@
+"""Data sets by name: the `DATASETS` registry, the `NAME` / `NAME:ARG` spec grammar, and `load_dataset`.
+
+A data source is registered as a factory (a class, or a function returning a `DataSource`) that is
+called with keywords only:
+
+    factory(arg=ARG or None, data_dir=Path | None, download=bool, img_size=int | None) -> DataSource
+
+- `arg` is the text after `NAME:`; the factory declares what it is with `dataset_arg` (set by
+  `register_dataset(..., arg=...)` or as a class attribute): None (default: the spec is the bare
+  NAME), "path" (a file or folder; a run records it as an absolute path) or "value" (any text, kept
+  as given);
+- `data_dir` / `download` are `--data-dir` / `--download`;
+- `img_size` is a hint: a source may read its images at that size (the image folder does, so that
+  folders of mixed sizes load); `load_dataset` resizes whatever still comes back at another size.
+
+A factory may take `**kwargs` for the keywords it does not use; its card lists the ones it names.
+A new source is one file: a class or function decorated with `register_dataset` (in maskkit, a
+module under `maskkit/data/sources/`; elsewhere, a module named in MASKKIT_PLUGINS or an entry
+point in the group `maskkit.datasets`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from maskkit.data.source import DataError, DataSource, ImageData, Resized, resize
+from maskkit.registry import Card, Registry
+
+DATASETS: Registry[DataSource] = Registry("dataset", "maskkit.datasets", builtins="maskkit.data.sources")
+
+#: what the ARG of `NAME:ARG` is, by a source's `dataset_arg`
+ARG_KINDS = (None, "path", "value")
+
+
+def register_dataset(
+    name: Any = None, *, card: Card | None = None, arg: str | None = None, overwrite: bool = False
+) -> Any:
+    """Register a data source factory under `name`: `@register_dataset("mine", card=Card(...), arg="value")`.
+
+    `arg` (None | "path" | "value") says what the spec's ARG is; None keeps the factory's own
+    `dataset_arg` (default: no ARG). See the module docstring for the factory's call.
+    """
+    if arg not in ARG_KINDS:
+        raise ValueError(f"arg must be one of None, 'path', 'value', got {arg!r}")
+
+    def decorator(fn: Callable[..., DataSource], key: str | None = None) -> Callable[..., DataSource]:
+        if arg is not None:
+            fn.dataset_arg = arg  # type: ignore[attr-defined]
+        return DATASETS.register(key, card=card, overwrite=overwrite)(fn)
+
+    if callable(name):  # bare decorator
+        return decorator(name)
+    return lambda fn: decorator(fn, name)
+
+
+def dataset_arg(name: str) -> str | None:
+    """What the registered source `name` takes after `NAME:` (None, "path" or "value")."""
+    kind = getattr(DATASETS.get(name), "dataset_arg", None)
+    if kind not in ARG_KINDS:
+        raise ValueError(f"dataset {name!r} declares dataset_arg {kind!r}; use None, 'path' or 'value'")
+    return kind
+
+
+def usage() -> str:
+    """Every registered spec form: 'cifar10, ..., digits, ..., imagefolder:PATH, npz:PATH, mine:ARG'."""
+    bare = [n for n in DATASETS.names() if dataset_arg(n) is None]
+    with_arg = [f"{n}:{'PATH' if dataset_arg(n) == 'path' else 'ARG'}" for n in DATASETS.names() if dataset_arg(n)]
+    return ", ".join(bare + with_arg)
+
+
+class DatasetSpec(NamedTuple):
+    """A parsed `NAME` / `NAME:ARG`: the registered name and the ARG (None for a bare NAME)."""
+
+    name: str
+    arg: str | None
+
+
+def parse_spec(spec: str) -> DatasetSpec:
+    """'digits' -> ('digits', None); 'npz:PATH' -> ('npz', 'PATH'); a DataError for unknown names or a
+    missing / unexpected ARG."""
+    name, sep, rest = spec.partition(":")
+    kind = dataset_arg(name) if name in DATASETS else "unknown"
+    if kind == "unknown" or bool(sep) != (kind is not None):
+        raise DataError(f"unknown dataset {spec!r}; use one of {usage()}")
+    if sep and not rest:
+        raise DataError(f"dataset {spec!r} needs {'a path' if kind == 'path' else 'an argument'} after '{name}:'")
+    return DatasetSpec(name, rest or None)
+
+
+def parse_dataset(spec: str) -> tuple[str, str | None]:
+    """(name, path): 'digits' -> ('digits', None); 'npz:PATH' -> ('npz', 'PATH'); else DataError.
+
+    The second element is the path to record absolute, so it is None also for a source whose ARG is
+    not a path (`dataset_arg` "value"); `parse_spec` gives the ARG itself.
+    """
+    name, arg = parse_spec(spec)
+    return name, arg if dataset_arg(name) == "path" else None
+
+
+def load_dataset(
+    name: str, data_dir: str | Path | None = None, *, download: bool = False, img_size: int | None = None
+) -> DataSource:
+    """The data source `name` (`NAME` or `NAME:ARG`, see `DATASETS`), at img_size x img_size if given.
+
+    The in-memory sources come back as `ImageData` (torchvision sets: train and test files together);
+    `img_size` resizes every image (bilinear); None keeps the size.
+    """
+    spec = parse_spec(name)
+    factory = DATASETS.get(spec.name)
+    data = factory(arg=spec.arg, data_dir=data_dir, download=download, img_size=img_size)
+    if len(data) == 0:
+        raise DataError(f"dataset {name!r} holds no images")
+    if img_size is not None and data.image_size != (img_size, img_size):
+        if isinstance(data, ImageData):
+            data = replace(data, images=resize(data.floats(slice(None)), img_size))
+        else:
+            data = Resized(data, img_size)
+    return data
