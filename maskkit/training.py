@@ -50,8 +50,8 @@ from maskkit.distributed import (
     max_int,
     mean_floats,
 )
-from maskkit.hypergrad import DARTS_FDS, DARTS_PATHS, HYPERGRADS
 from maskkit.mae import mae_step_loss
+from maskkit.mlo import DARTS_FDS, DARTS_PATHS, HYPERGRADS
 from maskkit.optim import create_optimizer, warmup_cosine
 from maskkit.settings import flag, setting
 
@@ -130,8 +130,8 @@ class MLOSettings:
 
     def check(self) -> None:
         """One-line ValueError for a setting out of range (the engine checks the rest)."""
-        for name, allowed in (("hypergrad", HYPERGRADS), ("level2", LEVEL2), ("darts_paths", DARTS_PATHS),
-                              ("darts_fd", DARTS_FDS)):  # fmt: skip
+        for name, allowed in (("hypergrad", tuple(HYPERGRADS.names())), ("level2", LEVEL2),
+                              ("darts_paths", DARTS_PATHS), ("darts_fd", DARTS_FDS)):  # fmt: skip
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("masker_every", "unroll_steps", "labeled_batch_size"):  # labeled_batch_size None: --batch-size
