@@ -6,7 +6,7 @@
 - `darts`, `unrolled`: the built-in methods `darts` (finite differences) and `unroll` (exact)
 - `steps`: the levels' real steps (`pretrain_step`, `finetune_step`, `ridge_step`); `derivative`: D = dU/dg
   (`update_derivative`); with `darts_masker_grad` the parts a new method is built from
-- `unroll`: the differentiable unroll of optimizer steps on `higher` (imported only when used)
+- `unroll`, `diffopt`: the differentiable unroll of optimizer steps on `higher` (imported only when used)
 """
 
 from maskkit.mlo.base import HYPERGRADS, Hypergradient, register_hypergrad
