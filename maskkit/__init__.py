@@ -7,13 +7,23 @@ Public API (see the README for a tour):
   `policy_card` (a `PolicyCard`: paper, idea, what it learns from, options with allowed values)
 - collapse diagnostics: `maskkit.diagnostics` (`plan_diagnostics`, `mask_iou`, `position_entropy`, `logit_spread`)
 - learning the masker: `MLOEngine`, `MLOConfig`, `default_optimizers`, `stratified_split`,
-  `unroll`, `math_attention`, `UnrollError`
+  `unroll`, `math_attention`, `UnrollError` (imported on first use: they need `higher`),
+  `HYPERGRADS`, `register_hypergrad`, `Hypergradient` (hypergradient methods)
 - the MAE protocol: `MAEProtocol`, `patch_loss`, `masked_loss`, `mae_forward`, `mae_step_loss`, `MAEOutput`
 """
 
+from typing import Any
+
 from maskkit.data.splits import stratified_split
 from maskkit.mae import MAEOutput, MAEProtocol, is_mae, mae_forward, mae_step_loss, masked_loss, patch_loss
-from maskkit.mlo import MLOConfig, MLOEngine, default_optimizers
+from maskkit.mlo import (
+    HYPERGRADS,
+    Hypergradient,
+    MLOConfig,
+    MLOEngine,
+    default_optimizers,
+    register_hypergrad,
+)
 from maskkit.plan import MaskPlan, check_ratio, gather_tokens, num_visible
 from maskkit.policies import (
     AttentionPolicy,
@@ -32,9 +42,22 @@ from maskkit.registry import (
     policy_options,
     register_policy,
 )
-from maskkit.unroll import UnrollError, math_attention, unroll
 
 __version__ = "0.1.0"
+
+#: names served lazily from maskkit.mlo.unroll, so that `import maskkit` does not import `higher`
+_LAZY = {"unroll": "maskkit.mlo.unroll", "math_attention": "maskkit.mlo.unroll", "UnrollError": "maskkit.mlo.unroll"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'maskkit' has no attribute {name!r}")
+
 
 __all__ = [
     "AttentionPolicy",
@@ -42,6 +65,8 @@ __all__ = [
     "HPMPolicy",
     "LearnedMasker",
     "MAEOutput",
+    "HYPERGRADS",
+    "Hypergradient",
     "MLOConfig",
     "MLOEngine",
     "UnrollError",
@@ -67,5 +92,6 @@ __all__ = [
     "patch_loss",
     "policy_card",
     "policy_options",
+    "register_hypergrad",
     "register_policy",
 ]

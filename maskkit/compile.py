@@ -1,7 +1,7 @@
 """Optional `torch.compile` of an MAE's transformer blocks, kept out of the differentiable unroll.
 
 Each block is compiled in place (`nn.Module.compile`), so parameter names, state dicts and
-checkpoints are unchanged. The exact unroll (`maskkit.unroll`) runs every module eagerly inside
+checkpoints are unchanged. The exact unroll (`maskkit.mlo.unroll`) runs every module eagerly inside
 `uncompiled`: compiled graphs have no double backward, and a compiled block would read the
 module's own parameters instead of the functional ones `higher` substitutes.
 """

@@ -7,8 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskkit import hypergrad as hg
 from maskkit.mae import mae_forward
+from maskkit.mlo.darts import darts_masker_grad
+from maskkit.mlo.derivative import optimizer_params, update_derivative
+from maskkit.mlo.steps import finetune_step, pretrain_step, ridge_step
+from maskkit.mlo.unrolled import UnrollWindow
 from maskkit.plan import MaskPlan
 from maskkit.policies.base import MaskPolicy
 from maskkit.registry import create_policy
@@ -130,14 +133,14 @@ def make_problem(opt_name: str, seed: int = 0, k: int = 1):
     train = (torch.randn(5, 1, 8, 8, dtype=DT), torch.randint(0, 3, (5,)))
     val = (torch.randn(6, 1, 8, 8, dtype=DT), torch.randint(0, 3, (6,)))
     for _ in range(2):  # warm up optimizer state (momentum, Adam moments, step counts)
-        hg.pretrain_step(mae, masker, mae_opt, torch.randn(4, 1, 8, 8, dtype=DT))
-        hg.finetune_step(mae, head, head_opt, train, val, paths=None)
+        pretrain_step(mae, masker, mae_opt, torch.randn(4, 1, 8, 8, dtype=DT))
+        finetune_step(mae, head, head_opt, train, val, paths=None)
     return dict(mae=mae, head=head, masker=masker, mae_opt=mae_opt, head_opt=head_opt,
                 images=images, train=train, val=val)
 
 
 def outer_loss(p) -> float:
-    """Reference: K real pretrain steps, one real head step, validation CE (no maskkit.hypergrad code)."""
+    """Reference: K real pretrain steps, one real head step, validation CE (no maskkit.mlo code)."""
     mae, head, masker, mae_opt, head_opt = p["mae"], p["head"], p["masker"], p["mae_opt"], p["head_opt"]
     for images in p["images"]:
         tokens = mae.patch_tokens(images)
@@ -180,7 +183,7 @@ def random_directions(problem, count: int = 12, seed: int = 0) -> torch.Tensor:
 
 def run_unroll(problem) -> torch.Tensor:
     q = copy.deepcopy(problem)
-    window = hg.UnrollWindow(q["mae"], q["masker"], q["mae_opt"])
+    window = UnrollWindow(q["mae"], q["masker"], q["mae_opt"])
     for images in q["images"]:
         window.pretrain_step(images)
     grads, _ = window.finish(q["head"], q["head_opt"], q["train"], q["val"])
@@ -189,10 +192,10 @@ def run_unroll(problem) -> torch.Tensor:
 
 def run_darts(problem, *, scale="optimizer", paths="both", r=0.01, fd="central") -> torch.Tensor:
     q = copy.deepcopy(problem)
-    step = hg.pretrain_step(q["mae"], q["masker"], q["mae_opt"], q["images"][0], keep_params=True)
-    ft = hg.finetune_step(q["mae"], q["head"], q["head_opt"], q["train"], q["val"],
-                       mae_params=hg.optimizer_params(q["mae_opt"]), paths=paths, scale=scale)
-    grads = hg.darts_masker_grad(q["mae"], q["masker"], step, ft.vector, q["mae_opt"], scale=scale, r=r, fd=fd)
+    step = pretrain_step(q["mae"], q["masker"], q["mae_opt"], q["images"][0], keep_params=True)
+    ft = finetune_step(q["mae"], q["head"], q["head_opt"], q["train"], q["val"],
+                       mae_params=optimizer_params(q["mae_opt"]), paths=paths, scale=scale)
+    grads = darts_masker_grad(q["mae"], q["masker"], step, ft.vector, q["mae_opt"], scale=scale, r=r, fd=fd)
     return torch.cat([g.reshape(-1) for g in grads]), q
 
 
@@ -226,7 +229,7 @@ def test_unroll_write_back_is_the_real_step(opt_name):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
     for a, b in zip(unrolled["head"].parameters(), real["head"].parameters(), strict=False):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
-    for pa, pb in zip(hg.optimizer_params(unrolled["mae_opt"]), hg.optimizer_params(real["mae_opt"]), strict=False):
+    for pa, pb in zip(optimizer_params(unrolled["mae_opt"]), optimizer_params(real["mae_opt"]), strict=False):
         for key, value in real["mae_opt"].state[pb].items():
             torch.testing.assert_close(torch.as_tensor(unrolled["mae_opt"].state[pa][key]).to(DT),
                                        torch.as_tensor(value).to(DT))
@@ -323,7 +326,7 @@ def test_update_derivative_matches_finite_differences(opt_name):
     fd = -(step_with(h) - step_with(-h)) / (2 * h)  # elementwise: the update acts per element
     before = w.detach().clone()
     opt.step()
-    d = hg.update_derivative(opt, [w], previous=[before])[0]
+    d = update_derivative(opt, [w], previous=[before])[0]
     torch.testing.assert_close(d, fd, rtol=1e-6, atol=1e-9)
 
 
@@ -333,20 +336,20 @@ def test_update_derivative_errors():
     w.grad = torch.ones(3)
     opt.step()
     with pytest.raises(ValueError, match="SGD, Adam and AdamW"):
-        hg.update_derivative(opt, [w])
-    assert torch.equal(hg.update_derivative(opt, [w], scale="lr")[0], torch.full((3,), 0.1))
+        update_derivative(opt, [w])
+    assert torch.equal(update_derivative(opt, [w], scale="lr")[0], torch.full((3,), 0.1))
     with pytest.raises(ValueError, match="scale"):
-        hg.update_derivative(opt, [w], scale="bogus")
+        update_derivative(opt, [w], scale="bogus")
 
 
 def test_masker_without_weights_is_refused():
     problem = make_problem("sgd")
     with pytest.raises(ValueError, match="plan.weights"):
-        hg.pretrain_step(problem["mae"], create_policy("random"), problem["mae_opt"], problem["images"][0])
+        pretrain_step(problem["mae"], create_policy("random"), problem["mae_opt"], problem["images"][0])
 
 
 def _ridge_reference(feats_tr, y_tr, feats_va, y_va, ridge, classes):
-    """The ridge probe in the primal form (D + 1 unknowns), independent of hg.ridge_step's dual form."""
+    """The ridge probe in the primal form (D + 1 unknowns), independent of ridge_step's dual form."""
     f_tr = torch.cat([feats_tr, torch.ones(len(feats_tr), 1, dtype=DT)], 1)
     f_va = torch.cat([feats_va, torch.ones(len(feats_va), 1, dtype=DT)], 1)
     t_tr, t_va = F.one_hot(y_tr, classes).to(DT), F.one_hot(y_va, classes).to(DT)
@@ -361,7 +364,7 @@ def test_ridge_step_loss_and_vector_against_primal_form_and_finite_differences()
     g = torch.Generator().manual_seed(1)
     x_tr, x_va = torch.randn(12, 1, 8, 8, generator=g, dtype=DT), torch.randn(10, 1, 8, 8, generator=g, dtype=DT)
     y_tr, y_va = torch.randint(0, 3, (12,), generator=g), torch.randint(0, 3, (10,), generator=g)
-    ft = hg.ridge_step(mae, (x_tr, y_tr), (x_va, y_va), ridge=0.3, num_classes=3)
+    ft = ridge_step(mae, (x_tr, y_tr), (x_va, y_va), ridge=0.3, num_classes=3)
     params = list(mae.parameters())
 
     def outer() -> torch.Tensor:
@@ -386,4 +389,4 @@ def test_ridge_step_loss_and_vector_against_primal_form_and_finite_differences()
     exact = sum((v * d).sum() for v, d in zip(ft.vector, u, strict=True))
     assert float(abs(exact - fd) / abs(fd)) < 1e-6, (float(exact), float(fd))
     with pytest.raises(ValueError, match="ridge"):
-        hg.ridge_step(mae, (x_tr, y_tr), (x_va, y_va), ridge=0.0)
+        ridge_step(mae, (x_tr, y_tr), (x_va, y_va), ridge=0.0)

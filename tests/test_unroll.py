@@ -1,4 +1,4 @@
-"""Tests for maskkit.unroll: trajectories equal torch.optim's, hypergradients equal finite differences,
+"""Tests for maskkit.mlo.unroll: trajectories equal torch.optim's, hypergradients equal finite differences,
 write_back makes the unrolled steps the real ones, refusals, first-order semantics, math SDPA."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskkit.unroll import (
+from maskkit.mlo.unroll import (
     DifferentiableAdamW,
     UnrollError,
     check_optimizer,

@@ -25,8 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from maskkit import create_policy
-from maskkit import hypergrad as hg
 from maskkit.adapters.timm import create_mae
+from maskkit.mlo.darts import darts_masker_grad
+from maskkit.mlo.derivative import optimizer_params
+from maskkit.mlo.steps import finetune_step, pretrain_step
+from maskkit.mlo.unrolled import UnrollWindow
 from maskkit.optim import create_optimizer
 
 OUT = Path(__file__).with_name("darts_fd.json")
@@ -51,15 +54,15 @@ def make_state(seed: int, dtype: torch.dtype) -> dict:
     labeled = (batch(32), torch.randint(0, 10, (32,), generator=gen))
     val = (batch(32), torch.randint(0, 10, (32,), generator=gen))
     for _ in range(2):
-        hg.pretrain_step(mae, masker, mae_opt, batch(32))
-        hg.finetune_step(mae, head, head_opt, labeled, val, paths=None)
+        pretrain_step(mae, masker, mae_opt, batch(32))
+        finetune_step(mae, head, head_opt, labeled, val, paths=None)
     return {"mae": mae, "masker": masker, "head": head, "mae_opt": mae_opt, "head_opt": head_opt,
             "images": batch(32), "train": labeled, "val": val}  # fmt: skip
 
 
 def unroll_grad(state: dict) -> torch.Tensor:
     q = copy.deepcopy(state)
-    window = hg.UnrollWindow(q["mae"], q["masker"], q["mae_opt"])
+    window = UnrollWindow(q["mae"], q["masker"], q["mae_opt"])
     window.pretrain_step(q["images"])
     grads, _ = window.finish(q["head"], q["head_opt"], q["train"], q["val"])
     return torch.cat([g.reshape(-1) for g in grads])
@@ -68,15 +71,15 @@ def unroll_grad(state: dict) -> torch.Tensor:
 def _darts_inputs(state: dict) -> tuple[dict, object, object]:
     """A copy of `state` after darts' real pretrain step and head step (with the darts vector)."""
     q = copy.deepcopy(state)
-    step = hg.pretrain_step(q["mae"], q["masker"], q["mae_opt"], q["images"], keep_params=True)
-    ft = hg.finetune_step(q["mae"], q["head"], q["head_opt"], q["train"], q["val"],
-                          mae_params=hg.optimizer_params(q["mae_opt"]), paths="both")  # fmt: skip
+    step = pretrain_step(q["mae"], q["masker"], q["mae_opt"], q["images"], keep_params=True)
+    ft = finetune_step(q["mae"], q["head"], q["head_opt"], q["train"], q["val"],
+                          mae_params=optimizer_params(q["mae_opt"]), paths="both")  # fmt: skip
     return q, step, ft
 
 
 def darts_grad(state: dict, fd: str, r: float) -> torch.Tensor:
     q, step, ft = _darts_inputs(state)
-    grads = hg.darts_masker_grad(q["mae"], q["masker"], step, ft.vector, q["mae_opt"], r=r, fd=fd)
+    grads = darts_masker_grad(q["mae"], q["masker"], step, ft.vector, q["mae_opt"], r=r, fd=fd)
     return torch.cat([g.reshape(-1) for g in grads])
 
 
@@ -84,7 +87,7 @@ def fd_only_seconds(state: dict, fd: str, r: float) -> float:
     """Seconds of the finite-difference term alone (pretrain and head steps excluded)."""
     q, step, ft = _darts_inputs(state)
     t0 = time.perf_counter()
-    hg.darts_masker_grad(q["mae"], q["masker"], step, ft.vector, q["mae_opt"], r=r, fd=fd)
+    darts_masker_grad(q["mae"], q["masker"], step, ft.vector, q["mae_opt"], r=r, fd=fd)
     return time.perf_counter() - t0
 
 

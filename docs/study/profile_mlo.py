@@ -23,12 +23,12 @@ from maskkit.mlo_bench import make_contender
 OUT = Path(__file__).with_name("profile_mlo.json")
 #: table row -> (module file ending, function name) whose cumulative time it reports
 TERMS = {
-    "MAE steps (2 real pretrain steps)": ("maskkit/hypergrad.py", "pretrain_step"),
-    "head step with the darts vector": ("maskkit/hypergrad.py", "finetune_step"),
+    "MAE steps (2 real pretrain steps)": ("maskkit/mlo/steps.py", "pretrain_step"),
+    "head step with the darts vector": ("maskkit/mlo/steps.py", "finetune_step"),
     "  of which the unmasked encoder passes (features)": ("adapters/timm.py", "features"),
-    "finite difference (darts_masker_grad)": ("maskkit/hypergrad.py", "darts_masker_grad"),
-    "masker step (optimizer)": ("maskkit/mlo.py", "_masker_update"),
-    "whole cycle (MLOEngine.step x 2)": ("maskkit/mlo.py", "step"),
+    "finite difference (darts_masker_grad)": ("maskkit/mlo/darts.py", "darts_masker_grad"),
+    "masker step (optimizer)": ("maskkit/mlo/engine.py", "_masker_update"),
+    "whole cycle (MLOEngine.step x 2)": ("maskkit/mlo/engine.py", "step"),
 }
 
 

@@ -12,11 +12,10 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from maskkit.compile import NO_COMPILE, check_backend
 from maskkit.plan import check_ratio
-from maskkit.registry import coerce_policy_options, get_policy_class, policy_card, policy_options
+from maskkit.registry import coerce_policy_options, policy_card, policy_options
 from maskkit.settings import flag, setting
-from maskkit.train.config import DEFAULT_STEPS, MLOSettings, TrainSettings
+from maskkit.train.config import MLOSettings, TrainSettings
 
 #: version of config.json; 1 is the layout before `RunConfig` (read as is), 2 adds `format_version` and `config`.
 FORMAT_VERSION = 2

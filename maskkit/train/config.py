@@ -14,8 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from maskkit.compile import NO_COMPILE, check_backend
-from maskkit.hypergrad import DARTS_FDS, DARTS_PATHS, HYPERGRADS
-from maskkit.mlo import LEVEL2S
+from maskkit.mlo import DARTS_FDS, DARTS_PATHS, HYPERGRADS, LEVEL2S
 from maskkit.settings import flag, setting
 
 #: training iterations when neither steps nor epochs are given
@@ -127,8 +126,8 @@ class MLOSettings:
 
     def check(self) -> None:
         """One-line ValueError for a setting out of range (the engine checks the rest)."""
-        for name, allowed in (("hypergrad", HYPERGRADS), ("level2", LEVEL2S), ("darts_paths", DARTS_PATHS),
-                              ("darts_fd", DARTS_FDS)):  # fmt: skip
+        for name, allowed in (("hypergrad", tuple(HYPERGRADS.names())), ("level2", LEVEL2S),
+                              ("darts_paths", DARTS_PATHS), ("darts_fd", DARTS_FDS)):  # fmt: skip
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("masker_every", "unroll_steps", "labeled_batch_size"):  # labeled_batch_size None: --batch-size

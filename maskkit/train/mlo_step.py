@@ -59,12 +59,9 @@ class MLOStep:
     @staticmethod
     def check(config: TrainConfig) -> None:
         """What the engine cannot do with these settings: one-line ValueError."""
-        t, m = config.train, config.mlo
+        t = config.train
         if t.mask_noise != "rank":
             raise ValueError("--mask-noise sample needs a policy that takes noise (e.g. random), not the learned one")
-        if t.skip_nonfinite and m.hypergrad == "unroll" and m.unroll_steps > 1:
-            raise ValueError("--skip-nonfinite with --hypergrad unroll needs --unroll-steps 1 "
-                             "(a bad batch inside a longer unroll window cannot be undone alone)")
 
     @classmethod
     def build(cls, parts: StepParts) -> MLOStep:
@@ -86,6 +83,9 @@ class MLOStep:
             train_batches=train_batches, val_batches=val_batches, generator=parts.generator,
             grad_sync=differentiable_mean(parts.dist),  # unrolled steps bypass optimizer.step()
         )  # fmt: skip
+        if cfg.train.skip_nonfinite and not engine.can_undo_step():
+            raise ValueError(f"--skip-nonfinite with --hypergrad {m.hypergrad} needs a hypergradient window of one step "
+                             "(--unroll-steps 1): a bad batch inside a longer unroll window cannot be undone alone")
         return cls(engine)
 
     def modules(self) -> dict[str, nn.Module | None]:
@@ -115,9 +115,7 @@ class MLOStep:
 
     def can_checkpoint(self) -> bool:
         """False while an unrolled hypergradient window is open (mid masker cycle)."""
-        if self.engine.config.hypergrad != "unroll":
-            return True
-        return self.engine.step_count % self.engine.config.masker_every == 0
+        return self.engine.can_checkpoint()
 
     def state_dict(self) -> dict[str, Any]:
         return {"engine": self.engine.state_dict()}  # MAE, masker, head, optimizers, schedulers

@@ -8,41 +8,29 @@
 Each call makes one pretrain step (masks chosen by the masker, loss weighted by its
 probabilities); every `masker_every` calls it also makes one finetune step of the head (on
 labeled train data) and one masker step (the hypergradient of the validation loss, see
-maskkit.hypergrad). The MAE is used only through the MAE protocol (maskkit.mae), so the timm,
+maskkit.mlo.base: a registered `Hypergradient` method computes it, so the engine
+names none). The MAE is used only through the MAE protocol (maskkit.mae), so the timm,
 official-MAE and Hugging Face adapters all work.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from maskkit.diagnostics import plan_diagnostics
-from maskkit.hypergrad import (
-    DARTS_FDS,
-    DARTS_PATHS,
-    DARTS_SCALES,
-    HYPERGRADS,
-    UnrollWindow,
-    darts_masker_grad,
-    finetune_step,
-    optimizer_params,
-    pretrain_step,
-    ridge_step,
-    trainable,
-    zeros_for_none,
-)
 from maskkit.mae import is_mae, policy_aux_loss
+from maskkit.mlo.base import Hypergradient
+from maskkit.mlo.config import MLOConfig
+from maskkit.mlo.steps import PretrainStep, finetune_step, pretrain_step, trainable, zeros_for_none
 from maskkit.optim import param_groups
-from maskkit.plan import MaskPlan, check_ratio
+from maskkit.plan import MaskPlan
 from maskkit.policies.base import MaskPolicy
 
 Batch = tuple[Tensor, Tensor]
-LEVEL2S = ("head", "ridge")
 
 #: keys of `MLOEngine.step`'s result on every call, and the extra ones on masker iterations.
 STEP_KEYS = ("step", "pretrain_loss", "mask_prob_mean", "mask_prob_std", "mask_entropy",
@@ -56,113 +44,6 @@ PRESETS: dict[str, dict[str, float]] = {
     "cifar": {"mae_lr": 1e-4, "mae_wd": 1e-3, "head_lr": 1e-3, "masker_lr": 1e-3},
     "imagenet": {"mae_lr": 1.5e-4, "mae_wd": 0.05, "head_lr": 5e-4, "masker_lr": 5e-5},
 }
-
-
-@dataclass
-class MLOConfig:
-    """The schedule and the hypergradient of the MLO engine (defaults: the MLO-MAE reference).
-
-    Args:
-        ratio: mask ratio of the pretrain step, or None for the masker's own ratio. Default None.
-        masker_every: one finetune step and one masker step after every this many pretrain steps. Default 2.
-        unroll_steps: K, pretrain steps unrolled by hypergrad="unroll" (<= masker_every). Default 1.
-        hypergrad: "darts" (finite differences, no double backward through the MAE) or "unroll"
-            (exact reverse mode through K steps). Default "darts".
-        darts_paths: "both" (masker -> pretrain -> validation and masker -> pretrain -> finetune
-            -> validation, as the reference) or "direct" (the first only). Default "both".
-        darts_scale: "optimizer" (exact per-element derivative of the pretrain/head optimizer's
-            update) or "lr" (the bare learning rate, as betty). Default "optimizer".
-        darts_r: finite-difference radius r; eps = r / ||direction||. Default 0.01 (DARTS, betty).
-        darts_fd: "central" (two MAE forwards, as DARTS/betty) or "forward" (one forward, reusing the
-            pretrain step's per-patch losses; error O(eps)). Default "central".
-        first_order: unroll without second-order terms (hypergrad="unroll" only). Default False.
-        masker_start: masker warm-up, in pretrain steps: the masker is first updated at the end of
-            the first cycle that ends at or after this step. Before that the head still steps
-            (plainly, without a hypergradient), so its validation loss means something when the
-            masker starts. Default 0 (from the first cycle, as the reference).
-        level2: "head" (the paper: a linear head trained by one step per cycle; its validation
-            loss drives the masker) or "ridge" (a ridge-regression probe refit in closed form on each
-            labeled batch, `maskkit.hypergrad.ridge_step`; the engine's head is then not used).
-            "ridge" needs hypergrad="darts". Default "head".
-        ridge: the ridge probe's regularisation, relative to the features' mean squared norm. Default 0.1.
-        grad_clip, head_grad_clip, masker_grad_clip: max gradient norm per level, or None. Default None.
-        amp: "bf16" runs the MAE forward of the real pretrain steps under bfloat16 autocast; the
-            finetune step, the validation loss, the darts finite differences and the steps inside an
-            unroll window stay float32. Default "none".
-        masker_reg: weight of the anti-collapse penalty added to the level-3 objective: the mean
-            over patches of KL(Bernoulli(p) || Bernoulli(r)) between the masker's probability p of
-            hiding each patch and the mask ratio r (`prior_kl`), on the pretrain batch of each masker
-            step. It pulls every probability back toward the ratio, the value of uniform masking,
-            so a masker can only stray from uniform where the validation loss pays for it.
-            Default 0.0 (off: runs stay bit-identical to runs without it).
-        total_steps: the length of the run, for the context key `progress` = step / total_steps that
-            the masker's schedules read (e.g. guided_ramp), when `step` is not given `progress`.
-            Default None (no progress: schedules at their full value).
-    """
-
-    ratio: float | None = None
-    masker_every: int = 2
-    unroll_steps: int = 1
-    hypergrad: str = "darts"
-    darts_paths: str = "both"
-    darts_scale: str = "optimizer"
-    darts_r: float = 0.01
-    darts_fd: str = "central"
-    first_order: bool = False
-    masker_start: int = 0
-    level2: str = "head"
-    ridge: float = 0.1
-    grad_clip: float | None = None
-    head_grad_clip: float | None = None
-    masker_grad_clip: float | None = None
-    amp: str = "none"
-    masker_reg: float = 0.0
-    total_steps: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.ratio is not None:
-            self.ratio = check_ratio(self.ratio)
-        if self.amp not in ("none", "bf16"):
-            raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
-        for name in ("masker_every", "unroll_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.hypergrad not in HYPERGRADS:
-            raise ValueError(f"hypergrad must be one of {HYPERGRADS}, got {self.hypergrad!r}")
-        if self.darts_paths not in DARTS_PATHS:
-            raise ValueError(f"darts_paths must be one of {DARTS_PATHS}, got {self.darts_paths!r}")
-        if self.darts_scale not in DARTS_SCALES:
-            raise ValueError(f"darts_scale must be one of {DARTS_SCALES}, got {self.darts_scale!r}")
-        if self.darts_fd not in DARTS_FDS:
-            raise ValueError(f"darts_fd must be one of {DARTS_FDS}, got {self.darts_fd!r}")
-        if not (isinstance(self.darts_r, (int, float)) and self.darts_r > 0):
-            raise ValueError(f"darts_r must be a positive number, got {self.darts_r!r}")
-        if isinstance(self.masker_start, bool) or not isinstance(self.masker_start, int) or self.masker_start < 0:
-            raise ValueError(f"masker_start must be a non-negative integer, got {self.masker_start!r}")
-        if self.level2 not in LEVEL2S:
-            raise ValueError(f"level2 must be one of {LEVEL2S}, got {self.level2!r}")
-        if self.level2 == "ridge" and self.hypergrad != "darts":
-            raise ValueError("level2='ridge' is implemented for hypergrad='darts' only")
-        if not (isinstance(self.ridge, (int, float)) and self.ridge > 0):
-            raise ValueError(f"ridge must be a positive number, got {self.ridge!r}")
-        if self.hypergrad == "unroll" and self.unroll_steps > self.masker_every:
-            raise ValueError(
-                f"unroll_steps ({self.unroll_steps}) must not exceed masker_every ({self.masker_every}): "
-                "each pretrain step is unrolled at most once"
-            )
-        if isinstance(self.masker_reg, bool) or not isinstance(self.masker_reg, (int, float)) or not (
-            math.isfinite(self.masker_reg) and self.masker_reg >= 0
-        ):
-            raise ValueError(f"masker_reg must be a non-negative number, got {self.masker_reg!r}")
-        if self.total_steps is not None and (
-            isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1
-        ):
-            raise ValueError(f"total_steps must be a positive integer or None, got {self.total_steps!r}")
-        for name in ("grad_clip", "head_grad_clip", "masker_grad_clip"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"{name} must be a positive number or None, got {value!r}")
 
 
 def default_optimizers(
@@ -249,8 +130,9 @@ class MLOEngine:
         self.generator = generator
         self.grad_sync = grad_sync
         self.step_count = 0
-        _check_differentiable_optimizers(self.config, mae_optimizer, head_optimizer)
-        self._window: UnrollWindow | None = None
+        #: this engine's hypergradient method (its own instance: it may hold an open window)
+        self.hypergradient: Hypergradient = self.config.create_hypergrad()
+        self.hypergradient.check_optimizers(mae_optimizer, head_optimizer)
 
     # ---- schedule -----------------------------------------------------------------------------
 
@@ -267,9 +149,14 @@ class MLOEngine:
         cycle_end = step - step % every + every - 1  # the cycle's last iteration
         return cycle_end >= self.config.masker_start
 
-    def _in_unroll_window(self, step: int) -> bool:
-        every, k = self.config.masker_every, self.config.unroll_steps
-        return self.config.hypergrad == "unroll" and step % every >= every - k and self.masker_learning(step)
+    def can_checkpoint(self) -> bool:
+        """Whether `state_dict()` may be taken now (False while the hypergradient's window is open)."""
+        return self.hypergradient.can_checkpoint(self)
+
+    def can_undo_step(self) -> bool:
+        """Whether every `step` can be undone alone by loading a `state_dict()` taken before it (no
+        hypergradient window spans several steps): what skipping a non-finite batch needs."""
+        return self.hypergradient.window_steps() <= 1
 
     # ---- one iteration ------------------------------------------------------------------------
 
@@ -293,19 +180,8 @@ class MLOEngine:
             val_batch = self._batch(val_batch, self.val_batches, "val_batch")
 
         stats: dict[str, float] = {"step": float(s)}
-        if self._in_unroll_window(s):
-            if self._window is None:
-                self._window = UnrollWindow(self.mae, self.masker, self.mae_optimizer, first_order=cfg.first_order,
-                                            grad_sync=self.grad_sync)
-            out = self._window.pretrain_step(images, ratio=cfg.ratio, generator=self.generator, grad_clip=cfg.grad_clip,
-                                             progress=progress)
-            loss, plan, per_patch, record = out.loss.detach(), out.plan, out.per_patch.detach(), None
-        else:
-            record = pretrain_step(self.mae, self.masker, self.mae_optimizer, images, ratio=cfg.ratio,
-                                   generator=self.generator, grad_clip=cfg.grad_clip,
-                                   keep_params=learning and cfg.hypergrad == "darts",
-                                   autocast_dtype=torch.bfloat16 if cfg.amp == "bf16" else None, progress=progress)
-            loss, plan, per_patch = record.loss, record.plan, record.per_patch
+        record = self.hypergradient.pretrain(self, images, learning=learning, progress=progress)
+        loss, plan, per_patch = record.loss, record.plan, record.per_patch
         self._scheduler_step("mae")
         stats["pretrain_loss"] = float(loss)
         stats.update(_mask_stats(_probs(plan).detach()))
@@ -313,20 +189,8 @@ class MLOEngine:
         extra = self._level3_extra(plan, per_patch, stats) if learning else None
 
         if due:
-            if self._window is not None:
-                window, self._window = self._window, None
-                grads, ft = window.finish(self.head, self.head_optimizer, train_batch, val_batch,
-                                          head_grad_clip=cfg.head_grad_clip)
-            elif learning:
-                if cfg.level2 == "ridge":
-                    ft = ridge_step(self.mae, train_batch, val_batch, ridge=cfg.ridge,
-                                    mae_params=optimizer_params(self.mae_optimizer))
-                else:
-                    ft = finetune_step(self.mae, self.head, self.head_optimizer, train_batch, val_batch,
-                                       mae_params=optimizer_params(self.mae_optimizer), paths=cfg.darts_paths,
-                                       scale=cfg.darts_scale, grad_clip=cfg.head_grad_clip)
-                grads = darts_masker_grad(self.mae, self.masker, record, ft.vector, self.mae_optimizer,
-                                          scale=cfg.darts_scale, r=cfg.darts_r, fd=cfg.darts_fd)
+            if learning:
+                grads, ft = self.hypergradient.masker_grads(self, record, train_batch, val_batch)
             else:  # masker warm-up: a plain head step, no hypergradient
                 ft = finetune_step(self.mae, self.head, self.head_optimizer, train_batch, val_batch,
                                    paths=None, grad_clip=cfg.head_grad_clip)
@@ -342,6 +206,15 @@ class MLOEngine:
             stats[f"lr_{level}"] = float(opt.param_groups[0]["lr"])
         self.step_count += 1
         return stats
+
+    def pretrain(self, images: Tensor, *, keep_params: bool = False, progress: float | None = None) -> PretrainStep:
+        """One real pretrain step with the engine's settings (ratio, generator, clipping, amp).
+
+        keep_params: keep W before the step and the masker's graph (darts' finite difference)."""
+        cfg = self.config
+        return pretrain_step(self.mae, self.masker, self.mae_optimizer, images, ratio=cfg.ratio,
+                             generator=self.generator, grad_clip=cfg.grad_clip, keep_params=keep_params,
+                             autocast_dtype=torch.bfloat16 if cfg.amp == "bf16" else None, progress=progress)
 
     def _level3_extra(self, plan: MaskPlan, per_patch: Tensor, stats: dict[str, float]) -> list[Tensor] | None:
         """Gradients w.r.t. the masker of the level-3 terms besides the validation loss, on this step's plan:
@@ -390,12 +263,12 @@ class MLOEngine:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: step, the three models, optimizers, schedulers, generator."""
-        if self._window is not None:
-            raise RuntimeError("MLOEngine.state_dict: an unroll window is open (mid masker cycle); "
+        if self.hypergradient.window_open():
+            raise RuntimeError(f"MLOEngine.state_dict: the {self.hypergradient.name} window is open (mid masker cycle); "
                                "checkpoint after a masker step (when engine.masker_due() was just True)")
         return {
             "step": self.step_count,
-            "config": asdict(self.config),
+            "config": self.config.state(),
             "mae": self.mae.state_dict(),
             "masker": self.masker.state_dict(),
             "head": self.head.state_dict(),
@@ -413,7 +286,7 @@ class MLOEngine:
         if set(state.get("schedulers", {})) != set(self.schedulers):
             raise ValueError(f"scheduler keys differ: checkpoint {sorted(state.get('schedulers', {}))}, "
                              f"engine {sorted(self.schedulers)}")
-        self._window = None
+        self.hypergradient.reset()
         self.mae.load_state_dict(state["mae"])
         self.masker.load_state_dict(state["masker"])
         self.head.load_state_dict(state["head"])
@@ -427,22 +300,6 @@ class MLOEngine:
                 raise ValueError("the checkpoint holds a generator state but this engine has no generator")
             self.generator.set_state(state["generator"])
         self.step_count = int(state["step"])
-
-
-def _check_differentiable_optimizers(config: MLOConfig, mae_optimizer: torch.optim.Optimizer,
-                                     head_optimizer: torch.optim.Optimizer) -> None:
-    """Fail at construction, not at the first masker step, when a hypergradient cannot use an optimizer."""
-    from maskkit.unroll import check_optimizer
-
-    supported = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
-    for level, opt in (("MAE", mae_optimizer), ("head", head_optimizer)):
-        if config.hypergrad == "unroll":
-            check_optimizer(opt)  # UnrollError (a ValueError) naming the optimizer
-        elif config.darts_scale == "optimizer" and not isinstance(opt, supported):
-            raise ValueError(
-                f"the darts hypergradient needs the derivative of the {level} optimizer's update, known for "
-                f"SGD, Adam and AdamW, not {type(opt).__name__}: use one of those, or darts_scale='lr'"
-            )
 
 
 def prior_kl(probs: Tensor, ratio: float) -> Tensor:
