@@ -53,7 +53,7 @@ from maskkit.compile import NO_COMPILE, compile_blocks
 from maskkit.mae import mae_step_loss
 from maskkit.mlo import MLOConfig, MLOEngine, default_optimizers
 from maskkit.optim import param_groups
-from maskkit.registry import create_policy, create_sized_policy
+from maskkit.policies import create_policy, create_sized_policy
 
 #: contender name -> MLO config (None: the plain MAE step).
 CONTENDERS: dict[str, MLOConfig | None] = {

@@ -52,7 +52,7 @@ from maskkit.data import (
 )
 from maskkit.distributed import SINGLE, DistContext, barrier, broadcast_object
 from maskkit.plan import check_ratio
-from maskkit.registry import coerce_policy_options, create_policy, get_policy_class, policy_options
+from maskkit.policies import coerce_policy_options, create_policy, get_policy_class, policy_options
 from maskkit.settings import flag, setting
 from maskkit.training import (
     AMP_MODES,
@@ -830,7 +830,7 @@ class Picture:
 
 def policy_names(spec: str) -> list[str]:
     """'all' -> every registered policy; 'a,b' -> those names (checked, duplicates dropped, order kept)."""
-    from maskkit.registry import list_policies
+    from maskkit.policies import list_policies
 
     if spec.strip() == "all":
         return list_policies()

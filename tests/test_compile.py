@@ -8,7 +8,7 @@ from test_mlo import _masker_grads, make_engine, small_mae
 
 from maskkit.compile import check_backend, compile_blocks, is_compiled, transformer_blocks, uncompiled
 from maskkit.mlo import MLOConfig
-from maskkit.registry import create_policy
+from maskkit.policies import create_policy
 from maskkit.training import mae_step_loss
 from maskkit.unroll import math_attention
 

@@ -10,8 +10,8 @@ from torch import nn
 from maskkit import hypergrad as hg
 from maskkit.mae import mae_forward
 from maskkit.plan import MaskPlan
+from maskkit.policies import create_policy
 from maskkit.policies.base import MaskPolicy
-from maskkit.registry import create_policy
 
 DT = torch.float64
 
