@@ -35,6 +35,7 @@ from maskkit.evaluate import (
 )
 from maskkit.policies import AUTO_POLICY_OPTIONS, COMMON_ALLOWED
 
+from .listing import list_command
 from .options import config_command, config_from_values, given_on_command_line, policy_extras
 from .printing import bench_table, describe, evaluate_progress, pretrain_progress, step_fields, summary_table
 
@@ -142,6 +143,9 @@ def _cli_value(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     return str(value)
+
+
+app.command("list")(list_command)
 
 
 # ---- pretrain ---------------------------------------------------------------------------------
