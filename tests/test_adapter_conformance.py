@@ -169,11 +169,11 @@ def timm_build_raw(seed: int) -> nn.Module:
     ).eval())  # fmt: skip
 
 
-def timm_attach(raw: nn.Module, images: Tensor) -> Callable[[], None]:
+def timm_attach(raw: nn.Module, images: Tensor, decoder: dict = TIMM_DECODER) -> Callable[[], None]:
     from maskkit.adapters.timm import TimmMAE
 
     # wraps the instance in place; fixed_pos_embed=False: keep the user's own pos_embed
-    mae = seeded(1, lambda: TimmMAE(raw, fixed_pos_embed=False, **TIMM_DECODER))
+    mae = seeded(1, lambda: TimmMAE(raw, fixed_pos_embed=False, **decoder))
     assert mae.encoder is raw
     mae(images).loss.backward()
     return lambda: None  # nothing to undo: wrapping must not change the encoder

@@ -6,16 +6,17 @@ through a real `maskkit pretrain --model toy:16` process, whose model.pt loads i
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import test_adapter_conformance as conformance
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 import maskkit.registry
 from maskkit.adapters import ADAPTERS, create_mae_from_spec, parse_model_spec
@@ -101,18 +102,11 @@ def toy_case(plugin) -> conformance.AdapterCase:
     def build_raw(seed: int) -> nn.Module:
         return conformance.seeded(seed, lambda: plugin.build_vit(32, 16, 4, 3).eval())
 
-    def attach(raw: nn.Module, images: Tensor) -> Callable[[], None]:
-        from maskkit.adapters import TimmMAE
-
-        mae = conformance.seeded(1, lambda: TimmMAE(raw, fixed_pos_embed=False, **plugin.DECODER))
-        assert mae.encoder is raw
-        mae(images).loss.backward()
-        return lambda: None  # nothing to undo: wrapping must not change the encoder
-
     return conformance.AdapterCase(
         name="toy", img_size=16, in_chans=3, patch_size=4, embed_dim=32, build=build,
         own_loss=conformance.timm_own_loss, own_features=conformance.timm_own_features,
-        features_tol=dict(rtol=0, atol=1e-6), raw_of=lambda mae: mae.encoder, build_raw=build_raw, attach=attach,
+        features_tol=dict(rtol=0, atol=1e-6), raw_of=lambda mae: mae.encoder, build_raw=build_raw,
+        attach=functools.partial(conformance.timm_attach, decoder=plugin.DECODER),
         raw_output=conformance.timm_raw_output, adds_parameters=True, spec="toy:32",
     )  # fmt: skip
 
