@@ -5,6 +5,10 @@
   restore_masking, timm_compat).
 - `maskkit.adapters.hf`: transformers `ViTMAEForPreTraining` (needs the `hf` extra;
   imported lazily): HFMAE, hf_loss, noise_for_plan, create_hf_mae.
+
+Each model kind of `--model KIND:ARG` is a `ModelAdapter` registered in `ADAPTERS` in one file
+(`kind_timm`, `kind_official`, `kind_hf`; a third party's through `register_adapter`, MASKKIT_PLUGINS or
+the `maskkit.adapters` entry-point group); `maskkit.adapters.models` parses and builds through them.
 """
 
 from maskkit.adapters.timm import (
@@ -18,14 +22,32 @@ from maskkit.adapters.timm import (
 )
 from maskkit.adapters.vit_attention import cls_attention, last_block_cls_attention
 
+# the built-in kinds register in this order, the order of the spec grammar in messages
+# isort: off
+from maskkit.adapters.adapter import ADAPTERS, BuildRequest, ModelAdapter, ModelSpec, register_adapter
+from maskkit.adapters import kind_timm  # noqa: F401
+from maskkit.adapters import kind_official  # noqa: F401
+from maskkit.adapters import kind_hf  # noqa: F401
+from maskkit.adapters.models import create_mae_from_spec, model_adapter, parse_model_spec, preferred_patch_size
+# isort: on
+
 __all__ = [
+    "ADAPTERS",
+    "BuildRequest",
     "MAEPreset",
+    "ModelAdapter",
+    "ModelSpec",
     "TimmMAE",
     "cls_attention",
     "create_mae",
+    "create_mae_from_spec",
     "get_preset",
     "last_block_cls_attention",
     "list_presets",
+    "model_adapter",
+    "parse_model_spec",
+    "preferred_patch_size",
+    "register_adapter",
     "register_preset",
     "sincos_pos_embed_2d",
 ]

@@ -30,9 +30,10 @@ from maskkit.evaluate import (
     LINEAR_EPOCHS,
     MIN_DEFAULT_STEPS,
 )
-from maskkit.registry import AUTO_POLICY_OPTIONS, COMMON_ALLOWED
+from maskkit.policies import AUTO_POLICY_OPTIONS, COMMON_ALLOWED
 
 from . import runner
+from .listing import list_command
 from .options import config_command, config_from_values, given_on_command_line, policy_extras
 from .printing import (  # noqa: F401 - pretrain_progress, step_fields: the bar's parts, importable from here
     bench_table,
@@ -84,10 +85,13 @@ def _say(text: str, *, err: bool = False) -> None:
 # ---- policies ---------------------------------------------------------------------------------
 
 
+app.command("list")(list_command)
+
+
 @app.command("policies")
 def policies_command() -> None:
     """List the registered masking policies (third-party ones included): paper, idea, what they learn from, options."""
-    from maskkit.registry import list_policies, load_plugins, policy_card
+    from maskkit.policies import list_policies, load_plugins, policy_card
 
     with one_line_errors():
         load_plugins()
@@ -126,7 +130,7 @@ def pretrain_command(ctx: typer.Context, **values: Any) -> None:
                           f"(step {prepared.trainer.step_count})")  # fmt: skip
         else:
             from maskkit.adapters.models import parse_model_options
-            from maskkit.registry import coerce_policy_options
+            from maskkit.policies import coerce_policy_options
 
             raw, spelled = policy_extras(values["policy"], list(ctx.args), values["policy_opt"])
             options = coerce_policy_options(values["policy"], raw, spelled)  # named as typed, before any work

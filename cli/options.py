@@ -92,7 +92,7 @@ def policy_extras(policy: str, extra: list[str], pairs: list[str]) -> tuple[dict
 
     Returns ({option: value text}, {option: how it was spelled}); a bare `--<policy>-<flag>` is "true".
     """
-    from maskkit.registry import list_policies, policy_options
+    from maskkit.policies import list_policies, policy_options
 
     annotations = {o.name: o.annotation for o in policy_options(policy)}
     raw: dict[str, str] = {}

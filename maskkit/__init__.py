@@ -31,11 +31,9 @@ from maskkit.policies import (
     HPMPolicy,
     LearnedMasker,
     MaskPolicy,
+    PolicyCard,
     RandomPolicy,
     ScoredPolicy,
-)
-from maskkit.registry import (
-    PolicyCard,
     create_policy,
     list_policies,
     policy_card,

@@ -16,8 +16,7 @@ from torch import Tensor, nn
 
 from maskkit.compile import NO_COMPILE, check_backend
 from maskkit.measure import peak_memory_mb, sync
-from maskkit.policies import AttentionPolicy, RandomPolicy
-from maskkit.registry import create_sized_policy, list_policies
+from maskkit.policies import AttentionPolicy, RandomPolicy, create_sized_policy, list_policies
 
 #: policies with rows of their own in `bench_policy_overhead` (the others get `<name>_policy`).
 OWN_ROWS = ("random", "attention")
@@ -195,7 +194,7 @@ def masker_parameter_counts(
     Built on the meta device, so nothing is allocated. Rows: {"size", "num_patches",
     "embed_dim", "paper", "token", "ratio" (paper / token)}.
     """
-    from maskkit.registry import create_policy
+    from maskkit.policies import create_policy
 
     rows = []
     for size, n in (sizes or PARAM_SIZES).items():

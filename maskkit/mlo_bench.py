@@ -52,7 +52,7 @@ from maskkit.compile import NO_COMPILE, compile_blocks
 from maskkit.measure import peak_memory_mb, peak_rss_mb, sync
 from maskkit.mlo import MLOConfig, MLOEngine, default_optimizers
 from maskkit.optim import param_groups
-from maskkit.registry import create_policy, create_sized_policy, policy_card
+from maskkit.policies import create_policy, create_sized_policy, policy_card
 from maskkit.train.mlo_step import MLOStep
 from maskkit.train.plain import PlainStep
 from maskkit.train.step import TrainStep

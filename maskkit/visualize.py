@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from maskkit.data import Batcher, denormalize
 from maskkit.mae import mae_forward, policy_context
-from maskkit.registry import create_sized_policy
+from maskkit.policies import create_sized_policy
 
 #: colour of hidden patches in the "hidden" column (RGB in [0, 1]): the uniformly random ones ...
 HIDDEN_RGB = (0.45, 0.45, 0.55)

@@ -1,7 +1,9 @@
-"""One conformance suite for every MAE adapter: maskkit.adapters.timm, .official_mae and .hf.
+"""One conformance suite for every registered MAE adapter (`maskkit.adapters.ADAPTERS`: timm, official, hf).
 
-Each adapter is one `AdapterCase`, one param of the `case` fixture; a new adapter gets every test here
-by adding one more entry to `CASES`. For every adapter:
+Each registered adapter is one `AdapterCase` in `CASES` (keyed by its registered name), one param of the
+`case` fixture; a new adapter gets every test here by adding one more entry, and a registered adapter
+without one fails `test_every_registered_adapter_has_a_case`. A plugin's adapter runs the same suite
+through `check_conformance(case)` (tests/test_plugin_adapter.py). For every adapter:
 
 1. maskkit's loss (`mae_step_loss` + the random policy, same noise) is bit-identical to the codebase's
    own loss, for norm_pix_loss False and True, and a weighted plan weights the codebase's own per-patch loss;
@@ -10,7 +12,8 @@ by adding one more entry to `CASES`. For every adapter:
 3. `features(images)` is the unmasked encoder's CLS after the final norm;
 4. a learned masker gets gradients through the loss;
 5. attaching maskkit to the codebase's own model and detaching it leaves that model exactly as it was;
-6. the wrapper's state_dict survives torch.save / torch.load into a differently seeded wrapper.
+6. the wrapper's state_dict survives torch.save / torch.load into a differently seeded wrapper;
+7. the registered adapter (`create_mae_from_spec(case.spec, ...)`) builds the case's model, weight for weight.
 
 Adapter-specific behaviour (timm_compat, use_policy, hf_loss, presets, ...) stays in test_adapter_*.py.
 """
@@ -18,9 +21,10 @@ Adapter-specific behaviour (timm_compat, use_policy, hf_loss, presets, ...) stay
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -29,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from maskkit import MaskPlan, create_policy, gather_tokens, is_mae, mae_forward, mae_step_loss, num_visible
+from maskkit.adapters import ADAPTERS, create_mae_from_spec
 from maskkit.adapters.models import load_official_module
 from maskkit.compile import compile_blocks, is_compiled, transformer_blocks
 
@@ -56,7 +61,7 @@ class Noise:
 class AdapterCase:
     """What the suite needs to know of one adapter."""
 
-    name: str
+    name: str  # the adapter's registered name (its model kind)
     img_size: int
     in_chans: int
     patch_size: int
@@ -83,6 +88,9 @@ class AdapterCase:
     adds_parameters: bool = False
     #: a package the adapter needs (the case skips without it)
     needs: str | None = None
+    #: the `--model` spec and `--model-opt` options under which the registered adapter builds `build`'s model
+    spec: str = ""
+    spec_options: dict = field(default_factory=dict)
 
     @property
     def num_patches(self) -> int:
@@ -161,11 +169,11 @@ def timm_build_raw(seed: int) -> nn.Module:
     ).eval())  # fmt: skip
 
 
-def timm_attach(raw: nn.Module, images: Tensor) -> Callable[[], None]:
+def timm_attach(raw: nn.Module, images: Tensor, decoder: dict = TIMM_DECODER) -> Callable[[], None]:
     from maskkit.adapters.timm import TimmMAE
 
     # wraps the instance in place; fixed_pos_embed=False: keep the user's own pos_embed
-    mae = seeded(1, lambda: TimmMAE(raw, fixed_pos_embed=False, **TIMM_DECODER))
+    mae = seeded(1, lambda: TimmMAE(raw, fixed_pos_embed=False, **decoder))
     assert mae.encoder is raw
     mae(images).loss.backward()
     return lambda: None  # nothing to undo: wrapping must not change the encoder
@@ -294,44 +302,61 @@ def hf_attach(raw: nn.Module, images: Tensor) -> Callable[[], None]:
 
 # ---- the cases ------------------------------------------------------------------------------------
 
-CASES = [
-    AdapterCase(
+CASES = {
+    "timm": AdapterCase(
         name="timm", img_size=28, in_chans=1, patch_size=4, embed_dim=32,
         build=timm_build, own_loss=timm_own_loss, own_features=timm_own_features,
         features_tol=dict(rtol=0, atol=1e-6), raw_of=lambda mae: mae.encoder,
         build_raw=timm_build_raw, attach=timm_attach, raw_output=timm_raw_output, adds_parameters=True,
+        spec="timm:tiny", spec_options={k: v for k, v in {**TIMM_ENCODER, **TIMM_DECODER}.items()
+                                        if k not in ("img_size", "patch_size", "in_chans")},
     ),
-    AdapterCase(
-        name="official_mae", img_size=16, in_chans=3, patch_size=4, embed_dim=32,
+    "official": AdapterCase(
+        name="official", img_size=16, in_chans=3, patch_size=4, embed_dim=32,
         build=official_build, own_loss=official_own_loss, own_features=official_own_features,
         features_tol=dict(rtol=1e-5, atol=1e-5), raw_of=lambda mae: mae.model,
         build_raw=official_build_raw, attach=official_attach, raw_output=official_raw_output,
+        spec=f"official:{EXAMPLES / 'models_mae.py'}:mae_vit_tiny_patch4",
     ),
-    AdapterCase(
+    "hf": AdapterCase(
         name="hf", img_size=16, in_chans=3, patch_size=4, embed_dim=32,
         build=hf_build, own_loss=hf_own_loss, own_features=hf_own_features,
         features_tol=dict(rtol=1e-5, atol=1e-5), raw_of=lambda mae: mae.model,
         build_raw=hf_build_raw, attach=hf_attach, raw_output=hf_raw_output, needs="transformers",
+        spec="hf:tiny", spec_options={k: v for k, v in HF_TINY.items()
+                                      if k not in ("image_size", "patch_size", "num_channels")},
     ),
-]  # fmt: skip
+}  # fmt: skip
+REGISTERED = ADAPTERS.names()  # every registered adapter is a param: one without a case fails
 
 
-@pytest.fixture(params=CASES, ids=[c.name for c in CASES])
+@pytest.fixture(params=REGISTERED)
 def case(request) -> AdapterCase:
-    if request.param.needs:
-        pytest.importorskip(request.param.needs)
-    return request.param
+    if request.param not in CASES:
+        pytest.fail(f"adapter {request.param!r} is registered but has no AdapterCase in CASES")
+    found = CASES[request.param]
+    if found.needs:
+        pytest.importorskip(found.needs)
+    return found
 
 
-@pytest.fixture()
-def images(case) -> Tensor:
+def make_images(case: AdapterCase) -> Tensor:
     shape = (B, case.in_chans, case.img_size, case.img_size)
     return torch.randn(*shape, generator=torch.Generator().manual_seed(7))
 
 
+def make_noise(case: AdapterCase) -> Noise:
+    return Noise.draw(11, B, case.num_patches)
+
+
+@pytest.fixture()
+def images(case) -> Tensor:
+    return make_images(case)
+
+
 @pytest.fixture()
 def noise(case) -> Noise:
-    return Noise.draw(11, B, case.num_patches)
+    return make_noise(case)
 
 
 def hidden(case: AdapterCase, ratio: float = 0.75) -> int:
@@ -503,3 +528,49 @@ def test_transformer_blocks_compile_to_the_same_loss(case, images, noise):
     random = create_policy("random")
     got, want = (mae_step_loss(m, random, images, noise=noise.values).loss for m in (mae, ref))
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_the_registered_adapter_builds_the_case_model(case):
+    """`--model SPEC` (the registered adapter) builds the very model the suite checks, weight for weight."""
+    assert case.spec.partition(":")[0] == case.name  # the case is the registered adapter's
+    for seed, norm_pix_loss in ((0, False), (3, True)):
+        built = create_mae_from_spec(
+            case.spec, img_size=case.img_size, in_chans=case.in_chans, patch_size=case.patch_size, seed=seed,
+            norm_pix_loss=norm_pix_loss, options=case.spec_options,
+        )  # fmt: skip
+        want = case.build(seed, norm_pix_loss)
+        assert is_mae(built) and type(built) is type(want) and built.norm_pix_loss == norm_pix_loss
+        got, expected = built.state_dict(), want.state_dict()
+        assert list(got) == list(expected) and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_every_registered_adapter_has_a_case():
+    assert set(REGISTERED) >= {"timm", "official", "hf"}
+    assert set(ADAPTERS.names()) <= set(CASES), "add an AdapterCase for every registered adapter"
+
+
+#: the suite, for an adapter registered at run time (a plugin): every test above that takes a case
+SUITE = (
+    test_protocol_attributes_and_shapes,
+    test_random_policy_bit_identical_to_own_loss,
+    test_weighted_plan_weights_the_own_per_patch_loss,
+    test_plan_round_trip,
+    test_features_are_the_unmasked_cls_after_the_final_norm,
+    test_learned_masker_gets_gradients,
+    test_attach_and_undo_leave_the_codebase_model_unchanged,
+    test_state_dict_round_trip,
+    test_transformer_blocks_compile_to_the_same_loss,
+    test_the_registered_adapter_builds_the_case_model,
+)
+
+
+def check_conformance(case: AdapterCase) -> list[str]:
+    """Run every test of the suite on `case` (fresh images and noise for each); returns the tests run."""
+    ran = []
+    for test in SUITE:
+        params = inspect.signature(test).parameters
+        for norm_pix_loss in case.norm_pix_options if "norm_pix_loss" in params else (None,):
+            given = {"case": case, "images": make_images(case), "noise": make_noise(case), "norm_pix_loss": norm_pix_loss}
+            test(**{name: given[name] for name in params})
+        ran.append(test.__name__)
+    return ran

@@ -15,7 +15,7 @@ from maskkit import run as runs
 from maskkit.checkpoint import load_checkpoint
 from maskkit.cli.app import app
 from maskkit.data import Batcher, channel_stats, load_dataset, make_splits
-from maskkit.registry import create_policy
+from maskkit.policies import create_policy
 from maskkit.train import Pretrainer, TrainConfig
 
 runner = CliRunner()

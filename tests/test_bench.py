@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from maskkit.bench import bench_policy_overhead, count_parameters, masker_parameter_counts, sized_policies
 from maskkit.cli.app import app
-from maskkit.registry import create_policy, list_policies
+from maskkit.policies import create_policy, list_policies
 
 #: a row per built-in policy: random and attention their own, the rest `<name>_policy` vs random_policy
 ZOO_ROWS = ("adamae", "block", "colornoise", "hpm", "learned", "simmim", "uniform")

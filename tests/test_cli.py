@@ -334,7 +334,7 @@ def test_guided_fraction_passes_through_and_masker_reg_reaches_the_engine(tmp_pa
 
 def test_policy_option_spellings_and_types():
     from maskkit.cli.options import policy_extras
-    from maskkit.registry import coerce_policy_options
+    from maskkit.policies import coerce_policy_options
 
     def parse(policy, extra, pairs):
         return coerce_policy_options(policy, *policy_extras(policy, extra, pairs))

@@ -10,7 +10,7 @@ from maskkit.compile import check_backend, compile_blocks, is_compiled, transfor
 from maskkit.mae import mae_step_loss
 from maskkit.mlo import MLOConfig
 from maskkit.mlo.unroll import math_attention
-from maskkit.registry import create_policy
+from maskkit.policies import create_policy
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ from maskkit import run as runs
 from maskkit.checkpoint import load_checkpoint
 from maskkit.data import Batcher, channel_stats, load_dataset, make_splits
 from maskkit.distributed import SINGLE, DistContext, cleanup, init_from_env
-from maskkit.registry import create_policy
+from maskkit.policies import create_policy
 from maskkit.train import Pretrainer, TrainConfig
 
 TORCHRUN = shutil.which("torchrun")

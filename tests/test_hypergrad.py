@@ -13,8 +13,8 @@ from maskkit.mlo.derivative import optimizer_params, update_derivative
 from maskkit.mlo.steps import finetune_step, pretrain_step, ridge_step
 from maskkit.mlo.unrolled import UnrollWindow
 from maskkit.plan import MaskPlan
+from maskkit.policies import create_policy
 from maskkit.policies.base import MaskPolicy
-from maskkit.registry import create_policy
 
 DT = torch.float64
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from maskkit.adapters.timm import create_mae
 from maskkit.mlo import DIAGNOSTIC_KEYS, MASKER_STEP_KEYS, STEP_KEYS, MLOConfig, MLOEngine, default_optimizers
-from maskkit.registry import create_policy
+from maskkit.policies import create_policy
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 LEFT = torch.zeros(4, 4, dtype=torch.bool)

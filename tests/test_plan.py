@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from maskkit.plan import MaskPlan, check_ratio, gather_tokens, num_visible
-from maskkit.registry import create_policy, list_policies
+from maskkit.policies import create_policy, list_policies
 
 POLICIES = list_policies()
 

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from policy_checks import check_determinism
 
 from maskkit.plan import num_visible
+from maskkit.policies import create_policy
 from maskkit.policies.adamae import AdaMAEPolicy
 from maskkit.policies.learned import position_code
-from maskkit.registry import create_policy
 
 # tiny tensors: one torch thread is much faster than several contending ones on a loaded machine
 pytestmark = pytest.mark.usefixtures("one_thread")

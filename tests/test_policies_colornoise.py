@@ -12,6 +12,7 @@ from policy_checks import check_determinism
 
 from maskkit.noise_bank import main
 from maskkit.plan import MaskPlan, num_visible
+from maskkit.policies import get_policy_class
 from maskkit.policies.colornoise import (
     COLORS,
     ColorNoisePolicy,
@@ -20,7 +21,6 @@ from maskkit.policies.colornoise import (
     make_noise_bank,
 )
 from maskkit.policies.random import RandomPolicy
-from maskkit.registry import get_policy_class
 
 # tiny tensors: one torch thread is much faster than several contending ones on a loaded machine
 pytestmark = pytest.mark.usefixtures("one_thread")

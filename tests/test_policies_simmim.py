@@ -9,9 +9,9 @@ import torch
 from policy_checks import check_determinism
 
 from maskkit.plan import num_visible
+from maskkit.policies import create_policy
 from maskkit.policies.random import RandomPolicy
 from maskkit.policies.simmim import SimMIMPolicy
-from maskkit.registry import create_policy
 
 # tiny tensors: one torch thread is much faster than several contending ones on a loaded machine
 pytestmark = pytest.mark.usefixtures("one_thread")

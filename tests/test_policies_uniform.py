@@ -7,8 +7,8 @@ import torch
 from policy_checks import check_determinism
 
 from maskkit.mae import masked_loss
+from maskkit.policies import create_policy
 from maskkit.policies.uniform import UniformPolicy
-from maskkit.registry import create_policy
 
 # tiny tensors: one torch thread is much faster than several contending ones on a loaded machine
 pytestmark = pytest.mark.usefixtures("one_thread")

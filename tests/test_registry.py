@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskkit import registry
 from maskkit.plan import MaskPlan
-from maskkit.policies import MaskPolicy
-from maskkit.registry import (
+from maskkit.policies import (
+    MaskPolicy,
     create_policy,
     get_policy_class,
     is_policy,
@@ -23,6 +22,7 @@ from maskkit.registry import (
     policy_options,
     policy_summary,
     register_policy,
+    registry,
 )
 
 

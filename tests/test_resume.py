@@ -22,7 +22,7 @@ from maskkit import run as runs
 from maskkit.checkpoint import list_checkpoints, load_checkpoint, load_latest
 from maskkit.cli.app import app
 from maskkit.data import Batcher, channel_stats, load_dataset, make_splits
-from maskkit.registry import create_policy
+from maskkit.policies import create_policy
 from maskkit.train import STOP_SIGNALS, Pretrainer, StopSignals, TrainConfig, TrainingStopped, train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from maskkit.registry import get_policy_class
+from maskkit.policies import get_policy_class
 from maskkit.run import (
     CONFIG,
     FORMAT_VERSION,

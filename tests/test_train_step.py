@@ -18,9 +18,9 @@ from maskkit.data import Batcher, channel_stats, load_dataset, make_splits
 from maskkit.mae import mae_step_loss
 from maskkit.optim import param_groups
 from maskkit.plan import MaskPlan
+from maskkit.policies import CardInfo, create_policy, create_sized_policy, register_policy
 from maskkit.policies.base import MaskPolicy
 from maskkit.policies.scored import uniform_noise
-from maskkit.registry import CardInfo, create_policy, create_sized_policy, register_policy
 from maskkit.train import (
     MLOSettings,
     Pretrainer,

@@ -10,10 +10,11 @@ from torch import Tensor
 
 from maskkit.plan import MaskPlan
 from maskkit.policies.base import MaskPolicy
+from maskkit.policies.card import CardInfo
 from maskkit.policies.learned import gumbel_from_uniform
+from maskkit.policies.registry import register_policy
 from maskkit.policies.scored import uniform_noise
 from maskkit.policies.token_scorer import TokenScorer
-from maskkit.registry import CardInfo, register_policy
 
 
 @register_policy("adamae")

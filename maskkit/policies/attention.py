@@ -14,8 +14,9 @@ from torch import Tensor
 
 from maskkit.plan import num_visible
 from maskkit.policies.base import check_fraction
+from maskkit.policies.card import CardInfo
+from maskkit.policies.registry import register_policy
 from maskkit.policies.scored import ScoredPolicy, uniform_noise
-from maskkit.registry import CardInfo, register_policy
 
 MODES = ("high", "low", "hint")
 

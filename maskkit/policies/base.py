@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from maskkit.plan import MaskPlan, check_ratio, plan_checks_enabled
-from maskkit.registry import CardInfo
+from maskkit.policies.card import CardInfo
 
 
 def check_fraction(name: str, value: Any, *, include_one: bool = True) -> float:

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from maskkit.plan import MaskPlan, num_visible
 from maskkit.policies.base import MaskPolicy
-from maskkit.registry import CardInfo, register_policy
+from maskkit.policies.card import CardInfo
+from maskkit.policies.registry import register_policy
 
 
 @register_policy("block")

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from maskkit.plan import MaskPlan
+from maskkit.policies.card import CardInfo
+from maskkit.policies.registry import register_policy
 from maskkit.policies.scored import ScoredPolicy
 from maskkit.policies.token_scorer import TokenScorer
-from maskkit.registry import CardInfo, register_policy
 
 LOSSES = ("rank", "mse")
 

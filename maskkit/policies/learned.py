@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from maskkit.plan import MaskPlan
+from maskkit.policies.card import CardInfo
+from maskkit.policies.registry import register_policy
 from maskkit.policies.scored import ScoredPolicy, uniform_noise
-from maskkit.registry import CardInfo, register_policy
 
 ARCHS = ("token", "paper")
 SELECTIONS = ("topk", "gumbel")

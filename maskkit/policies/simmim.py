@@ -10,8 +10,9 @@ from torch import Tensor
 
 from maskkit.plan import MaskPlan
 from maskkit.policies.base import MaskPolicy
+from maskkit.policies.card import CardInfo
 from maskkit.policies.learned import grid_side
-from maskkit.registry import CardInfo, register_policy
+from maskkit.policies.registry import register_policy
 
 UNITS = ("tokens", "pixels")
 

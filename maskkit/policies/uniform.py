@@ -10,9 +10,10 @@ from torch import Tensor
 
 from maskkit.plan import MaskPlan, check_ratio
 from maskkit.policies.base import MaskPolicy, check_fraction
+from maskkit.policies.card import CardInfo
 from maskkit.policies.learned import grid_side
+from maskkit.policies.registry import register_policy
 from maskkit.policies.scored import uniform_noise
-from maskkit.registry import CardInfo, register_policy
 
 #: the hiding fraction uniform sampling implies: 3 of every 2x2 block.
 UNIFORM_RATIO = 0.75

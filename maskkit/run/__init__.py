@@ -16,6 +16,8 @@ run directory's file names), `builder` (config -> resolved record -> built run -
 `lifecycle` (create, resume, train), `evaluation` (weights, loaders, scores), `pictures`.
 """
 
+from maskkit.train.config import DEFAULT_STEPS, MLOSettings, TrainSettings
+
 from .builder import (
     MIN_AUTO_PATCHES,
     Run,
@@ -36,7 +38,6 @@ from .config import (
     AUGMENT,
     DEFAULT_MASK_RATIO,
     DEFAULT_MODEL,
-    DEFAULT_STEPS,
     FORMAT_VERSION,
     SECTIONS,
     DataConfig,
@@ -44,7 +45,6 @@ from .config import (
     PolicyConfig,
     RunConfig,
     RunError,
-    TrainSettings,
     default_ratio,
 )
 from .evaluation import (

@@ -35,7 +35,7 @@ from maskkit.data import (
 )
 from maskkit.distributed import SINGLE, DistContext
 from maskkit.plan import check_ratio
-from maskkit.registry import create_policy, policy_card, policy_options
+from maskkit.policies import create_policy, policy_card, policy_options
 from maskkit.train import Pretrainer, Resolved, TrainConfig
 
 from .config import FORMAT_VERSION, DataConfig, ModelConfig, RunConfig, RunError

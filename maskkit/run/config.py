@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from maskkit.plan import check_ratio
-from maskkit.registry import coerce_policy_options, policy_card, policy_options
+from maskkit.policies import coerce_policy_options, policy_card, policy_options
 from maskkit.settings import flag, setting
 from maskkit.train.config import MLOSettings, TrainSettings
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from maskkit.checkpoint import atomic_write_bytes
 from maskkit.plan import check_ratio
-from maskkit.registry import get_policy_class, list_policies
+from maskkit.policies import get_policy_class, list_policies
 
 from .builder import Run, load_data, new_run, resolve_device
 from .config import (

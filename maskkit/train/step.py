@@ -88,7 +88,7 @@ def step_kind(learns: str, mlo: MLOSettings) -> str:
 
 def policy_learns(policy: nn.Module) -> str:
     """What a built policy learns from, read from its registered class's card."""
-    from maskkit.registry import get_policy_class, list_policies, policy_card
+    from maskkit.policies import get_policy_class, list_policies, policy_card
 
     for name in list_policies():
         if get_policy_class(name) is type(policy):
