@@ -16,7 +16,7 @@ run directory's file names), `builder` (config -> resolved record -> built run -
 `lifecycle` (create, resume, train), `evaluation` (weights, loaders, scores), `pictures`.
 """
 
-from maskkit.train.config import DEFAULT_STEPS, MLOSettings, TrainSettings
+from maskkit.train.config import DEFAULT_STEPS, TrainSettings
 
 from .builder import (
     MIN_AUTO_PATCHES,
