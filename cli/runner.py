@@ -95,7 +95,7 @@ def train_with_progress(prepared: Any, console: Console, err_console: Console, s
                                   disable=not (show_progress and trainer.dist.is_main))  # fmt: skip
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
-        state["images"] += trainer.streams["train"].batch_size
+        state["images"] += trainer.loaders["train"].stream.batch_size
         rate = state["images"] / max(time.perf_counter() - state["t0"], 1e-9)
         bar.update(task, completed=step, **step_fields(metrics["loss"], rate))
 

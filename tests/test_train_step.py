@@ -18,7 +18,7 @@ from maskkit.data import Batcher, channel_stats, load_dataset, make_splits
 from maskkit.mae import mae_step_loss
 from maskkit.optim import param_groups
 from maskkit.plan import MaskPlan
-from maskkit.policies import CardInfo, create_policy, create_sized_policy, register_policy
+from maskkit.policies import POLICIES, CardInfo, create_policy, create_sized_policy, register_policy
 from maskkit.policies.base import MaskPolicy
 from maskkit.policies.scored import uniform_noise
 from maskkit.train import (
@@ -53,18 +53,26 @@ class _Scored(MaskPolicy):
         return self.scale**2
 
 
-@register_policy("test-step-reconstruction", overwrite=True)
 class ReconstructionPolicy(_Scored):
     """Says it learns from reconstruction: its aux loss trains beside the MAE."""
 
     card_info = CardInfo(paper="-", idea="a test policy", learns="reconstruction")
 
 
-@register_policy("test-step-nothing", overwrite=True)
 class NothingPolicy(_Scored):
     """Says it learns nothing: its aux loss, though defined, is not trained."""
 
     card_info = CardInfo(paper="-", idea="a test policy", learns="nothing")
+
+
+@pytest.fixture(autouse=True)
+def test_policies():
+    """The two test policies, registered for this module's tests only (other tests list every policy)."""
+    register_policy("test-step-reconstruction", overwrite=True)(ReconstructionPolicy)
+    register_policy("test-step-nothing", overwrite=True)(NothingPolicy)
+    yield
+    for name in ("test-step-reconstruction", "test-step-nothing"):
+        POLICIES.unregister(name)
 
 
 def build(policy: str, *, mlo: MLOSettings | None = None, **flat: object) -> Pretrainer:

@@ -147,7 +147,7 @@ def train_run(
     start, t0 = trainer.step_count, time.perf_counter()
     records = train(trainer, out, on_step=on_step, stop=stop)
     seconds = time.perf_counter() - t0
-    images = (trainer.step_count - start) * trainer.streams["train"].batch_size
+    images = (trainer.step_count - start) * trainer.loaders["train"].stream.batch_size
     summary = {
         "steps": trainer.step_count,
         "steps_this_call": trainer.step_count - start,

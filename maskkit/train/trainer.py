@@ -1,7 +1,7 @@
 """The training loop: `Trainer` runs any `TrainStep` and owns what every run shares.
 
-It draws the batches (seeded streams of global batches, this rank's shard), keeps the generators
-(augmentation, masks) and global RNG, guards against non-finite numbers (`maskkit.train.guard`),
+It draws the batches (`maskkit.data.Loader`: seeded streams of global batches, this rank's shard,
+augmentation keyed by sample), keeps the mask generator and global RNG, guards against non-finite numbers (`maskkit.train.guard`),
 logs metrics (`MetricsLog`), checkpoints (format `STATE_VERSION`, unchanged: step, skipped,
 world_size, streams, ranks, window, config and the step's own keys) and stops on signals
 (`StopSignals`). It knows nothing of which step it runs: `step_kind` picks it from the policy's
@@ -31,7 +31,7 @@ from maskkit.checkpoint import (
     verify_checkpoint,
 )
 from maskkit.compile import compile_blocks
-from maskkit.data import Batcher, BatchStream
+from maskkit.data import Batcher, BatchStream, Loader
 from maskkit.distributed import (
     SINGLE,
     DistContext,
@@ -96,13 +96,11 @@ class Trainer:
             raise ValueError(f"the run is set up for {config.world_size} processes but {dist.world_size} are running")
         kind = step_kind(policy_learns(policy) if learns is None else learns, config.mlo)
         check_step(kind, config)
-        self.streams = {"train": self._stream(splits["train"], t.seed, "train")}
-        # generators on CPU for augmentation, on the device for the policies' random draws; each rank its own
+        # the train loader augments each sample by its key (seed, step, global position): the same crops for
+        # any number of processes or workers; the policies' random draws come from a generator per rank
+        self.loaders = {"train": self._loader(splits["train"], t.seed, "train", augment=True)}
         rank_seed = t.seed + RANK_SEED_STRIDE * dist.rank
-        self.generators = {
-            "augment": _generator(torch.device("cpu"), rank_seed + 1),
-            "mask": _generator(device, rank_seed + 2),
-        }
+        self.generators = {"mask": _generator(device, rank_seed + 2)}
         self.inject_nan = parse_inject_nan(os.environ.get(INJECT_NAN_ENV))
         compile_blocks(mae, t.compile)  # in place: names and checkpoints unchanged; "none": nothing
         if callable(getattr(policy, "bind", None)):  # a policy built without the MAE's sizes learns them now
@@ -143,7 +141,12 @@ class Trainer:
     @property
     def epoch(self) -> float:
         """Epochs of the train split seen so far."""
-        return self.step_count / self.streams["train"].batches_per_epoch
+        return self.step_count / self.loaders["train"].batches_per_epoch
+
+    @property
+    def streams(self) -> dict[str, BatchStream]:
+        """The loaders' samplers (global index batches; their positions are the checkpoint's `streams`)."""
+        return {name: loader.stream for name, loader in self.loaders.items()}
 
     def weights(self) -> dict[str, Any]:
         """The final weights (model.pt): mae, policy, step, and head where there is one."""
@@ -154,28 +157,26 @@ class Trainer:
 
     # ---- batches --------------------------------------------------------------------------
 
-    def _stream(self, indices: np.ndarray, seed: int, name: str, batch_size: int | None = None) -> BatchStream:
-        """A stream of GLOBAL batches (batch_size per rank x world_size); `_shard` takes this rank's part."""
+    def _loader(self, indices: np.ndarray, seed: int, name: str, *, augment: bool,
+                batch_size: int | None = None) -> Loader:
+        """This rank's loader over GLOBAL batches of batch_size per rank x world_size (seeded by `seed`)."""
         world = self.dist.world_size
-        stream = BatchStream(indices, (batch_size or self.config.train.batch_size) * world, seed)
-        if stream.batch_size < world:
+        if min((batch_size or self.config.train.batch_size) * world, len(indices)) < world:
             raise ValueError(f"the {name} split ({len(indices)} images) is too small for {world} processes")
-        return stream
+        return Loader(self.batcher, indices, batch_size or self.config.train.batch_size, seed,
+                      rank=self.dist.rank, world_size=world, augment=augment)  # fmt: skip
 
     def _batches(self, stream: str, split: str, seed_offset: int, batch_size: int | None) -> Callable[[], Any]:
-        """Open stream `stream` over `split` and return what draws its next (images, labels) batch."""
-        self.streams[stream] = self._stream(self.splits[split], self.config.seed + seed_offset, split, batch_size)
+        """Open loader `stream` over `split` (no augmentation) and return what draws its next (images, labels)."""
+        loader = self._loader(self.splits[split], self.config.seed + seed_offset, split, augment=False,
+                              batch_size=batch_size)  # fmt: skip
+        self.loaders[stream] = loader
 
         def batch() -> tuple[torch.Tensor, torch.Tensor]:
-            index = self._shard(self.streams[stream].next())
-            return self._poison(self.batcher.images(index), stream), self.batcher.labels(index)
+            drawn = loader.next()
+            return self._poison(drawn.images, stream), drawn.labels
 
         return batch
-
-    def _shard(self, index: np.ndarray) -> np.ndarray:
-        """This rank's contiguous part of a global batch (rank r takes positions r*b .. r*b+b-1)."""
-        b = len(index) // self.dist.world_size
-        return index[self.dist.rank * b : (self.dist.rank + 1) * b]
 
     def _poison(self, images: torch.Tensor, stream: str) -> torch.Tensor:
         """Fault injection (MASKKIT_INJECT_NAN): NaN pixels in this stream's batch at this step."""
@@ -204,8 +205,7 @@ class Trainer:
         any level, optimizer states untouched) and counted in `self.skipped`.
         """
         t = self.config.train
-        index = self._shard(self.streams["train"].next())
-        images = self._poison(self.batcher.images(index, self.generators["augment"]), "train")  # [B, C, H, W]
+        images = self._poison(self.loaders["train"].next().images, "train")  # [B, C, H, W]
         self.mae.train()
         context: dict[str, Any] = {"generator": self.generators["mask"], "progress": self.progress}
         if t.mask_noise == "sample":
@@ -275,10 +275,10 @@ class Trainer:
             )
         try:
             self.train_step.load_state_dict(state)
-            for name, stream in self.streams.items():
-                stream.load_state_dict(state["streams"][name])
+            for name, loader in self.loaders.items():
+                loader.load_state_dict(state["streams"][name])
             own = state["ranks"][self.dist.rank]
-            for name, gen in self.generators.items():
+            for name, gen in self.generators.items():  # checkpoints before keyed augmentation also hold "augment"
                 gen.set_state(own["generators"][name])
         except (KeyError, RuntimeError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
