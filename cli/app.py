@@ -1,7 +1,8 @@
-"""The `maskkit` command: policies, pretrain, evaluate, visualize, bench (Typer + rich).
+"""The `maskkit` command: policies, list, pretrain, evaluate, visualize, bench (Typer + rich).
 
 Parsing and printing only: the work is done by maskkit.run (runs: create, resume, train,
-evaluate, pictures), maskkit.registry and maskkit.bench. `pretrain`'s options are made from
+evaluate, pictures), the registries (maskkit.policies, maskkit.adapters, maskkit.data,
+maskkit.mlo; `maskkit list`) and maskkit.bench. `pretrain`'s options are made from
 `maskkit.run.RunConfig`'s fields (cli/options.py); what is printed is drawn in cli/printing.py;
 one-line errors, torchrun and the pretraining bar with its clean stops live in cli/runner.py.
 Every expected failure (bad option, bad data, bad checkpoint) ends the command with exit code 1
@@ -34,7 +35,7 @@ from maskkit.policies import AUTO_POLICY_OPTIONS, COMMON_ALLOWED
 
 from . import runner
 from .listing import list_command
-from .options import config_command, config_from_values, given_on_command_line, policy_extras
+from .options import config_command, config_from_values, given_on_command_line, option_extras
 from .printing import (  # noqa: F401 - pretrain_progress, step_fields: the bar's parts, importable from here
     bench_table,
     describe,
@@ -130,11 +131,14 @@ def pretrain_command(ctx: typer.Context, **values: Any) -> None:
                           f"(step {prepared.trainer.step_count})")  # fmt: skip
         else:
             from maskkit.adapters.models import parse_model_options
+            from maskkit.mlo import HYPERGRADS
             from maskkit.policies import coerce_policy_options
 
-            raw, spelled = policy_extras(values["policy"], list(ctx.args), values["policy_opt"])
-            options = coerce_policy_options(values["policy"], raw, spelled)  # named as typed, before any work
-            config = config_from_values(values, options, parse_model_options(values["model_opt"]))
+            extras = option_extras(values["policy"], values["hypergrad"], list(ctx.args), values["policy_opt"],
+                                   values["hypergrad_opt"])  # fmt: skip
+            options = coerce_policy_options(values["policy"], *extras["policy"])  # named as typed, before any work
+            method = HYPERGRADS.coerce(values["hypergrad"], *extras["hypergrad"]) if values["hypergrad"] in HYPERGRADS else {}
+            config = config_from_values(values, options, parse_model_options(values["model_opt"]), method)
             prepared = run.create_run(config, values["out"], dist=dist)
             describe(console, prepared.record, prepared.out)
         summary = runner.train_with_progress(prepared, console, err_console, values["progress"])

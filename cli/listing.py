@@ -18,6 +18,8 @@ from rich.text import Text
 
 from maskkit.registry import EntryCard, Registry
 
+from .printing import cli_value
+
 #: what `maskkit list` can list: kind -> "module:attribute" of its Registry
 REGISTRIES: Mapping[str, str] = {
     "adapters": "maskkit.adapters:ADAPTERS",
@@ -51,15 +53,6 @@ def entry_cards(kind: str, registries: Mapping[str, str] | None = None) -> list[
     """The card of every entry of `kind` (plugins included), sorted by name."""
     registry = load_registry(kind, registries)
     return [registry.card(name) for name in registry.names()]
-
-
-def cli_value(value: Any) -> str:
-    """A default as the command line spells it: none, true/false, or the value."""
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
 
 
 def print_cards(console: Console, kind: str, cards: list[EntryCard]) -> None:

@@ -2,8 +2,9 @@
 
 `config_command` gives a command function the signature typer reads: one option per field
 (`--<field-name>`, or the field's own `flags`), its default and help from the field. The policy's
-own options come as `--<policy>-<option> VALUE` extras or `--policy-opt option=VALUE` pairs and
-are typed by the library (`maskkit.registry.coerce_policy_options`).
+own options and the hypergradient's come as `--<policy>-<option> VALUE` / `--<hypergrad>-<option> VALUE`
+extras or `--policy-opt` / `--hypergrad-opt option=VALUE` pairs and are typed by the library
+(`maskkit.policies.coerce_policy_options`, `maskkit.mlo.HYPERGRADS.coerce`).
 """
 
 from __future__ import annotations
@@ -77,56 +78,69 @@ def config_command(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def config_from_values(values: dict[str, Any], policy_options: dict[str, Any], model_options: dict[str, Any]) -> RunConfig:
+def config_from_values(
+    values: dict[str, Any], policy_options: dict[str, Any], model_options: dict[str, Any],
+    hypergrad_options: dict[str, Any] | None = None,
+) -> RunConfig:
     """The RunConfig of the parsed values (by parameter name); the option dicts already parsed."""
     sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for section, f, _ in config_fields():
         sections[section][f.name] = values[_param_name(f)]
     sections["policy"]["options"] = policy_options
     sections["model"]["options"] = model_options
+    sections["mlo"]["hypergrad_options"] = dict(hypergrad_options or {})
     return RunConfig.from_dict(sections)
 
 
-def policy_extras(policy: str, extra: list[str], pairs: list[str]) -> tuple[dict[str, str], dict[str, str]]:
-    """Raw policy options from `--<policy>-<option> VALUE` extras and `--policy-opt option=VALUE` pairs.
+def option_extras(
+    policy: str, hypergrad: str, extra: list[str], policy_pairs: list[str], hypergrad_pairs: list[str]
+) -> dict[str, tuple[dict[str, str], dict[str, str]]]:
+    """Raw options of the policy and the hypergradient from `--<policy>-<option> VALUE` and
+    `--<hypergrad>-<option> VALUE` extras and `--policy-opt` / `--hypergrad-opt option=VALUE` pairs.
 
-    Returns ({option: value text}, {option: how it was spelled}); a bare `--<policy>-<flag>` is "true".
+    Returns {"policy" | "hypergrad": ({option: value text}, {option: how it was spelled})}; a bare
+    `--<name>-<flag>` of a boolean option is "true".
     """
-    from maskkit.policies import list_policies, policy_options
+    from maskkit.mlo import HYPERGRADS
+    from maskkit.policies import POLICIES
 
-    annotations = {o.name: o.annotation for o in policy_options(policy)}
-    raw: dict[str, str] = {}
-    spelled: dict[str, str] = {}
-    prefix = policy.replace("_", "-") + "-"
+    owners = {"policy": (POLICIES, policy), "hypergrad": (HYPERGRADS, hypergrad)}
+    found: dict[str, tuple[dict[str, str], dict[str, str]]] = {kind: ({}, {}) for kind in owners}
     i = 0
     while i < len(extra):
         token = extra[i]
         if not token.startswith("--"):
             raise ValueError(f"unexpected argument {token!r}")
         name, eq, value = token[2:].partition("=")
-        if not name.startswith(prefix):
-            other = next((p for p in list_policies() if name.startswith(p.replace("_", "-") + "-")), None)
-            if other is not None:
-                raise ValueError(f"option --{name} is for policy {other!r}, but --policy is {policy!r}")
+        kind = next((k for k, (_, n) in owners.items() if name.startswith(n.replace("_", "-") + "-")), None)
+        if kind is None:
+            for k, (registry, chosen) in owners.items():
+                other = next((n for n in registry.names() if name.startswith(n.replace("_", "-") + "-")), None)
+                if other is not None:
+                    label = "policy" if k == "policy" else "hypergradient"
+                    raise ValueError(f"option --{name} is for {label} {other!r}, but --{k} is {chosen!r}")
             raise ValueError(f"no such option: --{name}")
-        key = name[len(prefix) :].replace("-", "_")
+        registry, owner = owners[kind]
+        key = name[len(owner) + 1 :].replace("-", "_")
         if not eq:
+            annotations = {o.name: o.annotation for o in registry.options(owner)}
             if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
                 value = extra[i + 1]
                 i += 1
-            elif "bool" in annotations.get(name[len(prefix) :].replace("-", "_"), "bool"):
+            elif "bool" in annotations.get(key, "bool"):
                 value = "true"  # a bare boolean flag
             else:
                 raise ValueError(f"option --{name} needs a value")
-        raw[key], spelled[key] = value, f"--{name}"
+        found[kind][0][key], found[kind][1][key] = value, f"--{name}"
         i += 1
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq:
-            raise ValueError(f"--policy-opt expects option=value, got {pair!r}")
-        key = key.strip().replace("-", "_")
-        raw[key], spelled[key] = value, f"--policy-opt {pair}"
-    return raw, spelled
+    for kind, pairs in (("policy", policy_pairs), ("hypergrad", hypergrad_pairs)):
+        for pair in pairs:
+            key, eq, value = pair.partition("=")
+            if not eq:
+                raise ValueError(f"--{kind}-opt expects option=value, got {pair!r}")
+            key = key.strip().replace("-", "_")
+            found[kind][0][key], found[kind][1][key] = value, f"--{kind}-opt {pair}"
+    return found
 
 
 def given_on_command_line(ctx: typer.Context, name: str) -> bool:

@@ -22,6 +22,25 @@ from torch import Tensor, nn
 from maskkit.data import Batcher, BatchStream, check_classes
 from maskkit.optim import create_optimizer, warmup_cosine
 
+__all__ = [
+    "EvalResult",
+    "FINETUNE_BATCH_SIZE",
+    "FINETUNE_EPOCHS",
+    "FINETUNE_LR",
+    "FinetuneModel",
+    "LINEAR_BASE_LR",
+    "LINEAR_BATCH_SIZE",
+    "LINEAR_EPOCHS",
+    "LinearProbeHead",
+    "MIN_DEFAULT_STEPS",
+    "accuracy",
+    "default_epochs",
+    "evaluate_encoder",
+    "extract_features",
+    "finetune",
+    "linear_probe",
+]
+
 #: the linear probe's default epochs and batch size (MAE's)
 LINEAR_EPOCHS = 90
 LINEAR_BATCH_SIZE = 256

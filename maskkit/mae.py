@@ -16,6 +16,18 @@ from torch import Tensor
 
 from maskkit.plan import MaskPlan
 
+__all__ = [
+    "MAEOutput",
+    "MAEProtocol",
+    "is_mae",
+    "mae_forward",
+    "mae_step_loss",
+    "masked_loss",
+    "patch_loss",
+    "policy_aux_loss",
+    "policy_context",
+]
+
 
 @runtime_checkable
 class MAEProtocol(Protocol):

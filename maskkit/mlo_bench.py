@@ -57,6 +57,18 @@ from maskkit.train.mlo_step import MLOStep
 from maskkit.train.plain import PlainStep
 from maskkit.train.step import TrainStep
 
+__all__ = [
+    "BASELINE",
+    "DEFAULT_NAMES",
+    "bench_mlo",
+    "block_flops",
+    "cls_only_block_flops",
+    "format_rows",
+    "make_contender",
+    "predicted_ratios",
+    "rss_peak_mb",
+]
+
 #: contender name -> MLO config (None: the plain MAE step).
 CONTENDERS: dict[str, MLOConfig | None] = {
     "mae_step": None,

@@ -13,6 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
+__all__ = [
+    "create_optimizer",
+    "list_optimizers",
+    "no_weight_decay",
+    "optimizer_class",
+    "param_groups",
+    "warmup_cosine",
+]
+
 #: optimizers from torch.optim, by CLI name.
 TORCH_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,

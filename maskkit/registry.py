@@ -234,6 +234,26 @@ class Registry(Generic[T]):
             raise ValueError(f"bad options for {self.kind} {name!r}: {err}") from None
         return factory(**kwargs)
 
+    def coerce(
+        self, name: str, options: Mapping[str, Any], spelled: Mapping[str, str] | None = None, *,
+        exclude: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
+        """`options` checked against entry `name`'s constructor, string values typed by its annotations.
+
+        `spelled` names how each key was given (e.g. `--darts-r`) for the one-line errors; `exclude`:
+        constructor arguments that are not options (set by the caller).
+        """
+        known = {o.name: o for o in self.options(name) if o.name not in exclude}
+        choices = ", ".join(f"--{name.replace('_', '-')}-{k.replace('_', '-')}" for k in known) or "none"
+        spelled = spelled or {}
+        typed: dict[str, Any] = {}
+        for key, value in options.items():
+            what = spelled.get(key, f"{self.kind} option {key!r}")
+            if key not in known:
+                raise ValueError(f"{self.kind} {name!r} has no option {key!r} ({what}); its options: {choices}")
+            typed[key] = convert_option(value, known[key].annotation, what) if isinstance(value, str) else value
+        return typed
+
     def card(self, name: str) -> EntryCard:
         """The entry's card: its registered `Card`, else the one it carries (`card_of`), else its docstring's first
         line; the options, with defaults, from its signature."""

@@ -31,7 +31,7 @@ from maskkit.mlo.steps import (
     ridge_step,
     trainable,
 )
-from maskkit.mlo.unrolled import UnrollHypergradient
+from maskkit.mlo.unrolled import UnrollHypergradient, UnrollWindow
 
 __all__ = [
     "AMP_MODES",
@@ -51,6 +51,7 @@ __all__ = [
     "MLOEngine",
     "PretrainStep",
     "UnrollHypergradient",
+    "UnrollWindow",
     "darts_masker_grad",
     "default_optimizers",
     "finetune_step",

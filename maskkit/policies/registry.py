@@ -165,16 +165,9 @@ def coerce_policy_options(name: str, options: dict[str, Any], spelled: dict[str,
 
     `spelled` names how each key was given (e.g. `--attention-mode`) for the one-line errors.
     """
-    known = {o.name: o for o in policy_options(name) if o.name not in AUTO_POLICY_OPTIONS}
-    choices = ", ".join(f"--{name.replace('_', '-')}-{k.replace('_', '-')}" for k in known) or "none"
-    spelled = spelled or {}
-    typed: dict[str, Any] = {}
-    for key, value in options.items():
-        what = spelled.get(key, f"policy option {key!r}")
+    for key in options:
         if key in AUTO_POLICY_OPTIONS:
+            what = (spelled or {}).get(key, f"policy option {key!r}")
             hint = "--mask-ratio" if key == "ratio" else "the model"
             raise ValueError(f"policy option {key!r} is set from {hint}, not from {what}")
-        if key not in known:
-            raise ValueError(f"policy {name!r} has no option {key!r} ({what}); its options: {choices}")
-        typed[key] = convert_option(value, known[key].annotation, what) if isinstance(value, str) else value
-    return typed
+    return POLICIES.coerce(name, options, spelled, exclude=AUTO_POLICY_OPTIONS)

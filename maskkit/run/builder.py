@@ -95,8 +95,9 @@ def model_kind(name: str) -> str:
 
 
 def choose_patch_size(model: str, img_size: tuple[int, int], patch_size: int | None) -> int | None:
-    """The given patch size, checked; for a timm preset without one, the preset's if it divides the image
-    into >= 16 patches, else the largest size below it that does; None lets another builder choose."""
+    """The given patch size, checked; without one, the adapter's own (`preferred_patch_size`, e.g. a timm
+    preset's) if it divides the image into >= 16 patches, else the largest size below it that does; None
+    when the adapter has none (its builder chooses)."""
     height, width = img_size
     if patch_size is not None:
         if patch_size < 1:
@@ -104,11 +105,12 @@ def choose_patch_size(model: str, img_size: tuple[int, int], patch_size: int | N
         if height % patch_size or width % patch_size:
             raise RunError(f"image size {height}x{width} is not divisible by patch size {patch_size}")
         return patch_size
-    if model_kind(model) != "timm":
-        return None
-    from maskkit.adapters.timm import get_preset
+    from maskkit.adapters import preferred_patch_size
 
-    base = get_preset(model).patch_size
+    model_spec(model)  # a bad spec: one line naming it
+    base = preferred_patch_size(model)
+    if base is None:
+        return None
     for p in range(base, 0, -1):
         if height % p == 0 and width % p == 0 and (height // p) * (width // p) >= MIN_AUTO_PATCHES:
             return p

@@ -8,6 +8,7 @@
     guard.py     non-finite numbers; signals.py: StopSignals; metrics.py: MetricsLog
 """
 
+from maskkit.train.choose import make_step, policy_learns, step_kind
 from maskkit.train.config import (
     AMP_MODES,
     DEFAULT_STEPS,
@@ -20,7 +21,7 @@ from maskkit.train.config import (
 from maskkit.train.guard import INJECT_NAN_ENV, NonFiniteError, parse_inject_nan
 from maskkit.train.metrics import MetricsLog
 from maskkit.train.signals import STOP_SIGNALS, StopSignals, TrainingStopped, signal_exit_code
-from maskkit.train.step import LEARNS, StepParts, TrainStep, make_step, policy_learns, step_kind
+from maskkit.train.step import LEARNS, StepParts, TrainStep
 from maskkit.train.trainer import STATE_VERSION, Pretrainer, Trainer, train
 
 __all__ = [

@@ -10,7 +10,7 @@ is the layout of config.json's `train` section and of a checkpoint's `config` (u
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from maskkit.compile import NO_COMPILE, check_backend
@@ -123,6 +123,11 @@ class MLOSettings:
     labeled_batch_size: int | None = setting(
         None, "Labeled and validation images per masker step (default --batch-size); fewer is cheaper, noisier.",
     )  # fmt: skip
+    hypergrad_options: dict[str, Any] = setting(
+        default_factory=dict, help="Hypergradient option as option=value (repeatable), or --<hypergrad>-<option> "
+        "VALUE (e.g. --darts-r 0.02, a plugin's --mine-alpha 2; maskkit list hypergrads).",
+        param="hypergrad_opt", flags=("--hypergrad-opt",),
+    )  # fmt: skip
 
     def check(self) -> None:
         """One-line ValueError for a setting out of range (the engine checks the rest)."""
@@ -140,6 +145,7 @@ class MLOSettings:
             raise ValueError(f"--masker-reg must be a non-negative number, got {self.masker_reg}")
         if self.level2 == "ridge" and self.hypergrad != "darts":
             raise ValueError("--level2 ridge needs --hypergrad darts")
+        self.hypergrad_options = HYPERGRADS.coerce(self.hypergrad, self.hypergrad_options)
         changed = self.changed()
         darts_only = [flag(n) for n in ("darts_paths", "darts_fd") if n in changed]
         if darts_only and self.hypergrad != "darts":
@@ -149,7 +155,12 @@ class MLOSettings:
 
     def changed(self) -> list[str]:
         """The fields set to something other than their default."""
-        return [f.name for f in fields(self) if getattr(self, f.name) != f.default]
+        return [f.name for f in fields(self) if getattr(self, f.name) != _default(f)]
+
+
+def _default(f: Any) -> Any:
+    """A field's default value (its factory's product for a dict field)."""
+    return f.default_factory() if f.default is MISSING else f.default
 
 
 @dataclass

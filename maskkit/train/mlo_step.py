@@ -42,6 +42,7 @@ def engine_config(config: TrainConfig) -> MLOConfig:
         ratio=config.resolved.mask_ratio, amp=config.train.amp, masker_every=m.masker_every,
         unroll_steps=m.unroll_steps, hypergrad=m.hypergrad, masker_start=m.masker_start, level2=m.level2,
         masker_reg=m.masker_reg, darts_paths=m.darts_paths, darts_fd=m.darts_fd,
+        hypergrad_options=dict(m.hypergrad_options),
     )  # fmt: skip
 
 

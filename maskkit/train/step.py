@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from maskkit.train.config import MLOSettings, TrainConfig
+from maskkit.train.config import TrainConfig
 
 #: `agree(bad)`: whether any process found a non-finite number (a collective under torchrun)
 Agree = Callable[[Any], bool]
@@ -79,23 +79,6 @@ class TrainStep(Protocol):
 LEARNS = ("nothing", "reconstruction", "labels")
 
 
-def step_kind(learns: str, mlo: MLOSettings) -> str:
-    """'mlo' for a policy that learns from labels (unless --freeze-masker), else 'plain'."""
-    if learns not in LEARNS:
-        raise ValueError(f"a policy learns from one of {', '.join(LEARNS)}, got {learns!r}")
-    return "mlo" if learns == "labels" and not mlo.freeze_masker else "plain"
-
-
-def policy_learns(policy: nn.Module) -> str:
-    """What a built policy learns from, read from its registered class's card."""
-    from maskkit.policies import get_policy_class, list_policies, policy_card
-
-    for name in list_policies():
-        if get_policy_class(name) is type(policy):
-            return policy_card(name).learns
-    raise ValueError(f"policy class {type(policy).__name__} is not registered; register it or pass learns=")
-
-
 @dataclass
 class StepParts:
     """What a step is built from: the models, the run's training config, and the trainer's services."""
@@ -109,22 +92,3 @@ class StepParts:
     batches: Callable[[str, str, int, int | None], Callable[[], Any]]  # (stream, split, seed offset, size)
     generator: torch.Generator  # the policies' random draws
     dist: Any = None  # the process group (`maskkit.distributed.DistContext`)
-
-
-def check_step(kind: str, config: TrainConfig) -> None:
-    """One-line ValueError for settings the chosen step cannot run (before anything is built)."""
-    if kind == "mlo":
-        from maskkit.train.mlo_step import MLOStep
-
-        MLOStep.check(config)
-
-
-def make_step(kind: str, parts: StepParts) -> TrainStep:
-    """Build the step of `kind` ('plain' | 'mlo', from `step_kind`)."""
-    if kind == "mlo":
-        from maskkit.train.mlo_step import MLOStep
-
-        return MLOStep.build(parts)
-    from maskkit.train.plain import PlainStep
-
-    return PlainStep.build(parts)

@@ -42,11 +42,12 @@ from maskkit.distributed import (
     max_int,
     mean_floats,
 )
+from maskkit.train.choose import check_step, make_step, policy_learns, step_kind
 from maskkit.train.config import TrainConfig
 from maskkit.train.guard import INJECT_NAN_ENV, nonfinite_error, nonfinite_weights, parse_inject_nan
 from maskkit.train.metrics import MetricsLog
 from maskkit.train.signals import StopSignals, TrainingStopped
-from maskkit.train.step import StepParts, TrainStep, check_step, make_step, policy_learns, step_kind
+from maskkit.train.step import StepParts, TrainStep
 
 STATE_VERSION = 2
 #: offset between the generator seeds of neighbouring ranks

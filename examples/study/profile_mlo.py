@@ -5,7 +5,7 @@ batches 64, masker every 2 iterations) under cProfile and reads the cumulative t
 functions that make up one cycle, next to the plain `mae_step` contender's cycle. Seconds are per
 2-iteration cycle, averaged over the profiled cycles (after warm-up).
 
-    OMP_NUM_THREADS=2 python docs/study/profile_mlo.py --preset tiny --cycles 5   # writes docs/study/profile_mlo.json
+    OMP_NUM_THREADS=2 python examples/study/profile_mlo.py --preset tiny --cycles 5   # writes examples/study/profile_mlo.json
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Build the study's table from docs/study/results.jsonl into docs/results.md (between markers).
+"""Build the study's table from examples/study/results.jsonl into docs/results.md (between markers).
 
-python docs/study/summarize.py            # rewrite the table in docs/results.md
-python docs/study/summarize.py --print    # print it only
+python examples/study/summarize.py            # rewrite the table in docs/results.md
+python examples/study/summarize.py --print    # print it only
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_study import DATASETS, EQTIME_OF, eqtime_steps  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "docs" / "study" / "results.jsonl"
+RESULTS = ROOT / "examples" / "study" / "results.jsonl"
 DOC = ROOT / "docs" / "results.md"
 BEGIN, END = "<!-- study-table:begin -->", "<!-- study-table:end -->"
 GUIDED_BEGIN, GUIDED_END = "<!-- guided-study:begin -->", "<!-- guided-study:end -->"
 COSTS_BEGIN, COSTS_END = "<!-- step-costs:begin -->", "<!-- step-costs:end -->"
-COSTS = ROOT / "docs" / "study" / "step_costs.json"
+COSTS = ROOT / "examples" / "study" / "step_costs.json"
 
 ORDER = [
     ("random", "random (MAE)"),
@@ -328,13 +328,13 @@ def render_eqtime(table: dict[str, dict[int, dict]], prefix: str, heading: str) 
     label = dict(GUIDED)[f"{arm}@1632"]
     order = [(base, f"random (MAE), {steps} steps"), (f"{arm}@1632", f"{label}, 1632 steps")]
     return (f"**{heading}, equal wall time.** Random masking for {steps} steps, the idle-core wall time of "
-            f"1632 steps of `{arm}` (docs/study/step_costs.json; `run_study.py --data {data} --steps 1632 "
+            f"1632 steps of `{arm}` (examples/study/step_costs.json; `run_study.py --data {data} --steps 1632 "
             f"--equal-time-of {arm} --finetune --arms random-rerun`). Δ: the learned arm − random at equal "
             "wall time, paired by seed.\n\n" + render_guided(table, prefix, base=base, order=order))
 
 
 def render_step_costs() -> str:
-    """docs/study/step_costs.json as a table: seconds per step and the ratio to random, per data set."""
+    """examples/study/step_costs.json as a table: seconds per step and the ratio to random, per data set."""
     costs = json.loads(COSTS.read_text()) if COSTS.is_file() else {}
     data_sets = sorted({key.split("/")[0] for key in costs})
     arms = list(dict.fromkeys(key.split("/")[1] for key in costs))

@@ -1,6 +1,6 @@
 """One PNG of several runs' masks side by side: `maskkit visualize` per run, pasted left to right.
 
-    python docs/study/masks_figure.py -o docs/masks-random-vs-learned.png \\
+    python examples/study/masks_figure.py -o docs/masks-random-vs-learned.png \\
         runs/study/random-eqtime-s0 runs/study/learned-darts-topk@1632-s0 runs/study/learned-darts-gumbel@1632-s0
 
 Every run shows the same test images (`maskkit visualize` picks them by its --seed, default 0, from

@@ -4,7 +4,7 @@
 # Random masking is the issue-12 study's `random-rerun` rows (the same runs). Resumable: rerun to continue.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-python docs/study/run_study.py --steps 1632 --finetune --arms random-rerun simmim simmim-r0.75 colornoise adamae-r0.95 adamae
+python examples/study/run_study.py --steps 1632 --finetune --arms random-rerun simmim simmim-r0.75 colornoise adamae-r0.95 adamae
 # uniform needs an even grid: MNIST resized to 32x32 (8x8 patches), beside random masking on the same
-python docs/study/run_study.py --steps 1632 --finetune --arms random-i32 uniform-i32
-python docs/study/summarize.py
+python examples/study/run_study.py --steps 1632 --finetune --arms random-i32 uniform-i32
+python examples/study/summarize.py

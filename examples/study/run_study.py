@@ -1,10 +1,10 @@
 """The masking studies on MNIST-5k and photos8: every row is a `maskkit` command; resumable.
 
-    python docs/study/run_study.py                  # run what is missing (2 workers, 1 thread each)
-    python docs/study/run_study.py --dry-run        # print the commands only
-    python docs/study/run_study.py --seeds 0 --workers 1
-    python docs/study/run_study.py --steps 1632 --seeds 0 --split val --arms random gumbel-straight  # explore
-    python docs/study/run_study.py --data photos8 --steps 1632 --arms random hpm --finetune      # natural photos
+    python examples/study/run_study.py                  # run what is missing (2 workers, 1 thread each)
+    python examples/study/run_study.py --dry-run        # print the commands only
+    python examples/study/run_study.py --seeds 0 --workers 1
+    python examples/study/run_study.py --steps 1632 --seeds 0 --split val --arms random gumbel-straight  # explore
+    python examples/study/run_study.py --data photos8 --steps 1632 --arms random hpm --finetune      # natural photos
 
 Issue 7's study: the default arms at 500 steps (and `--steps 1632`). Issue 12's study (guided
 fractions, `hpm`, `--masker-reg`): the GUIDED arms at `--steps 1632` on `--data mnist5k` and
@@ -12,12 +12,12 @@ fractions, `hpm`, `--masker-reg`): the GUIDED arms at `--steps 1632` on `--data 
 
 Each job pretrains one arm for one seed (`maskkit pretrain ... --out runs/study/<arm>-s<seed>`),
 then runs `maskkit evaluate` (linear probe; `--finetune` adds a short fine-tune) and appends one
-JSON line to docs/study/results.jsonl. A job whose line is there is skipped; a run directory left
+JSON line to examples/study/results.jsonl. A job whose line is there is skipped; a run directory left
 half-way by an interruption is continued with `maskkit pretrain --resume`. Jobs are ordered seed
 by seed (every arm of seed 0 first), so a partial table stays balanced. Floors per seed: the same
 linear probe on an untrained encoder (`maskkit evaluate --init random`) and on raw pixels
-(docs/study/raw_pixel_probe.py). `random-eqtime` is the random arm trained for as many steps as fit in the
-wall time of `learned-darts-topk` (EQTIME_STEPS, from a measurement on an idle machine). Summarise with docs/study/summarize.py.
+(examples/study/raw_pixel_probe.py). `random-eqtime` is the random arm trained for as many steps as fit in the
+wall time of `learned-darts-topk` (EQTIME_STEPS, from a measurement on an idle machine). Summarise with examples/study/summarize.py.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "docs" / "study" / "results.jsonl"
+RESULTS = ROOT / "examples" / "study" / "results.jsonl"
 RUNS = ROOT / "runs" / "study"
 SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 #: data set -> (the `--dataset` value, the prefix of its result keys and run directories)
@@ -131,11 +131,11 @@ EQTIME_STEPS = round(STEPS * 13.02 / 3.99)
 #: issue 12's equal wall time: per data set, the learned arm that beat random by the most at 1632
 #: steps (test split); random masking gets the steps that fit in that arm's wall time (`--equal-time-of`)
 EQTIME_OF = {"mnist5k": "mlo-gumbel-g05-reg0.1", "photos8": "mlo-gumbel-g05"}
-STEP_COSTS = ROOT / "docs" / "study" / "step_costs.json"
+STEP_COSTS = ROOT / "examples" / "study" / "step_costs.json"
 
 
 def eqtime_steps(data: str, arm: str, steps: int) -> int:
-    """Steps of random masking in the idle-core wall time of `steps` steps of `arm` (docs/study/step_costs.json)."""
+    """Steps of random masking in the idle-core wall time of `steps` steps of `arm` (examples/study/step_costs.json)."""
     costs = json.loads(STEP_COSTS.read_text())
     return round(steps * costs[f"{data}/{arm}"]["ratio_to_random"])
 
@@ -230,7 +230,7 @@ def metric(protocol: str, args: argparse.Namespace) -> str:
 
 def mask_stats(out: Path) -> dict:
     """The shares of ink and of background patches the run's final policy hides, on 500 test images."""
-    cmd = [sys.executable, str(ROOT / "docs" / "study" / "mask_stats.py"), str(out)]
+    cmd = [sys.executable, str(ROOT / "examples" / "study" / "mask_stats.py"), str(out)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     row = json.loads(done.stdout.strip().splitlines()[-1])
@@ -287,7 +287,7 @@ def job(arm: str, seed: int, args: argparse.Namespace) -> None:
             entry["finetune"] = evaluate(out, "finetune", "random", args.dry_run).get("top1")
     elif arm == "raw-pixels":
         out = pretrain("random", seed, steps, args.dry_run, name=random_label, data=data)
-        cmd = [sys.executable, str(ROOT / "docs" / "study" / "raw_pixel_probe.py"), str(out)]
+        cmd = [sys.executable, str(ROOT / "examples" / "study" / "raw_pixel_probe.py"), str(out)]
         sh(cmd, args.dry_run)
         entry = {} if args.dry_run else {"linear": json.loads((out / "raw_pixels.json").read_text())["top1"]}
     else:
@@ -308,7 +308,7 @@ def job(arm: str, seed: int, args: argparse.Namespace) -> None:
                 val_acc=last.get("val_acc"),
                 **{k: last[k] for k in DIAGNOSTICS if k in last},
             )
-            if data == "mnist5k":  # what the final masks hide: ink or background (docs/study/mask_stats.py)
+            if data == "mnist5k":  # what the final masks hide: ink or background (examples/study/mask_stats.py)
                 entry.update(mask_stats(out))
     if not args.dry_run:
         record({"key": key, "arm": prefix + label, "seed": seed, "split": args.split,
@@ -333,7 +333,7 @@ def main() -> None:
                         help="mnist5k (../shared/data/mnist5k.npz) or photos8 (natural photos; rows photos8:<arm>)")
     parser.add_argument("--equal-time-of", metavar="ARM",
                         help="run for the steps of random masking that fit in the wall time of --steps steps of ARM "
-                             f"(docs/study/step_costs.json; issue 12 uses {EQTIME_OF})")
+                             f"(examples/study/step_costs.json; issue 12 uses {EQTIME_OF})")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
     if args.equal_time_of:

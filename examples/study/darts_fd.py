@@ -8,8 +8,8 @@ finite-difference radii r. Float64 by default, so the error is the method's, not
 `--dtype float32` shows what a real run sees. The time is each method's hypergradient call alone,
 interleaved and repeated (a load on the machine slows all three alike).
 
-    python docs/study/darts_fd.py                       # writes docs/study/darts_fd.json
-    python docs/study/darts_fd.py --seeds 0 1 2 --radii 0.1 0.01 0.001 --dtype float32
+    python examples/study/darts_fd.py                       # writes examples/study/darts_fd.json
+    python examples/study/darts_fd.py --seeds 0 1 2 --radii 0.1 0.01 0.001 --dtype float32
 """
 
 from __future__ import annotations
@@ -26,10 +26,7 @@ import torch.nn.functional as F
 
 from maskkit import create_policy
 from maskkit.adapters.timm import create_mae
-from maskkit.mlo.darts import darts_masker_grad
-from maskkit.mlo.derivative import optimizer_params
-from maskkit.mlo.steps import finetune_step, pretrain_step
-from maskkit.mlo.unrolled import UnrollWindow
+from maskkit.mlo import UnrollWindow, darts_masker_grad, finetune_step, optimizer_params, pretrain_step
 from maskkit.optim import create_optimizer
 
 OUT = Path(__file__).with_name("darts_fd.json")

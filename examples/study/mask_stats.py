@@ -1,6 +1,6 @@
 """What a run's masks hide: the share of ink patches hidden, on 500 test images, under the run's own policy.
 
-    python docs/study/mask_stats.py runs/study/random-eqtime-s0 runs/study/learned-darts-topk@1632-s0
+    python examples/study/mask_stats.py runs/study/random-eqtime-s0 runs/study/learned-darts-topk@1632-s0
 
 An ink patch has at least one pixel above the background (the image's darkest value). Random masking
 hides 75% of every kind of patch; a masker that hides the background leaves the strokes visible and

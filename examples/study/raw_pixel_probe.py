@@ -1,6 +1,6 @@
 """Floor of the study: MAE's linear probe (same head, optimizer and schedule) on raw pixels.
 
-    python docs/study/raw_pixel_probe.py RUN_DIR    # writes RUN_DIR/raw_pixels.json
+    python examples/study/raw_pixel_probe.py RUN_DIR    # writes RUN_DIR/raw_pixels.json
 
 Uses the run's data set, normalisation and splits (train for the probe, test for top-1), with the
 normalised pixels flattened as the features in place of the encoder's CLS features.

@@ -1,10 +1,10 @@
 """Seconds per pretraining step of each study arm on one idle core: the equal-wall-time budgets.
 
-    python docs/study/step_cost.py --data mnist5k photos8 --steps 60     # run alone on an idle machine
+    python examples/study/step_cost.py --data mnist5k photos8 --steps 60     # run alone on an idle machine
 
 Each arm runs `maskkit pretrain` (the study's settings, OMP_NUM_THREADS=1) for --steps steps, one
 after the other, and the training loop's own time (summary.json `seconds`, which excludes start-up
-and data loading) divided by the steps is written to docs/study/step_costs.json under
+and data loading) divided by the steps is written to examples/study/step_costs.json under
 "<data>/<arm>", with the ratio to random masking. Rerun it when nothing else runs: the numbers are
 only meaningful on an idle core.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_study import ARMS, COMMON, DATASETS, GUIDED, ROOT  # noqa: E402
 
-OUT = ROOT / "docs" / "study" / "step_costs.json"
+OUT = ROOT / "examples" / "study" / "step_costs.json"
 
 
 def step_seconds(data: str, arm: str, steps: int, tmp: Path) -> float:
