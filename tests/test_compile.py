@@ -7,9 +7,9 @@ import torch
 from test_mlo import _masker_grads, make_engine, small_mae
 
 from maskkit.compile import check_backend, compile_blocks, is_compiled, transformer_blocks, uncompiled
+from maskkit.mae import mae_step_loss
 from maskkit.mlo import MLOConfig
 from maskkit.registry import create_policy
-from maskkit.mae import mae_step_loss
 from maskkit.unroll import math_attention
 
 
