@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from maskkit import registry
 from maskkit import run as runs
 from maskkit.data import Batcher, channel_stats, load_dataset, make_splits
 from maskkit.mae import mae_step_loss
@@ -53,18 +54,27 @@ class _Scored(MaskPolicy):
         return self.scale**2
 
 
-@register_policy("test-step-reconstruction", overwrite=True)
 class ReconstructionPolicy(_Scored):
     """Says it learns from reconstruction: its aux loss trains beside the MAE."""
 
     card_info = CardInfo(paper="-", idea="a test policy", learns="reconstruction")
 
 
-@register_policy("test-step-nothing", overwrite=True)
 class NothingPolicy(_Scored):
     """Says it learns nothing: its aux loss, though defined, is not trained."""
 
     card_info = CardInfo(paper="-", idea="a test policy", learns="nothing")
+
+
+@pytest.fixture
+def card_policies():
+    """The two test policies registered for one test (other tests see the built-ins only)."""
+    before = dict(registry._REGISTRY)
+    register_policy("test-step-reconstruction")(ReconstructionPolicy)
+    register_policy("test-step-nothing")(NothingPolicy)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(before)
 
 
 def build(policy: str, *, mlo: MLOSettings | None = None, **flat: object) -> Pretrainer:
@@ -109,7 +119,7 @@ def test_both_steps_satisfy_the_protocol_and_undo_leaves_no_trace(policy, kind):
     assert any(not torch.equal(before["MAE"][k], v) for k, v in weights(step.mae).items())
 
 
-def test_the_step_follows_the_card_not_the_attributes():
+def test_the_step_follows_the_card_not_the_attributes(card_policies):
     assert policy_learns(create_policy("test-step-reconstruction")) == "reconstruction"
     assert policy_learns(create_policy("test-step-nothing")) == "nothing"
     assert step_kind("labels", MLOSettings()) == "mlo"
