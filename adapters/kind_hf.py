@@ -15,17 +15,8 @@ from torch import nn
 from maskkit.registry import Card
 
 from . import hf as hf_adapter
-from .adapter import (
-    BuildRequest,
-    ModelAdapter,
-    ModelSpec,
-    absolute,
-    check_built,
-    one_line,
-    positive_int,
-    register_adapter,
-    seeded,
-)
+from .adapter import BuildRequest, ModelAdapter, ModelSpec, register_adapter
+from .build import absolute, check_built, one_line, positive_int, seeded
 
 #: `hf:tiny`: the ViTMAEConfig sizes (CPU scale: about 0.1M parameters). Patch size 4 unless given.
 HF_TINY: dict[str, Any] = {

@@ -24,16 +24,8 @@ from torch import nn
 from maskkit.registry import Card
 
 from . import official_mae
-from .adapter import (
-    BuildRequest,
-    ModelAdapter,
-    ModelSpec,
-    absolute,
-    check_built,
-    one_line,
-    register_adapter,
-    seeded,
-)
+from .adapter import BuildRequest, ModelAdapter, ModelSpec, register_adapter
+from .build import absolute, check_built, one_line, seeded
 
 DEFAULT_OFFICIAL_CALLABLE = "MaskedAutoencoderViT"
 

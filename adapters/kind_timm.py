@@ -11,7 +11,8 @@ from torch import nn
 from maskkit.registry import Card
 
 from . import timm as timm_adapter
-from .adapter import BuildRequest, ModelAdapter, ModelSpec, one_line, register_adapter
+from .adapter import BuildRequest, ModelAdapter, ModelSpec, register_adapter
+from .build import one_line
 
 
 @register_adapter(

@@ -20,7 +20,8 @@ from typing import Any
 
 from torch import nn
 
-from .adapter import ADAPTERS, DEFAULT_KIND, BuildRequest, ModelAdapter, ModelSpec, positive_int
+from .adapter import ADAPTERS, DEFAULT_KIND, BuildRequest, ModelAdapter, ModelSpec
+from .build import positive_int
 from .kind_hf import HF_TINY
 from .kind_official import DEFAULT_OFFICIAL_CALLABLE, load_official_module
 

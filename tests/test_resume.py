@@ -158,8 +158,8 @@ def test_stop_signals_record_the_first_signal_and_restore_the_handlers():
         signal.signal(signal.SIGINT, previous_int)
 
 
-def build(policy: str, **train_config) -> Pretrainer:
-    """A micro MAE on digits with `policy`, as `maskkit pretrain` builds it."""
+def build(policy: str, cfg: TrainConfig | None = None, **train_config) -> Pretrainer:
+    """A micro MAE on digits with `policy`, as `maskkit pretrain` builds it (`cfg`: else from `train_config`)."""
     torch.manual_seed(0)
     data = load_dataset("digits")
     splits = make_splits(data, 0)
@@ -167,7 +167,8 @@ def build(policy: str, **train_config) -> Pretrainer:
     mae = runs.build_mae({"preset": "micro", "img_size": 8, "patch_size": 2, "in_chans": 1, "norm_pix_loss": False,
                           "init_seed": 0})
     kwargs = {"ratio": 0.75, **({"embed_dim": mae.embed_dim, "hidden_dim": 8} if policy == "learned" else {})}
-    cfg = TrainConfig.from_dict({"batch_size": 16, "log_every": 2, "ckpt_every": 100, **train_config})
+    if cfg is None:
+        cfg = TrainConfig.from_dict({"batch_size": 16, "log_every": 2, "ckpt_every": 100, **train_config})
     device = torch.device("cpu")
     return Pretrainer(mae, create_policy(policy, **kwargs), Batcher(data, mean, std, device), splits, cfg, device)
 

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_resume import build as build_as_resume
 from torch import Tensor, nn
 
-from maskkit import run as runs
-from maskkit.data import Batcher, channel_stats, load_dataset, make_splits
 from maskkit.mae import mae_step_loss
 from maskkit.optim import param_groups
 from maskkit.plan import MaskPlan
@@ -77,16 +76,7 @@ def test_policies():
 
 def build(policy: str, *, mlo: MLOSettings | None = None, **flat: object) -> Pretrainer:
     """A micro MAE on digits with `policy` (as the CLI builds it), batch 16."""
-    torch.manual_seed(0)
-    data = load_dataset("digits")
-    splits = make_splits(data, 0)
-    mean, std = channel_stats(data, splits["train"])
-    mae = runs.build_mae({"preset": "micro", "img_size": 8, "patch_size": 2, "in_chans": 1, "norm_pix_loss": False,
-                          "init_seed": 0})
-    kwargs = {"ratio": 0.75, **({"embed_dim": mae.embed_dim, "hidden_dim": 8} if policy == "learned" else {})}
-    cfg = TrainConfig(mlo=mlo or MLOSettings(), steps=4, batch_size=16, log_every=1, **flat)
-    device = torch.device("cpu")
-    return Pretrainer(mae, create_policy(policy, **kwargs), Batcher(data, mean, std, device), splits, cfg, device)
+    return build_as_resume(policy, TrainConfig(mlo=mlo or MLOSettings(), steps=4, batch_size=16, log_every=1, **flat))
 
 
 def weights(module: nn.Module) -> dict[str, Tensor]:

@@ -4,6 +4,7 @@ The registry functions (`register_policy`, `create_policy`, `list_policies`, `po
 `maskkit.policies.registry` and are exported here.
 """
 
+from maskkit.policies import registry as _registry
 from maskkit.policies.adamae import AdaMAEPolicy
 from maskkit.policies.attention import AttentionPolicy
 from maskkit.policies.base import MaskPolicy
@@ -12,58 +13,14 @@ from maskkit.policies.colornoise import ColorNoisePolicy
 from maskkit.policies.hpm import HPMPolicy
 from maskkit.policies.learned import LearnedMasker
 from maskkit.policies.random import RandomPolicy
-from maskkit.policies.registry import (
-    AUTO_POLICY_OPTIONS,
-    COMMON_ALLOWED,
-    LEARNS,
-    POLICIES,
-    CardInfo,
-    PolicyCard,
-    PolicyOption,
-    coerce_policy_options,
-    create_policy,
-    create_sized_policy,
-    get_policy_class,
-    is_policy,
-    list_policies,
-    load_plugins,
-    policy_card,
-    policy_options,
-    policy_summary,
-    register_policy,
-)
+from maskkit.policies.registry import *  # noqa: F403 - every registry function, listed in its __all__
 from maskkit.policies.scored import ScoredPolicy
 from maskkit.policies.simmim import SimMIMPolicy
 from maskkit.policies.uniform import UniformPolicy
 
+#: the policy classes, then every registry function (maskkit.policies.registry's own list)
 __all__ = [
-    "AUTO_POLICY_OPTIONS",
-    "COMMON_ALLOWED",
-    "LEARNS",
-    "POLICIES",
-    "AdaMAEPolicy",
-    "AttentionPolicy",
-    "BlockPolicy",
-    "CardInfo",
-    "ColorNoisePolicy",
-    "HPMPolicy",
-    "LearnedMasker",
-    "MaskPolicy",
-    "PolicyCard",
-    "PolicyOption",
-    "RandomPolicy",
-    "ScoredPolicy",
-    "SimMIMPolicy",
-    "UniformPolicy",
-    "coerce_policy_options",
-    "create_policy",
-    "create_sized_policy",
-    "get_policy_class",
-    "is_policy",
-    "list_policies",
-    "load_plugins",
-    "policy_card",
-    "policy_options",
-    "policy_summary",
-    "register_policy",
-]
+    "AdaMAEPolicy", "AttentionPolicy", "BlockPolicy", "ColorNoisePolicy", "HPMPolicy", "LearnedMasker", "MaskPolicy",
+    "RandomPolicy", "ScoredPolicy", "SimMIMPolicy", "UniformPolicy",
+    *_registry.__all__,
+]  # fmt: skip

@@ -18,66 +18,19 @@ run directory's file names), `builder` (config -> resolved record -> built run -
 
 from maskkit.train.config import DEFAULT_STEPS, TrainSettings
 
-from .builder import (
-    MIN_AUTO_PATCHES,
-    Run,
-    build_mae,
-    build_run,
-    build_trainer,
-    choose_patch_size,
-    dataset_section,
-    model_kind,
-    model_section,
-    model_spec,
-    new_run,
-    policy_kwargs,
-    resolve,
-    resolve_device,
-)
-from .config import (
-    AUGMENT,
-    DEFAULT_MASK_RATIO,
-    DEFAULT_MODEL,
-    FORMAT_VERSION,
-    SECTIONS,
-    DataConfig,
-    ModelConfig,
-    PolicyConfig,
-    RunConfig,
-    RunError,
-    default_ratio,
-)
-from .evaluation import (
-    evaluate_run,
-    load_encoder,
-    load_masker,
-    load_run,
-    load_weights,
-    weights_from_checkpoint,
-)
-from .lifecycle import PreparedRun, create_run, resume_run, train_run
-from .pictures import Picture, picture, policy_names, untrained_run
-from .record import (
-    CHECKPOINTS,
-    CONFIG,
-    EVAL,
-    METRICS,
-    MODEL,
-    SUMMARY,
-    RunRecord,
-    check_writable,
-    fresh_run_dir,
-    merge_json,
-)
+from . import builder as _builder
+from . import config as _config
+from . import evaluation as _evaluation
+from . import lifecycle as _lifecycle
+from . import pictures as _pictures
+from . import record as _record
+from .builder import *  # noqa: F403 - each module's __all__
+from .config import *  # noqa: F403
+from .evaluation import *  # noqa: F403
+from .lifecycle import *  # noqa: F403
+from .pictures import *  # noqa: F403
+from .record import *  # noqa: F403
 
-__all__ = [
-    "AUGMENT", "CHECKPOINTS", "CONFIG", "DEFAULT_MASK_RATIO", "DEFAULT_MODEL", "DEFAULT_STEPS", "EVAL",
-    "FORMAT_VERSION", "METRICS", "MIN_AUTO_PATCHES", "MODEL", "SECTIONS", "SUMMARY",
-    "DataConfig", "ModelConfig", "Picture", "PolicyConfig", "PreparedRun", "Run", "RunConfig", "RunError",
-    "RunRecord", "TrainSettings",
-    "build_mae", "build_run", "build_trainer", "check_writable", "choose_patch_size", "create_run",
-    "dataset_section", "default_ratio", "evaluate_run", "fresh_run_dir", "load_encoder", "load_masker",
-    "load_run", "load_weights", "merge_json", "model_kind", "model_section", "model_spec", "new_run",
-    "picture", "policy_kwargs", "policy_names", "resolve", "resolve_device", "resume_run", "train_run",
-    "untrained_run", "weights_from_checkpoint",
-]  # fmt: skip
+__all__ = ["DEFAULT_STEPS", "TrainSettings"] + [
+    name for module in (_builder, _config, _evaluation, _lifecycle, _pictures, _record) for name in module.__all__
+]

@@ -41,6 +41,12 @@ from maskkit.train import Pretrainer, Resolved, TrainConfig
 from .config import FORMAT_VERSION, DataConfig, ModelConfig, RunConfig, RunError
 from .record import RunRecord
 
+__all__ = [
+    "MIN_AUTO_PATCHES", "Run", "build_mae", "build_run", "build_trainer", "choose_patch_size",
+    "dataset_section", "model_kind", "model_section", "model_spec", "new_run", "policy_kwargs", "resolve",
+    "resolve_device",
+]  # fmt: skip
+
 #: fewest patches an automatically chosen patch size may give.
 MIN_AUTO_PATCHES = 16
 

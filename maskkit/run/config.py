@@ -17,6 +17,11 @@ from maskkit.policies import coerce_policy_options, policy_card, policy_options
 from maskkit.settings import flag, setting
 from maskkit.train.config import MLOSettings, TrainSettings
 
+__all__ = [
+    "AUGMENT", "DEFAULT_MASK_RATIO", "DEFAULT_MODEL", "FORMAT_VERSION", "SECTIONS", "DataConfig",
+    "ModelConfig", "PolicyConfig", "RunConfig", "RunError", "default_ratio",
+]  # fmt: skip
+
 #: version of config.json; 1 is the layout before `RunConfig` (read as is), 2 adds `format_version` and `config`.
 FORMAT_VERSION = 2
 #: training iterations when neither steps nor epochs are given

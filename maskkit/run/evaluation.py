@@ -22,6 +22,10 @@ from .builder import Run, build_run, resolve_device
 from .config import RunError
 from .record import CHECKPOINTS, EVAL, MODEL, RunRecord, check_writable, merge_json
 
+__all__ = [
+    "evaluate_run", "load_encoder", "load_masker", "load_run", "load_weights", "weights_from_checkpoint",
+]  # fmt: skip
+
 PROTOCOLS = ("linear", "finetune")
 INITS = ("pretrained", "random")
 SCORE_SPLITS = ("test", "val")

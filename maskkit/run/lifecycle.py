@@ -38,6 +38,10 @@ from .record import (
     write_json,
 )
 
+__all__ = [
+    "PreparedRun", "create_run", "resume_run", "train_run",
+]  # fmt: skip
+
 
 @dataclass
 class PreparedRun:

@@ -30,6 +30,10 @@ from .config import (
 from .evaluation import load_run
 from .record import check_writable
 
+__all__ = [
+    "Picture", "picture", "policy_names", "untrained_run",
+]  # fmt: skip
+
 
 @dataclass
 class Picture:

@@ -20,6 +20,11 @@ from maskkit.train import TrainConfig
 
 from .config import FORMAT_VERSION, RunError
 
+__all__ = [
+    "CHECKPOINTS", "CONFIG", "EVAL", "METRICS", "MODEL", "SUMMARY", "RunRecord", "check_writable",
+    "fresh_run_dir", "merge_json",
+]  # fmt: skip
+
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 MODEL = "model.pt"
