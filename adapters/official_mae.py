@@ -7,6 +7,10 @@ Three tools, each touching only what it is given:
 - `timm_compat()`: lets `models_mae.py` build under timm 1.x (it passes `qk_scale=None` to `Block`).
 Plus `engine_checkpoint_entries(engine)` / `restore_engine(engine, checkpoint)`: an `MLOEngine`'s
 state inside the official checkpoint dict (docs/official-mae.md).
+
+Why one file of ~460 lines: this is the only code that knows the official codebase, and its three
+tools share the same private view of `MaskedAutoencoderViT` (its `random_masking`, its loss and its
+block list); split, each part would have to know that internal layout again.
 """
 
 from __future__ import annotations

@@ -22,3 +22,24 @@ def test_installed_subpackages_and_no_top_level_names(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["None", "None"]
+
+
+def test_every_package_folder_is_listed_for_the_wheel():
+    """A folder with an __init__.py that pyproject.toml does not list would be missing from a real install."""
+    from pathlib import Path
+
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {"maskkit": root / "maskkit", "maskkit.adapters": root / "adapters", "maskkit.cli": root / "cli"}
+    found = set()
+    for package, folder in folders.items():
+        for init in folder.rglob("__init__.py"):
+            parts = init.parent.relative_to(folder).parts
+            if package == "maskkit" and parts and parts[0] in ("adapters", "cli"):
+                continue
+            found.add(".".join([package, *parts]))
+    assert found == listed
