@@ -147,3 +147,8 @@ def given_on_command_line(ctx: typer.Context, name: str) -> bool:
     """Whether option `name` was typed (not defaulted); by name, as typer ships its own copy of click."""
     source = ctx.get_parameter_source(name)
     return source is not None and source.name == "COMMANDLINE"
+
+
+def policy_extras(policy: str, extra: list[str], pairs: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The policy's part of `option_extras`: ({option: value text}, {option: how it was spelled})."""
+    return option_extras(policy, "", extra, pairs, [])["policy"]
