@@ -58,6 +58,10 @@ class PlanError(ValueError):
     """A MaskPlan whose fields disagree (shapes, ids, mask, weights): a policy's bug, in one line."""
 
 
+class NonFiniteWeightsError(PlanError):
+    """A plan whose only fault is non-finite weights (a policy's bug, or non-finite inputs reaching it)."""
+
+
 #: whether every plan a policy returns is checked (`MaskPlan.validate`); on by default, as in `maskkit
 #: pretrain`. `set_plan_checks(False)` (or MASKKIT_CHECK_PLANS=0) turns the checks off for a tuned loop.
 _CHECK_PLANS = os.environ.get("MASKKIT_CHECK_PLANS", "1") not in ("0", "false", "no", "off")
@@ -177,7 +181,8 @@ class MaskPlan:
         names = ("ids in range", "ids_restore a permutation", "ids_keep in shuffled order (no duplicates)",
                  "mask = (ids_restore >= K)", "finite weights")
         failed = [name for name, good in zip(names, ok, strict=True) if not bool(good)]
-        raise PlanError(f"{who}: invalid plan: not {failed[0]} (B={b}, N={n}, K={k})")
+        kind = NonFiniteWeightsError if failed == ["finite weights"] else PlanError
+        raise kind(f"{who}: invalid plan: not {failed[0]} (B={b}, N={n}, K={k})")
 
     def _checks(self, k: int) -> list[Tensor]:
         """The value checks as 0-d booleans: range, permutation, keep order, mask, weights."""

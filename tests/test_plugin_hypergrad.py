@@ -61,7 +61,7 @@ def plugin(tmp_path, monkeypatch):
     (tmp_path / "my_hypergrad.py").write_text(PLUGIN)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(registry.PLUGINS_ENV, "my_hypergrad")
-    monkeypatch.setattr(registry, "_plugin_modules_loaded", False)
+    monkeypatch.setattr(registry, "_imported_plugins", set())
     monkeypatch.setattr(HYPERGRADS, "_loaded", False)
     try:
         assert "plugin_direct" in HYPERGRADS.names()

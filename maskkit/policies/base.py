@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from maskkit.plan import MaskPlan, check_ratio, plan_checks_enabled
+from maskkit.plan import MaskPlan, NonFiniteWeightsError, check_ratio, plan_checks_enabled
 from maskkit.policies.card import CardInfo
 
 
@@ -61,7 +61,8 @@ class MaskPolicy(nn.Module):
     def __call__(self, tokens: Tensor, *args: Any, **kwargs: Any) -> MaskPlan:
         """`forward`, then the plan's invariants checked (`MaskPlan.validate`) for every policy, plugins
         included, unless `maskkit.plan.set_plan_checks(False)`; explicit `noise` / `attention` inputs must
-        be finite (a NaN would give every image the same mask)."""
+        be finite (a NaN would give every image the same mask). Non-finite weights are the policy's fault
+        only when its tokens were finite; from non-finite tokens they pass on to the non-finite guard."""
         check = plan_checks_enabled()
         if check:
             for key in ("noise", "attention"):
@@ -73,7 +74,12 @@ class MaskPolicy(nn.Module):
             if not isinstance(plan, MaskPlan):
                 raise TypeError(f"policy {type(self).__name__} returned {type(plan).__name__}, not a MaskPlan")
             b, n = self.token_grid(tokens)
-            plan.validate(n, b, who=f"policy {type(self).__name__}")
+            try:
+                plan.validate(n, b, who=f"policy {type(self).__name__}")
+            except NonFiniteWeightsError:
+                if bool(torch.isfinite(tokens).all()):
+                    raise  # finite tokens, non-finite weights: the policy's own fault
+                # non-finite tokens (e.g. NaN pixels): the trainer's non-finite guard names the loss it poisons
         return plan
 
     def forward(
