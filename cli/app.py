@@ -35,7 +35,7 @@ from maskkit.policies import AUTO_POLICY_OPTIONS, COMMON_ALLOWED
 
 from . import runner
 from .listing import list_command
-from .options import config_command, config_from_values, given_on_command_line, option_extras
+from .options import EXTRA_OPTIONS, config_command, config_from_values, given_on_command_line, option_extras
 from .printing import (  # noqa: F401 - pretrain_progress, step_fields: the bar's parts, importable from here
     bench_table,
     describe,
@@ -106,7 +106,9 @@ def policies_command() -> None:
 # ---- pretrain ---------------------------------------------------------------------------------
 
 #: options that may be combined with --resume (everything else comes from the run's config.json).
-RESUME_OPTIONS = ("resume", "steps", "device", "progress")
+RESUME_OPTIONS = ("resume", "steps", "device", "progress", "trust_unverified")
+EXTRA_OPTIONS["trust_unverified"] = (bool, typer.Option(
+    False, "--trust-unverified", help="With --resume: use a checkpoint that has no .sha256 checksum file."))
 
 
 @config_command
@@ -124,12 +126,15 @@ def pretrain_command(ctx: typer.Context, **values: Any) -> None:
             if given or ctx.args:
                 extra = [f"--{n.replace('_', '-')}" for n in given] + [a for a in ctx.args if a.startswith("--")]
                 raise CommandError(f"--resume takes its settings from the run's config.json; drop {', '.join(extra)}")
-            prepared = run.resume_run(values["resume"], steps=values["steps"], device=values["device"], dist=dist)
+            prepared = run.resume_run(values["resume"], steps=values["steps"], device=values["device"], dist=dist,
+                                      trust_unverified=values["trust_unverified"])
             for warning in prepared.warnings:
                 _say(f"Warning: {warning}", err=True)
             console.print(f"[bold]maskkit pretrain --resume[/bold] {prepared.out}: from {prepared.source} "
                           f"(step {prepared.trainer.step_count})")  # fmt: skip
         else:
+            if values["trust_unverified"]:
+                raise CommandError("--trust-unverified only applies with --resume")
             from maskkit.adapters.models import parse_model_options
             from maskkit.mlo import HYPERGRADS
             from maskkit.policies import coerce_policy_options

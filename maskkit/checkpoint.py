@@ -4,8 +4,10 @@ A checkpoint is one state dict (tensors, numbers, strings, lists, dicts) saved w
 `torch.save` into a temporary file in the target directory, flushed, fsync'ed and renamed over
 the target, so a crash leaves either the old file or the new one, never half of one. A SHA-256
 of the bytes is stored beside it (`<name>.sha256`) and checked on load, so a truncated or
-corrupted file is detected. Loading uses `torch.load(weights_only=True)`: a pickled payload
-is refused, never executed.
+corrupted file is detected. A file without its sidecar is not trusted: `load_checkpoint` refuses
+it (`UnverifiedCheckpointError`) and `load_latest` falls back to an older verified one, unless
+`trust_unverified=True` says to use it. Loading uses `torch.load(weights_only=True)`: a pickled
+payload is refused, never executed.
 
 RNG helpers capture the torch, numpy and python generators as plain tensors and lists so that
 they survive `weights_only` loading.
@@ -31,6 +33,10 @@ _STEP_RE = re.compile(r"checkpoint-(\d+)\.pt$")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used (missing, corrupt, or carrying pickled code)."""
+
+
+class UnverifiedCheckpointError(CheckpointError):
+    """A checkpoint that loads but has no `.sha256` sidecar to verify it against (not trusted by default)."""
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -100,15 +106,32 @@ def verify_checkpoint(path: str | os.PathLike[str], digest: str | None = None) -
         raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch)")
 
 
-def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely (weights_only); CheckpointError names the file and the problem."""
+def _sidecar(path: Path) -> Path:
+    return Path(f"{path}.sha256")
+
+
+def is_verified(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` has its `.sha256` sidecar (whether its bytes match is checked on load)."""
+    return _sidecar(Path(path)).is_file()
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], map_location: Any = "cpu", *, trust_unverified: bool = False
+) -> dict[str, Any]:
+    """Load a checkpoint safely (weights_only); CheckpointError names the file and the problem.
+
+    The bytes must match the `.sha256` sidecar; a file without one is refused with
+    `UnverifiedCheckpointError` (after it was read, so a corrupt or pickled file says so first),
+    unless `trust_unverified`.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     data = path.read_bytes()
-    sidecar = Path(f"{path}.sha256")
-    if sidecar.is_file():
-        expected = sidecar.read_text().strip()
+    sidecar = _sidecar(path)
+    verified = sidecar.is_file()
+    if verified:
+        expected = sidecar.read_bytes().decode("ascii", errors="replace").strip()
         if hashlib.sha256(data).hexdigest() != expected:
             raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch)")
     try:
@@ -120,6 +143,10 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
         raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint: {first}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a state dict (got {type(state).__name__})")
+    if not verified and not trust_unverified:
+        raise UnverifiedCheckpointError(
+            f"checkpoint {path} is unverified: its checksum file {sidecar.name} is missing, so it is not trusted"
+        )
     return state
 
 
@@ -138,22 +165,23 @@ def list_checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
 
 
 def load_latest(
-    directory: str | os.PathLike[str], map_location: Any = "cpu"
+    directory: str | os.PathLike[str], map_location: Any = "cpu", *, trust_unverified: bool = False
 ) -> tuple[Path, dict[str, Any], list[str]]:
-    """The newest checkpoint in `directory` that loads: (path, state, problems of newer ones skipped).
+    """The newest checkpoint in `directory` that loads and is verified: (path, state, problems of newer ones skipped).
 
-    CheckpointError if there is none, or if none loads (naming the newest one's problem).
+    One without its `.sha256` is skipped like a corrupt one, unless `trust_unverified`.
+    CheckpointError if there is none, or if none loads (the newest one's error, of its class).
     """
     paths = list_checkpoints(directory)
     if not paths:
         raise CheckpointError(f"no checkpoint in {directory}")
-    errors: list[str] = []
+    errors: list[CheckpointError] = []
     for path in reversed(paths):
         try:
-            return path, load_checkpoint(path, map_location), errors
+            return path, load_checkpoint(path, map_location, trust_unverified=trust_unverified), [str(e) for e in errors]
         except CheckpointError as err:
-            errors.append(str(err))
-    raise CheckpointError(errors[0])
+            errors.append(err)
+    raise errors[0]
 
 
 def prune_checkpoints(directory: str | os.PathLike[str], keep: int) -> None:

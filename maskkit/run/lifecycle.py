@@ -92,22 +92,37 @@ def create_run(
 
 
 def resume_run(
-    run_dir: str | Path, *, steps: int | None = None, device: str = "auto", dist: DistContext = SINGLE
+    run_dir: str | Path,
+    *,
+    steps: int | None = None,
+    device: str = "auto",
+    dist: DistContext = SINGLE,
+    trust_unverified: bool = False,
 ) -> PreparedRun:
     """The run in `run_dir`, from its newest good checkpoint (or from step 0, with a warning, if it has none).
 
-    `steps` extends the run (written to config.json); `device` 'auto' means the run's own.
+    `steps` extends the run (written to config.json); `device` 'auto' means the run's own. A checkpoint
+    without its `.sha256` is skipped (with a warning) unless `trust_unverified`. metrics.jsonl is
+    checked line by line before anything is built, then cut back to the restored step.
     """
+    from maskkit.checkpoint import UnverifiedCheckpointError, is_verified
+
     run_dir = Path(run_dir)
     record = RunRecord.read(run_dir)
+    metrics = MetricsLog(run_dir / METRICS)
+    metrics.load()  # a bad line: one line naming the file and the line, before anything is built or written
     dev = resolve_device(record.device if device == "auto" else device, dist)
     path, state, warnings = None, None, []
     if list_checkpoints(run_dir / CHECKPOINTS):
         try:
-            path, state, skipped = load_latest(run_dir / CHECKPOINTS)
+            path, state, skipped = load_latest(run_dir / CHECKPOINTS, trust_unverified=trust_unverified)
+        except UnverifiedCheckpointError as err:
+            raise RunError(f"cannot resume {run_dir}: {err} (--trust-unverified uses it)") from None
         except CheckpointError as err:
             raise RunError(f"cannot resume {run_dir}: {err}") from None
         warnings += [f"skipped {problem}" for problem in skipped]
+        if not is_verified(path):
+            warnings.append(f"trusting {path.name} without its checksum file, as --trust-unverified asks")
     start = 0 if state is None else int(state["step"])
     cfg = record.train_config
     torch.manual_seed(cfg.seed)  # as a new run seeds itself: starting over repeats it exactly
@@ -130,7 +145,7 @@ def resume_run(
         if steps is not None and steps != record.train["steps"]:
             record.train["steps"] = steps
             record.write(run_dir)
-        MetricsLog(run_dir / METRICS).truncate_after(trainer.step_count)
+        warnings += metrics.truncate_after(trainer.step_count)
     if path is None:
         warnings.append(f"{run_dir} has no checkpoint (it was stopped before its first); starting over from step 0")
     return PreparedRun(run_dir, record, trainer, "the start" if path is None else path.name, warnings)

@@ -3,26 +3,32 @@
 A run directory holds `config.json` (`RunRecord`), `metrics.jsonl`, `checkpoints/checkpoint-<step>.pt`
 (+ `.sha256`), `model.pt` (final weights), `summary.json`, and later `eval.json` and pictures. This
 module names those files and reads and writes the record; runs of format 1 (before `RunConfig`)
-still read.
+still read as they always did. A record of format 2 is checked against `FORMAT_2`: every field
+present and of its type (a one-line RunError naming it, never a default), except the few fields
+added to format 2 after its first runs (`ADDED_IN_FORMAT_2`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from maskkit.checkpoint import atomic_write_text
 from maskkit.train import TrainConfig
+from maskkit.train.config import RECORD_KEYS, MLOSettings, Resolved, TrainSettings
 
-from .config import FORMAT_VERSION, RunError
+from .config import FORMAT_VERSION, SECTIONS, RunError
 
 __all__ = [
-    "CHECKPOINTS", "CONFIG", "EVAL", "METRICS", "MODEL", "SUMMARY", "RunRecord", "check_writable",
-    "fresh_run_dir", "merge_json",
+    "ADDED_IN_FORMAT_2", "CHECKPOINTS", "CONFIG", "EVAL", "FORMAT_2", "METRICS", "MODEL", "SUMMARY", "RunRecord",
+    "check_record", "check_writable", "fresh_run_dir", "merge_json",
 ]  # fmt: skip
 
 CONFIG = "config.json"
@@ -69,23 +75,129 @@ class RunRecord:
             raise RunError(f"{run_dir} is not a run directory (no {CONFIG})")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise RunError(f"{path} is not a maskkit run configuration: not UTF-8 text (byte {err.start})") from None
         except json.JSONDecodeError as err:
             raise RunError(f"{path} is not a maskkit run configuration: {err}") from None
         if not isinstance(raw, dict):
             raise RunError(f"{path} is not a maskkit run configuration")
         version = raw.get("format_version", 1)
-        if version not in (1, FORMAT_VERSION):
+        if isinstance(version, bool) or version not in (1, FORMAT_VERSION):
             raise RunError(f"{path} has run format {version!r}; this maskkit reads formats 1 and {FORMAT_VERSION}")
         unknown = sorted(set(raw) - {f.name for f in fields(cls)})
         missing = sorted({"dataset", "model", "policy", "train"} - set(raw))
         if unknown or missing:
             what = f"unknown keys {', '.join(unknown)}" if unknown else f"missing {', '.join(missing)}"
             raise RunError(f"{path} is not a maskkit run configuration of format {version} ({what})")
+        if version == FORMAT_VERSION:
+            check_record(raw, path)
         return cls(**raw)
 
     def write(self, run_dir: Path) -> None:
         """Write config.json into `run_dir`, atomically."""
         atomic_write_text(run_dir / CONFIG, self.to_json())
+
+
+# ---- the schema of format 2 ------------------------------------------------------------------
+
+#: a schema: field -> its type (int, str | None, list[float], ...), or the schema of a nested object
+Schema = dict[str, Any]
+
+
+def _section(kind: type) -> Schema:
+    """The schema of a settings dataclass: its fields' annotated types."""
+    hints = typing.get_type_hints(kind)
+    return {f.name: hints[f.name] for f in fields(kind)}
+
+
+def _train() -> Schema:
+    """config.json `train` (`TrainConfig.to_dict`): the settings, what they resolved to, the mlo section."""
+    own, resolved = _section(TrainSettings), _section(Resolved)
+    return {k: _section(MLOSettings) if k == "mlo" else resolved.get(k, own.get(k)) for k in RECORD_KEYS}
+
+
+#: format 2's config.json, every field required (but ADDED_IN_FORMAT_2)
+FORMAT_2: Schema = {
+    "format_version": int,
+    "config": {**{name: _section(kind) for name, kind in SECTIONS.items()}, "version": int},
+    "dataset": {
+        "name": str, "data_dir": str | None, "img_size_override": int | None, "image_size": list[int],
+        "in_chans": int, "num_images": int, "num_classes": int, "labeled": bool, "layout": str | None,
+        "mean": list[float], "std": list[float], "augment": str, "split_seed": int,
+        "split_fractions": dict[str, float], "splits": dict[str, int],
+    },
+    "model": {
+        "name": str, "options": dict[str, Any], "img_size": int | list[int], "patch_size": int, "in_chans": int,
+        "norm_pix_loss": bool, "init_seed": int, "num_patches": int, "embed_dim": int,
+    },
+    "policy": {"name": str, "options": dict[str, Any], "learnable": bool},
+    "train": _train(),
+    "device": str,
+    "versions": dict[str, str],
+    "command": list[str],
+}  # fmt: skip
+
+#: fields added to format 2 after its first runs were written; a run without one ran without that setting
+ADDED_IN_FORMAT_2 = frozenset({"config.mlo.hypergrad_options", "train.mlo.hypergrad_options"})
+
+_NAMES = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",
+          type(None): "null", dict: "an object", list: "a list", Any: "anything"}  # fmt: skip
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
+    if origin is dict:
+        return f"an object of {_describe(args[1]).removeprefix('an ').removeprefix('a ')}s" if args[1] is not Any \
+            else "an object"
+    return _NAMES[hint]
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether the JSON `value` is of type `hint` (a bool is no number; a number must be finite)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(v, args[1]) for v in value.values())
+    if hint is Any:
+        return True
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_record(raw: dict[str, Any], path: str | Path, schema: Schema = FORMAT_2, where: str = "") -> None:
+    """Every field of `schema` present in `raw` and of its type, and no other; a one-line RunError naming it."""
+    for key, hint in schema.items():
+        name = where + key
+        if key not in raw:
+            if name in ADDED_IN_FORMAT_2:
+                continue
+            raise RunError(f"{path}: field {name} is missing (a run of format {FORMAT_VERSION} records every field)")
+        if isinstance(hint, dict):
+            if not isinstance(raw[key], dict):
+                raise RunError(f"{path}: field {name} must be an object, got {_show(raw[key])}")
+            check_record(raw[key], path, hint, name + ".")
+        elif not _fits(raw[key], hint):
+            raise RunError(f"{path}: field {name} must be {_describe(hint)}, got {_show(raw[key])}")
+    unknown = sorted(set(raw) - set(schema))
+    if unknown:
+        raise RunError(f"{path}: unknown field {where}{unknown[0]} (not in run format {FORMAT_VERSION})")
+    if where == "" and raw["config"]["version"] != FORMAT_VERSION:
+        raise RunError(f"{path}: field config.version is {raw['config']['version']}, not {FORMAT_VERSION}")
 
 
 def holds_a_run(directory: Path) -> bool:
