@@ -35,7 +35,7 @@ from maskkit.policies import AUTO_POLICY_OPTIONS, COMMON_ALLOWED
 
 from . import runner
 from .listing import list_command
-from .options import EXTRA_OPTIONS, config_command, config_from_values, given_on_command_line, option_extras
+from .options import config_command, config_from_values, given_on_command_line, option_extras
 from .printing import (  # noqa: F401 - pretrain_progress, step_fields: the bar's parts, importable from here
     bench_table,
     describe,
@@ -107,8 +107,6 @@ def policies_command() -> None:
 
 #: options that may be combined with --resume (everything else comes from the run's config.json).
 RESUME_OPTIONS = ("resume", "steps", "device", "progress", "trust_unverified")
-EXTRA_OPTIONS["trust_unverified"] = (bool, typer.Option(
-    False, "--trust-unverified", help="With --resume: use a checkpoint that has no .sha256 checksum file."))
 
 
 @config_command

@@ -26,6 +26,8 @@ EXTRA_OPTIONS: dict[str, tuple[Any, Any]] = {
     "out": (Optional[Path], typer.Option(None, help="Run directory to create (default runs/<date-time>).")),
     "resume": (Optional[Path], typer.Option(None, help="Continue the run in this directory from its last checkpoint.")),
     "progress": (bool, typer.Option(True, "--progress/--no-progress", help="Show the progress bar.")),
+    "trust_unverified": (bool, typer.Option(
+        False, "--trust-unverified", help="With --resume: use a checkpoint that has no .sha256 checksum file.")),
 }
 
 
