@@ -78,6 +78,12 @@ OPTION_CASES = {
     "decoder-heads-not-dividing": (["--model-opt", "decoder_num_heads=3"], "decoder_num_heads=3"),
     "depth-0": (["--model-opt", "depth=0"], "depth"),
     "heads-not-an-int": (["--model-opt", "num_heads=two"], "num_heads"),
+    "model-opt-no-equals": (["--model-opt", "foo"], "key=value"),
+    "hf-heads-0": (["--model", "hf:tiny", "--model-opt", "num_attention_heads=0"], "num_attention_heads"),
+    "hf-heads-not-dividing": (["--model", "hf:tiny", "--model-opt", "hidden_size=50", "--model-opt",
+                               "num_attention_heads=4"], "does not divide the width hidden_size=50"),
+    "keep-checkpoints-0": (["--keep-checkpoints", "0"], "--keep-checkpoints"),
+    "masker-reg-inf": (["--policy", "learned", "--masker-reg", "inf"], "--masker-reg"),
     "lr-inf": (["--lr", "inf"], "--lr"),
     "lr-nan": (["--lr", "nan"], "--lr"),
     "lr-negative": (["--lr", "-1"], "--lr"),
@@ -105,9 +111,9 @@ OPTION_CASES = {
 
 def _with_fast(extra: list) -> list:
     """FAST with `extra` layered on (a None value drops FAST's own option of that name)."""
-    args, pairs = list(FAST), dict(zip(extra[::2], extra[1::2], strict=True))
-    for key, value in pairs.items():
-        if key in args:
+    args = list(FAST)
+    for key, value in zip(extra[::2], extra[1::2], strict=True):
+        if key in args and key != "--model-opt":
             i = args.index(key)
             del args[i : i + 2]
         if value is not None:
@@ -142,6 +148,8 @@ def test_a_batch_larger_than_the_split_is_clamped_with_one_warning_and_recorded(
     assert len(warnings) == 1 and "--batch-size 100000" in warnings[0] and "1257" in warnings[0], result.stderr
     record = json.loads((out / "config.json").read_text())
     assert record["train"]["batch_size"] == 1257 == record["config"]["train"]["batch_size"]
+    resumed = invoke("pretrain", "--resume", out, "--steps", "2", "--no-progress")  # what ran is what resumes
+    assert resumed.exit_code == 0 and "Warning" not in resumed.stderr, resumed.output
 
 
 def test_resume_of_a_missing_run_and_resume_with_options_are_one_line(tmp_path, trained):
