@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_OFFICIAL_CALLABLE",
     "HF_TINY",
     "ModelSpec",
+    "check_model_options",
     "create_mae_from_spec",
     "load_official_module",
     "model_adapter",
@@ -85,6 +86,39 @@ def preferred_patch_size(spec: str | ModelSpec) -> int | None:
     """The model's own patch size for the run's automatic choice (a timm preset's), or None to let its
     builder choose (official callables, hf configs)."""
     return model_adapter(spec).preferred_patch_size()
+
+
+#: (width, heads) option pairs of the adapters: the heads must be a positive integer dividing the width
+_WIDTH_HEADS = (
+    ("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads"),
+    ("hidden_size", "num_attention_heads"), ("decoder_hidden_size", "decoder_num_attention_heads"),
+)  # fmt: skip
+#: further size options that must be positive integers where given
+_POSITIVE = ("depth", "decoder_depth", "num_hidden_layers", "decoder_num_hidden_layers")
+
+
+def check_model_options(spec: str | ModelSpec, options: dict[str, Any]) -> None:
+    """One-line ValueError, before anything is built, for a size option that is not a positive integer or
+    attention heads that do not divide the width (the width a timm preset has where not given)."""
+    own: dict[str, Any] = {}
+    adapter = model_adapter(spec)
+    if adapter.spec.kind == "timm":
+        from .timm import get_preset
+
+        preset = get_preset(adapter.spec.target)
+        own = {k: getattr(preset, k) for k in ("embed_dim", "num_heads", "decoder_embed_dim", "decoder_num_heads")}
+    for name in [n for pair in _WIDTH_HEADS for n in pair] + list(_POSITIVE):
+        if name in options:
+            value = options[name]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"--model-opt {name} must be a positive integer, got {value!r}")
+    for width_key, heads_key in _WIDTH_HEADS:
+        if width_key not in options and heads_key not in options:
+            continue
+        width, heads = options.get(width_key, own.get(width_key)), options.get(heads_key, own.get(heads_key))
+        if width is not None and heads is not None and width % heads:
+            raise ValueError(f"--model-opt {heads_key}={heads} does not divide the width {width_key}={width} "
+                             f"of model {str(adapter.spec)!r}")  # fmt: skip
 
 
 def parse_model_options(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:

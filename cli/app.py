@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
@@ -142,7 +143,14 @@ def pretrain_command(ctx: typer.Context, **values: Any) -> None:
             options = coerce_policy_options(values["policy"], *extras["policy"])  # named as typed, before any work
             method = HYPERGRADS.coerce(values["hypergrad"], *extras["hypergrad"]) if values["hypergrad"] in HYPERGRADS else {}
             config = config_from_values(values, options, parse_model_options(values["model_opt"]), method)
-            prepared = run.create_run(config, values["out"], dist=dist)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", run.RunWarning)
+                prepared = run.create_run(config, values["out"], dist=dist)
+            for w in caught:  # a RunWarning is one line; any other warning goes on as it came
+                if issubclass(w.category, run.RunWarning):
+                    _say(f"Warning: {w.message}", err=True)
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             describe(console, prepared.record, prepared.out)
         summary = runner.train_with_progress(prepared, console, err_console, values["progress"])
         if summary is not None:  # rank 0

@@ -103,7 +103,9 @@ def train_with_progress(prepared: Any, console: Console, err_console: Console, s
         try:
             summary = train_run(prepared, on_step=on_step, stop=stop)
         except FloatingPointError as err:
-            raise CommandError(f"{err}; the last good checkpoint is kept in {out / CHECKPOINTS}") from None
+            kept = sorted((out / CHECKPOINTS).glob("checkpoint-*.pt"))
+            where = f"the last good checkpoint is kept: {kept[-1]}" if kept else "no checkpoint was written before it"
+            raise CommandError(f"{err}; {where}") from None
         except TrainingStopped as stopped:  # a scheduler's SIGTERM or a Ctrl-C: checkpointed, ready to resume
             say(err_console, f"Stopped by {stopped.signal_name} at step {stopped.step}, checkpoint "
                 f"{stopped.checkpoint.name} written; continue with: {prepared.resume_command()}")  # fmt: skip

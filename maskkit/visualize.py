@@ -28,6 +28,10 @@ GUIDED_RGB = (0.95, 0.55, 0.10)
 PAD = 4
 HEADER = 18
 FOOTER = 30  # room for the colour bar and the hidden-patch legend
+#: largest --tile (pixels per picture side)
+MAX_TILE = 1024
+#: largest picture, in pixels (3 bytes each): --tile and --num-images beyond it are refused before drawing
+MAX_PICTURE_PIXELS = 2**27
 
 
 @dataclass
@@ -205,6 +209,16 @@ def tile_box(panels: Panels, row: int, column: str, tile: int = 96) -> tuple[int
     return left, top, left + w * scale, top + h * scale
 
 
+def check_picture_size(tile: int, rows: int, columns: int) -> None:
+    """One-line ValueError for a --tile outside [8, MAX_TILE] or a picture above MAX_PICTURE_PIXELS."""
+    if not 8 <= tile <= MAX_TILE:
+        raise ValueError(f"--tile must be an integer in [8, {MAX_TILE}], got {tile}")
+    pixels = (rows * (tile + PAD) + HEADER + FOOTER) * (columns * (tile + PAD) + PAD)
+    if pixels > MAX_PICTURE_PIXELS:
+        raise ValueError(f"a picture of {rows} rows x {columns} columns at --tile {tile} would have {pixels:,} "
+                         f"pixels, more than {MAX_PICTURE_PIXELS:,}; lower --num-images or --tile")  # fmt: skip
+
+
 def mask_grid(
     mae: nn.Module,
     policy: nn.Module,
@@ -217,6 +231,7 @@ def mask_grid(
     seed: int = 0,
 ) -> Image.Image:
     """The PNG-ready grid for `num_images` images drawn (seeded) from the indices `pool`."""
+    check_picture_size(tile, min(num_images, len(pool)), 4)
     rng = np.random.default_rng(seed)
     index = np.sort(rng.choice(pool, size=min(num_images, len(pool)), replace=False))
     generator = torch.Generator(device=batcher.device).manual_seed(seed)
@@ -332,6 +347,7 @@ def policy_gallery(
     (drawn seeded from `pool`) at the same `ratio`; returns the picture and the notes of the policies
     that could not mask them (a note in their column instead of a failed picture; at the defaults of
     `maskkit visualize --policies all`, a 4x4 grid of 8x8 digits at ratio 0.75, every built-in draws)."""
+    check_picture_size(tile, min(num_images, len(pool)), len(names) + 1)
     rng = np.random.default_rng(seed)
     index = np.sort(rng.choice(pool, size=min(num_images, len(pool)), replace=False))
     gallery = render_gallery(mae, batcher.images(index), batcher.mean, batcher.std, names, ratio=ratio, seed=seed)

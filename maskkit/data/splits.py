@@ -29,17 +29,24 @@ def make_splits(data: DataSource, seed: int, fractions: dict[str, float] | None 
         raise ValueError(f"split fractions must name {', '.join(DEFAULT_FRACTIONS)}, got {sorted(given)}")
     fractions = {name: given[name] for name in DEFAULT_FRACTIONS}  # a fixed order: the cut depends on it
     labels = np.zeros(len(data), dtype=np.int64) if data.labels is None else data.labels.numpy()
-    parts = stratified_split(labels, fractions, seed)
-    for name, idx in parts.items():
-        if len(idx) == 0:
-            raise DataError(f"dataset {data.name!r} has too few images ({len(data)}) for a non-empty {name!r} split")
+    parts = stratified_split(labels, fractions, seed, allow_empty=True)
+    empty = [name for name, idx in parts.items() if len(idx) == 0]
+    if empty:
+        raise DataError(f"dataset {data.name!r} has too few images ({len(data)}) for a non-empty {empty[0]!r} "
+                        f"split: {_counts(parts)}")  # fmt: skip
     return parts
+
+
+def _counts(parts: Mapping[str, np.ndarray]) -> str:
+    return ", ".join(f"{name} {len(idx)}" for name, idx in parts.items())
 
 
 def stratified_split(
     labels: Any,
     fractions: Mapping[str, float] | Sequence[float],
     seed: int = 0,
+    *,
+    allow_empty: bool = False,
 ) -> dict[str, np.ndarray]:
     """Split indices 0..n-1 into disjoint subsets with the given fractions, stratified by label.
 
@@ -47,6 +54,8 @@ def stratified_split(
         labels: [n] class labels (any hashable values: ints, strings; a list, array or tensor).
         fractions: {"name": fraction} (or a sequence, named "0", "1", ...); positive, summing to 1.
         seed: seed of the per-class shuffle; the same seed gives the same split.
+        allow_empty: return an empty subset instead of refusing it (a DataError naming the subset
+            and the counts: a run or the MLO engine needs every split it is given to hold images).
 
     Returns:
         {name: sorted int64 indices}, in the order of `fractions`.
@@ -64,10 +73,15 @@ def stratified_split(
         for part, count in zip(parts, counts, strict=False):
             part.append(idx[start : start + count])
             start += count
-    return {
+    result = {
         name: np.sort(np.concatenate(part)).astype(np.int64) if part else np.zeros(0, dtype=np.int64)
         for name, part in zip(names, parts, strict=False)
     }
+    empty = [name for name, idx in result.items() if len(idx) == 0]
+    if empty and not allow_empty:
+        raise DataError(f"split {empty[0]!r} would be empty ({_counts(result)}; {len(labels)} samples in "
+                        f"{len(classes)} classes); give it a larger fraction or more samples")  # fmt: skip
+    return result
 
 
 def _largest_remainder(n: int, fracs: np.ndarray) -> np.ndarray:

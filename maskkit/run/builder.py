@@ -13,7 +13,8 @@ is part of every run's result.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +43,17 @@ from .config import FORMAT_VERSION, DataConfig, ModelConfig, RunConfig, RunError
 from .record import RunRecord
 
 __all__ = [
-    "MIN_AUTO_PATCHES", "Run", "build_mae", "build_run", "build_trainer", "choose_patch_size",
+    "MIN_AUTO_PATCHES", "Run", "RunWarning", "build_mae", "build_run", "build_trainer", "choose_patch_size",
     "dataset_section", "model_kind", "model_section", "model_spec", "new_run", "policy_kwargs", "resolve",
     "resolve_device",
 ]  # fmt: skip
 
 #: fewest patches an automatically chosen patch size may give.
 MIN_AUTO_PATCHES = 16
+
+
+class RunWarning(UserWarning):
+    """What a run changed from its request (e.g. a batch size clamped to the split); the CLI prints one line."""
 
 
 @dataclass
@@ -205,6 +210,17 @@ def train_section(config: RunConfig, train_split: int, world_size: int) -> dict[
     return TrainConfig(t, config.mlo, Resolved(steps, warmup, config.policy.ratio(), world_size)).to_dict()
 
 
+def clamp_batch(config: RunConfig, train_split: int, world_size: int) -> RunConfig:
+    """`config` with a --batch-size above the train split clamped to it (the loader caps it anyway), with a
+    RunWarning, so config.json records what runs; unchanged under several processes."""
+    size = config.train.batch_size
+    if world_size != 1 or size <= train_split:
+        return config
+    warnings.warn(f"--batch-size {size} is larger than the train split ({train_split} images); running and "
+                  f"recording --batch-size {train_split}", RunWarning, stacklevel=3)  # fmt: skip
+    return replace(config, train=replace(config.train, batch_size=train_split))
+
+
 def check_data_fits(config: RunConfig, data: ImageData) -> None:
     """A policy trained from labels needs a labelled data set (of at least two classes unless the masker is frozen)."""
     pol, name = config.policy, config.data.dataset
@@ -229,7 +245,7 @@ def resolve(
     check_data_fits(config, data)
     d, seed = config.data, config.train.seed
     section, splits = dataset_section(d.dataset, d.data_dir, d.img_size, data, seed, d.augment, dict(DEFAULT_FRACTIONS))
-    pol = config.policy
+    config, pol = clamp_batch(config, len(splits["train"]), world_size), config.policy
     return RunRecord(
         dataset=section, model=model_section(config.model, data, seed),
         policy={"name": pol.name, "options": pol.typed_options(), "learnable": pol.learnable()},

@@ -9,6 +9,7 @@ written; `RunConfig.to_dict` / `from_dict` are the JSON round trip kept in confi
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -18,8 +19,8 @@ from maskkit.settings import flag, setting
 from maskkit.train.config import MLOSettings, TrainSettings
 
 __all__ = [
-    "AUGMENT", "DEFAULT_MASK_RATIO", "DEFAULT_MODEL", "FORMAT_VERSION", "SECTIONS", "DataConfig",
-    "ModelConfig", "PolicyConfig", "RunConfig", "RunError", "default_ratio",
+    "AUGMENT", "DEFAULT_MASK_RATIO", "DEFAULT_MODEL", "FINITE_SETTINGS", "FORMAT_VERSION", "MAX_IMG_SIZE",
+    "MAX_SEED", "SECTIONS", "DataConfig", "ModelConfig", "PolicyConfig", "RunConfig", "RunError", "default_ratio",
 ]  # fmt: skip
 
 #: version of config.json; 1 is the layout before `RunConfig` (read as is), 2 adds `format_version` and `config`.
@@ -30,6 +31,16 @@ DEFAULT_MODEL = "micro"
 #: the mask ratio of a policy without a default of its own (MAE's)
 DEFAULT_MASK_RATIO = 0.75
 AUGMENT = ("auto", "none", "crop-flip")
+#: largest --img-size: the images are held in memory at this side (1024^2 x 3 bytes each), and a ViT's
+#: attention grows with the fourth power of the side
+MAX_IMG_SIZE = 1024
+#: largest --seed: numpy's and torch's generators both take any integer in [0, 2^63 - 1]
+MAX_SEED = 2**63 - 1
+#: (section, field) of the real-valued settings that must be finite and non-negative
+FINITE_SETTINGS = (
+    ("train", "lr"), ("train", "weight_decay"), ("train", "epochs"),
+    ("mlo", "head_lr"), ("mlo", "masker_lr"), ("mlo", "masker_reg"),
+)  # fmt: skip
 
 
 class RunError(ValueError):
@@ -66,6 +77,8 @@ class DataConfig:
     def check(self) -> None:
         if self.augment not in AUGMENT:
             raise RunError(f"{flag('augment')} must be one of {', '.join(AUGMENT)}, got {self.augment!r}")
+        if self.img_size is not None and not 1 <= self.img_size <= MAX_IMG_SIZE:
+            raise RunError(f"--img-size must be an integer in [1, {MAX_IMG_SIZE}], got {self.img_size}")
 
 
 @dataclass
@@ -88,6 +101,9 @@ class ModelConfig:
     def check(self) -> None:
         if self.patch_size is not None and self.patch_size < 1:
             raise RunError(f"--patch-size must be a positive integer, got {self.patch_size}")
+        from maskkit.adapters.models import check_model_options
+
+        _one_line(check_model_options, self.name, self.options)  # e.g. heads that do not divide the width
 
 
 @dataclass
@@ -188,6 +204,17 @@ class RunConfig:
             flags = ", ".join(flag(n) for n in self.mlo.changed())
             raise RunError(f"{flags} only apply to a learnable policy (e.g. --policy learned), not {self.policy.name!r}")
         _one_line(self.train.check)
+        self.check_numbers()
         self.data.check()
         self.model.check()
         self.policy.typed_options()
+
+    def check_numbers(self) -> None:
+        """The seed in [0, MAX_SEED]; learning rates, weight decay and the like finite and non-negative."""
+        seed = self.train.seed
+        if not 0 <= seed <= MAX_SEED:
+            raise RunError(f"--seed must be an integer in [0, 2^63 - 1], got {seed}")
+        for section, name in FINITE_SETTINGS:
+            value = getattr(getattr(self, section), name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise RunError(f"{flag(name)} must be a finite non-negative number, got {value}")

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from maskkit.data.decode import GREY_MODES, open_image, to_8bit
 from maskkit.data.load import register_dataset
 from maskkit.data.source import DataError, ImageData, check_dir
 from maskkit.registry import Card
@@ -58,8 +59,8 @@ def load_imagefolder(path: str | Path, img_size: int | None = None) -> ImageData
     The official MAE layout, `path/train/<class>/...` + `path/val/<class>/...` (see
     `imagefolder_layout`), is read as ONE pool: the images of every split folder together, labelled
     by class name, which `make_splits` then cuts into maskkit's own train/val/test like any other
-    data set (the folders' own division is not kept). Every image is converted to RGB (or L when
-    all are greyscale) and, if `img_size` is given, resized to img_size x img_size; otherwise all
+    data set (the folders' own division is not kept). Every image is converted to 8-bit RGB (or L when
+    all are greyscale; 16-bit and float grey scaled, alpha over black: `maskkit.data.decode`) and, if `img_size` is given, resized to img_size x img_size; otherwise all
     images must have the same size.
     """
     from PIL import Image
@@ -89,17 +90,11 @@ def load_imagefolder(path: str | Path, img_size: int | None = None) -> ImageData
     files = [(f, None if name is None else index[name]) for f, name in found]
     if not files:
         raise DataError(f"data directory {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    pictures = []
-    for f, _ in files:
-        try:
-            with Image.open(f) as im:
-                pictures.append(im.copy())
-        except OSError as err:
-            raise DataError(f"cannot read image {f}: {err}") from None
-    mode = "L" if all(p.mode in ("L", "1", "I;16", "I") for p in pictures) else "RGB"
+    pictures = [open_image(f) for f, _ in files]
+    mode = "L" if all(p.mode in GREY_MODES for p in pictures) else "RGB"
     arrays = []
-    for pic in pictures:
-        pic = pic.convert(mode)
+    for pic, (f, _) in zip(pictures, files, strict=True):
+        pic = to_8bit(pic, mode, f)
         if img_size is not None:
             pic = pic.resize((img_size, img_size), Image.BILINEAR)
         arrays.append(np.asarray(pic, dtype=np.uint8))
