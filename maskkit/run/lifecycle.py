@@ -105,15 +105,15 @@ def create_run(
     trainer = build_trainer(run, dist)  # builds optimizers and engine: may fail
     barrier(dist)  # every rank has built the run before rank 0 takes the directory
 
-    def take() -> tuple[Path, RunLock]:
+    def take() -> tuple[Path, _Lock]:
         made = target if out is not None else make_unique_dir(target)  # atomic: never another run's
+        check_writable(made)
         lock = _lock(made, "pretrain")
         try:
             _refuse_taken(made, locked=True)  # under the lock: no other writer can pass it now
-            check_writable(made)
             run.record.write(made)
         except BaseException:
-            lock.release()
+            lock.abandon()
             raise
         return made, lock
 
@@ -135,7 +135,7 @@ def resume_run(
         prepared = _resume_run(run_dir, steps=steps, device=device, dist=dist)
     except BaseException:
         if lock is not None:
-            lock.release()
+            lock.abandon()  # a refused resume leaves the directory as it was
         raise
     prepared.lock = lock
     return prepared
@@ -229,7 +229,39 @@ def _train(
 # ---- one writer per run directory -------------------------------------------------------------
 
 
-def _lock(run_dir: Path, what: str) -> RunLock:
+class _Lock(RunLock):
+    """A `RunLock` that can leave a directory as it found it: `abandon()` removes a lock file it created.
+
+    Removing a lock file is safe only with a check on taking: the lock is ours when the file we hold is
+    still the one at the path (same inode); else a remover got between our open and our flock, and we
+    take it again. Only a holder removes the file.
+    """
+
+    created = False
+
+    def acquire(self) -> _Lock:
+        while self._fd is None:
+            fresh = not self.path.exists()
+            super().acquire()
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(self._fd).st_ino:  # we locked a removed file
+                self.release()
+                continue
+            self.created = fresh
+        return self
+
+    def abandon(self) -> None:
+        """Release after a failure: the directory keeps no lock file it did not have."""
+        if self._fd is not None and self.created:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        self.release()
+
+
+def _lock(run_dir: Path, what: str) -> _Lock:
     """`run_dir`'s lock, taken; RunLockedError (one line, naming the holder) while another process has it.
 
     A refusal is tried again twice, 50 ms apart: a reader's probe (`run_in_progress`) holds the lock for
@@ -237,7 +269,7 @@ def _lock(run_dir: Path, what: str) -> RunLock:
     """
     for attempt in range(LOCK_TRIES):
         try:
-            return RunLock(run_dir, what=what).acquire()
+            return _Lock(run_dir, what=what).acquire()
         except RunLockedError:
             if attempt == LOCK_TRIES - 1:
                 raise
@@ -257,7 +289,7 @@ def _refuse_taken(out: Path, *, locked: bool = False) -> None:
         raise RunError(f"cannot write to output directory {out}: it is a file")
 
 
-def _on_main(work: Callable[[], tuple[Any, RunLock | None]], dist: DistContext) -> tuple[Any, RunLock | None]:
+def _on_main(work: Callable[[], tuple[Any, _Lock | None]], dist: DistContext) -> tuple[Any, _Lock | None]:
     """Rank 0 does `work` (-> value, lock); every rank gets the value, or the one-line error of rank 0."""
     if not dist.enabled:
         return work()
