@@ -2,7 +2,8 @@
 its progress bar and clean stops.
 
 Every expected failure (bad option, bad data, bad checkpoint) ends a command with exit code 1 and
-ONE line on stderr, no traceback (MASKKIT_DEBUG=1 shows it). Under torchrun `distributed` joins the
+ONE line on stderr, no traceback (MASKKIT_DEBUG=1 shows it); a warning of maskkit's own (e.g. a run
+read while still in progress) is one 'Warning: ...' line on stderr. Under torchrun `distributed` joins the
 process group and quiets every rank but 0; `train_with_progress` turns SIGTERM/SIGINT into a
 checkpoint, one line and exit code 143/130.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,22 +38,32 @@ def say(on: Console, text: str) -> None:
 
 @contextlib.contextmanager
 def one_line_errors(err_console: Console) -> Iterator[None]:
-    """Turn expected exceptions into 'Error: ...' on stderr and exit code 1."""
-    try:
-        yield
-    except typer.Exit:
-        raise
-    except (ValueError, TypeError, OSError, FloatingPointError, KeyError, ImportError) as err:
-        if os.environ.get("MASKKIT_DEBUG"):
+    """Turn expected exceptions into 'Error: ...' on stderr and exit code 1, maskkit's warnings into 'Warning: ...'."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if not category.__module__.startswith("maskkit"):
+                shown(message, category, *args, **kwargs)
+            elif not err_console.quiet:
+                say(err_console, f"Warning: {str(message).strip().splitlines()[0]}")
+
+        warnings.showwarning = show
+        try:
+            yield
+        except typer.Exit:
             raise
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if isinstance(err, KeyError):
-            text = f"missing entry {text}"
-        if DIST is not None and DIST.enabled and not DIST.is_main:  # quiet rank: still name its failure
-            say(Console(stderr=True, soft_wrap=True), f"Error (rank {DIST.rank}): {text}")
-        else:
-            say(err_console, f"Error: {text}")
-        raise typer.Exit(code=1) from None
+        except (ValueError, TypeError, OSError, FloatingPointError, KeyError, ImportError) as err:
+            if os.environ.get("MASKKIT_DEBUG"):
+                raise
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if isinstance(err, KeyError):
+                text = f"missing entry {text}"
+            if DIST is not None and DIST.enabled and not DIST.is_main:  # quiet rank: still name its failure
+                say(Console(stderr=True, soft_wrap=True), f"Error (rank {DIST.rank}): {text}")
+            else:
+                say(err_console, f"Error: {text}")
+            raise typer.Exit(code=1) from None
 
 
 @contextlib.contextmanager

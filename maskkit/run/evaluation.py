@@ -3,10 +3,15 @@
 `load_run` rebuilds a run with its trained MAE and masker; `load_encoder` / `load_masker` give
 those modules alone; `evaluate_run` scores the encoder with a linear probe or fine-tuning
 (`maskkit.evaluate`) and records the result in the run's eval.json.
+
+A run still in progress (its directory's lock held by `maskkit pretrain`) is read as it stands: its
+newest good checkpoint (or the model.pt of the run it extends). `load_weights` then says so with a
+`RunInProgressWarning` naming the step read, and its result and eval.json's entry carry `"in_progress": true`.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -16,6 +21,7 @@ import torch
 from torch import nn
 
 from maskkit.checkpoint import CheckpointError, load_checkpoint, load_latest
+from maskkit.locking import run_in_progress
 from maskkit.settings import flag
 
 from .builder import Run, build_run, resolve_device
@@ -23,12 +29,16 @@ from .config import RunError
 from .record import CHECKPOINTS, EVAL, MODEL, RunRecord, check_writable, merge_json
 
 __all__ = [
-    "evaluate_run", "load_encoder", "load_masker", "load_run", "load_weights", "weights_from_checkpoint",
+    "RunInProgressWarning", "evaluate_run", "load_encoder", "load_masker", "load_run", "load_weights", "weights_from_checkpoint",
 ]  # fmt: skip
 
 PROTOCOLS = ("linear", "finetune")
 INITS = ("pretrained", "random")
 SCORE_SPLITS = ("test", "val")
+
+
+class RunInProgressWarning(UserWarning):
+    """Weights were read from a run that a process is still training (the CLI prints it as one line)."""
 
 
 def weights_from_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
@@ -42,9 +52,11 @@ def weights_from_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
 def load_weights(run: Run, run_dir: str | Path) -> dict[str, Any]:
     """Load the run's final weights (model.pt) or else its newest good checkpoint into run.mae/policy.
 
-    Returns {"source": path, "step": int, "head": state or None}.
+    Returns {"source": path, "step": int, "head": state or None}, with "in_progress": True (and a
+    `RunInProgressWarning`) when a process held the run's lock while they were read.
     """
     run_dir = Path(run_dir)
+    holder = run_in_progress(run_dir)  # before and after the read: either means a mid-run state
     final = run_dir / MODEL
     if final.is_file():
         state = load_checkpoint(final, map_location=run.device)
@@ -61,7 +73,15 @@ def load_weights(run: Run, run_dir: str | Path) -> dict[str, Any]:
     except (KeyError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0]
         raise RunError(f"weights in {source} do not fit the run's model: {first}") from None
-    return {"source": str(source), "step": int(state.get("step", 0)), "head": state.get("head")}
+    loaded = {"source": str(source), "step": int(state.get("step", 0)), "head": state.get("head")}
+    holder = holder or run_in_progress(run_dir)
+    if holder is not None:
+        loaded["in_progress"] = True
+        warnings.warn(RunInProgressWarning(
+            f"{run_dir} is still in progress ({holder}): reading its step {loaded['step']} ({Path(source).name}), "
+            f"not its final weights"
+        ), stacklevel=2)  # fmt: skip
+    return loaded
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "auto", *, weights: bool = True) -> Run:
@@ -123,5 +143,7 @@ def evaluate_run(
     )  # fmt: skip
     key = (protocol if init == "pretrained" else f"{protocol}-random") + ("@val" if split == "val" else "")
     entry = {**asdict(result), "init": init, "weights": source["source"], "step": source["step"], "seed": seed}
+    if source.get("in_progress"):
+        entry["in_progress"] = True  # a mid-run score: a later one of the final weights replaces it
     merge_json(run_dir / EVAL, key, entry)
     return key, entry

@@ -6,11 +6,18 @@ checkpoint), `train_run` (to the end, then model.pt and summary.json).
     summary = train_run(prepared)                   # metrics, checkpoints, model.pt, summary.json
     prepared = resume_run("runs/demo", steps=100)   # continues from the newest checkpoint
 
-Under torchrun every rank calls these and rank 0 alone writes.
+Under torchrun every rank calls these and rank 0 alone writes. One writer per run directory: rank 0
+holds the directory's `maskkit.locking.RunLock` (an fcntl.flock on `<run>/.lock`) from before its first
+write, and before the authoritative "already holds a run" check, until model.pt and summary.json are
+written, a stop or an error ends `train_run`, or `PreparedRun.close()`; a second `pretrain` or
+`--resume` of the directory gets RunLockedError naming the holder's process. The kernel drops the lock
+of a killed process, so a SIGKILLed run never blocks its resume.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,26 +28,31 @@ from typing import Any
 import torch
 
 from maskkit.checkpoint import CheckpointError, list_checkpoints, load_latest, save_checkpoint
+from maskkit.data import parse_dataset
 from maskkit.distributed import SINGLE, DistContext, barrier, broadcast_object
+from maskkit.locking import RunLock, RunLockedError, make_unique_dir, run_in_progress
 from maskkit.train import MetricsLog, Pretrainer, StopSignals, train
 
 from .builder import build_run, build_trainer, load_data, model_kind, new_run, resolve_device
 from .config import RunConfig, RunError
 from .record import (
     CHECKPOINTS,
+    CONFIG,
     METRICS,
     MODEL,
     SUMMARY,
     RunRecord,
     check_writable,
-    fresh_run_dir,
     holds_a_run,
     write_json,
 )
 
 __all__ = [
-    "PreparedRun", "create_run", "resume_run", "train_run",
+    "PreparedRun", "create_run", "refuse_inside_data", "resume_run", "train_run",
 ]  # fmt: skip
+
+#: tries at taking a run's lock: a reader's momentary probe (`run_in_progress`) must not refuse a writer
+LOCK_TRIES, LOCK_RETRY_SECONDS = 3, 0.05
 
 
 @dataclass
@@ -52,6 +64,16 @@ class PreparedRun:
     trainer: Pretrainer
     source: str = "the start"  # the checkpoint it resumes from
     warnings: list[str] = field(default_factory=list)
+    lock: RunLock | None = field(default=None, repr=False)  # held by rank 0 until the run ends
+
+    def close(self) -> None:
+        """Let the run directory's lock go (`train_run` does this when it ends, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def __del__(self) -> None:  # a run dropped untrained frees its directory
+        with contextlib.suppress(Exception):  # at interpreter exit the kernel frees it anyway
+            self.close()
 
     def resume_command(self) -> str:
         """How to continue this run: under torchrun, with the same number of processes."""
@@ -66,29 +88,37 @@ def create_run(
 ) -> PreparedRun:
     """Validate `config`, build data, MAE, policy and trainer, then write `out`/config.json.
 
-    Every check runs before anything is written; `out` defaults to runs/<date-time>. Under
-    torchrun every rank calls it and rank 0 alone writes.
+    Every check runs before anything is written; `out` defaults to runs/<date-time> (`-2`, `-3`, ...
+    when taken, made atomically) and may not lie inside an image folder of the data. Under torchrun
+    every rank calls it and rank 0 alone writes, taking `out`'s lock before its last "already holds a
+    run" check and its first write (RunLockedError, naming the holder, while another process has it).
     """
     config.check()
     torch.manual_seed(config.train.seed)  # whatever initialises from the global RNG (policies, head) is seeded
     dev = resolve_device(config.train.device, dist)
-    if out is None:
-        out = broadcast_object(
-            fresh_run_dir(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")) if dist.is_main else None, dist
-        )  # one directory for all ranks: rank 0's
-    out = Path(out)
-    if holds_a_run(out):
-        raise RunError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise RunError(f"cannot write to output directory {out}: it is a file")
+    target = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S") if out is None else Path(out)
+    refuse_inside_data(target, config.data.dataset, "--out")
+    if out is not None:
+        _refuse_taken(target)  # early, before the data is read; checked again under the lock
     model_kind(config.model.name)  # an unknown builder fails before the data is read
     run = new_run(config, load_data(config.data), dev, world_size=dist.world_size, command=command)
     trainer = build_trainer(run, dist)  # builds optimizers and engine: may fail
-    barrier(dist)  # every rank has checked the directory before rank 0 writes
-    if dist.is_main:
-        check_writable(out)
-        run.record.write(out)
-    return PreparedRun(out, run.record, trainer)
+    barrier(dist)  # every rank has built the run before rank 0 takes the directory
+
+    def take() -> tuple[Path, _Lock]:
+        made = target if out is not None else make_unique_dir(target)  # atomic: never another run's
+        check_writable(made)
+        lock = _lock(made, "pretrain")
+        try:
+            _refuse_taken(made, locked=True)  # under the lock: no other writer can pass it now
+            run.record.write(made)
+        except BaseException:
+            lock.abandon()
+            raise
+        return made, lock
+
+    path, lock = _on_main(take, dist)
+    return PreparedRun(path, run.record, trainer, lock=lock)
 
 
 def resume_run(
@@ -103,8 +133,26 @@ def resume_run(
 
     `steps` extends the run (written to config.json); `device` 'auto' means the run's own. A checkpoint
     without its `.sha256` is skipped (with a warning) unless `trust_unverified`. metrics.jsonl is
-    checked line by line before anything is built, then cut back to the restored step.
+    checked line by line before anything is built, then cut back to the restored step. Rank 0 takes
+    the directory's lock before anything is read or written (RunLockedError while another process has it).
     """
+    run_dir = Path(run_dir)
+    _, lock = _on_main(lambda: (None, _lock(run_dir, "resume") if (run_dir / CONFIG).is_file() else None), dist)
+    try:
+        prepared = _resume_run(run_dir, steps=steps, device=device, dist=dist, trust_unverified=trust_unverified)
+    except BaseException:
+        if lock is not None:
+            lock.abandon()  # a refused resume leaves the directory as it was
+        raise
+    prepared.lock = lock
+    return prepared
+
+
+def _resume_run(
+    run_dir: str | Path, *, steps: int | None = None, device: str = "auto", dist: DistContext = SINGLE,
+    trust_unverified: bool = False,
+) -> PreparedRun:
+    """`resume_run` under the lock: read, check, rebuild and restore the run."""
     from maskkit.checkpoint import UnverifiedCheckpointError, is_verified
 
     run_dir = Path(run_dir)
@@ -160,8 +208,18 @@ def train_run(
     """Train to the end, then write model.pt and summary.json (rank 0); returns the summary.
 
     Raises `maskkit.train.TrainingStopped` after checkpointing when `stop` was signalled, and
-    `FloatingPointError` on a non-finite number (the last good checkpoint stays).
+    `FloatingPointError` on a non-finite number (the last good checkpoint stays). However it ends,
+    the run directory's lock is then released.
     """
+    try:
+        return _train(prepared, on_step, stop)
+    finally:  # finished, stopped or failed: the directory is free
+        prepared.close()
+
+
+def _train(
+    prepared: PreparedRun, on_step: Callable[[int, dict[str, float]], None] | None, stop: StopSignals | None
+) -> dict[str, Any]:
     trainer, out = prepared.trainer, prepared.out
     start, t0 = trainer.step_count, time.perf_counter()
     records = train(trainer, out, on_step=on_step, stop=stop)
@@ -179,3 +237,106 @@ def train_run(
         save_checkpoint(out / MODEL, trainer.weights())
         write_json(out / SUMMARY, summary)
     return summary
+
+
+# ---- one writer per run directory -------------------------------------------------------------
+
+
+class _Lock(RunLock):
+    """A `RunLock` that can leave a directory as it found it: `abandon()` removes a lock file it created.
+
+    Removing a lock file is safe only with a check on taking: the lock is ours when the file we hold is
+    still the one at the path (same inode); else a remover got between our open and our flock, and we
+    take it again. Only a holder removes the file.
+    """
+
+    created = False
+
+    def acquire(self) -> _Lock:
+        while self._fd is None:
+            fresh = not self.path.exists()
+            super().acquire()
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(self._fd).st_ino:  # we locked a removed file
+                self.release()
+                continue
+            self.created = fresh
+        return self
+
+    def abandon(self) -> None:
+        """Release after a failure: the directory keeps no lock file it did not have."""
+        if self._fd is not None and self.created:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        self.release()
+
+
+def _lock(run_dir: Path, what: str) -> _Lock:
+    """`run_dir`'s lock, taken; RunLockedError (one line, naming the holder) while another process has it.
+
+    A refusal is tried again twice, 50 ms apart: a reader's probe (`run_in_progress`) holds the lock for
+    microseconds, and a holder that has just taken it writes its process id a moment later.
+    """
+    for attempt in range(LOCK_TRIES):
+        try:
+            return _Lock(run_dir, what=what).acquire()
+        except RunLockedError:
+            if attempt == LOCK_TRIES - 1:
+                raise
+            time.sleep(LOCK_RETRY_SECONDS)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _refuse_taken(out: Path, *, locked: bool = False) -> None:
+    """RunLockedError while another process writes `out` (unless we hold its lock: `locked`); RunError
+    if it holds a run or is a file."""
+    holder = None if locked else run_in_progress(out)
+    if holder is not None:
+        raise RunLockedError(f"run directory {out} is in use by {holder}; wait for it to end or choose another --out")
+    if holds_a_run(out):
+        raise RunError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"cannot write to output directory {out}: it is a file")
+
+
+def _on_main(work: Callable[[], tuple[Any, _Lock | None]], dist: DistContext) -> tuple[Any, _Lock | None]:
+    """Rank 0 does `work` (-> value, lock); every rank gets the value, or the one-line error of rank 0."""
+    if not dist.enabled:
+        return work()
+    value, lock, error = None, None, None
+    if dist.is_main:
+        try:
+            value, lock = work()
+        except (ValueError, OSError) as err:
+            error = (isinstance(err, RunLockedError), str(err).strip().splitlines()[0])
+    value, error = broadcast_object((value, error), dist)
+    if error is not None:
+        raise (RunLockedError if error[0] else RunError)(error[1])
+    return value, lock
+
+
+def _data_folder_holding(path: str | Path, dataset: str) -> Path | None:
+    """The data folder (`imagefolder:DIR`, or any source read from a folder) that `path` is or lies in, else None.
+
+    Resolved paths: a symbolic link or `..` does not hide it. A file source (`npz:FILE`) has no data folder:
+    nothing written beside the file changes what it holds.
+    """
+    try:
+        _, source = parse_dataset(dataset)
+    except ValueError:
+        return None  # an unknown dataset is refused by its own check
+    if source is None or not os.path.isdir(source):
+        return None
+    folder, target = Path(source).resolve(), Path(path).resolve()
+    return folder if target == folder or folder in target.parents else None
+
+
+def refuse_inside_data(path: str | Path, dataset: str, option: str) -> None:
+    """RunError naming `option` when `path` lies in the data folder (its files would become images or classes)."""
+    folder = _data_folder_holding(path, dataset)
+    if folder is not None:
+        raise RunError(f"{option} {path} lies inside the data folder {folder} of dataset {dataset!r}; what a run "
+                       "writes there would be read as data: choose a directory outside it")  # fmt: skip

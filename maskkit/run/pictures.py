@@ -2,11 +2,15 @@
 
 `picture` checks its options, builds what it draws through the one builder (a run's record, or,
 for a gallery without a run, a new untrained run of `model` over `dataset`), lets
-`maskkit.visualize` draw, and writes the PNG atomically.
+`maskkit.visualize` draw, and writes the PNG atomically. A picture of a run still in progress (its
+lock held) says so (`RunInProgressWarning`, the step it read) and records it in the PNG's text chunk
+`maskkit` ({"run", "weights", "step", "in_progress": true}). The PNG may not be written inside an image
+folder of the data it pictures (it would become one of its images).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -27,7 +31,8 @@ from .config import (
     RunError,
     TrainSettings,
 )
-from .evaluation import load_run
+from .evaluation import load_run, load_weights
+from .lifecycle import refuse_inside_data
 from .record import check_writable
 
 __all__ = [
@@ -43,6 +48,8 @@ class Picture:
     ratio: float
     policies: list[str]
     not_drawn: dict[str, str]
+    in_progress: bool = False  # drawn from a run still training (step: the one read)
+    step: int | None = None
 
 
 def policy_names(spec: str) -> list[str]:
@@ -102,10 +109,14 @@ def picture(
     if mask_ratio is not None:
         check_ratio(mask_ratio)
     dev = resolve_device(device)
+    loaded: dict[str, Any] = {}
     if run_dir is not None:
-        run = load_run(run_dir, dev)
+        run = load_run(run_dir, dev, weights=False)
+        refuse_inside_data(output, run.record.dataset["name"], "--output")
+        loaded = load_weights(run, run_dir)
         ratio = run.record.train["mask_ratio"] if mask_ratio is None else mask_ratio
     else:
+        refuse_inside_data(output, dataset or "digits", "--output")
         ratio = DEFAULT_MASK_RATIO if mask_ratio is None else mask_ratio
         run = untrained_run(dataset or "digits", data_dir, model or DEFAULT_MODEL, seed, ratio, dev)
     mae, batcher, pool = run.mae, run.batcher, run.splits["test"]
@@ -117,6 +128,18 @@ def picture(
     else:
         image, notes = policy_gallery(mae, batcher, pool, names, ratio=ratio, num_images=num_images, tile=tile, seed=seed)
     buffer = BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", **_in_progress_note(run_dir, loaded))
     atomic_write_bytes(output, buffer.getvalue())
-    return Picture(image, ratio, names or [], notes)
+    return Picture(image, ratio, names or [], notes, bool(loaded.get("in_progress")), loaded.get("step"))
+
+
+def _in_progress_note(run_dir: str | Path | None, loaded: dict[str, Any]) -> dict[str, Any]:
+    """PNG save options: for a run still in progress, a text chunk saying which step was drawn."""
+    if not loaded.get("in_progress"):
+        return {}
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    note = {"run": str(run_dir), "weights": loaded["source"], "step": loaded["step"], "in_progress": True}
+    info.add_text("maskkit", json.dumps(note, sort_keys=True))
+    return {"pnginfo": info}
