@@ -12,6 +12,7 @@ tests/test_plan_validation.py; non-finite batches stopping a run by tests/test_n
 from __future__ import annotations
 
 import json
+import shlex
 import struct
 import zlib
 from pathlib import Path
@@ -20,9 +21,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cli import invoke, one_thread  # noqa: F401 - one torch thread for the module, the CLI runner
 from typer.testing import CliRunner
 
-from maskkit.cli.app import app
 from maskkit.data import DataError, make_splits, stratified_split
 from maskkit.data.sources.imagefolder import load_imagefolder
 
@@ -32,16 +33,6 @@ FAST = ["--steps", "2", "--batch-size", "16", "--log-every", "1", "--ckpt-every"
         "--device", "cpu"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def invoke(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def clean_error(result, *words: str) -> str:
@@ -68,44 +59,48 @@ def trained(tmp_path_factory) -> Path:
 
 # ---- pretrain options: range-checked before any file is written ------------------------------------
 
+#: name | the options, as shell words (`~` after a flag: drop FAST's own value of it) | what the one line names
+OPTION_TABLE = """
+img-size-0                 | --img-size 0                                                                 | --img-size
+img-size-100000            | --img-size 100000                                                            | --img-size
+img-size-negative          | --img-size -3                                                                | --img-size
+num-heads-0                | --model-opt num_heads=0                                                      | num_heads
+num-heads-not-dividing     | --model-opt num_heads=5                                                      | num_heads=5 does not divide
+width-not-divided          | --model-opt embed_dim=66                                                     | does not divide the width embed_dim=66
+decoder-heads-not-dividing | --model-opt decoder_num_heads=3                                              | decoder_num_heads=3
+depth-0                    | --model-opt depth=0                                                          | depth
+heads-not-an-int           | --model-opt num_heads=two                                                    | num_heads
+model-opt-no-equals        | --model-opt foo                                                              | key=value
+hf-heads-0                 | --model hf:tiny --model-opt num_attention_heads=0                            | num_attention_heads
+hf-heads-not-dividing      | --model hf:tiny --model-opt hidden_size=50 --model-opt num_attention_heads=4 | does not divide the width hidden_size=50
+keep-checkpoints-0         | --keep-checkpoints 0                                                         | --keep-checkpoints
+masker-reg-inf             | --policy learned --masker-reg inf                                            | --masker-reg
+lr-inf                     | --lr inf                                                                     | --lr
+lr-nan                     | --lr nan                                                                     | --lr
+lr-negative                | --lr -1                                                                      | --lr
+weight-decay-nan           | --weight-decay nan                                                           | --weight-decay
+weight-decay-negative      | --weight-decay -0.1                                                          | --weight-decay
+masker-lr-nan              | --policy learned --masker-lr nan                                             | --masker-lr
+head-lr-inf                | --policy learned --head-lr inf                                               | --head-lr
+epochs-inf                 | --epochs inf --steps ~                                                       | --epochs
+seed-negative              | --seed -1                                                                    | --seed
+seed-too-large             | --seed 18446744073709551616                                                  | --seed
+steps-0                    | --steps 0                                                                    | --steps
+batch-size-0               | --batch-size 0                                                               | --batch-size
+mask-ratio-1.5             | --mask-ratio 1.5                                                             | ratio
+mask-ratio-nan             | --mask-ratio nan                                                             | ratio
+patch-size-3               | --patch-size 3                                                               | image size 8x8 is not divisible by patch size 3
+unknown-policy             | --policy nope                                                                | unknown policy 'nope'
+unknown-augment            | --augment bogus                                                              | --augment
+steps-and-epochs           | --epochs 1                                                                   | --steps or --epochs
+unknown-device             | --device bogus                                                               | device
+missing-npz                | --dataset npz:/nonexistent/x.npz                                             | /nonexistent/x.npz
+unknown-dataset            | --dataset nosuchset                                                          | nosuchset
+unknown-model              | --model nosuchmodel                                                          | nosuchmodel
+"""
 OPTION_CASES = {
-    "img-size-0": (["--img-size", "0"], "--img-size"),
-    "img-size-100000": (["--img-size", "100000"], "--img-size"),
-    "img-size-negative": (["--img-size", "-3"], "--img-size"),
-    "num-heads-0": (["--model-opt", "num_heads=0"], "num_heads"),
-    "num-heads-not-dividing": (["--model-opt", "num_heads=5"], "num_heads=5 does not divide"),
-    "width-not-divided": (["--model-opt", "embed_dim=66"], "does not divide the width embed_dim=66"),
-    "decoder-heads-not-dividing": (["--model-opt", "decoder_num_heads=3"], "decoder_num_heads=3"),
-    "depth-0": (["--model-opt", "depth=0"], "depth"),
-    "heads-not-an-int": (["--model-opt", "num_heads=two"], "num_heads"),
-    "model-opt-no-equals": (["--model-opt", "foo"], "key=value"),
-    "hf-heads-0": (["--model", "hf:tiny", "--model-opt", "num_attention_heads=0"], "num_attention_heads"),
-    "hf-heads-not-dividing": (["--model", "hf:tiny", "--model-opt", "hidden_size=50", "--model-opt",
-                               "num_attention_heads=4"], "does not divide the width hidden_size=50"),
-    "keep-checkpoints-0": (["--keep-checkpoints", "0"], "--keep-checkpoints"),
-    "masker-reg-inf": (["--policy", "learned", "--masker-reg", "inf"], "--masker-reg"),
-    "lr-inf": (["--lr", "inf"], "--lr"),
-    "lr-nan": (["--lr", "nan"], "--lr"),
-    "lr-negative": (["--lr", "-1"], "--lr"),
-    "weight-decay-nan": (["--weight-decay", "nan"], "--weight-decay"),
-    "weight-decay-negative": (["--weight-decay", "-0.1"], "--weight-decay"),
-    "masker-lr-nan": (["--policy", "learned", "--masker-lr", "nan"], "--masker-lr"),
-    "head-lr-inf": (["--policy", "learned", "--head-lr", "inf"], "--head-lr"),
-    "epochs-inf": (["--epochs", "inf", "--steps", None], "--epochs"),
-    "seed-negative": (["--seed", "-1"], "--seed"),
-    "seed-too-large": (["--seed", str(2**64)], "--seed"),
-    "steps-0": (["--steps", "0"], "--steps"),
-    "batch-size-0": (["--batch-size", "0"], "--batch-size"),
-    "mask-ratio-1.5": (["--mask-ratio", "1.5"], "ratio"),
-    "mask-ratio-nan": (["--mask-ratio", "nan"], "ratio"),
-    "patch-size-3": (["--patch-size", "3"], "image size 8x8 is not divisible by patch size 3"),
-    "unknown-policy": (["--policy", "nope"], "unknown policy 'nope'"),
-    "unknown-augment": (["--augment", "bogus"], "--augment"),
-    "steps-and-epochs": (["--epochs", "1"], "--steps or --epochs"),
-    "unknown-device": (["--device", "bogus"], "device"),
-    "missing-npz": (["--dataset", "npz:/nonexistent/x.npz"], "/nonexistent/x.npz"),
-    "unknown-dataset": (["--dataset", "nosuchset"], "nosuchset"),
-    "unknown-model": (["--model", "nosuchmodel"], "nosuchmodel"),
+    name.strip(): ([None if word == "~" else word for word in shlex.split(opts)], words.strip())
+    for name, opts, words in (line.split(" | ") for line in OPTION_TABLE.strip().splitlines())
 }
 
 

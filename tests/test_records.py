@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import invoke, one_thread  # noqa: F401 - one torch thread for the module, the CLI runner
 from typer.testing import CliRunner
 
 from maskkit.checkpoint import (
@@ -22,7 +23,6 @@ from maskkit.checkpoint import (
     load_latest,
     save_checkpoint,
 )
-from maskkit.cli.app import app
 from maskkit.run import (
     CONFIG,
     DataConfig,
@@ -42,16 +42,6 @@ GOLDEN = Path(__file__).resolve().parent / "golden" / "run-v2"
 FAST = ["--steps", "6", "--batch-size", "32", "--log-every", "1", "--ckpt-every", "3", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def ok(*args):

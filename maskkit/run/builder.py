@@ -42,12 +42,6 @@ from maskkit.train import Pretrainer, Resolved, TrainConfig
 from .config import FORMAT_VERSION, DataConfig, ModelConfig, RunConfig, RunError
 from .record import RunRecord
 
-__all__ = [
-    "MIN_AUTO_PATCHES", "Run", "RunWarning", "build_mae", "build_run", "build_trainer", "choose_patch_size",
-    "dataset_section", "model_kind", "model_section", "model_spec", "new_run", "policy_kwargs", "resolve",
-    "resolve_device",
-]  # fmt: skip
-
 #: fewest patches an automatically chosen patch size may give.
 MIN_AUTO_PATCHES = 16
 
@@ -306,3 +300,10 @@ def build_trainer(run: Run, dist: DistContext = SINGLE, *, steps: int | None = N
         cfg.steps = steps
     learns = policy_card(run.record.policy["name"]).learns
     return Pretrainer(run.mae, run.policy, run.batcher, run.splits, cfg, run.device, dist, learns=learns)
+
+
+__all__ = [
+    "MIN_AUTO_PATCHES", "Run", "RunWarning", "build_mae", "build_run", "build_trainer", "choose_patch_size",
+    "dataset_section", "model_kind", "model_section", "model_spec", "new_run", "policy_kwargs", "resolve",
+    "resolve_device",
+]  # fmt: skip
