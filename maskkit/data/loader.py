@@ -136,20 +136,25 @@ class Loader:
             `crop_flip` with key (augment_seed, n, p): the same images on any number of ranks.
         augment: False never augments (labeled and validation batches); True augments as `batcher.augment` says.
         prefetch: prepare the next batch on a background thread while the caller uses this one.
+        labels: False leaves `Batch.labels` None (a stream whose labels nobody reads: MAE pretraining).
+        split: the split's name, for the message when it is too small for the processes.
     """
 
     def __init__(
         self, batcher: Batcher, indices: np.ndarray, batch_size: int, seed: int, *, rank: int = 0,
         world_size: int = 1, augment_seed: int | None = None, augment: bool = True, prefetch: bool = False,
+        labels: bool = True, split: str | None = None,
     ) -> None:
         self.batcher = batcher
         self.rank, self.world_size = int(rank), int(world_size)
         self.stream = BatchStream(indices, batch_size * self.world_size, seed)
         if self.stream.batch_size < self.world_size:
-            raise ValueError(f"a split of {len(indices)} images is too small for {self.world_size} processes")
+            what = f"the {split} split ({len(indices)} images)" if split else f"a split of {len(indices)} images"
+            raise ValueError(f"{what} is too small for {self.world_size} processes")
         self.augment_seed = int(seed if augment_seed is None else augment_seed)
         self.augment = bool(augment)
         self.prefetch = bool(prefetch)
+        self.with_labels = bool(labels) and batcher.data.labels is not None
         self._pool: ThreadPoolExecutor | None = None
         self._ahead: tuple[dict[str, int], Future[Batch]] | None = None  # (state before it, the batch)
 
@@ -167,7 +172,7 @@ class Loader:
         first = self.rank * len(index)
         keys = [(self.augment_seed, number, first + i) for i in range(len(index))]
         images = self.batcher.images(index, keys=keys if self.augment else None)
-        labels = None if self.batcher.data.labels is None else self.batcher.labels(index)
+        labels = self.batcher.labels(index) if self.with_labels else None
         return Batch(index, images, labels)
 
     def _draw(self) -> tuple[dict[str, int], tuple[int, np.ndarray]]:

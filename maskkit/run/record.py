@@ -28,7 +28,7 @@ from .config import FORMAT_VERSION, SECTIONS, RunError
 
 __all__ = [
     "ADDED_IN_FORMAT_2", "CHECKPOINTS", "CONFIG", "EVAL", "FORMAT_2", "METRICS", "MODEL", "SUMMARY", "RunRecord",
-    "check_record", "check_writable", "fresh_run_dir", "merge_json",
+    "check_record", "check_writable", "merge_json",
 ]  # fmt: skip
 
 CONFIG = "config.json"
@@ -215,15 +215,6 @@ def check_writable(directory: Path) -> None:
     except OSError as err:
         reason = err.strerror or str(err)
         raise RunError(f"cannot write to output directory {directory}: {reason}") from None
-
-
-def fresh_run_dir(base: Path) -> Path:
-    """`base`, or base-2, base-3, ... if it is taken (two runs started in the same second)."""
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -99,7 +99,7 @@ class Trainer:
         check_step(kind, config)
         # the train loader augments each sample by its key (seed, step, global position): the same crops for
         # any number of processes or workers; the policies' random draws come from a generator per rank
-        self.loaders = {"train": self._loader(splits["train"], t.seed, "train", augment=True)}
+        self.loaders = {"train": self._loader(splits["train"], t.seed, "train", augment=True, labels=False)}
         rank_seed = t.seed + RANK_SEED_STRIDE * dist.rank
         self.generators = {"mask": _generator(device, rank_seed + 2)}
         self.inject_nan = parse_inject_nan(os.environ.get(INJECT_NAN_ENV))
@@ -158,18 +158,15 @@ class Trainer:
 
     # ---- batches --------------------------------------------------------------------------
 
-    def _loader(self, indices: np.ndarray, seed: int, name: str, *, augment: bool,
+    def _loader(self, indices: np.ndarray, seed: int, name: str, *, augment: bool, labels: bool,
                 batch_size: int | None = None) -> Loader:
         """This rank's loader over GLOBAL batches of batch_size per rank x world_size (seeded by `seed`)."""
-        world = self.dist.world_size
-        if min((batch_size or self.config.train.batch_size) * world, len(indices)) < world:
-            raise ValueError(f"the {name} split ({len(indices)} images) is too small for {world} processes")
-        return Loader(self.batcher, indices, batch_size or self.config.train.batch_size, seed,
-                      rank=self.dist.rank, world_size=world, augment=augment)  # fmt: skip
+        return Loader(self.batcher, indices, batch_size or self.config.train.batch_size, seed, rank=self.dist.rank,
+                      world_size=self.dist.world_size, augment=augment, labels=labels, split=name)  # fmt: skip
 
     def _batches(self, stream: str, split: str, seed_offset: int, batch_size: int | None) -> Callable[[], Any]:
         """Open loader `stream` over `split` (no augmentation) and return what draws its next (images, labels)."""
-        loader = self._loader(self.splits[split], self.config.seed + seed_offset, split, augment=False,
+        loader = self._loader(self.splits[split], self.config.seed + seed_offset, split, augment=False, labels=True,
                               batch_size=batch_size)  # fmt: skip
         self.loaders[stream] = loader
 
