@@ -145,7 +145,7 @@ class MLOSettings:
             raise ValueError(f"--masker-reg must be a non-negative number, got {self.masker_reg}")
         if self.level2 == "ridge" and self.hypergrad != "darts":
             raise ValueError("--level2 ridge needs --hypergrad darts")
-        self.hypergrad_options = HYPERGRADS.coerce(self.hypergrad, self.hypergrad_options)
+        HYPERGRADS.coerce(self.hypergrad, self.hypergrad_options)  # each option the method's; typed when built
         changed = self.changed()
         darts_only = [flag(n) for n in ("darts_paths", "darts_fd") if n in changed]
         if darts_only and self.hypergrad != "darts":

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from maskkit.data import check_classes
 from maskkit.distributed import differentiable_mean
-from maskkit.mlo import MLOConfig, MLOEngine
+from maskkit.mlo import HYPERGRADS, MLOConfig, MLOEngine
 from maskkit.optim import create_optimizer
 from maskkit.train.config import TrainConfig
 from maskkit.train.guard import nonfinite_metric, nonfinite_weights
@@ -42,7 +42,7 @@ def engine_config(config: TrainConfig) -> MLOConfig:
         ratio=config.resolved.mask_ratio, amp=config.train.amp, masker_every=m.masker_every,
         unroll_steps=m.unroll_steps, hypergrad=m.hypergrad, masker_start=m.masker_start, level2=m.level2,
         masker_reg=m.masker_reg, darts_paths=m.darts_paths, darts_fd=m.darts_fd,
-        hypergrad_options=dict(m.hypergrad_options),
+        hypergrad_options=HYPERGRADS.coerce(m.hypergrad, m.hypergrad_options),
     )  # fmt: skip
 
 
