@@ -35,6 +35,11 @@ FAST = ["--steps", "2", "--batch-size", "16", "--log-every", "1", "--ckpt-every"
 
 
 
+def pixels_of(folder):
+    """Every image of a lazy folder source as uint8 [N, C, H, W] (what the eager loader used to hold)."""
+    return torch.stack([folder.pixels(i) for i in range(len(folder))])
+
+
 def clean_error(result, *words: str) -> str:
     """Exit code 1, one `Error: ...` line on stderr holding every word, no traceback; returns the line."""
     assert result.exit_code == 1, result.output
@@ -280,9 +285,9 @@ def test_16bit_png_is_scaled_not_clipped(tmp_path):
     assert Image.open(root / "0.png").mode == "I;16"
     data = load_imagefolder(root)
     expected = np.round(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
-    assert data.images.shape == (2, 1, 8, 8)
-    assert np.array_equal(data.images[0, 0].numpy(), expected)
-    assert int(data.images.max()) == int(expected.max()) < 255  # not clipped to 255
+    assert pixels_of(data).shape == (2, 1, 8, 8)
+    assert np.array_equal(pixels_of(data)[0, 0].numpy(), expected)
+    assert int(pixels_of(data).max()) == int(expected.max()) < 255  # not clipped to 255
 
 
 def test_float_tiff_in_unit_range_keeps_its_values(tmp_path):
@@ -291,8 +296,8 @@ def test_float_tiff_in_unit_range_keeps_its_values(tmp_path):
     values = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
     Image.fromarray(values).save(root / "a.tif")
     data = load_imagefolder(root)
-    assert np.array_equal(data.images[0, 0].numpy(), np.round(values.astype(np.float64) * 255).astype(np.uint8))
-    assert int(data.images.max()) == 255 and int(data.images.min()) == 0  # not all zeros
+    assert np.array_equal(pixels_of(data)[0, 0].numpy(), np.round(values.astype(np.float64) * 255).astype(np.uint8))
+    assert int(pixels_of(data).max()) == 255 and int(pixels_of(data).min()) == 0  # not all zeros
 
 
 @pytest.mark.parametrize("bad", [2.5, -0.5, float("nan")], ids=["above-1", "negative", "nan"])
@@ -317,8 +322,8 @@ def test_palette_and_alpha_images_are_converted(tmp_path):
     rgba[:, 4:, :3] = 255
     Image.fromarray(rgba, "RGBA").save(root / "a.png")
     data = load_imagefolder(root)
-    assert data.images.shape == (2, 3, 8, 8)
-    a, p = data.images[0].numpy(), data.images[1].numpy()  # sorted: a.png, p.png
+    assert pixels_of(data).shape == (2, 3, 8, 8)
+    a, p = pixels_of(data)[0].numpy(), pixels_of(data)[1].numpy()  # sorted: a.png, p.png
     assert np.array_equal(p[:, 0, 0], [200, 10, 30]) and np.array_equal(p[:, 0, 7], [0, 0, 0])
     assert np.array_equal(a[:, 0, 0], [200, 10, 30]) and np.array_equal(a[:, 0, 7], [0, 0, 0])  # over black
 
@@ -329,7 +334,7 @@ def test_grey_with_alpha_stays_grey(tmp_path):
     la = np.stack([np.full((8, 8), 120, np.uint8), np.full((8, 8), 255, np.uint8)], axis=-1)
     Image.fromarray(la, "LA").save(root / "la.png")
     data = load_imagefolder(root)
-    assert data.images.shape == (1, 1, 8, 8) and int(data.images[0, 0, 0, 0]) == 120
+    assert pixels_of(data).shape == (1, 1, 8, 8) and int(pixels_of(data)[0, 0, 0, 0]) == 120
 
 
 def test_pretrain_runs_on_16bit_images(tmp_path):

@@ -27,6 +27,11 @@ from maskkit.data import (
 )
 
 
+def pixels_of(folder):
+    """Every image of a lazy folder source as uint8 [N, C, H, W] (what the eager loader used to hold)."""
+    return torch.stack([folder.pixels(i) for i in range(len(folder))])
+
+
 def test_digits_is_bundled_and_scaled():
     data = load_dataset("digits")
     assert tuple(data.images.shape) == (1797, 1, 8, 8)
@@ -88,12 +93,12 @@ def test_imagefolder(tmp_path):
         for i in range(3):
             Image.fromarray(np.full((6, 6, 3), value + i, np.uint8)).save(tmp_path / "lab" / cls / f"{i}.png")
     data = load_imagefolder(tmp_path / "lab")
-    assert tuple(data.images.shape) == (6, 3, 6, 6) and data.classes == ["cats", "dogs"]
-    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1] and data.images[4, 0, 0, 0] == 201
+    assert tuple(pixels_of(data).shape) == (6, 3, 6, 6) and data.classes == ["cats", "dogs"]
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1] and pixels_of(data)[4, 0, 0, 0] == 201
     (tmp_path / "flat").mkdir()
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "flat" / "a.png")
     flat = load_imagefolder(tmp_path / "flat", img_size=8)
-    assert flat.labels is None and tuple(flat.images.shape) == (1, 1, 8, 8)
+    assert flat.labels is None and tuple(pixels_of(flat).shape) == (1, 1, 8, 8)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="is empty"):
         load_imagefolder(tmp_path / "empty")
@@ -192,7 +197,7 @@ def test_imagefolder_official_mae_layout_pools_train_and_val_by_class_name(tmp_p
     assert imagefolder_layout(root) == ("train/val folders", [root / "train", root / "val"])
     data = load_imagefolder(root)
     assert data.layout == "train/val folders" and data.classes == ["cats", "dogs", "eels"]  # not "train", "val"
-    pixels = data.images[:, 0, 0, 0].tolist()
+    pixels = pixels_of(data)[:, 0, 0, 0].tolist()
     assert pixels == [10, 11, 12, 20, 21, 30, 40, 41]  # every image of both folders, in one pool
     assert data.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2]  # labelled by class name across the folders
     assert load_dataset(f"imagefolder:{root}", img_size=4).layout == "train/val folders"  # kept by a resize

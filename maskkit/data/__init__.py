@@ -29,7 +29,7 @@ from maskkit.data.load import (
     parse_spec,
     register_dataset,
 )
-from maskkit.data.loader import Batch, Batcher, BatchStream, Loader, shard
+from maskkit.data.loader import Batch, Batcher, BatchStream, DataWarning, Fetched, Loader, default_workers, shard
 from maskkit.data.source import (
     MIN_CLASSES,
     DataError,
@@ -40,9 +40,11 @@ from maskkit.data.source import (
     check_dir,
     resize,
 )
+from maskkit.data.folder_index import INDEX_FILE, FolderIndex
 from maskkit.data.sources.imagefolder import (
     IMAGE_SUFFIXES,
     SPLIT_FOLDERS,
+    ImageFolder,
     imagefolder_layout,
     load_imagefolder,
 )
@@ -55,6 +57,7 @@ __all__ = [
     "DATASETS",
     "DEFAULT_FRACTIONS",
     "IMAGE_SUFFIXES",
+    "INDEX_FILE",
     "MIN_CLASSES",
     "SPLIT_FOLDERS",
     "Batch",
@@ -62,6 +65,10 @@ __all__ = [
     "Batcher",
     "DataError",
     "DataSource",
+    "DataWarning",
+    "Fetched",
+    "FolderIndex",
+    "ImageFolder",
     "DatasetSpec",
     "ImageData",
     "Loader",
@@ -72,6 +79,7 @@ __all__ = [
     "crop_box",
     "crop_flip",
     "dataset_arg",
+    "default_workers",
     "denormalize",
     "imagefolder_layout",
     "key_seed",

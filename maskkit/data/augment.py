@@ -120,3 +120,38 @@ def random_resized_crop_flip(
     """
     draws = [torch.rand(DRAWS, generator=generator).tolist() for _ in range(images.shape[0])]
     return _crop_flip_draws(images, draws, scale, ratio)
+
+
+# ---- the same crop on decoded 8-bit pictures (a lazy image folder, in the loader's workers) -------------
+
+#: evaluation's crop fraction: resize so the crop covers this much of the short side (MAE: 224 of 256)
+EVAL_CROP = 0.875
+
+
+def picture_crop_flip(picture, draws: Sequence[float], size: tuple[int, int]):  # noqa: ANN001, ANN201
+    """RandomResizedCrop + flip of a PIL picture at its own resolution, to size (H, W), bicubic: a PIL picture.
+
+    The box comes from `crop_box` on the picture's own height and width (the draws of `key_draws`),
+    as torchvision's RandomResizedCrop does on a PIL image (crop, then resize).
+    """
+    from PIL import Image
+
+    width, height = picture.size
+    top, left, h, w = crop_box(draws, height, width)
+    out = picture.resize((size[1], size[0]), Image.BICUBIC, box=(left, top, left + w, top + h))
+    return out.transpose(Image.FLIP_LEFT_RIGHT) if draws[40] < 0.5 else out
+
+
+def picture_center(picture, size: tuple[int, int]):  # noqa: ANN001, ANN201
+    """Evaluation's view of a PIL picture at size (H, W): itself if it has that size, else MAE's resize
+    (the crop covers EVAL_CROP of the limiting side: 224 of 256) and centre crop."""
+    from PIL import Image
+
+    width, height = picture.size
+    if (height, width) == tuple(size):
+        return picture
+    scale = max(size[0] / height, size[1] / width) / EVAL_CROP
+    new_w, new_h = max(size[1], round(width * scale)), max(size[0], round(height * scale))
+    picture = picture.resize((new_w, new_h), Image.BICUBIC)
+    top, left = int(round((new_h - size[0]) / 2.0)), int(round((new_w - size[1]) / 2.0))
+    return picture.crop((left, top, left + size[1], top + size[0]))

@@ -101,16 +101,20 @@ def parse_dataset(spec: str) -> tuple[str, str | None]:
 
 
 def load_dataset(
-    name: str, data_dir: str | Path | None = None, *, download: bool = False, img_size: int | None = None
+    name: str, data_dir: str | Path | None = None, *, download: bool = False, img_size: int | None = None,
+    cache_dir: str | Path | None = None, check: bool = True,
 ) -> DataSource:
     """The data source `name` (`NAME` or `NAME:ARG`, see `DATASETS`), at img_size x img_size if given.
 
     The in-memory sources come back as `ImageData` (torchvision sets: train and test files together);
-    `img_size` resizes every image (bilinear); None keeps the size.
+    `img_size` resizes every image (bilinear); None keeps the size. `cache_dir` (a run directory) and
+    `check` reach a factory that takes them (the image folder: its saved index, and whether to check it
+    against the folder).
     """
     spec = parse_spec(name)
     factory = DATASETS.get(spec.name)
-    data = factory(arg=spec.arg, data_dir=data_dir, download=download, img_size=img_size)
+    extra = {k: v for k, v in (("cache_dir", cache_dir), ("check", check)) if _takes(factory, k)}
+    data = factory(arg=spec.arg, data_dir=data_dir, download=download, img_size=img_size, **extra)
     if len(data) == 0:
         raise DataError(f"dataset {name!r} holds no images")
     if img_size is not None and data.image_size != (img_size, img_size):
@@ -119,3 +123,13 @@ def load_dataset(
         else:
             data = Resized(data, img_size)
     return data
+
+
+def _takes(factory: Callable[..., Any], keyword: str) -> bool:
+    """Whether `factory` names `keyword` among its parameters (not merely through **kwargs)."""
+    import inspect
+
+    try:
+        return keyword in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False

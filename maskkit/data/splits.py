@@ -23,18 +23,50 @@ DEFAULT_FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
 
 
 def make_splits(data: DataSource, seed: int, fractions: dict[str, float] | None = None) -> dict[str, np.ndarray]:
-    """Disjoint `train`, `val`, `test` index arrays, stratified by label when there are labels."""
+    """Disjoint `train`, `val`, `test` index arrays, stratified by label when there are labels.
+
+    A source with its own division (`given_splits`: the official MAE layout's train and val folders)
+    keeps it: see `official_splits`, which adds `pretrain` (the whole train folder).
+    """
     given = DEFAULT_FRACTIONS if fractions is None else fractions
     if set(given) != set(DEFAULT_FRACTIONS):
         raise ValueError(f"split fractions must name {', '.join(DEFAULT_FRACTIONS)}, got {sorted(given)}")
     fractions = {name: given[name] for name in DEFAULT_FRACTIONS}  # a fixed order: the cut depends on it
     labels = np.zeros(len(data), dtype=np.int64) if data.labels is None else data.labels.numpy()
-    parts = stratified_split(labels, fractions, seed, allow_empty=True)
+    official = getattr(data, "given_splits", None)
+    if official is not None:
+        parts = official_splits(labels, official, fractions, seed)
+    else:
+        parts = stratified_split(labels, fractions, seed, allow_empty=True)
     empty = [name for name, idx in parts.items() if len(idx) == 0]
     if empty:
         raise DataError(f"dataset {data.name!r} has too few images ({len(data)}) for a non-empty {empty[0]!r} "
                         f"split: {_counts(parts)}")  # fmt: skip
     return parts
+
+
+def official_splits(
+    labels: np.ndarray, given: Mapping[str, np.ndarray], fractions: Mapping[str, float], seed: int
+) -> dict[str, np.ndarray]:
+    """The official MAE layout's splits: `pretrain` is all of the given train folder, `train` and `val` are
+    carved from it (seeded, stratified, in the ratio of their fractions), `test` is the given test folder."""
+    pool, test = np.asarray(given["train"], dtype=np.int64), np.asarray(given["test"], dtype=np.int64)
+    carve = {"train": fractions["train"], "val": fractions["val"]}
+    total = sum(carve.values())
+    cut = stratified_split(labels[pool], {k: v / total for k, v in carve.items()}, seed, allow_empty=True)
+    return {"train": pool[cut["train"]], "val": pool[cut["val"]], "test": test, "pretrain": pool}
+
+
+#: what `make_splits` did, for the banner and config.json (by whether the source gave its own division)
+SPLIT_RULES = {
+    False: "seeded stratified split of all images",
+    True: "train folder pretrains (labeled train and val carved from it); val folder is the test split",
+}
+
+
+def split_rule(data: DataSource) -> str:
+    """How `make_splits` divides `data` (`SPLIT_RULES`)."""
+    return SPLIT_RULES[getattr(data, "given_splits", None) is not None]
 
 
 def _counts(parts: Mapping[str, np.ndarray]) -> str:

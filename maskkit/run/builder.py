@@ -26,14 +26,17 @@ from maskkit.data import (
     DEFAULT_FRACTIONS,
     Batcher,
     DataError,
+    DataSource,
     ImageData,
     channel_stats,
     check_classes,
+    default_workers,
     load_dataset,
     make_splits,
     parse_dataset,
     resolve_augment,
 )
+from maskkit.data.splits import split_rule
 from maskkit.distributed import SINGLE, DistContext
 from maskkit.plan import check_ratio
 from maskkit.policies import create_policy, policy_card, policy_options
@@ -154,13 +157,37 @@ def load_data(data: DataConfig) -> ImageData:
     return load_dataset(data.dataset, data.data_dir, download=data.download, img_size=data.img_size)
 
 
+#: images a lazy source's channel statistics are estimated from (seeded sample of the pretraining split)
+STATS_SAMPLE = 512
+#: ImageNet's per-channel mean and std (RGB), what the official MAE normalises with
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def split_statistics(data: DataSource, index: np.ndarray, seed: int) -> tuple[list[float], list[float], str]:
+    """(mean, std, how): exact over the split for data in memory; for a source that decodes files, ImageNet's
+    for RGB (as MAE) and, for grey images, an estimate from a seeded sample of STATS_SAMPLE images."""
+    if not callable(getattr(data, "pixels", None)):
+        mean, std = channel_stats(data, index)
+        return mean, std, "exact over the train split"
+    if data.in_chans == 3:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD), "ImageNet's (RGB, as the official MAE)"
+    pick = np.sort(np.random.default_rng(seed).choice(index, size=min(STATS_SAMPLE, len(index)), replace=False))
+    mean, std = channel_stats(data, pick, chunk=64)
+    return mean, std, f"estimated from {len(pick)} images of the pretraining split (seed {seed})"
+
+
+def pretrain_split(splits: dict[str, np.ndarray]) -> np.ndarray:
+    """What the MAE pretrains on: the whole train folder of the official layout, else the train split."""
+    return splits.get("pretrain", splits["train"])
+
+
 def dataset_section(
     name: str, data_dir: str | None, img_size: int | None, data: ImageData, seed: int, augment: str,
     fractions: dict[str, float],
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The record's `dataset` section (statistics of the train split, split sizes) and the splits."""
     splits = make_splits(data, seed, fractions)
-    mean, std = channel_stats(data, splits["train"])
+    mean, std, stats = split_statistics(data, pretrain_split(splits), seed)
     kind, path = parse_dataset(name)
     section = {
         "name": name if path is None else f"{kind}:{Path(path).resolve()}",  # usable from any directory
@@ -178,6 +205,8 @@ def dataset_section(
         "split_seed": seed,
         "split_fractions": fractions,
         "splits": {k: len(v) for k, v in splits.items()},
+        "split_rule": split_rule(data),
+        "stats": stats,
     }
     return section, splits
 
@@ -239,11 +268,12 @@ def resolve(
     check_data_fits(config, data)
     d, seed = config.data, config.train.seed
     section, splits = dataset_section(d.dataset, d.data_dir, d.img_size, data, seed, d.augment, dict(DEFAULT_FRACTIONS))
-    config, pol = clamp_batch(config, len(splits["train"]), world_size), config.policy
+    pool = len(pretrain_split(splits))
+    config, pol = clamp_batch(config, pool, world_size), config.policy
     return RunRecord(
         dataset=section, model=model_section(config.model, data, seed),
         policy={"name": pol.name, "options": pol.typed_options(), "learnable": pol.learnable()},
-        train=train_section(config, len(splits["train"]), world_size), device=str(device),
+        train=train_section(config, pool, world_size), device=str(device),
         versions={"maskkit": __version__, "torch": torch.__version__},
         command=list(sys.argv if command is None else command), config=config.to_dict(),
         format_version=FORMAT_VERSION,
@@ -253,21 +283,33 @@ def resolve(
 # ---- resolved record -> built run -> trainer ----------------------------------------------------
 
 
-def build_run(record: RunRecord, device: torch.device | None = None, data: ImageData | None = None) -> Run:
+def build_run(
+    record: RunRecord, device: torch.device | None = None, data: ImageData | None = None, *,
+    run_dir: str | Path | None = None, trust_data: bool = False,
+) -> Run:
     """Data, splits, normalisation, MAE and policy exactly as config.json describes them.
 
     `data`: the images of a new run (`new_run`), already read; the record then gets the model's
-    sizes and the mask ratio is checked against them. Without it they are read as the record says.
+    sizes and the mask ratio is checked against them. Without it they are read as the record says,
+    an image folder from the file index kept in `run_dir` (checked against the folder unless `trust_data`).
     """
     device = resolve_device(record.device) if device is None else device
     ds, new = record.dataset, data is not None
     if data is None:
-        data = load_dataset(ds["name"], ds.get("data_dir"), download=False, img_size=ds.get("img_size_override"))
+        try:
+            data = load_dataset(ds["name"], ds.get("data_dir"), download=False, img_size=ds.get("img_size_override"),
+                                cache_dir=run_dir, check=not trust_data)  # fmt: skip
+        except DataError as err:
+            raise RunError(str(err)) from None
     splits = make_splits(data, ds["split_seed"], ds["split_fractions"])
     sizes = {k: len(v) for k, v in splits.items()}
     if sizes != ds["splits"]:
         raise RunError(f"dataset {ds['name']!r} no longer gives the run's splits ({sizes} vs {ds['splits']})")
-    batcher = Batcher(data, ds["mean"], ds["std"], device, ds["augment"])
+    d = record.config["data"] if record.config else {}
+    workers = d.get("num_workers")
+    batcher = Batcher(data, ds["mean"], ds["std"], device, ds["augment"],
+                      num_workers=default_workers() if workers is None else int(workers),
+                      skip_bad=bool(d.get("skip_bad_images", False)))  # fmt: skip
     try:
         mae = build_mae(record.model).to(device)
     except (TypeError, KeyError) as err:
@@ -303,7 +345,7 @@ def build_trainer(run: Run, dist: DistContext = SINGLE, *, steps: int | None = N
 
 
 __all__ = [
-    "MIN_AUTO_PATCHES", "Run", "RunWarning", "build_mae", "build_run", "build_trainer", "choose_patch_size",
-    "dataset_section", "model_kind", "model_section", "model_spec", "new_run", "policy_kwargs", "resolve",
-    "resolve_device",
+    "IMAGENET_MEAN", "IMAGENET_STD", "MIN_AUTO_PATCHES", "STATS_SAMPLE", "Run", "RunWarning", "build_mae", "build_run", "build_trainer", "choose_patch_size",
+    "dataset_section", "model_kind", "model_section", "model_spec", "new_run", "policy_kwargs", "pretrain_split", "resolve",
+    "resolve_device", "split_statistics",
 ]  # fmt: skip

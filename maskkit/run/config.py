@@ -20,7 +20,7 @@ from maskkit.train.config import MLOSettings, TrainSettings
 
 __all__ = [
     "AUGMENT", "DEFAULT_MASK_RATIO", "DEFAULT_MODEL", "FINITE_SETTINGS", "FORMAT_VERSION", "MAX_IMG_SIZE",
-    "MAX_SEED", "SECTIONS", "DataConfig", "ModelConfig", "PolicyConfig", "RunConfig", "RunError", "default_ratio",
+    "MAX_SEED", "MAX_WORKERS", "SECTIONS", "DataConfig", "ModelConfig", "PolicyConfig", "RunConfig", "RunError", "default_ratio",
 ]  # fmt: skip
 
 #: version of config.json; 1 is the layout before `RunConfig` (read as is), 2 adds `format_version` and `config`.
@@ -34,6 +34,8 @@ AUGMENT = ("auto", "none", "crop-flip")
 #: largest --img-size: the images are held in memory at this side (1024^2 x 3 bytes each), and a ViT's
 #: attention grows with the fourth power of the side
 MAX_IMG_SIZE = 1024
+#: most worker processes per stream
+MAX_WORKERS = 64
 #: largest --seed: numpy's and torch's generators both take any integer in [0, 2^63 - 1]
 MAX_SEED = 2**63 - 1
 #: (section, field) of the real-valued settings that must be finite and non-negative
@@ -73,10 +75,20 @@ class DataConfig:
     download: bool = setting(False, "Download a torchvision dataset into --data-dir.")
     img_size: int | None = setting(None, "Resize images to this side (default: as stored).")
     augment: str = setting("auto", "auto: MAE crop + flip for images of side >= 32, else none | none | crop-flip.")
+    num_workers: int | None = setting(
+        None, "Worker processes reading each stream's batches (default: the cores less one, at most 8; 0: the "
+        "training process). The batches do not depend on it.", flags=("--num-workers", "--num_workers"),
+    )  # fmt: skip
+    skip_bad_images: bool = setting(
+        False, "An undecodable image file is replaced in its batch by another of the batch, with a warning naming "
+        "it, instead of stopping the run."
+    )
 
     def check(self) -> None:
         if self.augment not in AUGMENT:
             raise RunError(f"{flag('augment')} must be one of {', '.join(AUGMENT)}, got {self.augment!r}")
+        if self.num_workers is not None and not 0 <= self.num_workers <= MAX_WORKERS:
+            raise RunError(f"--num-workers must be an integer in [0, {MAX_WORKERS}], got {self.num_workers}")
         if self.img_size is not None and not 1 <= self.img_size <= MAX_IMG_SIZE:
             raise RunError(f"--img-size must be an integer in [1, {MAX_IMG_SIZE}], got {self.img_size}")
 

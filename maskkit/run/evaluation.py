@@ -87,7 +87,7 @@ def load_weights(run: Run, run_dir: str | Path) -> dict[str, Any]:
 def load_run(run_dir: str | Path, device: str | torch.device = "auto", *, weights: bool = True) -> Run:
     """A finished (or checkpointed) run rebuilt with its trained encoder and masker (`weights=False`: untrained)."""
     record = RunRecord.read(run_dir)
-    run = build_run(record, device if isinstance(device, torch.device) else resolve_device(device))
+    run = build_run(record, device if isinstance(device, torch.device) else resolve_device(device), run_dir=run_dir)
     if weights:
         load_weights(run, run_dir)
     return run
@@ -132,7 +132,7 @@ def evaluate_run(
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if value is not None and value < 1:
             raise RunError(f"{flag(name)} must be a positive integer, got {value}")
-    run = build_run(record, resolve_device(device))
+    run = build_run(record, resolve_device(device), run_dir=run_dir)
     source = {"source": "random initialisation", "step": 0}
     if init == "pretrained":
         source = load_weights(run, run_dir)

@@ -112,6 +112,8 @@ def create_run(
         try:
             _refuse_taken(made, locked=True)  # under the lock: no other writer can pass it now
             run.record.write(made)
+            if callable(getattr(run.data, "save_index", None)):
+                run.data.save_index(made)  # the file list, read back by resume, evaluate and visualize
         except BaseException:
             lock.abandon()
             raise
@@ -174,7 +176,7 @@ def _resume_run(
     start = 0 if state is None else int(state["step"])
     cfg = record.train_config
     torch.manual_seed(cfg.seed)  # as a new run seeds itself: starting over repeats it exactly
-    run = build_run(record, dev)
+    run = build_run(record, dev, run_dir=run_dir)
     if steps is not None and steps <= start:
         raise RunError(f"--steps {steps} does not go beyond the checkpoint's step {start}")
     if steps is None and start >= cfg.steps:

@@ -99,7 +99,8 @@ class Trainer:
         check_step(kind, config)
         # the train loader augments each sample by its key (seed, step, global position): the same crops for
         # any number of processes or workers; the policies' random draws come from a generator per rank
-        self.loaders = {"train": self._loader(splits["train"], t.seed, "train", augment=True, labels=False)}
+        pretrain = splits.get("pretrain", splits["train"])  # the official layout's whole train folder
+        self.loaders = {"train": self._loader(pretrain, t.seed, "train", augment=True, labels=False)}
         rank_seed = t.seed + RANK_SEED_STRIDE * dist.rank
         self.generators = {"mask": _generator(device, rank_seed + 2)}
         self.inject_nan = parse_inject_nan(os.environ.get(INJECT_NAN_ENV))

@@ -1,107 +1,171 @@
-"""`imagefolder:PATH`: image files under a folder, read eagerly into memory (class sub-folders give labels).
+"""`imagefolder:PATH`: image files under a folder, read lazily (a file is decoded when a batch needs it).
 
-Three layouts (`imagefolder_layout`): class folders, loose images, or the official MAE's split
-folders (`train/<class>/...` + `val/<class>/...`, pooled into one set).
+The folder is listed once (`maskkit.data.folder_index.FolderIndex`: names, sizes, labels from class
+sub-folders); a run keeps that index in its directory, so resuming, evaluating or picturing the run
+reads the list instead of building it, and checks it against the folder. Images of different sizes
+are the normal case: each sample is brought to the run's size by the crop (pretraining: MAE's
+RandomResizedCrop + flip, at the file's own resolution) or by MAE's resize and centre crop
+(evaluation, probes, statistics). Every depth PIL reads is converted to 8-bit (`maskkit.data.decode`).
+
+The official MAE layout, `PATH/train/<class>/...` + `PATH/val/<class>/...`, keeps its meaning:
+`train` is the pretraining set (maskkit's labeled train and val splits are carved from it) and
+`val` is the test split (`given_splits`, used by `make_splits`).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from maskkit.data.decode import GREY_MODES, open_image, to_8bit
+from maskkit.data.augment import picture_center, picture_crop_flip
+from maskkit.data.decode import to_8bit
+from maskkit.data.folder_index import IMAGE_SUFFIXES, INDEX_FILE, SPLIT_FOLDERS, FolderIndex, folder_layout
 from maskkit.data.load import register_dataset
-from maskkit.data.source import DataError, ImageData, check_dir
+from maskkit.data.source import DataError, Source
 from maskkit.registry import Card
 
-#: sub-folders that make an image folder a split layout (the official MAE's DIR/train + DIR/val)
-SPLIT_FOLDERS = ("train", "val", "test")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+__all__ = ["DEFAULT_SIDE", "IMAGE_SUFFIXES", "SPLIT_FOLDERS", "ImageFolder", "imagefolder_layout", "load_imagefolder"]
+
+#: the side a folder of images of different sizes is brought to without --img-size (MAE's --input_size)
+DEFAULT_SIDE = 224
 
 CARD = Card(
-    idea="image files under a folder: class sub-folders, loose images, or train/val split folders",
-    allowed={"arg": "PATH of a folder", "img_size": "int >= 1 | None (needed when the images differ in size)"},
-)
+    idea="image files under a folder, read lazily: class sub-folders, loose images, or MAE's train/val folders",
+    allowed={"arg": "PATH of a folder", "img_size": "int >= 1 | None (default: the images' own size if they "
+             f"share one of side <= {DEFAULT_SIDE}, else {DEFAULT_SIDE})"},
+)  # fmt: skip
+
+imagefolder_layout = folder_layout
+
+
+def default_size(index: FolderIndex, img_size: int | None) -> tuple[int, int]:
+    """(H, W) the samples are brought to: img_size square if given; else the sampled headers' common size
+    when they share one with sides <= DEFAULT_SIDE; else a square of DEFAULT_SIDE (or the smallest short side)."""
+    if img_size is not None:
+        return (int(img_size), int(img_size))
+    sizes = {s for s in index.sample_sizes if min(s) > 0}
+    if len(sizes) == 1:
+        width, height = next(iter(sizes))
+        if max(width, height) <= DEFAULT_SIDE:
+            return (height, width)
+    side = min([DEFAULT_SIDE] + [min(s) for s in sizes])
+    return (side, side)
+
+
+class ImageFolder(Source):
+    """The images of a `FolderIndex`, decoded one at a time and brought to `size` (H, W).
+
+    `pixels(i, draws)`: 8-bit pixels [C, H, W] (uint8) of file i, MAE's crop + flip with `draws`
+    (`maskkit.data.augment.key_draws`), else the evaluation view; `read(i)`: the same as floats in [0, 1].
+    A file whose size differs from the index's is refused (it changed since the folder was listed).
+    """
+
+    def __init__(self, index: FolderIndex, size: tuple[int, int]) -> None:
+        self.index = index
+        self.size = (int(size[0]), int(size[1]))
+        self.name = f"imagefolder:{index.root}"
+        self.layout = index.layout
+        self.classes = index.classes
+        self.labels = None if index.labels is None else torch.from_numpy(index.labels.copy())
+        self.mode = index.mode
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.size
+
+    @property
+    def in_chans(self) -> int:
+        return 1 if self.mode == "L" else 3
+
+    @property
+    def given_splits(self) -> dict[str, np.ndarray] | None:
+        """The official layout's own division: {"train": DIR/train, "test": DIR/val (else DIR/test)}; None otherwise."""
+        parts = self.index.parts
+        test = "val" if "val" in parts else "test" if "test" in parts else None
+        if "train" not in parts or test is None:
+            return None
+        part_of = self.index.part_of
+        return {"train": np.flatnonzero(part_of == parts.index("train")).astype(np.int64),
+                "test": np.flatnonzero(part_of == parts.index(test)).astype(np.int64)}  # fmt: skip
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self.index.fingerprint()
+
+    def save_index(self, run_dir: str | Path) -> Path:
+        """Keep the file list in `run_dir` (INDEX_FILE), for the run's resume, evaluation and pictures."""
+        path = Path(run_dir) / INDEX_FILE
+        self.index.save(path)
+        return path
+
+    def picture(self, i: int) -> Any:
+        """File i decoded as an 8-bit PIL picture of the folder's mode; DataError naming the file if it cannot be."""
+        from PIL import Image
+
+        path = self.index.path(i)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != int(self.index.sizes[i]):
+                    raise DataError(f"image {path} changed since the folder was listed ({self.index.sizes[i]} -> "
+                                    f"{size} bytes)")  # fmt: skip
+                with Image.open(f) as im:
+                    im.load()
+                    return to_8bit(im, self.mode, path)
+        except DataError:
+            raise
+        except FileNotFoundError:
+            raise DataError(f"image {path} is missing (the folder changed since it was listed)") from None
+        except Image.DecompressionBombError as err:
+            raise DataError(f"cannot read image {path}: {err}") from None
+        except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as err:
+            raise DataError(f"cannot read image {path}: {err or type(err).__name__}") from None
+
+    def pixels(self, i: int, draws: list[float] | None = None) -> Tensor:
+        """File i at the folder's size as uint8 [C, H, W]: cropped and flipped with `draws`, else centred."""
+        picture = self.picture(int(i))
+        picture = picture_center(picture, self.size) if draws is None else picture_crop_flip(picture, draws, self.size)
+        array = np.asarray(picture, dtype=np.uint8)
+        if array.ndim == 2:
+            return torch.from_numpy(array.copy())[None]
+        return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+    def read(self, i: int) -> Tensor:
+        return self.pixels(i).float() / 255.0
+
+
+def open_folder(path: str | Path, img_size: int | None = None, cache_dir: str | Path | None = None,
+                check: bool = True) -> ImageFolder:  # fmt: skip
+    """The folder `path` as an `ImageFolder`: from the index in `cache_dir` when there is one (checked
+    against the folder unless `check` is False: DataError naming what changed), else listed now."""
+    saved = None if cache_dir is None else Path(cache_dir) / INDEX_FILE
+    if saved is not None and saved.is_file():
+        index = FolderIndex.load(saved)
+        if index.root != Path(path).resolve():
+            raise DataError(f"the data index {saved} lists {index.root}, not {Path(path).resolve()}")
+        if check:
+            changed = index.changes()
+            if changed:
+                raise DataError(f"data folder {index.root} changed since the run listed it: {changed}")
+    else:
+        index = FolderIndex.scan(path)
+    return ImageFolder(index, default_size(index, img_size))
 
 
 @register_dataset("imagefolder", card=CARD, arg="path")
-def imagefolder(*, arg: str, img_size: int | None = None, **_: Any) -> ImageData:
-    """The images under the folder `arg`, resized to img_size x img_size if given."""
-    return load_imagefolder(arg, img_size)
+def imagefolder(*, arg: str, img_size: int | None = None, cache_dir: str | Path | None = None,
+                check: bool = True, **_: Any) -> ImageFolder:  # fmt: skip
+    """The images under the folder `arg`, brought to img_size x img_size if given (see `default_size`)."""
+    return open_folder(arg, img_size, cache_dir, check)
 
 
-def _subfolders(directory: Path) -> list[Path]:
-    return sorted(d for d in directory.iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
-def imagefolder_layout(root: Path) -> tuple[str, list[Path]]:
-    """How an image folder is organised, and the folders that hold its classes or loose images.
-
-    - split folders: the sub-folders are `train` plus `val` and/or `test` (or `train` alone), as in
-      the official MAE's DIR/train/<class>/... + DIR/val/<class>/...: ("train/val folders", [train, val]);
-    - class folders: any other sub-folders, one per class: ("class folders", [root]);
-    - no sub-folders: ("loose images", [root]).
-    """
-    subdirs = _subfolders(root)
-    names = {d.name for d in subdirs}
-    if "train" in names and names <= set(SPLIT_FOLDERS):
-        found = [n for n in SPLIT_FOLDERS if n in names]
-        return f"{'/'.join(found)} folders", [root / n for n in found]
-    return ("class folders" if subdirs else "loose images"), [root]
-
-
-def load_imagefolder(path: str | Path, img_size: int | None = None) -> ImageData:
-    """Images under `path`: class sub-folders give labels (sorted names); loose images are unlabeled.
-
-    The official MAE layout, `path/train/<class>/...` + `path/val/<class>/...` (see
-    `imagefolder_layout`), is read as ONE pool: the images of every split folder together, labelled
-    by class name, which `make_splits` then cuts into maskkit's own train/val/test like any other
-    data set (the folders' own division is not kept). Every image is converted to 8-bit RGB (or L when
-    all are greyscale; 16-bit and float grey scaled, alpha over black: `maskkit.data.decode`) and, if `img_size` is given, resized to img_size x img_size; otherwise all
-    images must have the same size.
-    """
-    from PIL import Image
-
-    root = check_dir(path, "imagefolder")
-    layout, parts = imagefolder_layout(root)
-    found: list[tuple[Path, str | None]] = []  # (file, class name or None)
-    kinds = {}
-    for part in parts:
-        class_dirs = _subfolders(part)
-        kinds[part.name] = bool(class_dirs)
-        if class_dirs:
-            for d in class_dirs:
-                found += [(f, d.name) for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
-        else:
-            found += [(f, None) for f in sorted(part.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-    if len(set(kinds.values())) > 1:
-        with_classes = ", ".join(n for n, k in kinds.items() if k)
-        loose = ", ".join(n for n, k in kinds.items() if not k)
-        raise DataError(f"in {root}, {with_classes} holds class folders but {loose} holds loose images; use one kind")
-    classes: list[str] | None = None
-    if any(kinds.values()):
-        classes = sorted({d.name for part in parts for d in _subfolders(part)})
-    elif len(parts) > 1:
-        layout += ", loose images"
-    index = {name: i for i, name in enumerate(classes or [])}
-    files = [(f, None if name is None else index[name]) for f, name in found]
-    if not files:
-        raise DataError(f"data directory {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    pictures = [open_image(f) for f, _ in files]
-    mode = "L" if all(p.mode in GREY_MODES for p in pictures) else "RGB"
-    arrays = []
-    for pic, (f, _) in zip(pictures, files, strict=True):
-        pic = to_8bit(pic, mode, f)
-        if img_size is not None:
-            pic = pic.resize((img_size, img_size), Image.BILINEAR)
-        arrays.append(np.asarray(pic, dtype=np.uint8))
-    sizes = {a.shape[:2] for a in arrays}
-    if len(sizes) > 1:
-        raise DataError(f"images in {root} have different sizes {sorted(sizes)[:3]}...; pass --img-size to resize")
-    stack = np.stack(arrays)  # [N, H, W] or [N, H, W, 3]
-    images = torch.from_numpy(stack[:, None] if stack.ndim == 3 else stack.transpose(0, 3, 1, 2).copy())
-    labels = None if classes is None else torch.tensor([lab for _, lab in files], dtype=torch.long)
-    return ImageData(f"imagefolder:{root}", images.contiguous(), labels, classes, layout)
+def load_imagefolder(path: str | Path, img_size: int | None = None) -> ImageFolder:
+    """The folder `path`, listed now (see `open_folder`)."""
+    return open_folder(path, img_size)
