@@ -156,9 +156,8 @@ class Batcher:
             yield from (self.images(chunk) for chunk in chunks)
             return
         reader = _Reader(self, augment=False, labels=False)
-        workers = iter(_data_loader(reader, [[(int(i), None) for i in chunk] for chunk in chunks], self,
-                                    persistent=False))  # fmt: skip
-        _LIVE.add(workers)
+        workers = _track(iter(_data_loader(reader, [[(int(i), None) for i in chunk] for chunk in chunks], self,
+                                           persistent=False)))  # fmt: skip
         try:
             for batch in workers:
                 yield self.finish(_checked(batch, self.skip_bad).images)
@@ -285,9 +284,8 @@ class Loader:
     def _next_from_workers(self) -> Batch:
         if self._workers is None:
             sampler = _BatchKeys(self, self.stream.state_dict())
-            self._workers = iter(_data_loader(_Reader(self.batcher, self.augment, self.with_labels), sampler,
-                                              self.batcher, self.num_workers))  # fmt: skip
-            _LIVE.add(self._workers)
+            self._workers = _track(iter(_data_loader(_Reader(self.batcher, self.augment, self.with_labels),
+                                                     sampler, self.batcher, self.num_workers)))  # fmt: skip
         fetched = self._checked(next(self._workers))
         _, (number, global_index) = self._draw()  # the main process's stream follows the workers' batches
         index, _ = self._keys(number, global_index)
@@ -430,11 +428,19 @@ def _stop(workers: Any) -> None:
         shutdown()
 
 
-@atexit.register
 def shutdown_workers() -> None:
-    """Stop every worker pool of this process (registered at exit; safe to call at any time)."""
+    """Stop every worker pool of this process (run at exit; safe to call at any time)."""
     for workers in list(_LIVE):
         _stop(workers)
+
+
+def _track(workers: Any) -> Any:
+    """Remember a new worker pool, and (re-)register `shutdown_workers` at exit so that it runs before
+    multiprocessing's own exit handler (atexit runs the last registered first)."""
+    _LIVE.add(workers)
+    atexit.unregister(shutdown_workers)
+    atexit.register(shutdown_workers)
+    return workers
 
 
 def _data_loader(
@@ -450,8 +456,12 @@ def _data_loader(
     )  # fmt: skip
 
 
-def default_workers() -> int:
-    """--num-workers' default: the cores this process may use, less one for the training loop, at most 8."""
+def default_workers(data: DataSource) -> int:
+    """--num-workers' default: none for data held in memory (gathering a batch is faster than sending it
+    between processes); for a source that decodes files, the cores this process may use less one for the
+    training loop, at most 8."""
+    if not callable(getattr(data, "pixels", None)):
+        return 0
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

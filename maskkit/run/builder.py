@@ -308,7 +308,7 @@ def build_run(
     d = record.config["data"] if record.config else {}
     workers = d.get("num_workers")
     batcher = Batcher(data, ds["mean"], ds["std"], device, ds["augment"],
-                      num_workers=default_workers() if workers is None else int(workers),
+                      num_workers=default_workers(data) if workers is None else int(workers),
                       skip_bad=bool(d.get("skip_bad_images", False)))  # fmt: skip
     try:
         mae = build_mae(record.model).to(device)
