@@ -90,7 +90,8 @@ def train_line(record: Any) -> str:
     asked = (record.config or {}).get("train", {})
     lr = f"lr {t['lr']:.4g}" + (f" (blr {asked['blr']:.4g} x {effective} / 256)" if asked.get("blr") is not None else "")
     floor = f", min lr {t['min_lr']:.4g}" if t.get("min_lr") else ""
-    return (f"{t['steps']} steps ({epochs:.4g} epochs) of {batch}, warm-up {t['warmup_steps']} steps, "
+    return (f"{t['steps']} steps ({epochs:.4g} epoch{'' if epochs == 1 else 's'}) of {batch}, "
+            f"warm-up {t['warmup_steps']} steps, "
             f"{lr}{floor},")
 
 
