@@ -77,6 +77,44 @@ def test_k_micro_batches_give_the_gradient_and_update_of_one_batch_of_k_times_b(
     assert acc.step_count == big.step_count == 2
 
 
+def _accumulating_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One of `world` processes: 4 steps of 2 micro-batches of 4 (sample noise, SGD); saves its final weights."""
+    import os
+
+    from test_distributed import build as build_ranked
+
+    from maskkit.distributed import cleanup, init_from_env
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    dist = init_from_env("cpu")
+    try:
+        trainer = build_ranked("random", 4, dist, accum_iter=2, mask_noise="sample", optimizer="sgd", lr=0.05)
+        losses = [trainer.step()["loss"] for _ in range(4)]
+        torch.save({"losses": losses, "mae": trainer.mae.state_dict()}, f"{out}/rank{rank}.pt")
+    finally:
+        cleanup(dist)
+
+
+def test_two_processes_accumulating_two_micro_batches_of_b_match_one_process_of_4b(tmp_path):
+    import torch.multiprocessing as mp
+    from test_distributed import build as build_ranked
+    from test_distributed import free_port
+
+    from maskkit.distributed import SINGLE
+
+    mp.spawn(_accumulating_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    single = build_ranked("random", 16, SINGLE, mask_noise="sample", optimizer="sgd", lr=0.05)
+    losses = [single.step()["loss"] for _ in range(4)]
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    assert ranks[0]["losses"] == pytest.approx(losses, rel=1e-5)  # the same images and masks in every step
+    for name, t in single.mae.state_dict().items():
+        assert torch.equal(ranks[0]["mae"][name], ranks[1]["mae"][name]), name
+        torch.testing.assert_close(ranks[0]["mae"][name], t, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_the_rank_generator_draws_k_micro_batches_as_one_draw_of_k_times_b_rows_on_cpu():
     for b, n, k in ((8, 16, 2), (16, 16, 4), (5, 49, 3), (128, 196, 2)):
         one = torch.rand(k * b, n, generator=torch.Generator().manual_seed(11))
