@@ -66,7 +66,8 @@ def test_k_micro_batches_give_the_gradient_and_update_of_one_batch_of_k_times_b(
                 assert q.grad is None, name
                 continue
             scale = float(p.grad.abs().max())
-            assert float((q.grad - p.grad).abs().max()) <= 1e-5 * scale, f"gradient of {name}"  # float rounding
+            error = float((q.grad - p.grad).abs().max())  # float rounding only
+            assert error <= 1e-5 * scale, f"gradient of {name}"
             if optimizer == "sgd":  # the update is linear in the gradient
                 assert float((q - p).detach().abs().max()) <= 1e-6, f"updated {name}"
             else:  # AdamW divides by sqrt(v): an entry whose gradient is 0 up to rounding (the attention keys'
@@ -138,7 +139,8 @@ def test_the_logged_loss_is_the_mean_of_the_micro_batches():
 
 
 def test_a_learned_masker_refuses_accumulation_in_one_line(tmp_path):
-    fails(ACCUM_MLO, "pretrain", "--policy", "learned", "--accum-iter", "2", "--steps", "2", "--out", tmp_path / "r")
+    learned = ["pretrain", "--policy", "learned", "--accum-iter", "2", "--steps", "2"]
+    fails(ACCUM_MLO, *learned, "--out", tmp_path / "r")
     with pytest.raises(ValueError, match="--accum-iter above 1 needs a policy"):
         build("learned", accum_iter=2, steps=2)
     ok("pretrain", "--policy", "learned", "--freeze-masker", "--accum-iter", "2", "--steps", "2", "--batch-size", "8",
@@ -161,7 +163,7 @@ def test_blr_is_scaled_by_the_effective_batch_over_256(batch, accum, world, blr,
     assert TrainSettings(batch_size=batch, accum_iter=accum, lr=3e-4).peak_lr(world) == 3e-4  # --lr as it is
     assert TrainSettings(batch_size=batch, accum_iter=accum).peak_lr(world) == DEFAULT_LR
     record = train_section(RunConfig(train=t), 10_000, world)
-    assert record["lr"] == t.peak_lr(world) and record["accum_iter"] == accum and record["world_size"] == world
+    assert (record["lr"], record["accum_iter"], record["world_size"]) == (t.peak_lr(world), accum, world)
 
 
 def test_a_blr_run_records_the_resolved_lr_and_shows_it(tmp_path):
@@ -219,8 +221,9 @@ def test_warmup_epochs_and_epochs_count_steps_of_the_effective_batch(tmp_path):
     per_epoch = split // 32
     assert record["train"]["steps"] == per_epoch and record["train"]["warmup_steps"] == round(0.5 * per_epoch)
     logged = metrics(run)
-    assert logged[-1]["step"] == per_epoch and logged[-1]["epoch"] == 1.0  # Trainer.epoch agrees with --epochs
-    assert f"{per_epoch} steps (1 epoch) of 32 (16 x 2 accumulated), warm-up {round(0.5 * per_epoch)} steps" in out
+    assert (logged[-1]["step"], logged[-1]["epoch"]) == (per_epoch, 1.0)  # Trainer.epoch agrees with --epochs
+    banner = f"{per_epoch} steps (1 epoch) of 32 (16 x 2 accumulated), warm-up {round(0.5 * per_epoch)} steps"
+    assert banner in out
 
 
 # ---- errors and aliases ------------------------------------------------------------------------------
@@ -248,9 +251,8 @@ def test_the_official_spellings_are_aliases(tmp_path):
        "--weight_decay", "0.01", "--mask_ratio", "0.5", "--norm_pix_loss", "--input_size", "8", "--blr", "1e-3",
        "--output_dir", run, "--steps", "2", *SHORT)  # fmt: skip
     asked = config(run)["config"]
-    assert {k: asked["train"][k] for k in ("batch_size", "accum_iter", "min_lr", "warmup_epochs", "weight_decay",
-                                           "blr")} == \
-        {"batch_size": 8, "accum_iter": 2, "min_lr": 1e-5, "warmup_epochs": 0.01, "weight_decay": 0.01, "blr": 1e-3}
+    expected = {"batch_size": 8, "accum_iter": 2, "min_lr": 1e-5, "warmup_epochs": 0.01, "weight_decay": 0.01}
+    assert {k: asked["train"][k] for k in expected} == expected and asked["train"]["blr"] == 1e-3
     assert asked["policy"]["mask_ratio"] == 0.5 and asked["model"]["norm_pix_loss"] is True
     assert asked["data"]["img_size"] == 8
 
@@ -295,7 +297,8 @@ def test_parse_inject_nan_takes_a_micro_batch_of_the_train_stream():
 
 
 def test_skip_nonfinite_drops_every_micro_batch_of_the_step(monkeypatch):
-    monkeypatch.setenv(INJECT_NAN_ENV, "train:2/2")  # the second micro-batch of step 2: after the first's backward
+    # the second micro-batch of step 2: after the first one's backward
+    monkeypatch.setenv(INJECT_NAN_ENV, "train:2/2")
     flat = {"batch_size": 8, "accum_iter": 2, "steps": 4, "warmup_steps": 0, "mask_noise": "sample"}
     bad = build("random", skip_nonfinite=True, **flat)
     monkeypatch.delenv(INJECT_NAN_ENV)
@@ -309,7 +312,8 @@ def test_skip_nonfinite_drops_every_micro_batch_of_the_step(monkeypatch):
     assert bad.train_step.scheduler.state_dict() == before["sched"]
     opt = bad.optimizer.state_dict()
     assert opt["param_groups"] == before["opt"]["param_groups"]
-    assert all(torch.equal(opt["state"][i]["exp_avg"], before["opt"]["state"][i]["exp_avg"]) for i in opt["state"])
+    moments = before["opt"]["state"]
+    assert all(torch.equal(opt["state"][i]["exp_avg"], moments[i]["exp_avg"]) for i in opt["state"])
     assert all(p.grad is None for p in bad.mae.parameters())  # the first micro-batch's gradient is gone
     assert bad.loaders["train"].stream.position == 4  # the skipped step still took its two micro-batches
     # the reference takes the same two micro-batches without learning from them, then both go on alike
@@ -328,4 +332,5 @@ def test_a_real_accumulated_run_skips_a_non_finite_micro_batch_or_stops_in_one_l
     logged = metrics(tmp_path / "skips")
     assert [m["skipped"] for m in logged] == [0, 0, 1, 1, 1]
     assert all(math.isfinite(m["loss"]) for m in logged if m["step"] != 3)
-    assert all(torch.isfinite(v).all() for v in load_checkpoint(tmp_path / "skips" / "model.pt")["mae"].values())
+    final = load_checkpoint(tmp_path / "skips" / "model.pt")["mae"]
+    assert all(torch.isfinite(v).all() for v in final.values())
