@@ -23,7 +23,8 @@ from maskkit.settings import flag
 
 #: options of `maskkit pretrain` that are not run settings
 EXTRA_OPTIONS: dict[str, tuple[Any, Any]] = {
-    "out": (Optional[Path], typer.Option(None, help="Run directory to create (default runs/<date-time>).")),
+    "out": (Optional[Path], typer.Option(None, "--out", "--output_dir",
+                                         help="Run directory to create (default runs/<date-time>).")),
     "resume": (Optional[Path], typer.Option(None, help="Continue the run in this directory from its last checkpoint.")),
     "progress": (bool, typer.Option(True, "--progress/--no-progress", help="Show the progress bar.")),
     "trust_unverified": (bool, typer.Option(

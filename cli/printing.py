@@ -72,9 +72,27 @@ def describe(console: Console, record: Any, out: Path) -> None:
         f"  model  {m['name']}: patch {m['patch_size']} ({m['num_patches']} patches), width {m['embed_dim']}\n"
         f"  policy {p['name']}{' (' + opts + ')' if opts else ''}, mask ratio {t['mask_ratio']}"
         + (f", hypergrad {hypergrad}" if p.get("learnable") else "")
-        + f"\n  train  {t['steps']} steps of {t['batch_size']} on {record.device}",
+        + f"\n  train  {train_line(record)} on {record.device}",
         highlight=False,
     )
+
+
+def train_line(record: Any) -> str:
+    """The banner's length and batch: steps and epochs, the effective batch and its parts, the peak lr."""
+    t, ds = record.train, record.dataset
+    accum, world = t.get("accum_iter", 1), t.get("world_size", 1)
+    effective = t["batch_size"] * accum * world
+    split = ds["splits"]["train"]
+    epochs = t["steps"] / max(split // min(effective, split), 1)  # as Trainer.epoch counts them
+    parts = [str(t["batch_size"])] + ([f"{accum} accumulated"] if accum > 1 else []) \
+        + ([f"{world} processes"] if world > 1 else [])
+    batch = f"{effective} ({' x '.join(parts)})" if len(parts) > 1 else str(effective)
+    asked = (record.config or {}).get("train", {})
+    lr = f"lr {t['lr']:.4g}" + (f" (blr {asked['blr']:.4g} x {effective} / 256)" if asked.get("blr") is not None else "")
+    floor = f", min lr {t['min_lr']:.4g}" if t.get("min_lr") else ""
+    return (f"{t['steps']} steps ({epochs:.4g} epoch{'' if epochs == 1 else 's'}) of {batch}, "
+            f"warm-up {t['warmup_steps']} steps, "
+            f"{lr}{floor},")
 
 
 #: what the pretrain bar shows in its loss and throughput fields before the first step has finished

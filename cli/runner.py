@@ -107,7 +107,7 @@ def train_with_progress(prepared: Any, console: Console, err_console: Console, s
                                   disable=not (show_progress and trainer.dist.is_main))  # fmt: skip
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
-        state["images"] += trainer.loaders["train"].stream.batch_size
+        state["images"] += trainer.loaders["train"].stream.batch_size * trainer.config.train.accum_iter
         rate = state["images"] / max(time.perf_counter() - state["t0"], 1e-9)
         bar.update(task, completed=step, **step_fields(metrics["loss"], rate))
 

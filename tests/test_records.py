@@ -241,7 +241,7 @@ def test_a_40_step_run_with_train_steps_deleted_does_not_resume_toward_1000(tmp_
         (put(40.0, "train", "steps"), "field train.steps must be an integer, got 40.0"),
         (put(True, "train", "seed"), "field train.seed must be an integer, got true"),
         (put(None, "train", "lr"), "field train.lr must be a finite number, got null"),
-        (put(float("inf"), "config", "train", "lr"), "field config.train.lr must be a finite number, got Infinity"),
+        (put(float("inf"), "config", "train", "lr"), "field config.train.lr must be a finite number or null, got Infinity"),
         (put("0.1", "config", "train", "weight_decay"), "field config.train.weight_decay must be a finite number"),
         (put(7, "config", "data", "dataset"), "field config.data.dataset must be a string, got 7"),
         (put("8", "model", "patch_size"), "field model.patch_size must be an integer, got \"8\""),

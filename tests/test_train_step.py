@@ -138,13 +138,15 @@ def test_the_engine_config_is_the_mlo_section_as_it_is():
     assert (cfg.ratio, cfg.amp, cfg.level2, cfg.darts_paths, cfg.darts_fd) == (0.6, "bf16", "head", "both", "central")
 
 
-def test_the_record_layout_of_train_config_is_unchanged():
+def test_the_record_layout_of_train_config_is_unchanged_but_for_the_recipe_keys_appended():
     flat = {"steps": 7, "batch_size": 16, "lr": 0.001, "weight_decay": 0.05, "optimizer": "adamw", "warmup_steps": 1,
             "mask_ratio": 0.6, "seed": 3, "log_every": 5, "ckpt_every": 10, "keep_checkpoints": 2,
             "mlo": {**MLOSettings().__dict__, "masker_lr": 0.01}, "skip_nonfinite": False, "amp": "none",
             "mask_noise": "rank", "compile": "none", "world_size": 1}  # fmt: skip
-    cfg = TrainConfig.from_dict(flat)
-    assert list(cfg.to_dict()) == list(flat) and cfg.to_dict() == flat
+    cfg = TrainConfig.from_dict(flat)  # a record written before --accum-iter and --min-lr: what it ran with
+    assert cfg.to_dict() == {**flat, "accum_iter": 1, "min_lr": 0.0}
+    assert list(cfg.to_dict()) == [*flat, "accum_iter", "min_lr"]
+    assert TrainConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
     assert (cfg.steps, cfg.resolved.mask_ratio, cfg.train.lr, cfg.mlo.masker_lr) == (7, 0.6, 0.001, 0.01)
     with pytest.raises(ValueError, match="unknown training setting"):
         TrainConfig.from_dict({**flat, "epochs_x": 1})

@@ -226,11 +226,16 @@ def model_section(model: ModelConfig, data: ImageData, seed: int) -> dict[str, A
 
 
 def train_section(config: RunConfig, train_split: int, world_size: int) -> dict[str, Any]:
-    """The record's `train` section: every training setting resolved (steps, warm-up, mask ratio, processes)."""
+    """The record's `train` section: every training setting resolved (steps and warm-up in steps of the
+    effective batch, mask ratio, processes, the peak lr of --lr or --blr)."""
     t = config.train
-    steps = t.total_steps(train_split)
-    warmup = t.warmup_steps if t.warmup_steps is not None else steps // 20
-    return TrainConfig(t, config.mlo, Resolved(steps, warmup, config.policy.ratio(), world_size)).to_dict()
+    steps = t.total_steps(train_split, world_size)
+    warmup = t.warmup(steps, train_split, world_size)
+    lr = t.peak_lr(world_size)
+    if t.min_lr > lr:
+        raise RunError(f"--min-lr {t.min_lr} is above the peak learning rate {lr}")
+    resolved = Resolved(steps, warmup, config.policy.ratio(), world_size, lr=lr)
+    return TrainConfig(t, config.mlo, resolved).to_dict()
 
 
 def clamp_batch(config: RunConfig, train_split: int, world_size: int) -> RunConfig:

@@ -16,7 +16,7 @@ from typing import Any
 from maskkit.plan import check_ratio
 from maskkit.policies import coerce_policy_options, policy_card, policy_options
 from maskkit.settings import flag, setting
-from maskkit.train.config import MLOSettings, TrainSettings
+from maskkit.train.config import ACCUM_MLO, MLOSettings, TrainSettings
 
 __all__ = [
     "AUGMENT", "DEFAULT_MASK_RATIO", "DEFAULT_MODEL", "FINITE_SETTINGS", "FORMAT_VERSION", "MAX_IMG_SIZE",
@@ -73,7 +73,9 @@ class DataConfig:
     )
     data_dir: str | None = setting(None, "Where torchvision datasets live.")
     download: bool = setting(False, "Download a torchvision dataset into --data-dir.")
-    img_size: int | None = setting(None, "Resize images to this side (default: as stored).")
+    img_size: int | None = setting(
+        None, "Resize images to this side (default: as stored).", flags=("--img-size", "--input_size")
+    )
     augment: str = setting("auto", "auto: MAE crop + flip for images of side >= 32, else none | none | crop-flip.")
     num_workers: int | None = setting(
         None, "Worker processes reading each stream's batches (default: none for data in memory; for an image "
@@ -108,7 +110,9 @@ class ModelConfig:
         param="model_opt", flags=("--model-opt",),
     )  # fmt: skip
     patch_size: int | None = setting(None, "Patch side (default: the model's, if it fits the images).")
-    norm_pix_loss: bool = setting(False, "Normalise each target patch (MAE).")
+    norm_pix_loss: bool = setting(
+        False, "Normalise each target patch (MAE).", flags=("--norm-pix-loss", "--norm_pix_loss")
+    )
 
     def check(self) -> None:
         if self.patch_size is not None and self.patch_size < 1:
@@ -131,8 +135,9 @@ class PolicyConfig:
         param="policy_opt", flags=("--policy-opt",),
     )  # fmt: skip
     mask_ratio: float | None = setting(
-        None, "Fraction of patches hidden, in (0, 1) (default: the policy's own: 0.75, simmim 0.6 as in SimMIM)."
-    )
+        None, "Fraction of patches hidden, in (0, 1) (default: the policy's own: 0.75, simmim 0.6 as in SimMIM).",
+        flags=("--mask-ratio", "--mask_ratio"),
+    )  # fmt: skip
 
     def ratio(self) -> float:
         """The mask ratio the run uses: --mask-ratio, else the policy's own default (else 0.75)."""
@@ -216,6 +221,8 @@ class RunConfig:
             flags = ", ".join(flag(n) for n in self.mlo.changed())
             raise RunError(f"{flags} only apply to a learnable policy (e.g. --policy learned), not {self.policy.name!r}")
         _one_line(self.train.check)
+        if self.train.accum_iter > 1 and self.policy.learnable() and not self.mlo.freeze_masker:
+            raise RunError(ACCUM_MLO)
         self.check_numbers()
         self.data.check()
         self.model.check()

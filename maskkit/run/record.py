@@ -140,7 +140,11 @@ FORMAT_2: Schema = {
 #: fields added to format 2 after its first runs were written; a run without one ran without that setting
 ADDED_IN_FORMAT_2 = frozenset({
     "config.mlo.hypergrad_options", "train.mlo.hypergrad_options",
+    # the data issue (22): workers, skipped files, the official layout's split rule, the statistics' origin
     "config.data.num_workers", "config.data.skip_bad_images", "dataset.split_rule", "dataset.stats",
+    # the official MAE recipe's flags (issue 22): a run without them ran with 1, none, 0 and none
+    "config.train.accum_iter", "config.train.blr", "config.train.min_lr", "config.train.warmup_epochs",
+    "train.accum_iter", "train.min_lr",
 })  # fmt: skip
 
 _NAMES = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",

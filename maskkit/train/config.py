@@ -3,13 +3,22 @@
 `TrainSettings` (length, optimiser, precision, logging of the MAE's pretraining) and `MLOSettings` (the
 learned masker's multi-level optimisation) are `RunConfig`'s sections; `maskkit pretrain` makes one
 option of each field. What the run works out from them and from its data (the steps from --epochs,
-the warm-up default, the policy's mask ratio, the process count) is `Resolved`. `TrainConfig` is what
-the trainer and the steps receive: the two sections as they are plus `Resolved`; its flat `to_dict()`
-is the layout of config.json's `train` section and of a checkpoint's `config` (unchanged since format 2).
+the warm-up from --warmup-epochs or its default, the peak learning rate from --lr or --blr, the
+policy's mask ratio, the process count) is `Resolved`. `TrainConfig` is what the trainer and the
+steps receive: the two sections as they are plus `Resolved`; its flat `to_dict()` is the layout of
+config.json's `train` section and of a checkpoint's `config` (format 2's, with `accum_iter` and
+`min_lr` appended since: a record without them ran with 1 and 0).
+
+The official MAE recipe's flags: --accum-iter K (one optimizer step is K micro-batches of
+--batch-size per process: the effective batch is batch x K x processes), --blr (lr = blr x
+effective batch / 256), --min-lr (the cosine's floor), --warmup-epochs and --epochs (in steps of
+the effective batch: train split // effective batch per epoch); the official spellings
+(--accum_iter, --batch_size, ...) are aliases.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
@@ -19,8 +28,15 @@ from maskkit.settings import flag, setting
 
 #: training iterations when neither steps nor epochs are given
 DEFAULT_STEPS = 600
+#: the MAE's peak learning rate when neither --lr nor --blr is given
+DEFAULT_LR = 1.5e-3
+#: the batch size of the base learning rate rule: lr = blr x effective batch / BLR_BATCH (MAE, Goyal et al.)
+BLR_BATCH = 256
 AMP_MODES = ("none", "bf16")
 MASK_NOISE = ("rank", "sample")
+#: why the MLO engine (a learnable policy's step) takes no gradient accumulation (docs/cli.md)
+ACCUM_MLO = ("--accum-iter above 1 needs a policy that the MLO engine does not train (or --freeze-masker): "
+             "the learned masker's hypergradient differentiates one MAE step on one batch")
 
 
 @dataclass
@@ -28,11 +44,37 @@ class TrainSettings:
     """Length, optimiser, seed, device, logging and checkpoints of the MAE's pretraining."""
 
     steps: int | None = setting(None, f"Training iterations (default {DEFAULT_STEPS}).")
-    epochs: float | None = setting(None, "Training length in epochs of the train split (instead of --steps).")
-    batch_size: int = setting(128, "Images per iteration.")
-    lr: float = setting(1.5e-3, "MAE learning rate (peak of warm-up + cosine).")
-    weight_decay: float = setting(0.05, "MAE weight decay (none on biases, norms, embeddings, tokens).")
+    epochs: float | None = setting(
+        None, "Training length in epochs of the train split (instead of --steps): train split // effective batch "
+        "steps each.",
+    )  # fmt: skip
+    batch_size: int = setting(
+        128, "Images per micro-batch per process (the effective batch is this x --accum-iter x processes).",
+        flags=("--batch-size", "--batch_size"),
+    )  # fmt: skip
+    accum_iter: int = setting(
+        1, "Gradient accumulation: micro-batches of --batch-size per optimizer step; a step (what --steps, the "
+        "schedule, logs and checkpoints count) sees batch x this x processes images.",
+        flags=("--accum-iter", "--accum_iter"),
+    )  # fmt: skip
+    lr: float | None = setting(
+        None, f"MAE peak learning rate (of warm-up + cosine; default {DEFAULT_LR}, or from --blr)."
+    )
+    blr: float | None = setting(
+        None, f"Base learning rate (instead of --lr): lr = blr x effective batch / {BLR_BATCH}, the MAE rule."
+    )
+    min_lr: float = setting(
+        0.0, "Floor of the cosine: lr = min_lr + (lr - min_lr) x 0.5 (1 + cos), as the official MAE.",
+        flags=("--min-lr", "--min_lr"),
+    )  # fmt: skip
+    weight_decay: float = setting(
+        0.05, "MAE weight decay (none on biases, norms, embeddings, tokens).", flags=("--weight-decay", "--weight_decay")
+    )
     warmup_steps: int | None = setting(None, "Linear warm-up iterations (default 5% of the steps).")
+    warmup_epochs: float | None = setting(
+        None, "Linear warm-up in epochs of the train split (instead of --warmup-steps).",
+        flags=("--warmup-epochs", "--warmup_epochs"),
+    )  # fmt: skip
     optimizer: str = setting(
         "adamw", "MAE optimizer: adamw | adam | sgd | lamb | lars | ... (torch-optimizer); the learned "
         "policy's hypergradient needs adamw, adam or sgd.",
@@ -67,22 +109,53 @@ class TrainSettings:
             raise ValueError(f"--steps must be a positive integer, got {self.steps}")
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"--epochs must be positive, got {self.epochs}")
-        for name in ("batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
+        for name in ("batch_size", "log_every", "ckpt_every", "keep_checkpoints", "accum_iter"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag(name)} must be a positive integer, got {getattr(self, name)}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be a non-negative integer, got {self.warmup_steps}")
+        if self.lr is not None and self.blr is not None:
+            raise ValueError("give --lr or --blr, not both")
+        if self.warmup_steps is not None and self.warmup_epochs is not None:
+            raise ValueError("give --warmup-steps or --warmup-epochs, not both")
+        for name in ("lr", "blr", "min_lr", "warmup_epochs"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{flag(name)} must be a finite non-negative number, got {value}")
         for name, allowed in (("amp", AMP_MODES), ("mask_noise", MASK_NOISE)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         check_backend(self.compile)
 
-    def total_steps(self, train_split: int) -> int:
-        """Steps from --steps, or --epochs of the train split, or the default."""
+    def effective_batch(self, world_size: int = 1) -> int:
+        """Images per optimizer step: --batch-size x --accum-iter x processes."""
+        return self.batch_size * self.accum_iter * world_size
+
+    def steps_per_epoch(self, train_split: int, world_size: int = 1) -> int:
+        """Optimizer steps in an epoch of the train split: train split // effective batch (at least 1).
+
+        The official MAE's count (len(data_loader) // accum_iter, the loader dropping its last
+        incomplete batch); `Trainer.epoch` divides by the same number.
+        """
+        return max(train_split // min(self.effective_batch(world_size), train_split), 1)
+
+    def total_steps(self, train_split: int, world_size: int = 1) -> int:
+        """Steps from --steps, or --epochs of the train split (in steps of the effective batch), or the default."""
         if self.epochs is not None:
-            per_epoch = max(train_split // min(self.batch_size, train_split), 1)
-            return max(round(self.epochs * per_epoch), 1)
+            return max(round(self.epochs * self.steps_per_epoch(train_split, world_size)), 1)
         return DEFAULT_STEPS if self.steps is None else self.steps
+
+    def warmup(self, steps: int, train_split: int, world_size: int = 1) -> int:
+        """Warm-up steps: --warmup-steps, or --warmup-epochs in steps of the effective batch, or 5% of `steps`."""
+        if self.warmup_epochs is not None:
+            return round(self.warmup_epochs * self.steps_per_epoch(train_split, world_size))
+        return self.warmup_steps if self.warmup_steps is not None else steps // 20
+
+    def peak_lr(self, world_size: int = 1) -> float:
+        """The MAE's peak learning rate: --lr, or --blr x effective batch / 256, or DEFAULT_LR."""
+        if self.blr is not None:
+            return self.blr * self.effective_batch(world_size) / BLR_BATCH
+        return DEFAULT_LR if self.lr is None else self.lr
 
 
 @dataclass
@@ -171,12 +244,14 @@ class Resolved:
     warmup_steps: int = 0  # --warmup-steps, default 5% of the steps
     mask_ratio: float = 0.75  # --mask-ratio, default the policy's own
     world_size: int = 1  # processes (torchrun); the batch size is per process
+    lr: float = DEFAULT_LR  # the MAE's peak: --lr, or --blr x effective batch / 256, or the default
 
 
 #: the record's flat layout (config.json `train`, a checkpoint's `config`), in its order; "mlo" is the section
 RECORD_KEYS = (
     "steps", "batch_size", "lr", "weight_decay", "optimizer", "warmup_steps", "mask_ratio", "seed", "log_every",
     "ckpt_every", "keep_checkpoints", "mlo", "skip_nonfinite", "amp", "mask_noise", "compile", "world_size",
+    "accum_iter", "min_lr",
 )  # fmt: skip
 RESOLVED_KEYS = tuple(f.name for f in fields(Resolved))
 
@@ -186,6 +261,8 @@ class TrainConfig:
 
     `TrainConfig(train, mlo, resolved)`, or flat keywords in the record's layout
     (`TrainConfig(steps=50, batch_size=16)`): the resolved keys go to `Resolved`, the rest to the sections.
+    Keys added to the record after its first runs (accum_iter, min_lr) default to what those runs did.
+    Sections without `resolved` take the section's own peak learning rate (`TrainSettings.peak_lr`).
     """
 
     def __init__(
@@ -200,10 +277,13 @@ class TrainConfig:
             raise ValueError(f"unknown training setting(s): {', '.join(unknown)}")
         if flat and (train is not None or resolved is not None):
             raise ValueError("give TrainConfig sections or flat settings, not both")
+        if resolved is None and train is not None:
+            resolved = Resolved(lr=train.peak_lr())
         self.resolved = resolved or Resolved(**{k: flat[k] for k in RESOLVED_KEYS if k in flat})
         if train is None:  # the request that resolves to the same numbers
             own = {k: v for k, v in flat.items() if k not in RESOLVED_KEYS}
-            train = TrainSettings(steps=self.resolved.steps, warmup_steps=self.resolved.warmup_steps, **own)
+            r = self.resolved
+            train = TrainSettings(steps=r.steps, warmup_steps=r.warmup_steps, lr=r.lr, **own)
         self.train = train
         self.mlo = mlo if mlo is not None else MLOSettings()
 

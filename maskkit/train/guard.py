@@ -8,12 +8,14 @@ through `MASKKIT_INJECT_NAN` ("STREAM:STEP[,...]").
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 #: fault injection for tests: "STREAM:STEP[,STREAM:STEP...]" (STREAM train | labeled | val) fills the
-#: batch that STREAM yields at training step STEP (1-based) with NaN pixels.
+#: batch that STREAM yields at training step STEP (1-based) with NaN pixels; "train:STEP/M" only the
+#: M-th (1-based) micro-batch of that step under --accum-iter.
 INJECT_NAN_ENV = "MASKKIT_INJECT_NAN"
 STREAMS = ("train", "labeled", "val")
 #: metric key -> the level it measures, in the order they are checked
@@ -25,16 +27,19 @@ class NonFiniteError(FloatingPointError):
     """A non-finite loss, hypergradient or weight: the run stops before anything is saved."""
 
 
-def parse_inject_nan(text: str | None) -> dict[str, set[int]]:
-    """`MASKKIT_INJECT_NAN`'s value -> {stream: {steps}}; ValueError on a malformed entry."""
-    faults: dict[str, set[int]] = {}
+def parse_inject_nan(text: str | None) -> dict[str, set[Any]]:
+    """`MASKKIT_INJECT_NAN`'s value -> {stream: {step, or (step, micro-batch)}}; ValueError on a malformed entry."""
+    faults: dict[str, set[Any]] = {}
     for item in (text or "").replace(" ", "").split(","):
         if not item:
             continue
-        stream, _, step = item.partition(":")
-        if stream not in STREAMS or not step.isdigit() or int(step) < 1:
-            raise ValueError(f"{INJECT_NAN_ENV} entries are STREAM:STEP with STREAM in {STREAMS}, got {item!r}")
-        faults.setdefault(stream, set()).add(int(step))
+        stream, _, when = item.partition(":")
+        step, slash, micro = when.partition("/")
+        numbers = [step, micro] if slash else [step]
+        if stream not in STREAMS or not all(n.isdigit() and int(n) >= 1 for n in numbers) or (slash and stream != "train"):
+            raise ValueError(f"{INJECT_NAN_ENV} entries are STREAM:STEP with STREAM in {STREAMS}, or train:STEP/M, "
+                             f"got {item!r}")  # fmt: skip
+        faults.setdefault(stream, set()).add((int(step), int(micro)) if slash else int(step))
     return faults
 
 

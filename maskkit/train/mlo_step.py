@@ -16,7 +16,7 @@ from maskkit.data import check_classes
 from maskkit.distributed import differentiable_mean
 from maskkit.mlo import HYPERGRADS, MLOConfig, MLOEngine
 from maskkit.optim import create_optimizer
-from maskkit.train.config import TrainConfig
+from maskkit.train.config import ACCUM_MLO, TrainConfig
 from maskkit.train.guard import nonfinite_metric, nonfinite_weights
 from maskkit.train.plain import mae_optimizer
 from maskkit.train.step import Agree, StepParts
@@ -61,6 +61,8 @@ class MLOStep:
     def check(config: TrainConfig) -> None:
         """What the engine cannot do with these settings: one-line ValueError."""
         t = config.train
+        if t.accum_iter > 1:
+            raise ValueError(ACCUM_MLO)
         if t.mask_noise != "rank":
             raise ValueError("--mask-noise sample needs a policy that takes noise (e.g. random), not the learned one")
 
@@ -96,9 +98,14 @@ class MLOStep:
         return [self.optimizer, self.engine.head_optimizer, self.engine.masker_optimizer]
 
     def run(
-        self, images: Tensor, context: dict[str, Any], *, agree: Agree | None = None, undoable: bool = False
+        self, images: Tensor, context: dict[str, Any], *, agree: Agree | None = None, undoable: bool = False,
+        micro: tuple[int, int] = (0, 1),
     ) -> tuple[dict[str, float], str | None]:
-        """The engine's step (already applied); non-finite metrics or weights are reported for `undo`."""
+        """The engine's step (already applied); non-finite metrics or weights are reported for `undo`.
+
+        `micro` must be (0, 1): the engine takes no gradient accumulation (`check` refuses it)."""
+        if micro != (0, 1):
+            raise ValueError(ACCUM_MLO)
         self._snapshot = copy.deepcopy(self.engine.state_dict()) if undoable else None
         raw = self.engine.step(images, progress=context.get("progress"))
         metrics = {k: float(v) for k, v in raw.items() if k not in ("step", "lr_mae")}

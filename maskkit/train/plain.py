@@ -21,10 +21,15 @@ from maskkit.train.step import Agree, StepParts
 def mae_optimizer(
     trained: nn.Module, config: TrainConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """The MAE's optimizer (`--optimizer`, `--lr`, `--weight-decay`) and its warm-up + cosine schedule."""
+    """The MAE's optimizer (`--optimizer`, the resolved peak lr of --lr / --blr, `--weight-decay`) and its
+    warm-up + cosine schedule down to `--min-lr` (the factor min_lr / lr: the official MAE's
+    lr = min_lr + (lr - min_lr) x 0.5 (1 + cos); with min-lr 0 exactly the plain cosine)."""
     t, r = config.train, config.resolved
-    optimizer = create_optimizer(t.optimizer, trained, lr=t.lr, weight_decay=t.weight_decay)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(r.steps, r.warmup_steps))
+    if t.min_lr > r.lr:
+        raise ValueError(f"--min-lr {t.min_lr} is above the peak learning rate {r.lr}")
+    optimizer = create_optimizer(t.optimizer, trained, lr=r.lr, weight_decay=t.weight_decay)
+    schedule = warmup_cosine(r.steps, r.warmup_steps, t.min_lr / r.lr)  # min_factor 0.0: today's cosine, exactly
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 class PlainStep:
@@ -74,9 +79,21 @@ class PlainStep:
         return [self.optimizer]
 
     def run(
-        self, images: Tensor, context: dict[str, Any], *, agree: Agree, undoable: bool = False
+        self, images: Tensor, context: dict[str, Any], *, agree: Agree, undoable: bool = False,
+        micro: tuple[int, int] = (0, 1),
     ) -> tuple[dict[str, float], str | None]:
-        """Forward and backward; the optimizer steps in `commit` once every rank found its numbers finite."""
+        """Forward and backward; the optimizer steps in `commit` once every rank found its numbers finite.
+
+        micro: (m, K), micro-batch m of the K of one accumulated step (--accum-iter K). The first
+        clears the gradients, each adds those of its loss / K, the last checks them. K micro-batches
+        of b images then give the gradient of one batch of K x b up to float rounding, exactly when
+        every micro-batch hides the same number of patches (the random policy and every plan of a
+        fixed count per image): the MAE loss is the mean over ALL hidden patches of a batch
+        (`masked_loss`), so the mean of K equal-count means is the big batch's mean. With unequal
+        counts it is the mean of the micro-batches' means (each weighs 1/K, as the official MAE's
+        accumulation); a policy's own loss (`policy_loss`) is averaged the same way.
+        """
+        m, k = micro
         bf16 = self.amp == "bf16"
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = mae_step_loss(self.mae, self.policy, images, ratio=self.mask_ratio, **context)
@@ -86,12 +103,13 @@ class PlainStep:
             metrics["policy_loss"] = float(out.aux_loss.detach())
             loss = loss + out.aux_loss.float()
         self.last_loss = loss.detach()
-        self.optimizer.zero_grad(set_to_none=True)
+        if m == 0:
+            self.optimizer.zero_grad(set_to_none=True)
         finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics.get("policy_loss", 0.0))
         bad = None if finite else "pretrain loss"
         if not agree(bad):
-            loss.backward()
-            bad = nonfinite_grads(self.optimizer)
+            (loss / k if k > 1 else loss).backward()
+            bad = nonfinite_grads(self.optimizer) if m == k - 1 else None
         return metrics, bad
 
     def commit(self) -> None:
@@ -100,7 +118,7 @@ class PlainStep:
             self.scheduler.step()
 
     def undo(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)  # checked before the step: nothing else to undo
+        self.optimizer.zero_grad(set_to_none=True)  # checked before the step (and every micro-batch): nothing else
 
     def can_checkpoint(self) -> bool:
         return True

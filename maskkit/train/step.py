@@ -46,12 +46,14 @@ class TrainStep(Protocol):
         ...
 
     def run(
-        self, images: Tensor, context: dict[str, Any], *, agree: Agree, undoable: bool
+        self, images: Tensor, context: dict[str, Any], *, agree: Agree, undoable: bool,
+        micro: tuple[int, int] = (0, 1),
     ) -> tuple[dict[str, float], str | None]:
         """Do the iteration's work on images [B, C, H, W]; return its metrics and what went non-finite (or None).
 
         `context` holds the policy's context (generator, progress, noise); `undoable` keeps what
-        `undo` needs."""
+        `undo` needs; `micro` (m, K): micro-batch m of K of one accumulated step (--accum-iter), whose
+        `commit` comes after the last (a step that cannot accumulate refuses K > 1)."""
         ...
 
     def commit(self) -> None:

@@ -142,8 +142,11 @@ class Trainer:
 
     @property
     def epoch(self) -> float:
-        """Epochs of the train split seen so far."""
-        return self.step_count / self.loaders["train"].batches_per_epoch
+        """Epochs of the train split seen so far, in steps of the effective batch (batch x world x
+        accum): an epoch is train split // effective batch steps, as `TrainSettings.steps_per_epoch`
+        (and the official MAE's len(data_loader) // accum_iter)."""
+        per_epoch = max(self.loaders["train"].batches_per_epoch // self.config.train.accum_iter, 1)
+        return self.step_count / per_epoch
 
     @property
     def streams(self) -> dict[str, BatchStream]:
@@ -177,17 +180,25 @@ class Trainer:
 
         return batch
 
-    def _poison(self, images: torch.Tensor, stream: str) -> torch.Tensor:
-        """Fault injection (MASKKIT_INJECT_NAN): NaN pixels in this stream's batch at this step."""
-        if self.step_count + 1 in self.inject_nan.get(stream, ()):
+    def _poison(self, images: torch.Tensor, stream: str, micro: int = 0) -> torch.Tensor:
+        """Fault injection (MASKKIT_INJECT_NAN): NaN pixels in this stream's batch at this step
+        (every micro-batch of it, or micro-batch `micro` alone for an entry STEP/M, M = micro + 1)."""
+        faults, step = self.inject_nan.get(stream, ()), self.step_count + 1
+        if step in faults or (step, micro + 1) in faults:
             images = images.clone()
             images[0] = float("nan")  # one bad image is enough to poison the whole batch's loss
         return images
 
-    def _sample_noise(self, batch: int) -> torch.Tensor:
-        """Masking noise [b, N] keyed by (seed, step, global sample position): the same for any world size."""
+    def _sample_noise(self, batch: int, micro: int = 0) -> torch.Tensor:
+        """Masking noise [b, N] keyed by (seed, step, global sample position): the same for any world size.
+
+        The position counts the step's images in the order the stream yields them: micro-batch m
+        (--accum-iter) of rank r holds positions m*b*world + r*b .. + b-1, so a step's masks depend on
+        its effective batch only: K micro-batches of b on W processes get those of one batch of
+        K*b*W on one process (and the same images, within an epoch of the sampler).
+        """
         n = self.mae.num_patches
-        first = self.dist.rank * batch
+        first = (micro * self.dist.world_size + self.dist.rank) * batch
         rows = []
         for i in range(batch):
             key = (self.config.seed * 1_000_003 + self.step_count * 100_003 + first + i) % (2**62)
@@ -197,21 +208,19 @@ class Trainer:
     # ---- one iteration --------------------------------------------------------------------
 
     def step(self) -> dict[str, float]:
-        """One training iteration; returns its metrics (loss, lr, and the step's own).
+        """One training iteration, one optimizer step (over --accum-iter micro-batches); returns its
+        metrics (loss, lr, and the step's own; with accumulation each the mean over the micro-batches).
 
         A non-finite loss, hypergradient or weight on any rank raises NonFiniteError on every rank
         before anything is saved; with `skip_nonfinite` the batch is skipped instead (no update at
-        any level, optimizer states untouched) and counted in `self.skipped`.
+        any level, optimizer states untouched, the gradients of every micro-batch dropped) and counted in
+        `self.skipped`.
         """
         t = self.config.train
-        images = self._poison(self.loaders["train"].next().images, "train")  # [B, C, H, W]
         self.mae.train()
-        context: dict[str, Any] = {"generator": self.generators["mask"], "progress": self.progress}
-        if t.mask_noise == "sample":
-            context["noise"] = self._sample_noise(images.shape[0])
         agree = lambda bad: any_flag(bad is not None, self.dist)  # noqa: E731
-        metrics, bad = self.train_step.run(images, context, agree=agree, undoable=t.skip_nonfinite)
-        if agree(bad):
+        metrics, bad = self._micro_batches(t.accum_iter, agree)
+        if bad is not None:
             if not t.skip_nonfinite:
                 raise self._error(bad, metrics)
             self.train_step.undo()
@@ -226,6 +235,35 @@ class Trainer:
             total, count = self._window.get(key, (0.0, 0))
             self._window[key] = (total + value, count + 1)
         return metrics
+
+    def _micro_batches(self, k: int, agree: Any) -> tuple[dict[str, float], str | None]:
+        """Run the step's K micro-batches (--accum-iter; K = 1: the one batch); their mean metrics and,
+        when any rank found a non-finite number, its level (else None).
+
+        Micro-batch m is the stream's next batch: step s takes batches s*K .. s*K + K - 1, also when
+        it is skipped. The masks: --mask-noise sample keys micro-batch m's rows by their position in
+        the step (`_sample_noise`); the rank noise draws each micro-batch's in turn from the rank's
+        generator (for the random policy on CPU: torch.rand(K*b, N) row for row; CUDA's generator and
+        policies that draw more than one tensor per batch give other, equally distributed masks).
+        """
+        t = self.config.train
+        parts, level = [], None
+        for m in range(k):
+            if level is not None:  # a bad micro-batch ends the step: the rest are drawn, not run
+                self.loaders["train"].next()
+                continue
+            images = self._poison(self.loaders["train"].next().images, "train", m)  # [B, C, H, W]
+            context: dict[str, Any] = {"generator": self.generators["mask"], "progress": self.progress}
+            if t.mask_noise == "sample":
+                context["noise"] = self._sample_noise(images.shape[0], m)
+            metrics, bad = self.train_step.run(images, context, agree=agree, undoable=t.skip_nonfinite,
+                                               micro=(m, k))  # fmt: skip
+            parts.append(metrics)
+            if agree(bad):
+                level = bad or ""  # "": another rank's
+        if k == 1:
+            return parts[0], level
+        return _mean_metrics(parts), level
 
     def _error(self, level: str | None, metrics: dict[str, float]) -> Exception:
         return nonfinite_error(level, metrics, self.step_count + 1, self.dist.rank if self.dist.enabled else None)
@@ -303,6 +341,12 @@ class Trainer:
             verify_checkpoint(path, digest)
             prune_checkpoints(ckpt_dir, self.config.train.keep_checkpoints)
         return path
+
+
+def _mean_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over the micro-batches that report it (the logged loss: the K micro-batches' mean)."""
+    keys = dict.fromkeys(k for part in parts for k in part)
+    return {k: sum(p[k] for p in parts if k in p) / sum(k in p for p in parts) for k in keys}
 
 
 #: the name the run layer and tests have always used
