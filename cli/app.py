@@ -31,6 +31,7 @@ from maskkit.evaluate import (
     LINEAR_BATCH_SIZE,
     LINEAR_EPOCHS,
     MIN_DEFAULT_STEPS,
+    MIN_FINETUNE_STEPS,
 )
 from maskkit.policies import AUTO_POLICY_OPTIONS, COMMON_ALLOWED
 
@@ -171,7 +172,7 @@ def evaluate_command(
     protocol: Protocol = typer.Option(Protocol.linear, help="linear (frozen encoder, BN + linear, LARS) or finetune."),
     epochs: Optional[int] = typer.Option(
         None, help=f"Epochs (default: linear {LINEAR_EPOCHS}, finetune {FINETUNE_EPOCHS}, raised on small data "
-        f"so that there are at least {MIN_DEFAULT_STEPS} steps)."
+        f"so that there are at least {MIN_DEFAULT_STEPS} linear or {MIN_FINETUNE_STEPS} fine-tune steps)."
     ),
     batch_size: Optional[int] = typer.Option(
         None, help=f"Batch size (default: linear {LINEAR_BATCH_SIZE}, finetune {FINETUNE_BATCH_SIZE}; at most "
@@ -200,6 +201,7 @@ def evaluate_command(
             key, result = evaluate_run(
                 run_dir, protocol.value, init=init.value, split=split.value, epochs=epochs, batch_size=batch_size,
                 lr=lr, seed=seed, device=device, on_step=lambda step, total: bar.update(task, completed=step, total=total),
+                on_plan=lambda text: console.print(text, highlight=False),
             )  # fmt: skip
         table = evaluation_table(run_dir, result, init.value, split.value)
         console.print(table)

@@ -18,6 +18,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from maskkit.data.splits import test_split_name
+
 
 def cli_value(value: Any) -> str:
     """A default as the command line spells it: none, true/false, or the value."""
@@ -67,8 +69,7 @@ def describe(console: Console, record: Any, out: Path) -> None:
     console.print(
         f"[bold]maskkit pretrain[/bold] -> {out}\n"
         f"  data   {ds['name']}: {ds['num_images']} images {ds['in_chans']}x{ds['image_size'][0]}x{ds['image_size'][1]}, "
-        f"{folder}splits train {ds['splits']['train']} / val {ds['splits']['val']} / test {ds['splits']['test']}, "
-        f"augment {ds['augment']}\n"
+        f"{folder}splits {splits_text(ds)}, augment {ds['augment']}\n"
         f"  model  {m['name']}: patch {m['patch_size']} ({m['num_patches']} patches), width {m['embed_dim']}\n"
         f"  policy {p['name']}{' (' + opts + ')' if opts else ''}, mask ratio {t['mask_ratio']}"
         + (f", hypergrad {hypergrad}" if p.get("learnable") else "")
@@ -77,12 +78,22 @@ def describe(console: Console, record: Any, out: Path) -> None:
     )
 
 
+def splits_text(ds: dict[str, Any]) -> str:
+    """'train 1257 / val 180 / test 360', or in the official layout 'pretrain 48 (the train folder) / train 42 /
+    val 6 / test 12 (the val folder)'."""
+    sizes = ds["splits"]
+    text = f"train {sizes['train']} / val {sizes['val']} / test {sizes['test']}"
+    if "pretrain" not in sizes:
+        return text
+    return f"pretrain {sizes['pretrain']} (the train folder) / {text} ({test_split_name(ds.get('split_rule'))})"
+
+
 def train_line(record: Any) -> str:
     """The banner's length and batch: steps and epochs, the effective batch and its parts, the peak lr."""
     t, ds = record.train, record.dataset
     accum, world = t.get("accum_iter", 1), t.get("world_size", 1)
     effective = t["batch_size"] * accum * world
-    split = ds["splits"]["train"]
+    split = ds["splits"].get("pretrain", ds["splits"]["train"])  # what the MAE pretrains on
     epochs = t["steps"] / max(split // min(effective, split), 1)  # as Trainer.epoch counts them
     parts = [str(t["batch_size"])] + ([f"{accum} accumulated"] if accum > 1 else []) \
         + ([f"{world} processes"] if world > 1 else [])

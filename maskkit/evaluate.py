@@ -13,13 +13,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskkit.data import Batcher, BatchStream, check_classes
+from maskkit.data import Batcher, BatchStream, Loader, check_classes
 from maskkit.optim import create_optimizer, warmup_cosine
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "LINEAR_EPOCHS",
     "LinearProbeHead",
     "MIN_DEFAULT_STEPS",
+    "MIN_FINETUNE_STEPS",
     "accuracy",
     "default_epochs",
     "evaluate_encoder",
@@ -55,15 +57,17 @@ FINETUNE_BATCH_SIZE = 128
 FINETUNE_LR = 1e-3
 #: fewest optimizer steps the default number of epochs gives (small data sets get more epochs).
 MIN_DEFAULT_STEPS = 1000
+#: fewest optimizer steps fine-tuning's default gives (it trains the whole encoder: its length follows the data)
+MIN_FINETUNE_STEPS = 100
 
 #: progress callback of the evaluation loops: on_step(step, total) after each optimizer step, step 1..total
 StepCallback = Callable[[int, int], None]
 
 
-def default_epochs(epochs: int, num_train: int, batch_size: int) -> int:
-    """`epochs`, raised so that there are at least MIN_DEFAULT_STEPS steps of full batches."""
+def default_epochs(epochs: int, num_train: int, batch_size: int, min_steps: int = MIN_DEFAULT_STEPS) -> int:
+    """`epochs`, raised so that there are at least `min_steps` steps of full batches."""
     per_epoch = max(num_train // max(batch_size, 1), 1)
-    return max(epochs, -(-MIN_DEFAULT_STEPS // per_epoch))
+    return max(epochs, -(-min_steps // per_epoch))
 
 
 @dataclass
@@ -78,14 +82,23 @@ class EvalResult:
     num_test: int
 
 
+def _in_order(images: Batcher | Callable[[np.ndarray], Tensor], index: np.ndarray, batch_size: int) -> Any:
+    """Normalised batches [b, C, H, W] of the images at `index`, in order: a Batcher's `batches` (its worker
+    processes), or `images(idx)` chunk by chunk."""
+    if isinstance(images, Batcher):
+        return images.batches(index, batch_size)
+    return (images(index[s : s + batch_size]) for s in range(0, len(index), batch_size))
+
+
 @torch.no_grad()
 def extract_features(
-    mae: nn.Module, images: Callable[[np.ndarray], Tensor], index: np.ndarray, batch_size: int = 256
+    mae: nn.Module, images: Batcher | Callable[[np.ndarray], Tensor], index: np.ndarray, batch_size: int = 256
 ) -> Tensor:
-    """CLS features [n, D] of the images at `index` (`images(idx)` -> normalised [b, C, H, W])."""
+    """CLS features [n, D] of the images at `index` (a Batcher, read by its workers, or `images(idx)` ->
+    normalised [b, C, H, W])."""
     was_training = mae.training
     mae.eval()
-    chunks = [mae.features(images(index[s : s + batch_size])).float() for s in range(0, len(index), batch_size)]
+    chunks = [mae.features(x).float() for x in _in_order(images, index, batch_size)]
     mae.train(was_training)
     return torch.cat(chunks)
 
@@ -195,27 +208,27 @@ def finetune(
         torch.manual_seed(seed)
         model = FinetuneModel(copy.deepcopy(mae), num_classes).to(batcher.device)
     opt = create_optimizer(optimizer, model, lr=lr, weight_decay=weight_decay)
-    stream = BatchStream(train_index, batch_size, seed)
-    steps = max(epochs * stream.batches_per_epoch, 1)
+    loader = Loader(batcher, train_index, batch_size, seed, augment=True, labels=True, split="train")
+    steps = max(epochs * loader.batches_per_epoch, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, warmup_cosine(steps, min(warmup_epochs * stream.batches_per_epoch, steps // 2))
+        opt, warmup_cosine(steps, min(warmup_epochs * loader.batches_per_epoch, steps // 2))
     )
-    gen = torch.Generator().manual_seed(seed)
     model.train()
     for step in range(1, steps + 1):
-        idx = stream.next()
-        loss = F.cross_entropy(model(batcher.images(idx, gen)), batcher.labels(idx))
+        batch = loader.next()  # crop + flip keyed by (seed, step, position), in the batcher's workers
+        loss = F.cross_entropy(model(batch.images), batch.labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if on_step is not None:
             on_step(step, steps)
+    loader.close()
     model.eval()
 
     def top1(index: np.ndarray) -> float:
         with torch.no_grad():
-            logits = torch.cat([model(batcher.images(index[s : s + 256])) for s in range(0, len(index), 256)])
+            logits = torch.cat([model(x) for x in batcher.batches(index, 256)])
         return accuracy(logits, batcher.labels(index))
 
     return EvalResult("finetune", top1(test_index), top1(train_index), epochs, len(train_index), len(test_index))
@@ -233,6 +246,7 @@ def evaluate_encoder(
     seed: int = 0,
     score_split: str = "test",
     on_step: StepCallback | None = None,
+    on_plan: Callable[[str], None] | None = None,
 ) -> EvalResult:
     """Run `protocol` ("linear" or "finetune") on the labeled `train` split, scored on `score_split`.
 
@@ -240,7 +254,9 @@ def evaluate_encoder(
     LARS lr LINEAR_BASE_LR (1.0) x batch/256; finetune FINETUNE_EPOCHS (50) epochs, batch
     FINETUNE_BATCH_SIZE (128), AdamW lr FINETUNE_LR (1e-3); batches are capped at the train split's
     size, and on small data the epochs grow until there are at least MIN_DEFAULT_STEPS optimizer
-    steps. `on_step(step, total)` reports the progress of the training loop. score_split "test" (default) reports the held-out result;
+    steps for the (cheap) linear probe, MIN_FINETUNE_STEPS for fine-tuning, whose length therefore
+    scales with the data. `on_plan(text)` is told the length before training starts ("finetune: 50
+    epochs x 9 steps of 128 = 450 steps"); `on_step(step, total)` reports the progress of the training loop. score_split "test" (default) reports the held-out result;
     "val" is for choosing settings without looking at the test split (the learned masker also
     uses `val` for its validation loss, so a learned arm's `val` score is slightly optimistic).
     """
@@ -250,14 +266,24 @@ def evaluate_encoder(
     if len(splits.get(score_split, ())) == 0:
         raise ValueError(f"the run has no {score_split!r} split to score on")
     train_index, test_index = splits["train"], splits[score_split]
+
+    def plan(name: str, epochs: int, bs: int) -> int:
+        per_epoch = max(len(train_index) // bs, 1)
+        if on_plan is not None:
+            on_plan(f"{name}: {epochs} epochs x {per_epoch} steps of {bs} = {epochs * per_epoch} steps "
+                    f"(--epochs sets it)")  # fmt: skip
+        return epochs
+
     if protocol == "linear":
         bs = min(batch_size or LINEAR_BATCH_SIZE, len(train_index))
-        feats = extract_features(mae, batcher.images, np.concatenate([train_index, test_index]))
+        epochs = plan("linear probe", default_epochs(LINEAR_EPOCHS, len(train_index), bs) if epochs is None
+                      else epochs, bs)  # fmt: skip
+        feats = extract_features(mae, batcher, np.concatenate([train_index, test_index]))
         n = len(train_index)
         labels = batcher.labels(np.concatenate([train_index, test_index]))
         return linear_probe(
             feats[:n], labels[:n], feats[n:], labels[n:], batcher.data.num_classes,
-            epochs=default_epochs(LINEAR_EPOCHS, n, bs) if epochs is None else epochs,
+            epochs=epochs,
             batch_size=bs,
             lr=(LINEAR_BASE_LR * bs / 256) if lr is None else lr,
             seed=seed,
@@ -265,9 +291,10 @@ def evaluate_encoder(
         )  # fmt: skip
     if protocol == "finetune":
         bs = min(batch_size or FINETUNE_BATCH_SIZE, len(train_index))
+        default = default_epochs(FINETUNE_EPOCHS, len(train_index), bs, MIN_FINETUNE_STEPS)
         return finetune(
             mae, batcher, train_index, test_index,
-            epochs=default_epochs(FINETUNE_EPOCHS, len(train_index), bs) if epochs is None else epochs,
+            epochs=plan("fine-tune", default if epochs is None else epochs, bs),
             batch_size=bs,
             lr=FINETUNE_LR if lr is None else lr,
             seed=seed,

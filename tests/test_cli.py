@@ -597,16 +597,21 @@ def test_one_class_is_refused_by_the_learned_policy_and_by_evaluate(tmp_path):
     assert snapshot(run) == before and not (run / "eval.json").exists()
 
 
-def test_pretrain_reads_the_official_mae_folder_layout_as_one_pool(tmp_path):
+def test_pretrain_on_the_official_mae_layout_pretrains_on_train_and_reports_on_val(tmp_path):
     root = tmp_path / "mae"
     for split, count in (("train", 24), ("val", 6)):
         for value, name in ((40, "cats"), (180, "dogs")):
             write_pngs(root / split / name, count, value=value)
     run = tmp_path / "run"
     result = ok("pretrain", "--dataset", f"imagefolder:{root}", "--policy", "random", "--out", run, *FAST)
-    assert "layout: train/val folders, 2 classes" in " ".join(result.output.split())
+    banner = " ".join(result.output.split())
+    assert "layout: train/val folders, 2 classes" in banner
+    assert "pretrain 48 (the train folder)" in banner and "test 12 (the val folder)" in banner
     ds = json.loads((run / "config.json").read_text())["dataset"]
     assert ds["layout"] == "train/val folders" and ds["num_classes"] == 2 and ds["num_images"] == 60
-    assert ds["splits"] == {"train": 42, "val": 6, "test": 12}  # maskkit's own 70/10/20 of the pool
+    # the whole train folder pretrains; train and val are carved from it 7:1; the val folder is the test split
+    assert ds["splits"] == {"pretrain": 48, "train": 42, "val": 6, "test": 12}
+    assert ds["split_rule"].startswith("train folder pretrains")
     ok("evaluate", run, "--epochs", "1", "--no-progress")
-    assert "linear" in json.loads((run / "eval.json").read_text())
+    entry = json.loads((run / "eval.json").read_text())["linear"]
+    assert entry["num_test"] == 12 and entry["scored_on"] == "the val folder"

@@ -20,6 +20,7 @@ from maskkit.data.augment import (
     random_resized_crop_flip,
     resolve_augment,
 )
+from maskkit.data.folder_index import INDEX_FILE, FolderIndex
 from maskkit.data.load import (
     DATASETS,
     DatasetSpec,
@@ -29,7 +30,16 @@ from maskkit.data.load import (
     parse_spec,
     register_dataset,
 )
-from maskkit.data.loader import Batch, Batcher, BatchStream, DataWarning, Fetched, Loader, default_workers, shard
+from maskkit.data.loader import (
+    Batch,
+    Batcher,
+    BatchStream,
+    DataWarning,
+    Fetched,
+    Loader,
+    default_workers,
+    shard,
+)
 from maskkit.data.source import (
     MIN_CLASSES,
     DataError,
@@ -40,7 +50,6 @@ from maskkit.data.source import (
     check_dir,
     resize,
 )
-from maskkit.data.folder_index import INDEX_FILE, FolderIndex
 from maskkit.data.sources.imagefolder import (
     IMAGE_SUFFIXES,
     SPLIT_FOLDERS,

@@ -133,7 +133,7 @@ class Batcher:
         if self.per_sample:
             if keys is None and generator is not None and self.augment == "crop-flip":
                 draws = [torch.rand(DRAWS, generator=generator).tolist() for _ in range(len(index))]
-                return self.finish(torch.stack([self.data.pixels(int(i), u) for i, u in zip(index, draws)]))
+                return self.finish(torch.stack([self.data.pixels(int(i), u) for i, u in zip(index, draws, strict=True)]))
             keys = [None] * len(index) if keys is None else keys
             return self.finish(torch.stack([self.sample(i, k) for i, k in zip(index, keys, strict=True)]))
         x = self.data.floats(index)
@@ -244,7 +244,8 @@ class Loader:
     def _make(self, number: int, global_index: np.ndarray) -> Batch:
         index, keys = self._keys(number, global_index)
         if self.batcher.per_sample:
-            fetched = self._checked(_Reader(self.batcher, self.augment, self.with_labels).fetch(list(zip(index, keys))))
+            reader = _Reader(self.batcher, self.augment, self.with_labels)
+            fetched = self._checked(reader.fetch(list(zip(index, keys, strict=True))))
             return Batch(index, self.batcher.finish(fetched.images), self._labels(fetched))
         images = self.batcher.images(index, keys=keys if self.augment else None)
         labels = self.batcher.labels(index) if self.with_labels else None

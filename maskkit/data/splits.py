@@ -57,16 +57,19 @@ def official_splits(
     return {"train": pool[cut["train"]], "val": pool[cut["val"]], "test": test, "pretrain": pool}
 
 
-#: what `make_splits` did, for the banner and config.json (by whether the source gave its own division)
-SPLIT_RULES = {
-    False: "seeded stratified split of all images",
-    True: "train folder pretrains (labeled train and val carved from it); val folder is the test split",
-}
-
-
 def split_rule(data: DataSource) -> str:
-    """How `make_splits` divides `data` (`SPLIT_RULES`)."""
-    return SPLIT_RULES[getattr(data, "given_splits", None) is not None]
+    """How `make_splits` divides `data`, in words (the banner, config.json's `dataset.split_rule`)."""
+    if getattr(data, "given_splits", None) is None:
+        return "seeded stratified split of all images"
+    test = getattr(data, "test_folder", None) or "val"
+    return f"train folder pretrains (labeled train and val carved from it); {test} folder is the test split"
+
+
+def test_split_name(split_rule: str | None) -> str:
+    """What the test split is, by a record's split rule: 'the val folder' (official layout) or 'the test split'."""
+    if split_rule and split_rule.startswith("train folder pretrains"):
+        return "the " + split_rule.rsplit("; ", 1)[1].split(" is the test split")[0]
+    return "the test split"
 
 
 def _counts(parts: Mapping[str, np.ndarray]) -> str:

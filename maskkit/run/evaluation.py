@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from maskkit.checkpoint import CheckpointError, load_checkpoint, load_latest
+from maskkit.data.splits import test_split_name
 from maskkit.locking import run_in_progress
 from maskkit.settings import flag
 
@@ -115,6 +116,7 @@ def evaluate_run(
     seed: int = 0,
     device: str = "auto",
     on_step: Callable[[int, int], None] | None = None,
+    on_plan: Callable[[str], None] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Score the run's encoder (linear probe or fine-tune) and record it in eval.json; returns (key, record).
 
@@ -139,10 +141,12 @@ def evaluate_run(
     check_writable(run_dir)
     result = evaluate_encoder(
         run.mae, run.batcher, run.splits, protocol, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-        score_split=split, on_step=on_step,
+        score_split=split, on_step=on_step, on_plan=on_plan,
     )  # fmt: skip
     key = (protocol if init == "pretrained" else f"{protocol}-random") + ("@val" if split == "val" else "")
-    entry = {**asdict(result), "init": init, "weights": source["source"], "step": source["step"], "seed": seed}
+    scored_on = test_split_name(record.dataset.get("split_rule")) if split == "test" else "the val split"
+    entry = {**asdict(result), "init": init, "weights": source["source"], "step": source["step"], "seed": seed,
+             "scored_on": scored_on}  # fmt: skip
     if source.get("in_progress"):
         entry["in_progress"] = True  # a mid-run score: a later one of the final weights replaces it
     merge_json(run_dir / EVAL, key, entry)

@@ -86,11 +86,18 @@ class ImageFolder(Source):
         return 1 if self.mode == "L" else 3
 
     @property
+    def test_folder(self) -> str | None:
+        """The split folder that is the test split: `val` (else `test`) beside `train`; None in other layouts."""
+        parts = self.index.parts
+        if "train" not in parts:
+            return None
+        return "val" if "val" in parts else "test" if "test" in parts else None
+
+    @property
     def given_splits(self) -> dict[str, np.ndarray] | None:
         """The official layout's own division: {"train": DIR/train, "test": DIR/val (else DIR/test)}; None otherwise."""
-        parts = self.index.parts
-        test = "val" if "val" in parts else "test" if "test" in parts else None
-        if "train" not in parts or test is None:
+        parts, test = self.index.parts, self.test_folder
+        if test is None:
             return None
         part_of = self.index.part_of
         return {"train": np.flatnonzero(part_of == parts.index("train")).astype(np.int64),
