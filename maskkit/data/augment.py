@@ -138,7 +138,7 @@ def picture_crop_flip(picture, draws: Sequence[float], size: tuple[int, int]):  
 
     width, height = picture.size
     top, left, h, w = crop_box(draws, height, width)
-    out = picture.resize((size[1], size[0]), Image.BICUBIC, box=(left, top, left + w, top + h))
+    out = picture.crop((left, top, left + w, top + h)).resize((size[1], size[0]), Image.BICUBIC)
     return out.transpose(Image.FLIP_LEFT_RIGHT) if draws[40] < 0.5 else out
 
 
