@@ -46,6 +46,24 @@ def _holder_text(path: Path) -> str:
     return f"process {info['pid']} on {info.get('host', '?')}{since}"
 
 
+#: descriptors of the locks this process holds; a forked child (a data-loader worker) closes its copies at
+#: once, so that a lock dies with the process that took it, not with its last child
+_HELD_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD_FDS):
+        try:
+            os.close(fd)  # drops the child's reference only: the parent still holds the lock
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class RunLock:
     """Context manager: the exclusive lock of a run directory, held until released or the process ends."""
 
@@ -78,11 +96,13 @@ class RunLock:
         os.write(fd, (json.dumps(record) + "\n").encode())
         os.fsync(fd)
         self._fd = fd
+        _HELD_FDS.add(fd)
         return self
 
     def release(self) -> None:
         """Let the lock go (the file stays: deleting a lock file races with the next taker)."""
         if self._fd is not None:
+            _HELD_FDS.discard(self._fd)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
