@@ -107,7 +107,7 @@ def policies_command() -> None:
 # ---- pretrain ---------------------------------------------------------------------------------
 
 #: options that may be combined with --resume (everything else comes from the run's config.json).
-RESUME_OPTIONS = ("resume", "steps", "device", "progress", "trust_unverified")
+RESUME_OPTIONS = ("resume", "steps", "device", "progress", "trust_unverified", "trust_data_change")
 
 
 @config_command
@@ -126,14 +126,16 @@ def pretrain_command(ctx: typer.Context, **values: Any) -> None:
                 extra = [f"--{n.replace('_', '-')}" for n in given] + [a for a in ctx.args if a.startswith("--")]
                 raise CommandError(f"--resume takes its settings from the run's config.json; drop {', '.join(extra)}")
             prepared = run.resume_run(values["resume"], steps=values["steps"], device=values["device"], dist=dist,
-                                      trust_unverified=values["trust_unverified"])
+                                      trust_unverified=values["trust_unverified"],
+                                      trust_data_change=values["trust_data_change"])  # fmt: skip
             for warning in prepared.warnings:
                 _say(f"Warning: {warning}", err=True)
             console.print(f"[bold]maskkit pretrain --resume[/bold] {prepared.out}: from {prepared.source} "
                           f"(step {prepared.trainer.step_count})")  # fmt: skip
         else:
-            if values["trust_unverified"]:
-                raise CommandError("--trust-unverified only applies with --resume")
+            for name in ("trust_unverified", "trust_data_change"):
+                if values[name]:
+                    raise CommandError(f"--{name.replace('_', '-')} only applies with --resume")
             from maskkit.adapters.models import parse_model_options
             from maskkit.mlo import HYPERGRADS
             from maskkit.policies import coerce_policy_options
@@ -187,6 +189,9 @@ def evaluate_command(
     ),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    trust_data_change: bool = typer.Option(
+        False, "--trust-data-change", help="Score on the run's data even if it changed since the run was pretrained "
+        "(eval.json's entry then records what changed)."),
 ) -> None:
     """Top-1 accuracy of the run's encoder on its test split (never seen in pretraining); writes eval.json.
 
@@ -200,6 +205,7 @@ def evaluate_command(
             key, result = evaluate_run(
                 run_dir, protocol.value, init=init.value, split=split.value, epochs=epochs, batch_size=batch_size,
                 lr=lr, seed=seed, device=device, on_step=lambda step, total: bar.update(task, completed=step, total=total),
+                trust_data_change=trust_data_change,
             )  # fmt: skip
         table = evaluation_table(run_dir, result, init.value, split.value)
         console.print(table)
@@ -228,6 +234,8 @@ def visualize_command(
     tile: int = typer.Option(96, help="Side of each picture in pixels (small images are upscaled)."),
     seed: int = typer.Option(0, help="Seed of the image choice, of random masks and of the gallery's untrained weights."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    trust_data_change: bool = typer.Option(
+        False, "--trust-data-change", help="With RUN_DIR: draw the run's data even if it changed since it was pretrained."),
 ) -> None:
     """A PNG grid per test image: the image, its hidden patches, the masker's heat-map (learned), the reconstruction.
 
@@ -240,7 +248,7 @@ def visualize_command(
 
         pic = picture(
             output, run_dir, policies=policies, mask_ratio=mask_ratio, dataset=dataset, data_dir=data_dir,
-            model=model, num_images=num_images, tile=tile, seed=seed, device=device,
+            model=model, num_images=num_images, tile=tile, seed=seed, device=device, trust_data_change=trust_data_change,
         )  # fmt: skip
         total = len(pic.policies)
         drawn = f": {total - len(pic.not_drawn)} of {total} policies at ratio {pic.ratio:g}" if total else ""

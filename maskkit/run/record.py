@@ -124,7 +124,7 @@ FORMAT_2: Schema = {
         "name": str, "data_dir": str | None, "img_size_override": int | None, "image_size": list[int],
         "in_chans": int, "num_images": int, "num_classes": int, "labeled": bool, "layout": str | None,
         "mean": list[float], "std": list[float], "augment": str, "split_seed": int,
-        "split_fractions": dict[str, float], "splits": dict[str, int],
+        "split_fractions": dict[str, float], "splits": dict[str, int], "fingerprint": dict[str, Any],
     },
     "model": {
         "name": str, "options": dict[str, Any], "img_size": int | list[int], "patch_size": int, "in_chans": int,
@@ -138,7 +138,7 @@ FORMAT_2: Schema = {
 }  # fmt: skip
 
 #: fields added to format 2 after its first runs were written; a run without one ran without that setting
-ADDED_IN_FORMAT_2 = frozenset({"config.mlo.hypergrad_options", "train.mlo.hypergrad_options"})
+ADDED_IN_FORMAT_2 = frozenset({"config.mlo.hypergrad_options", "train.mlo.hypergrad_options", "dataset.fingerprint"})
 
 _NAMES = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",
           type(None): "null", dict: "an object", list: "a list", Any: "anything"}  # fmt: skip
