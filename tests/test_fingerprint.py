@@ -85,7 +85,9 @@ def test_an_npz_fingerprint_is_the_sha256_and_size_of_the_file(tmp_path):
     expected = {"kind": "npz", "bytes": path.stat().st_size, "sha256": sha256(path)}
     assert load_npz(path).fingerprint() == expected
     assert data_fingerprint(load_dataset(f"npz:{path}")) == expected
-    assert data_fingerprint(load_dataset(f"npz:{path}", img_size=4)) == expected  # of the file, not the resize
+    assert (
+        data_fingerprint(load_dataset(f"npz:{path}", img_size=4)) == expected
+    )  # of the file, not the resize
 
 
 def test_an_in_memory_fingerprint_hashes_the_images_and_labels_bytes():
@@ -99,7 +101,9 @@ def test_an_in_memory_fingerprint_hashes_the_images_and_labels_bytes():
     changed[5, 0, 3, 3] += 0.25
     other = hashlib.sha256(changed.numpy().tobytes()).hexdigest()
     current = data_fingerprint(ImageData("digits", changed, data.labels))
-    assert fingerprint_change(expected, current) == f"images changed (sha256 {images[:8]}... -> {other[:8]}...)"
+    assert (
+        fingerprint_change(expected, current) == f"images changed (sha256 {images[:8]}... -> {other[:8]}...)"
+    )
     unlabeled = data_fingerprint(ImageData("x", data.images, None))
     assert unlabeled["labels_sha256"] is None
     assert fingerprint_change(expected, unlabeled) == f"labels changed (sha256 {labels[:8]}... -> none)"
@@ -125,7 +129,10 @@ def test_a_source_s_own_fingerprint_is_used_and_a_resized_view_gives_its_source_
 
 def test_fingerprint_change_names_what_changed_over_any_keys():
     a, b = "1a2b3c4d" + "0" * 56, "5e6f7a8b" + "1" * 56
-    assert fingerprint_change({"kind": "npz", "bytes": 9, "sha256": a}, {"kind": "npz", "bytes": 9, "sha256": a}) is None
+    assert (
+        fingerprint_change({"kind": "npz", "bytes": 9, "sha256": a}, {"kind": "npz", "bytes": 9, "sha256": a})
+        is None
+    )
     assert fingerprint_change({"kind": "npz", "bytes": 9, "sha256": a}, {"kind": "npz", "bytes": 9, "sha256": b}) == \
         "content changed (sha256 1a2b3c4d... -> 5e6f7a8b...)"  # fmt: skip
     assert fingerprint_change({"kind": "npz", "bytes": 9, "sha256": a}, {"kind": "npz", "bytes": 7, "sha256": b}) == \
@@ -136,7 +143,10 @@ def test_fingerprint_change_names_what_changed_over_any_keys():
         "file count 1000 -> 999, first changed file: c0/17.png, content changed (digest 1a2b3c4d... -> 5e6f7a8b...)"  # fmt: skip
     assert fingerprint_change({"kind": "arrays", "count": 3}, {"kind": "files", "count": 3}) == \
         "fingerprint kind arrays -> files (the source is read another way now)"  # fmt: skip
-    assert fingerprint_change({"kind": "files", "count": 3, "gone": 1}, {"kind": "files", "count": 3}) == "gone 1 -> absent"
+    assert (
+        fingerprint_change({"kind": "files", "count": 3, "gone": 1}, {"kind": "files", "count": 3})
+        == "gone 1 -> absent"
+    )
 
 
 # ---- recorded by pretrain, checked by evaluate, visualize and --resume ------------------------------
@@ -145,7 +155,11 @@ def test_fingerprint_change_names_what_changed_over_any_keys():
 def test_pretrain_records_the_npz_digest_of_the_file(pretrained):
     record = RunRecord.read(pretrained["run"])  # the strict format-2 schema takes it
     data = pretrained["data"]
-    assert record.dataset["fingerprint"] == {"kind": "npz", "bytes": data.stat().st_size, "sha256": sha256(data)}
+    assert record.dataset["fingerprint"] == {
+        "kind": "npz",
+        "bytes": data.stat().st_size,
+        "sha256": sha256(data),
+    }
 
 
 def test_an_unchanged_npz_passes_evaluate_visualize_and_resume(pretrained, tmp_path):
@@ -154,7 +168,9 @@ def test_an_unchanged_npz_passes_evaluate_visualize_and_resume(pretrained, tmp_p
     result = invoke("evaluate", run, "--epochs", "1", "--no-progress", "--device", "cpu")
     assert result.exit_code == 0 and "Warning" not in result.stderr, result.output
     assert "data_changed" not in json.loads((run / EVAL).read_text())["linear"]
-    result = invoke("visualize", run, "-o", tmp_path / "m.png", "--num-images", "2", "--tile", "16", "--device", "cpu")
+    result = invoke(
+        "visualize", run, "-o", tmp_path / "m.png", "--num-images", "2", "--tile", "16", "--device", "cpu"
+    )
     assert result.exit_code == 0 and (tmp_path / "m.png").is_file(), result.output
     result = invoke("pretrain", "--resume", run, "--steps", "3", "--no-progress")
     assert result.exit_code == 0 and "Warning" not in result.stderr, result.output
@@ -185,16 +201,23 @@ def test_trust_data_change_uses_a_replaced_npz_with_one_warning_and_records_it(p
     assert json.loads((run / EVAL).read_text())["linear"]["data_changed"] == changed
     png = tmp_path / "m.png"
     result = invoke("visualize", run, "-o", png, "--num-images", "2", "--tile", "16", "--trust-data-change")
-    assert result.exit_code == 0 and png.is_file() and result.stderr.strip().splitlines() == [warning], result.output
+    assert result.exit_code == 0 and png.is_file() and result.stderr.strip().splitlines() == [warning], (
+        result.output
+    )
     result = invoke("pretrain", "--resume", run, "--steps", "3", "--no-progress", "--trust-data-change")
     assert result.exit_code == 0 and result.stderr.strip().splitlines() == [warning], result.output
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
-    assert RunRecord.read(run).dataset["fingerprint"]["sha256"] == old  # the record keeps what it was pretrained on
+    assert (
+        RunRecord.read(run).dataset["fingerprint"]["sha256"] == old
+    )  # the record keeps what it was pretrained on
 
 
 def test_trust_data_change_without_a_run_to_check_is_one_line(tmp_path):
     result = invoke("pretrain", "--trust-data-change", "--out", tmp_path / "run", *FAST)
-    assert result.exit_code == 1 and result.stderr.strip() == "Error: --trust-data-change only applies with --resume"
+    assert (
+        result.exit_code == 1
+        and result.stderr.strip() == "Error: --trust-data-change only applies with --resume"
+    )
     assert not (tmp_path / "run").exists()
     result = invoke("visualize", "--policies", "random", "-o", tmp_path / "g.png", "--trust-data-change")
     assert result.exit_code == 1 and result.stderr.strip().splitlines() == [
@@ -226,4 +249,6 @@ def test_an_in_memory_data_set_that_changed_is_refused_naming_it(tmp_path):
         f"Error: data of run {run} changed since it was pretrained: digits: image count 1796 -> 1797, images "
         f"changed (sha256 00000000... -> {now['images_sha256'][:8]}...); pass --trust-data-change to use it anyway"
     ], result.stderr  # fmt: skip
-    assert torch.equal(digits.images, load_dataset("digits").images)  # the check reads, never changes, the data
+    assert torch.equal(
+        digits.images, load_dataset("digits").images
+    )  # the check reads, never changes, the data
