@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from maskkit.checkpoint import atomic_write_text
+from maskkit.locking import locked
 from maskkit.train import TrainConfig
 from maskkit.train.config import RECORD_KEYS, MLOSettings, Resolved, TrainSettings
 
@@ -223,13 +224,21 @@ def write_json(path: Path, value: Any) -> None:
 
 
 def merge_json(path: Path, key: str, value: Any) -> dict[str, Any]:
-    """Set `key` in the JSON object at `path` (created if absent), written atomically."""
-    current: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            current = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            raise RunError(f"{path} is not valid JSON; move it away to write new results") from None
-    current[key] = value
-    write_json(path, current)
+    """Set `key` in the JSON object at `path` (created if absent), written atomically.
+
+    The read-modify-write holds an exclusive flock on the sibling `.<name>.lock` (`maskkit.locking.locked`),
+    so two processes merging into one file (two `evaluate`s of one run) each keep their key.
+    """
+    path = Path(path)
+    with locked(path):
+        current: dict[str, Any] = {}
+        if path.is_file():
+            try:
+                current = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise RunError(f"{path} is not valid JSON; move it away to write new results") from None
+            if not isinstance(current, dict):
+                raise RunError(f"{path} holds no JSON object; move it away to write new results")
+        current[key] = value
+        write_json(path, current)
     return current
