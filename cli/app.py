@@ -268,6 +268,8 @@ def bench_command(
     repeats: Optional[int] = typer.Option(None, help="Timed repeats (default: tiny 30 policy rounds, 7 MLO cycles)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON here."),
     skip_mlo: bool = typer.Option(False, "--skip-mlo", help="Only the policy-overhead rows."),
+    plans: bool = typer.Option(False, "--plans", help="Only the plan check's rows: the random policy's plan at "
+                               "B=256, N=196 with MaskPlan.validate on and off, interleaved."),
     rss: bool = typer.Option(True, "--rss/--no-rss", help="CPU: peak RSS of each MLO contender in a fresh process."),
     compile_backend: str = typer.Option(
         "none", "--compile", help="A torch.compile backend (inductor, ...): every MLO row again with the MAE's blocks "
@@ -278,9 +280,11 @@ def bench_command(
     attention_policy includes the unmasked no-grad encoder pass that reads the attention; every other
     policy that can be built from the sizes alone gets a <name>_policy row against random_policy; the
     JSON's `params` holds the learned masker's parameter counts (paper vs token arch) at ViT-B sizes.
+    random_plan_checked / random_plan_unchecked time the random policy's plan at B=256, N=196 with the plan
+    check on and off (MASKKIT_CHECK_PLANS); --plans runs those rows alone.
     """
     with one_line_errors():
-        from maskkit.bench import run_bench
+        from maskkit.bench import plan_check_line, run_bench
         from maskkit.checkpoint import atomic_write_text
         from maskkit.run import check_writable, resolve_device
 
@@ -288,11 +292,12 @@ def bench_command(
         if json_path is not None:
             check_writable(json_path.parent if str(json_path.parent) else Path("."))
         payload = run_bench(preset, str(dev), batch=batch, repeats=repeats, skip_mlo=skip_mlo, rss=rss,
-                            compile=compile_backend)
+                            compile=compile_backend, plans_only=plans)  # fmt: skip
         rows = payload["rows"]
         console.print(bench_table(rows, f"maskkit bench ({preset}, {dev})"))
-        model = payload["cost_model"]
-        if not skip_mlo:
+        _say(plan_check_line(rows))
+        model = payload.get("cost_model")
+        if model is not None and not skip_mlo:
             _say(f"cost model ({model['num_patches']} patches, unmasked/masked pass {model['unmasked_over_masked']:.2f}): "
                  + ", ".join(f"{k} {model[k]:.2f}x" for k in ("mlo_darts", "mlo_darts_direct", "mlo_unroll_k1")))
         for p in payload["params"]:
