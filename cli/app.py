@@ -190,8 +190,9 @@ def evaluate_command(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     trust_data_change: bool = typer.Option(
-        False, "--trust-data-change", help="Score on the run's data even if it changed since the run was pretrained "
-        "(eval.json's entry then records what changed)."),
+        False, "--trust-data-change",
+        help="Score on the run's data even if it changed since the run was pretrained (eval.json's entry "
+        "then records what changed)."),
 ) -> None:
     """Top-1 accuracy of the run's encoder on its test split (never seen in pretraining); writes eval.json.
 
@@ -235,7 +236,8 @@ def visualize_command(
     seed: int = typer.Option(0, help="Seed of the image choice, of random masks and of the gallery's untrained weights."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     trust_data_change: bool = typer.Option(
-        False, "--trust-data-change", help="With RUN_DIR: draw the run's data even if it changed since it was pretrained."),
+        False, "--trust-data-change",
+        help="With RUN_DIR: draw the run's data even if it changed since it was pretrained."),
 ) -> None:
     """A PNG grid per test image: the image, its hidden patches, the masker's heat-map (learned), the reconstruction.
 
@@ -248,7 +250,8 @@ def visualize_command(
 
         pic = picture(
             output, run_dir, policies=policies, mask_ratio=mask_ratio, dataset=dataset, data_dir=data_dir,
-            model=model, num_images=num_images, tile=tile, seed=seed, device=device, trust_data_change=trust_data_change,
+            model=model, num_images=num_images, tile=tile, seed=seed, device=device,
+            trust_data_change=trust_data_change,
         )  # fmt: skip
         total = len(pic.policies)
         drawn = f": {total - len(pic.not_drawn)} of {total} policies at ratio {pic.ratio:g}" if total else ""
@@ -268,8 +271,10 @@ def bench_command(
     repeats: Optional[int] = typer.Option(None, help="Timed repeats (default: tiny 30 policy rounds, 7 MLO cycles)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON here."),
     skip_mlo: bool = typer.Option(False, "--skip-mlo", help="Only the policy-overhead rows."),
-    plans: bool = typer.Option(False, "--plans", help="Only the plan check's rows: the random policy's plan at "
-                               "B=256, N=196 with MaskPlan.validate on and off, interleaved."),
+    plans: bool = typer.Option(
+        False, "--plans",
+        help="Only the plan check's rows: the random policy's plan at B=256, N=196 with MaskPlan.validate "
+        "on and off, interleaved."),
     rss: bool = typer.Option(True, "--rss/--no-rss", help="CPU: peak RSS of each MLO contender in a fresh process."),
     compile_backend: str = typer.Option(
         "none", "--compile", help="A torch.compile backend (inductor, ...): every MLO row again with the MAE's blocks "

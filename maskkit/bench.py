@@ -183,7 +183,7 @@ def bench_policy_overhead(
     return rows
 
 
-#: the size at which the plan check's cost is measured (issue 25): the random policy at B=256, N=196 (ViT-B/16)
+#: where the plan check's cost is measured (issue 25): the random policy at B=256, N=196 (ViT-B/16 sizes)
 PLAN_CHECK_SIZE = {"batch": 256, "num_patches": 196, "dim": 768}
 
 
@@ -251,9 +251,9 @@ def plan_check_line(rows: list[dict[str, Any]]) -> str:
     """One line of the plan check's cost from `bench_plan_check`'s rows."""
     by = {row["name"]: row for row in rows}
     on, off = by["random_plan_checked"], by["random_plan_unchecked"]
-    return (f"plan check (random policy, B={on['batch']}, N={on['num_patches']}): {on['seconds'] * 1e3:.3f} ms "
-            f"checked vs {off['seconds'] * 1e3:.3f} ms unchecked, overhead {on['overhead_pct']:+.1f}% "
-            f"({on['check_seconds'] * 1e3:+.3f} ms a plan)")  # fmt: skip
+    return (f"plan check (random policy, B={on['batch']}, N={on['num_patches']}): "
+            f"{on['seconds'] * 1e3:.3f} ms checked vs {off['seconds'] * 1e3:.3f} ms unchecked, "
+            f"overhead {on['overhead_pct']:+.1f}% ({on['check_seconds'] * 1e3:+.3f} ms a plan)")  # fmt: skip
 
 
 #: ViT-B (width 768) at the two patch counts of issue 7: CIFAR 32x32 with patch 2, ImageNet 224 with patch 16.
@@ -317,7 +317,7 @@ def run_bench(
     plans_only: bool = False,
 ) -> dict[str, Any]:
     """`maskkit bench`: the policy rows, the plan check's rows (`bench_plan_check`, always at B=256, N=196),
-    then (unless `skip_mlo`) the MLO rows, as one JSON-ready payload; `plans_only`: the plan check's rows alone.
+    then (unless `skip_mlo`) the MLO rows, as one JSON-ready payload; `plans_only`: the plan rows alone.
 
     compile: a torch.compile backend: each MLO contender also runs with the MAE's blocks compiled
     (rows `<name>@<backend>`, interleaved with the eager ones); "none" for eager only.
@@ -334,11 +334,12 @@ def run_bench(
     dev = torch.device(device)
     size = {**BENCH_SIZES[preset], **BENCH_SIZES[preset].get(dev.type, {})}
     warmup = {"warmup": size["warmup"]} if "warmup" in size else {}
-    plan_rows = bench_plan_check(**PLAN_CHECK_SIZE, device=str(dev), repeats=repeats or size.get("plan_repeats", 200),
-                                 **({"warmup": size["plan_warmup"]} if "plan_warmup" in size else {}))  # fmt: skip
+    plan_warmup = {"warmup": size["plan_warmup"]} if "plan_warmup" in size else {}
+    plan_repeats = repeats or size.get("plan_repeats", 200)
+    plan_rows = bench_plan_check(**PLAN_CHECK_SIZE, device=str(dev), repeats=plan_repeats, **plan_warmup)
     if plans_only:
-        return {"device": str(dev), "torch": torch.__version__, "preset": preset, "threads": torch.get_num_threads(),
-                "rows": plan_rows, "params": []}  # fmt: skip
+        return {"device": str(dev), "torch": torch.__version__, "preset": preset,
+                "threads": torch.get_num_threads(), "rows": plan_rows, "params": []}  # fmt: skip
     rows = bench_policy_overhead(
         batch=batch or size["batch"], num_patches=size["num_patches"], dim=size["dim"], device=str(dev),
         repeats=repeats or size["repeats"], encoder=create_mae(size["mae"], seed=0), **warmup,

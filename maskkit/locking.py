@@ -128,7 +128,8 @@ def lock_path(path: str | Path) -> Path:
 
 @contextlib.contextmanager
 def locked(path: str | Path) -> Iterator[Path]:
-    """Hold an exclusive flock on `path`'s sibling lock file (`lock_path`), waiting for it, while the block runs.
+    """Hold an exclusive flock on `path`'s sibling lock file (`lock_path`), waiting for it, while the block
+    runs.
 
     For a short read-modify-write of `path` by several processes; the lock file stays (deleting it races
     with the next taker), and the kernel drops the lock of a process that dies holding it.

@@ -285,7 +285,8 @@ def test_an_empty_or_truncated_npz_is_one_line_naming_the_file(tmp_path, make, w
     path = tmp_path / "broken.npz"
     make(path)
     out = tmp_path / "run"
-    clean_error(invoke("pretrain", "--dataset", f"npz:{path}", "--out", out, *FAST), f"npz file {path}", words)
+    result = invoke("pretrain", "--dataset", f"npz:{path}", "--out", out, *FAST)
+    clean_error(result, f"npz file {path}", words)
     assert not out.exists()
 
 

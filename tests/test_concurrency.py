@@ -267,7 +267,7 @@ for i in range(count):
 
 
 def test_merge_json_from_four_processes_at_once_loses_no_key(tmp_path):
-    """Without the lock, four processes merging 100 keys each kept about 120 of the 400 (tried once by hand)."""
+    """Without the lock, four processes merging 100 keys each kept about 120 of the 400 (tried by hand)."""
     path, go = tmp_path / "eval.json", tmp_path / "go"
     writers, count = ["a", "b", "c", "d"], 100
     procs = [subprocess.Popen([sys.executable, "-c", MERGER, str(path), who, str(go), str(count)], env=ENV,

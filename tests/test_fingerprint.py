@@ -41,8 +41,8 @@ def sha256(path: Path) -> str:
 
 def maskkit(*args: object) -> tuple[int, str, str]:
     """A real `maskkit` process: (exit code, stdout, stderr)."""
-    proc = subprocess.run([sys.executable, "-m", "maskkit.cli", *map(str, args)], env=ENV, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    command = [sys.executable, "-m", "maskkit.cli", *map(str, args)]
+    proc = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -64,7 +64,7 @@ def pretrained(tmp_path_factory) -> dict[str, Path]:
 
 
 def replaced(pretrained: dict[str, Path], where: Path) -> tuple[Path, Path, str, str]:
-    """A copy of the run whose npz (a copy too) was replaced after pretraining: (run, npz, old, new digest)."""
+    """A copy of the run and its npz, the npz then replaced: (run, npz, old sha256, new sha256)."""
     data = where / "data.npz"
     shutil.copyfile(pretrained["data"], data)
     run = where / "run"
@@ -94,8 +94,8 @@ def test_an_in_memory_fingerprint_hashes_the_images_and_labels_bytes():
     data = load_dataset("digits")
     images = hashlib.sha256(data.images.numpy().tobytes()).hexdigest()
     labels = hashlib.sha256(data.labels.numpy().tobytes()).hexdigest()
-    expected = {"kind": "arrays", "count": 1797, "shape": [1, 8, 8], "dtype": "float32", "images_sha256": images,
-                "labels_sha256": labels}  # fmt: skip
+    expected = {"kind": "arrays", "count": 1797, "shape": [1, 8, 8], "dtype": "float32",
+                "images_sha256": images, "labels_sha256": labels}  # fmt: skip
     assert data_fingerprint(data) == expected
     changed = data.images.clone()
     changed[5, 0, 3, 3] += 0.25
@@ -129,24 +129,26 @@ def test_a_source_s_own_fingerprint_is_used_and_a_resized_view_gives_its_source_
 
 def test_fingerprint_change_names_what_changed_over_any_keys():
     a, b = "1a2b3c4d" + "0" * 56, "5e6f7a8b" + "1" * 56
+    digests = "(sha256 1a2b3c4d... -> 5e6f7a8b...)"
+    npz = {"kind": "npz", "bytes": 9, "sha256": a}
+    assert fingerprint_change(npz, dict(npz)) is None
+    assert fingerprint_change(npz, npz | {"sha256": b}) == f"content changed {digests}"
     assert (
-        fingerprint_change({"kind": "npz", "bytes": 9, "sha256": a}, {"kind": "npz", "bytes": 9, "sha256": a})
-        is None
+        fingerprint_change(npz, {"kind": "npz", "bytes": 7, "sha256": b})
+        == f"size in bytes 9 -> 7, content changed {digests}"
     )
-    assert fingerprint_change({"kind": "npz", "bytes": 9, "sha256": a}, {"kind": "npz", "bytes": 9, "sha256": b}) == \
-        "content changed (sha256 1a2b3c4d... -> 5e6f7a8b...)"  # fmt: skip
-    assert fingerprint_change({"kind": "npz", "bytes": 9, "sha256": a}, {"kind": "npz", "bytes": 7, "sha256": b}) == \
-        "size in bytes 9 -> 7, content changed (sha256 1a2b3c4d... -> 5e6f7a8b...)"  # fmt: skip
     files = {"kind": "files", "count": 1000, "names": "x" * 64, "digest": a}
     now = {"kind": "files", "count": 999, "names": "x" * 64, "digest": b, "first_changed_file": "c0/17.png"}
-    assert fingerprint_change(files, now) == \
-        "file count 1000 -> 999, first changed file: c0/17.png, content changed (digest 1a2b3c4d... -> 5e6f7a8b...)"  # fmt: skip
-    assert fingerprint_change({"kind": "arrays", "count": 3}, {"kind": "files", "count": 3}) == \
-        "fingerprint kind arrays -> files (the source is read another way now)"  # fmt: skip
-    assert (
-        fingerprint_change({"kind": "files", "count": 3, "gone": 1}, {"kind": "files", "count": 3})
-        == "gone 1 -> absent"
+    assert fingerprint_change(files, now) == (
+        "file count 1000 -> 999, first changed file: c0/17.png, "
+        "content changed (digest 1a2b3c4d... -> 5e6f7a8b...)"
     )
+    kinds = fingerprint_change({"kind": "arrays", "count": 3}, {"kind": "files", "count": 3})
+    assert kinds == "fingerprint kind arrays -> files (the source is read another way now)"
+    gone = fingerprint_change({"kind": "files", "count": 3, "gone": 1}, {"kind": "files", "count": 3})
+    assert gone == "gone 1 -> absent"
+    assert fingerprint_change({"kind": "files", "x": None}, {"kind": "files"}) == "x none -> absent"
+    assert fingerprint_change({"kind": "files"}, {"kind": "files", "x": None}) == "x: none"
 
 
 # ---- recorded by pretrain, checked by evaluate, visualize and --resume ------------------------------
@@ -180,7 +182,8 @@ def test_a_replaced_npz_is_refused_by_evaluate_visualize_and_resume_in_one_line(
     run, data, old, new = replaced(pretrained, tmp_path)
     before = snapshot(run)
     expected = (f"Error: data of run {run} changed since it was pretrained: npz:{data}: content changed "
-                f"(sha256 {old[:8]}... -> {new[:8]}...); pass --trust-data-change to use it anyway")  # fmt: skip
+                f"(sha256 {old[:8]}... -> {new[:8]}...); pass --trust-data-change to use it "
+                "anyway")  # fmt: skip
     png = tmp_path / "m.png"
     for argv in (["evaluate", run, "--epochs", "1", "--no-progress"], ["visualize", run, "-o", png],
                  ["pretrain", "--resume", run, "--steps", "3", "--no-progress"]):  # fmt: skip
@@ -246,8 +249,9 @@ def test_an_in_memory_data_set_that_changed_is_refused_naming_it(tmp_path):
     now = recorded | {"count": 1797, "images_sha256": data_fingerprint(digits)["images_sha256"]}
     assert now == data_fingerprint(digits)
     assert result.exit_code == 1 and result.stderr.strip().splitlines() == [
-        f"Error: data of run {run} changed since it was pretrained: digits: image count 1796 -> 1797, images "
-        f"changed (sha256 00000000... -> {now['images_sha256'][:8]}...); pass --trust-data-change to use it anyway"
+        f"Error: data of run {run} changed since it was pretrained: digits: image count 1796 -> 1797, "
+        f"images changed (sha256 00000000... -> {now['images_sha256'][:8]}...); pass --trust-data-change "
+        "to use it anyway"
     ], result.stderr  # fmt: skip
     assert torch.equal(
         digits.images, load_dataset("digits").images

@@ -122,8 +122,9 @@ def fingerprint_change(recorded: dict[str, Any], current: dict[str, Any]) -> str
     """What changed between two fingerprints, in a short phrase; None when they are equal.
 
     Keys that differ are named in the recorded order (then the new ones), sizes and counts before
-    digests: sizes and counts as 'file count 1000 -> 999', digests as 'content changed (sha256 1a2b3c4d... -> 5e6f7a8b...)', a
-    key only the current one has (e.g. a first changed file) as 'first changed file: a/1.png'.
+    digests: a size or count as 'file count 1000 -> 999', a digest as 'content changed (sha256
+    1a2b3c4d... -> 5e6f7a8b...)', a key only the current one has (e.g. a first changed file) as
+    'first changed file: a/1.png', one only the recorded one had as 'gone 1 -> absent'.
     """
     if recorded == current:
         return None
@@ -134,14 +135,15 @@ def fingerprint_change(recorded: dict[str, Any], current: dict[str, Any]) -> str
     keys = [k for k in recorded if k != "kind"] + [k for k in current if k not in recorded and k != "kind"]
     plain, digests = [], []
     for key in keys:
-        old, new = recorded.get(key), current.get(key)
-        if old == new:
+        if key in recorded and key in current and recorded[key] == current[key]:
             continue
+        old, new = recorded.get(key), current.get(key)
         if key not in recorded:
             plain.append(f"{_label(key, kind)}: {_show(new)}")
+        elif key not in current:
+            plain.append(f"{_label(key, kind)} {_show(old)} -> absent")
         elif _is_digest(key):
             digests.append(_digest_phrase(key, old, new))
         else:
-            shown_new = "absent" if key not in current else _show(new)
-            plain.append(f"{_label(key, kind)} {_show(old)} -> {shown_new}")
+            plain.append(f"{_label(key, kind)} {_show(old)} -> {_show(new)}")
     return ", ".join(plain + digests)

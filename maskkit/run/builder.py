@@ -343,6 +343,6 @@ def build_trainer(run: Run, dist: DistContext = SINGLE, *, steps: int | None = N
 
 __all__ = [
     "MIN_AUTO_PATCHES", "DataChangeWarning", "Run", "RunWarning", "build_mae", "build_run", "build_trainer",
-    "check_data", "choose_patch_size", "data_change", "dataset_section", "model_kind", "model_section", "model_spec", "new_run", "policy_kwargs", "resolve",
-    "resolve_device",
+    "check_data", "choose_patch_size", "data_change", "dataset_section", "model_kind", "model_section",
+    "model_spec", "new_run", "policy_kwargs", "resolve", "resolve_device",
 ]  # fmt: skip

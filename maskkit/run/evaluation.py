@@ -85,11 +85,12 @@ def load_weights(run: Run, run_dir: str | Path) -> dict[str, Any]:
 
 
 def load_run(
-    run_dir: str | Path, device: str | torch.device = "auto", *, weights: bool = True, trust_data_change: bool = False
+    run_dir: str | Path, device: str | torch.device = "auto", *, weights: bool = True,
+    trust_data_change: bool = False,
 ) -> Run:
-    """A finished (or checkpointed) run rebuilt with its trained encoder and masker (`weights=False`: untrained).
-
-    Its data must be what it was pretrained on (the record's fingerprint), unless `trust_data_change`.
+    """A finished (or checkpointed) run rebuilt with its trained encoder and masker (`weights=False`:
+    untrained). Its data must be what it was pretrained on (the record's fingerprint), unless
+    `trust_data_change`.
     """
     record = RunRecord.read(run_dir)
     dev = device if isinstance(device, torch.device) else resolve_device(device)

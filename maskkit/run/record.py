@@ -1,7 +1,8 @@
 """The run directory's files and its record, config.json: the `RunConfig` asked for and what it resolved to.
 
 A run directory holds `config.json` (`RunRecord`), `metrics.jsonl`, `checkpoints/checkpoint-<step>.pt`
-(+ `.sha256`), `model.pt` (final weights), `summary.json`, and later `eval.json` and pictures. This
+(+ `.sha256`), `model.pt` (final weights), `summary.json`, and later `eval.json` (merged under the lock
+`.eval.json.lock`, `merge_json`) and pictures. This
 module names those files and reads and writes the record; runs of format 1 (before `RunConfig`)
 still read as they always did. A record of format 2 is checked against `FORMAT_2`: every field
 present and of its type (a one-line RunError naming it, never a default), except the few fields
@@ -139,7 +140,9 @@ FORMAT_2: Schema = {
 }  # fmt: skip
 
 #: fields added to format 2 after its first runs were written; a run without one ran without that setting
-ADDED_IN_FORMAT_2 = frozenset({"config.mlo.hypergrad_options", "train.mlo.hypergrad_options", "dataset.fingerprint"})
+ADDED_IN_FORMAT_2 = frozenset(
+    {"config.mlo.hypergrad_options", "train.mlo.hypergrad_options", "dataset.fingerprint"}
+)
 
 _NAMES = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",
           type(None): "null", dict: "an object", list: "a list", Any: "anything"}  # fmt: skip
