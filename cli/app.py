@@ -108,7 +108,7 @@ def policies_command() -> None:
 # ---- pretrain ---------------------------------------------------------------------------------
 
 #: options that may be combined with --resume (everything else comes from the run's config.json).
-RESUME_OPTIONS = ("resume", "steps", "device", "progress", "trust_unverified")
+RESUME_OPTIONS = ("resume", "steps", "device", "progress", "trust_unverified", "trust_data_change")
 
 
 @config_command
@@ -127,14 +127,16 @@ def pretrain_command(ctx: typer.Context, **values: Any) -> None:
                 extra = [f"--{n.replace('_', '-')}" for n in given] + [a for a in ctx.args if a.startswith("--")]
                 raise CommandError(f"--resume takes its settings from the run's config.json; drop {', '.join(extra)}")
             prepared = run.resume_run(values["resume"], steps=values["steps"], device=values["device"], dist=dist,
-                                      trust_unverified=values["trust_unverified"])
+                                      trust_unverified=values["trust_unverified"],
+                                      trust_data_change=values["trust_data_change"])  # fmt: skip
             for warning in prepared.warnings:
                 _say(f"Warning: {warning}", err=True)
             console.print(f"[bold]maskkit pretrain --resume[/bold] {prepared.out}: from {prepared.source} "
                           f"(step {prepared.trainer.step_count})")  # fmt: skip
         else:
-            if values["trust_unverified"]:
-                raise CommandError("--trust-unverified only applies with --resume")
+            for name in ("trust_unverified", "trust_data_change"):
+                if values[name]:
+                    raise CommandError(f"--{name.replace('_', '-')} only applies with --resume")
             from maskkit.adapters.models import parse_model_options
             from maskkit.mlo import HYPERGRADS
             from maskkit.policies import coerce_policy_options
@@ -188,6 +190,10 @@ def evaluate_command(
     ),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    trust_data_change: bool = typer.Option(
+        False, "--trust-data-change",
+        help="Score on the run's data even if it changed since the run was pretrained (eval.json's entry "
+        "then records what changed)."),
 ) -> None:
     """Top-1 accuracy of the run's encoder on its test split (never seen in pretraining); writes eval.json.
 
@@ -202,6 +208,7 @@ def evaluate_command(
                 run_dir, protocol.value, init=init.value, split=split.value, epochs=epochs, batch_size=batch_size,
                 lr=lr, seed=seed, device=device, on_step=lambda step, total: bar.update(task, completed=step, total=total),
                 on_plan=lambda text: console.print(text, highlight=False),
+                trust_data_change=trust_data_change,
             )  # fmt: skip
         table = evaluation_table(run_dir, result, init.value, split.value)
         console.print(table)
@@ -230,6 +237,9 @@ def visualize_command(
     tile: int = typer.Option(96, help="Side of each picture in pixels (small images are upscaled)."),
     seed: int = typer.Option(0, help="Seed of the image choice, of random masks and of the gallery's untrained weights."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    trust_data_change: bool = typer.Option(
+        False, "--trust-data-change",
+        help="With RUN_DIR: draw the run's data even if it changed since it was pretrained."),
 ) -> None:
     """A PNG grid per test image: the image, its hidden patches, the masker's heat-map (learned), the reconstruction.
 
@@ -243,6 +253,7 @@ def visualize_command(
         pic = picture(
             output, run_dir, policies=policies, mask_ratio=mask_ratio, dataset=dataset, data_dir=data_dir,
             model=model, num_images=num_images, tile=tile, seed=seed, device=device,
+            trust_data_change=trust_data_change,
         )  # fmt: skip
         total = len(pic.policies)
         drawn = f": {total - len(pic.not_drawn)} of {total} policies at ratio {pic.ratio:g}" if total else ""
@@ -262,6 +273,10 @@ def bench_command(
     repeats: Optional[int] = typer.Option(None, help="Timed repeats (default: tiny 30 policy rounds, 7 MLO cycles)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON here."),
     skip_mlo: bool = typer.Option(False, "--skip-mlo", help="Only the policy-overhead rows."),
+    plans: bool = typer.Option(
+        False, "--plans",
+        help="Only the plan check's rows: the random policy's plan at B=256, N=196 with MaskPlan.validate "
+        "on and off, interleaved."),
     rss: bool = typer.Option(True, "--rss/--no-rss", help="CPU: peak RSS of each MLO contender in a fresh process."),
     compile_backend: str = typer.Option(
         "none", "--compile", help="A torch.compile backend (inductor, ...): every MLO row again with the MAE's blocks "
@@ -272,9 +287,11 @@ def bench_command(
     attention_policy includes the unmasked no-grad encoder pass that reads the attention; every other
     policy that can be built from the sizes alone gets a <name>_policy row against random_policy; the
     JSON's `params` holds the learned masker's parameter counts (paper vs token arch) at ViT-B sizes.
+    random_plan_checked / random_plan_unchecked time the random policy's plan at B=256, N=196 with the plan
+    check on and off (MASKKIT_CHECK_PLANS); --plans runs those rows alone.
     """
     with one_line_errors():
-        from maskkit.bench import run_bench
+        from maskkit.bench import plan_check_line, run_bench
         from maskkit.checkpoint import atomic_write_text
         from maskkit.run import check_writable, resolve_device
 
@@ -282,11 +299,12 @@ def bench_command(
         if json_path is not None:
             check_writable(json_path.parent if str(json_path.parent) else Path("."))
         payload = run_bench(preset, str(dev), batch=batch, repeats=repeats, skip_mlo=skip_mlo, rss=rss,
-                            compile=compile_backend)
+                            compile=compile_backend, plans_only=plans)  # fmt: skip
         rows = payload["rows"]
         console.print(bench_table(rows, f"maskkit bench ({preset}, {dev})"))
-        model = payload["cost_model"]
-        if not skip_mlo:
+        _say(plan_check_line(rows))
+        model = payload.get("cost_model")
+        if model is not None and not skip_mlo:
             _say(f"cost model ({model['num_patches']} patches, unmasked/masked pass {model['unmasked_over_masked']:.2f}): "
                  + ", ".join(f"{k} {model[k]:.2f}x" for k in ("mlo_darts", "mlo_darts_direct", "mlo_unroll_k1")))
         for p in payload["params"]:

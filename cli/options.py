@@ -29,6 +29,10 @@ EXTRA_OPTIONS: dict[str, tuple[Any, Any]] = {
     "progress": (bool, typer.Option(True, "--progress/--no-progress", help="Show the progress bar.")),
     "trust_unverified": (bool, typer.Option(
         False, "--trust-unverified", help="With --resume: use a checkpoint that has no .sha256 checksum file.")),
+    "trust_data_change": (bool, typer.Option(
+        False, "--trust-data-change",
+        help="With --resume: use the run's data even if it changed since the run was pretrained (its "
+        "fingerprint in config.json).")),
 }
 
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from maskkit.compile import NO_COMPILE, check_backend
 from maskkit.measure import peak_memory_mb, sync
+from maskkit.plan import set_plan_checks
 from maskkit.policies import AttentionPolicy, RandomPolicy, create_sized_policy, list_policies
 
 #: policies with rows of their own in `bench_policy_overhead` (the others get `<name>_policy`).
@@ -182,6 +183,79 @@ def bench_policy_overhead(
     return rows
 
 
+#: where the plan check's cost is measured (issue 25): the random policy at B=256, N=196 (ViT-B/16 sizes)
+PLAN_CHECK_SIZE = {"batch": 256, "num_patches": 196, "dim": 768}
+
+
+def bench_plan_check(
+    batch: int = 256,
+    num_patches: int = 196,
+    dim: int = 768,
+    ratio: float = 0.75,
+    repeats: int = 200,
+    warmup: int = 20,
+    device: str = "cpu",
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """What checking a plan costs: the `random` policy's plan with `MaskPlan.validate` (and the finite-noise
+    check) on and off (`maskkit.plan.set_plan_checks`), interleaved, the same noise for both.
+
+    Rows (name, seconds: median, peak_mem_mb, baseline, ratio, batch, num_patches):
+      random_plan_unchecked: `RandomPolicy(tokens, noise=noise)` with the checks off (the baseline);
+      random_plan_checked: the same with the checks on, vs random_plan_unchecked, with `overhead_pct`
+        (100 x (checked / unchecked - 1)) and `check_seconds` (the difference of the medians).
+    Each of `warmup + repeats` rounds runs both, in alternating order; the previous setting is restored.
+    """
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(batch, num_patches, dim, generator=gen).to(dev)  # [B, N, D]
+    noise = torch.rand(batch, num_patches, generator=gen).to(dev)  # [B, N]
+    policy = RandomPolicy(ratio)
+    checks = {"random_plan_checked": True, "random_plan_unchecked": False}
+
+    def plan(checked: bool) -> Callable[[], Any]:
+        def run() -> Any:
+            set_plan_checks(checked)
+            return policy(tokens, noise=noise)
+
+        return run
+
+    times: dict[str, list[float]] = {name: [] for name in checks}
+    previous = set_plan_checks(True)
+    try:
+        with torch.no_grad():
+            for round_ in range(warmup + repeats):
+                for name in list(checks) if round_ % 2 == 0 else list(reversed(checks)):
+                    set_plan_checks(checks[name])  # before the clock starts
+                    sync(dev)
+                    start = time.perf_counter()
+                    policy(tokens, noise=noise)
+                    sync(dev)
+                    if round_ >= warmup:
+                        times[name].append(time.perf_counter() - start)
+            peaks = {name: peak_memory_mb(plan(checked), dev) for name, checked in checks.items()}
+    finally:
+        set_plan_checks(previous)
+    off, on = (statistics.median(times[n]) for n in ("random_plan_unchecked", "random_plan_checked"))
+    size = {"batch": batch, "num_patches": num_patches}
+    return [
+        {"name": "random_plan_unchecked", "seconds": off, "peak_mem_mb": peaks["random_plan_unchecked"],
+         "baseline": None, "ratio": None, **size},
+        {"name": "random_plan_checked", "seconds": on, "peak_mem_mb": peaks["random_plan_checked"],
+         "baseline": "random_plan_unchecked", "ratio": on / off, "overhead_pct": 100.0 * (on / off - 1.0),
+         "check_seconds": on - off, **size},
+    ]  # fmt: skip
+
+
+def plan_check_line(rows: list[dict[str, Any]]) -> str:
+    """One line of the plan check's cost from `bench_plan_check`'s rows."""
+    by = {row["name"]: row for row in rows}
+    on, off = by["random_plan_checked"], by["random_plan_unchecked"]
+    return (f"plan check (random policy, B={on['batch']}, N={on['num_patches']}): "
+            f"{on['seconds'] * 1e3:.3f} ms checked vs {off['seconds'] * 1e3:.3f} ms unchecked, "
+            f"overhead {on['overhead_pct']:+.1f}% ({on['check_seconds'] * 1e3:+.3f} ms a plan)")  # fmt: skip
+
+
 #: ViT-B (width 768) at the two patch counts of issue 7: CIFAR 32x32 with patch 2, ImageNet 224 with patch 16.
 PARAM_SIZES = {"cifar_p2": 256, "imagenet_p16": 196}
 
@@ -227,7 +301,7 @@ BENCH_SIZES: dict[str, dict[str, Any]] = {
     "vit-b": {"batch": 256, "num_patches": 196, "dim": 768, "mae": "vit-b", "mlo_batch": 64, "repeats": 20,
               "cpu": {"batch": 8, "repeats": 5, "mlo_batch": 2, "mlo_repeats": 2, "warmup": 1, "rss": False}},
     "trivial": {"batch": 4, "num_patches": 16, "dim": 64, "mae": "micro", "mlo_batch": 4, "repeats": 2,
-                "mlo_repeats": 2, "warmup": 1, "rss": False},
+                "mlo_repeats": 2, "warmup": 1, "rss": False, "plan_repeats": 3, "plan_warmup": 1},
 }  # fmt: skip
 
 
@@ -240,8 +314,10 @@ def run_bench(
     skip_mlo: bool = False,
     rss: bool = True,
     compile: str = NO_COMPILE,
+    plans_only: bool = False,
 ) -> dict[str, Any]:
-    """`maskkit bench`: the policy rows, then (unless `skip_mlo`) the MLO rows, as one JSON-ready payload.
+    """`maskkit bench`: the policy rows, the plan check's rows (`bench_plan_check`, always at B=256, N=196),
+    then (unless `skip_mlo`) the MLO rows, as one JSON-ready payload; `plans_only`: the plan rows alone.
 
     compile: a torch.compile backend: each MLO contender also runs with the MAE's blocks compiled
     (rows `<name>@<backend>`, interleaved with the eager ones); "none" for eager only.
@@ -258,10 +334,17 @@ def run_bench(
     dev = torch.device(device)
     size = {**BENCH_SIZES[preset], **BENCH_SIZES[preset].get(dev.type, {})}
     warmup = {"warmup": size["warmup"]} if "warmup" in size else {}
+    plan_warmup = {"warmup": size["plan_warmup"]} if "plan_warmup" in size else {}
+    plan_repeats = repeats or size.get("plan_repeats", 200)
+    plan_rows = bench_plan_check(**PLAN_CHECK_SIZE, device=str(dev), repeats=plan_repeats, **plan_warmup)
+    if plans_only:
+        return {"device": str(dev), "torch": torch.__version__, "preset": preset,
+                "threads": torch.get_num_threads(), "rows": plan_rows, "params": []}  # fmt: skip
     rows = bench_policy_overhead(
         batch=batch or size["batch"], num_patches=size["num_patches"], dim=size["dim"], device=str(dev),
         repeats=repeats or size["repeats"], encoder=create_mae(size["mae"], seed=0), **warmup,
     )  # fmt: skip
+    rows += plan_rows
     if not skip_mlo:
         names = list(DEFAULT_NAMES)
         if compile != NO_COMPILE:
@@ -291,6 +374,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B=256 N=196 D=768, ratio 0.75")
     print(format_rows(bench_policy_overhead()))
+    print(plan_check_line(bench_plan_check()))
     for row in masker_parameter_counts():
         print(
             f"masker parameters, ViT-B {row['size']} ({row['num_patches']} patches): "

@@ -8,17 +8,22 @@ The standard library's fcntl is used rather than the `filelock` package because 
 writer gets must name the process that holds the lock, which filelock does not record; both rest on the
 same flock(2). POSIX only (Linux, macOS): on other systems the lock is a no-op, said once in a warning.
 
+`locked(path)` holds a blocking exclusive flock on a sibling lock file for a short read-modify-write
+(`maskkit.run.record.merge_json`: two `evaluate`s of one run each keep their eval.json entry).
+
 `make_unique_dir(base)` creates `base`, or `base-2`, `base-3`, ... with `os.mkdir`, which fails if the
 name exists, so two runs started in the same second never share a directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +138,32 @@ def run_in_progress(run_dir: str | Path) -> str | None:
         return None
     finally:
         os.close(fd)
+
+
+def lock_path(path: str | Path) -> Path:
+    """The sibling lock file of `path`: `dir/.name.lock`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def locked(path: str | Path) -> Iterator[Path]:
+    """Hold an exclusive flock on `path`'s sibling lock file (`lock_path`), waiting for it, while the block
+    runs.
+
+    For a short read-modify-write of `path` by several processes; the lock file stays (deleting it races
+    with the next taker), and the kernel drops the lock of a process that dies holding it.
+    """
+    lock = lock_path(path)
+    if fcntl is None:  # pragma: no cover
+        yield lock
+        return
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield lock
+    finally:
+        os.close(fd)  # closing the descriptor lets the lock go
 
 
 def make_unique_dir(base: str | Path) -> Path:

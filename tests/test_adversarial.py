@@ -281,6 +281,25 @@ def test_npz_with_mismatched_labels_or_objects_is_one_line(tmp_path):
     clean_error(invoke("pretrain", "--dataset", f"npz:{objects}", *FAST), "objects.npz")
 
 
+def _truncated_npz(path: Path) -> None:
+    np.savez(path, images=np.zeros((120, 8, 8), np.uint8))
+    path.write_bytes(path.read_bytes()[:-40])  # the zip's central directory cut off
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p: p.write_bytes(b""), "the file is empty"),
+    (_truncated_npz, "not a complete .npz (zip) archive"),
+    (lambda p: p.write_bytes(b"PK\x03\x04" + bytes(60)), "not a complete .npz (zip) archive"),
+], ids=["empty", "truncated", "zip-header-only"])  # fmt: skip
+def test_an_empty_or_truncated_npz_is_one_line_naming_the_file(tmp_path, make, words):
+    path = tmp_path / "broken.npz"
+    make(path)
+    out = tmp_path / "run"
+    result = invoke("pretrain", "--dataset", f"npz:{path}", "--out", out, *FAST)
+    clean_error(result, f"npz file {path}", words)
+    assert not out.exists()
+
+
 def test_16bit_png_is_scaled_not_clipped(tmp_path):
     root = tmp_path / "data"
     root.mkdir()

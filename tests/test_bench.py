@@ -19,6 +19,8 @@ ROWS = {
     "random_policy": "mae_random_masking",
     "attention_policy": "random_policy",
     **{f"{name}_policy": "random_policy" for name in ZOO_ROWS},
+    "random_plan_unchecked": None,
+    "random_plan_checked": "random_plan_unchecked",
     "mae_step": None,
     "hpm_step": "mae_step",
     "mlo_darts": "mae_step",
@@ -134,3 +136,29 @@ def test_the_half_labeled_batch_contender_draws_half_batches():
         for source in (engine.train_batches, engine.val_batches):
             images, labels = source()
             assert images.shape[0] == labels.shape[0] == labeled, name
+
+
+def test_bench_plans_times_the_random_plan_with_the_check_on_and_off_at_b256_n196(tmp_path):
+    from maskkit.plan import plan_checks_enabled, set_plan_checks
+
+    out = tmp_path / "plans.json"
+    previous = set_plan_checks(False)  # the bench restores whatever was set
+    try:
+        result = CliRunner().invoke(app, ["bench", "--plans", "--preset", "trivial", "--json", str(out)])
+        assert not plan_checks_enabled()
+    finally:
+        set_plan_checks(previous)
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["random_plan_unchecked", "random_plan_checked"]
+    off, on = rows["random_plan_unchecked"], rows["random_plan_checked"]
+    assert (off["baseline"], off["ratio"], on["baseline"]) == (None, None, "random_plan_unchecked")
+    for row in (off, on):
+        assert (row["batch"], row["num_patches"]) == (256, 196)
+        assert row["seconds"] > 0 and row["peak_mem_mb"] >= 0
+    assert on["ratio"] == pytest.approx(on["seconds"] / off["seconds"])
+    assert on["overhead_pct"] == pytest.approx(100 * (on["ratio"] - 1))
+    assert on["check_seconds"] == pytest.approx(on["seconds"] - off["seconds"])
+    text = " ".join(result.stdout.split())  # the console wraps long lines
+    assert f"plan check (random policy, B=256, N=196): {on['seconds'] * 1e3:.3f} ms checked vs " in text
+    assert f"overhead {on['overhead_pct']:+.1f}%" in text

@@ -276,7 +276,8 @@ def test_bench_policy_rows(tmp_path):
     assert payload["device"] == "cpu" and payload["torch"] == torch.__version__
     rows = {r["name"]: r for r in payload["rows"]}
     zoo = ("adamae", "block", "colornoise", "hpm", "learned", "simmim", "uniform")
-    assert list(rows) == ["mae_random_masking", "random_policy", "attention_policy", *(f"{n}_policy" for n in zoo)]
+    assert list(rows) == ["mae_random_masking", "random_policy", "attention_policy", *(f"{n}_policy" for n in zoo),
+                          "random_plan_unchecked", "random_plan_checked"]  # fmt: skip
     assert all(rows[f"{n}_policy"]["baseline"] == "random_policy" for n in zoo)
     assert rows["random_policy"]["baseline"] == "mae_random_masking"
     assert rows["random_policy"]["ratio"] == pytest.approx(

@@ -249,3 +249,58 @@ def test_out_inside_the_data_folder_is_refused_before_anything_is_written(tmp_pa
     result = cli.invoke(app, ["visualize", str(run), "-o", str(tmp_path / "masks.png")])
     assert result.exit_code == 0 and "Warning" not in result.stderr and "maskkit" not in Image.open(
         tmp_path / "masks.png").text  # a finished run: no in-progress note
+
+
+# ---- two evaluates of one run: eval.json's read-modify-write under a lock ----------------------------
+
+#: a process that waits for `go` to exist, then merges `count` keys of its own into the JSON file
+MERGER = """
+import sys, time
+from pathlib import Path
+from maskkit.run.record import merge_json
+path, who, go, count = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+while not go.exists():
+    time.sleep(0.001)
+for i in range(count):
+    merge_json(path, f"{who}-{i}", {"who": who, "i": i})
+"""
+
+
+def test_merge_json_from_four_processes_at_once_loses_no_key(tmp_path):
+    """Without the lock, four processes merging 100 keys each kept about 120 of the 400 (tried by hand)."""
+    path, go = tmp_path / "eval.json", tmp_path / "go"
+    writers, count = ["a", "b", "c", "d"], 100
+    procs = [subprocess.Popen([sys.executable, "-c", MERGER, str(path), who, str(go), str(count)], env=ENV,
+                              stderr=subprocess.PIPE, text=True) for who in writers]  # fmt: skip
+    go.touch()  # they start merging together once each has imported maskkit
+    results = [(p.wait(timeout=HANG_GUARD), p.stderr.read()) for p in procs]
+    assert all(code == 0 for code, _ in results), results
+    expected = {f"{who}-{i}": {"who": who, "i": i} for who in writers for i in range(count)}
+    assert json.loads(path.read_text()) == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".eval.json.lock", "eval.json", "go"]
+
+
+def test_two_evaluates_of_one_run_at_once_both_keep_their_entry(tmp_path):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["pretrain", *TINY, "--steps", "2", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    procs = [maskkit("evaluate", run, "--epochs", "1", "--no-progress", "--device", "cpu", *extra)
+             for extra in ([], ["--split", "val"], ["--init", "random"])]  # fmt: skip
+    results = [finish(p) for p in procs]
+    assert all(code == 0 for code, _, _ in results), results
+    entries = json.loads((run / "eval.json").read_text())
+    assert sorted(entries) == ["linear", "linear-random", "linear@val"]
+    assert entries["linear-random"]["init"] == "random" and entries["linear"]["init"] == "pretrained"
+
+
+def test_merge_json_refuses_a_file_that_is_no_json_object_in_one_line(tmp_path):
+    from maskkit.run import RunError, merge_json
+
+    path = tmp_path / "eval.json"
+    for content in ("[1, 2]", "not json", "\udcff"):
+        path.write_text(content, errors="surrogateescape")
+        with pytest.raises(RunError, match=f"^{path} (holds no JSON object|is not valid JSON); move it away"):
+            merge_json(path, "linear", {})
+        assert path.read_text(errors="surrogateescape") == content  # left as it was
+    path.unlink()
+    assert merge_json(path, "linear", {"top1": 0.5}) == {"linear": {"top1": 0.5}}

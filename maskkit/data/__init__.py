@@ -7,6 +7,7 @@
 - `splits`: disjoint `train` (MAE pretraining and the labeled train set), `val` (the learned
   masker's validation) and `test` (evaluation only);
 - `stats`: per-channel statistics and normalisation;
+- `fingerprint`: what a data set was (`data_fingerprint`) and what changed since (`fingerprint_change`);
 - `augment`: MAE's crop + flip as pure functions, keyed per sample;
 - `loader`: `BatchStream` (a seeded endless sampler whose position is a state dict), `Batcher`
   (indices -> tensors) and `Loader` (both, sharded, with an optional prefetch).
@@ -20,6 +21,7 @@ from maskkit.data.augment import (
     random_resized_crop_flip,
     resolve_augment,
 )
+from maskkit.data.fingerprint import data_fingerprint, fingerprint_change
 from maskkit.data.folder_index import INDEX_FILE, FolderIndex
 from maskkit.data.load import (
     DATASETS,
@@ -57,7 +59,7 @@ from maskkit.data.sources.imagefolder import (
     imagefolder_layout,
     load_imagefolder,
 )
-from maskkit.data.sources.npz import load_npz
+from maskkit.data.sources.npz import NpzData, load_npz
 from maskkit.data.splits import DEFAULT_FRACTIONS, make_splits, stratified_split
 from maskkit.data.stats import channel_stats, denormalize, normalize
 
@@ -68,6 +70,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "INDEX_FILE",
     "MIN_CLASSES",
+    "NpzData",
     "SPLIT_FOLDERS",
     "Batch",
     "BatchStream",
@@ -87,9 +90,11 @@ __all__ = [
     "check_dir",
     "crop_box",
     "crop_flip",
+    "data_fingerprint",
     "dataset_arg",
     "default_workers",
     "denormalize",
+    "fingerprint_change",
     "imagefolder_layout",
     "key_seed",
     "load_dataset",

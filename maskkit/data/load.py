@@ -13,7 +13,10 @@ called with keywords only:
 - `img_size` is a hint: a source may read its images at that size (the image folder does, so that
   folders of mixed sizes load); `load_dataset` resizes whatever still comes back at another size.
 
-A factory may take `**kwargs` for the keywords it does not use; its card lists the ones it names.
+A factory may take `**kwargs` for the keywords it does not use; its card lists the ones it names. A source
+may define `fingerprint()`: a JSON object with a "kind" that changes when its data does (a run records it
+in config.json, and `evaluate`, `visualize` and `--resume` check it; `maskkit.data.fingerprint`); one
+without gets a digest of its arrays (in memory) or its count, size and labels.
 A new source is one file: a class or function decorated with `register_dataset` (in maskkit, a
 module under `maskkit/data/sources/`; elsewhere, a module named in MASKKIT_PLUGINS or an entry
 point in the group `maskkit.datasets`).

@@ -30,7 +30,9 @@ from maskkit.data import (
     ImageData,
     channel_stats,
     check_classes,
+    data_fingerprint,
     default_workers,
+    fingerprint_change,
     load_dataset,
     make_splits,
     parse_dataset,
@@ -53,6 +55,10 @@ class RunWarning(UserWarning):
     """What a run changed from its request (e.g. a batch size clamped to the split); the CLI prints one line."""
 
 
+class DataChangeWarning(UserWarning):
+    """A run's data changed since it was pretrained and is used anyway (`trust_data_change`); one CLI line."""
+
+
 @dataclass
 class Run:
     """A run built from its record: data, splits, batcher, MAE and policy (untrained)."""
@@ -64,6 +70,7 @@ class Run:
     mae: nn.Module
     policy: nn.Module
     device: torch.device
+    data_changed: str | None = None  # what changed in the data since pretraining, when trusted anyway
 
 
 def resolve_device(name: str, dist: DistContext = SINGLE) -> torch.device:
@@ -207,6 +214,7 @@ def dataset_section(
         "splits": {k: len(v) for k, v in splits.items()},
         "split_rule": split_rule(data),
         "stats": stats,
+        "fingerprint": data_fingerprint(data),  # evaluate, visualize and --resume check the data against it
     }
     return section, splits
 
@@ -288,24 +296,53 @@ def resolve(
 # ---- resolved record -> built run -> trainer ----------------------------------------------------
 
 
+def data_change(record: RunRecord, data: Any) -> str | None:
+    """What changed in `data` since the run of `record` was pretrained on it ("content changed (sha256 ...)"),
+    or None: unchanged, or a run recorded before fingerprints (not checked)."""
+    recorded = record.dataset.get("fingerprint")
+    if not isinstance(recorded, dict):
+        return None
+    return fingerprint_change(recorded, data_fingerprint(data))
+
+
+def check_data(
+    record: RunRecord, data: Any, *, run_dir: str | Path | None = None, trust_data_change: bool = False
+) -> str | None:
+    """RunError (one line naming the dataset and what changed) when `data` is not what the run was pretrained
+    on; with `trust_data_change`, a `DataChangeWarning` instead. Returns what changed, or None."""
+    changed = data_change(record, data)
+    if changed is None:
+        return None
+    run = "the run" if run_dir is None else f"run {run_dir}"
+    text = f"data of {run} changed since it was pretrained: {record.dataset['name']}: {changed}"
+    if not trust_data_change:
+        raise RunError(f"{text}; pass --trust-data-change to use it anyway")
+    warnings.warn(DataChangeWarning(f"{text}; using it anyway, as --trust-data-change asks"), stacklevel=3)
+    return changed
+
+
 def build_run(
     record: RunRecord, device: torch.device | None = None, data: ImageData | None = None, *,
-    run_dir: str | Path | None = None, trust_data: bool = False,
+    run_dir: str | Path | None = None, trust_data_change: bool = False,
 ) -> Run:
     """Data, splits, normalisation, MAE and policy exactly as config.json describes them.
 
     `data`: the images of a new run (`new_run`), already read; the record then gets the model's
-    sizes and the mask ratio is checked against them. Without it they are read as the record says,
-    an image folder from the file index kept in `run_dir` (checked against the folder unless `trust_data`).
+    sizes and the mask ratio is checked against them. Without it they are read as the record says (an
+    image folder from the file index kept in `run_dir`, its listing checked against the folder) and
+    checked against the record's fingerprint (`check_data`: a RunError naming `run_dir` and what
+    changed, unless `trust_data_change`).
     """
     device = resolve_device(record.device) if device is None else device
-    ds, new = record.dataset, data is not None
+    ds, new, changed = record.dataset, data is not None, None
     if data is None:
         try:
             data = load_dataset(ds["name"], ds.get("data_dir"), download=False, img_size=ds.get("img_size_override"),
-                                cache_dir=run_dir, check=not trust_data)  # fmt: skip
+                                cache_dir=run_dir, check=not trust_data_change)  # fmt: skip
         except DataError as err:
-            raise RunError(str(err)) from None
+            raise RunError(f"{err}; pass --trust-data-change to use it anyway" if "changed" in str(err)
+                           else str(err)) from None  # fmt: skip
+        changed = check_data(record, data, run_dir=run_dir, trust_data_change=trust_data_change)
     splits = make_splits(data, ds["split_seed"], ds["split_fractions"])
     sizes = {k: len(v) for k, v in splits.items()}
     if sizes != ds["splits"]:
@@ -326,7 +363,7 @@ def build_run(
         record.model.update(patch_size=int(mae.patch_size), num_patches=mae.num_patches, embed_dim=mae.embed_dim)
         check_ratio(ratio, mae.num_patches)
     policy = create_policy(pol["name"], **policy_kwargs(pol["name"], pol["options"], ratio, mae))
-    return Run(record, data, splits, batcher, mae, policy.to(device), device)
+    return Run(record, data, splits, batcher, mae, policy.to(device), device, changed)
 
 
 def new_run(
@@ -350,7 +387,8 @@ def build_trainer(run: Run, dist: DistContext = SINGLE, *, steps: int | None = N
 
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "MIN_AUTO_PATCHES", "STATS_SAMPLE", "Run", "RunWarning", "build_mae", "build_run", "build_trainer", "choose_patch_size",
-    "dataset_section", "model_kind", "model_section", "model_spec", "new_run", "policy_kwargs", "pretrain_split", "resolve",
+    "IMAGENET_MEAN", "IMAGENET_STD", "MIN_AUTO_PATCHES", "STATS_SAMPLE", "DataChangeWarning", "Run", "RunWarning",
+    "build_mae", "build_run", "build_trainer", "check_data", "choose_patch_size", "data_change", "dataset_section",
+    "model_kind", "model_section", "model_spec", "new_run", "policy_kwargs", "pretrain_split", "resolve",
     "resolve_device", "split_statistics",
 ]  # fmt: skip

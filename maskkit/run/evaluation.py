@@ -85,23 +85,34 @@ def load_weights(run: Run, run_dir: str | Path) -> dict[str, Any]:
     return loaded
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "auto", *, weights: bool = True) -> Run:
-    """A finished (or checkpointed) run rebuilt with its trained encoder and masker (`weights=False`: untrained)."""
+def load_run(
+    run_dir: str | Path, device: str | torch.device = "auto", *, weights: bool = True,
+    trust_data_change: bool = False,
+) -> Run:
+    """A finished (or checkpointed) run rebuilt with its trained encoder and masker (`weights=False`:
+    untrained). Its data must be what it was pretrained on (the record's fingerprint), unless
+    `trust_data_change`.
+    """
     record = RunRecord.read(run_dir)
-    run = build_run(record, device if isinstance(device, torch.device) else resolve_device(device), run_dir=run_dir)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    run = build_run(record, dev, run_dir=run_dir, trust_data_change=trust_data_change)
     if weights:
         load_weights(run, run_dir)
     return run
 
 
-def load_encoder(run_dir: str | Path, device: str | torch.device = "auto") -> nn.Module:
+def load_encoder(
+    run_dir: str | Path, device: str | torch.device = "auto", *, trust_data_change: bool = False
+) -> nn.Module:
     """The run's trained MAE (its adapter's MAE-protocol module; `.features(images)` gives [B, D])."""
-    return load_run(run_dir, device).mae
+    return load_run(run_dir, device, trust_data_change=trust_data_change).mae
 
 
-def load_masker(run_dir: str | Path, device: str | torch.device = "auto") -> nn.Module:
+def load_masker(
+    run_dir: str | Path, device: str | torch.device = "auto", *, trust_data_change: bool = False
+) -> nn.Module:
     """The run's trained masking policy (e.g. the learned masker), ready for `use_policy` or a MaskPlan."""
-    return load_run(run_dir, device).policy
+    return load_run(run_dir, device, trust_data_change=trust_data_change).policy
 
 
 def evaluate_run(
@@ -117,10 +128,13 @@ def evaluate_run(
     device: str = "auto",
     on_step: Callable[[int, int], None] | None = None,
     on_plan: Callable[[str], None] | None = None,
+    trust_data_change: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """Score the run's encoder (linear probe or fine-tune) and record it in eval.json; returns (key, record).
 
-    The key is `<protocol>` (`-random` for the untrained encoder) with `@val` when scored on val.
+    The key is `<protocol>` (`-random` for the untrained encoder) with `@val` when scored on val. Data
+    that changed since pretraining is refused (RunError naming what changed) unless `trust_data_change`;
+    the entry then records what changed (`"data_changed"`).
     """
     from maskkit.evaluate import evaluate_encoder
 
@@ -134,7 +148,7 @@ def evaluate_run(
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if value is not None and value < 1:
             raise RunError(f"{flag(name)} must be a positive integer, got {value}")
-    run = build_run(record, resolve_device(device), run_dir=run_dir)
+    run = build_run(record, resolve_device(device), run_dir=run_dir, trust_data_change=trust_data_change)
     source = {"source": "random initialisation", "step": 0}
     if init == "pretrained":
         source = load_weights(run, run_dir)
@@ -149,5 +163,7 @@ def evaluate_run(
              "scored_on": scored_on}  # fmt: skip
     if source.get("in_progress"):
         entry["in_progress"] = True  # a mid-run score: a later one of the final weights replaces it
+    if run.data_changed is not None:
+        entry["data_changed"] = run.data_changed  # scored on data other than the run's, as asked
     merge_json(run_dir / EVAL, key, entry)
     return key, entry

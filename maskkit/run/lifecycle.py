@@ -130,18 +130,24 @@ def resume_run(
     device: str = "auto",
     dist: DistContext = SINGLE,
     trust_unverified: bool = False,
+    trust_data_change: bool = False,
 ) -> PreparedRun:
     """The run in `run_dir`, from its newest good checkpoint (or from step 0, with a warning, if it has none).
 
     `steps` extends the run (written to config.json); `device` 'auto' means the run's own. A checkpoint
-    without its `.sha256` is skipped (with a warning) unless `trust_unverified`. metrics.jsonl is
-    checked line by line before anything is built, then cut back to the restored step. Rank 0 takes
-    the directory's lock before anything is read or written (RunLockedError while another process has it).
+    without its `.sha256` is skipped (with a warning) unless `trust_unverified`; data that changed since
+    the run was pretrained (its fingerprint in config.json) is refused unless `trust_data_change`.
+    metrics.jsonl is checked line by line before anything is built, then cut back to the restored step.
+    Rank 0 takes the directory's lock before anything is read or written (RunLockedError while another
+    process has it).
     """
     run_dir = Path(run_dir)
     _, lock = _on_main(lambda: (None, _lock(run_dir, "resume") if (run_dir / CONFIG).is_file() else None), dist)
     try:
-        prepared = _resume_run(run_dir, steps=steps, device=device, dist=dist, trust_unverified=trust_unverified)
+        prepared = _resume_run(
+            run_dir, steps=steps, device=device, dist=dist, trust_unverified=trust_unverified,
+            trust_data_change=trust_data_change,
+        )  # fmt: skip
     except BaseException:
         if lock is not None:
             lock.abandon()  # a refused resume leaves the directory as it was
@@ -152,7 +158,7 @@ def resume_run(
 
 def _resume_run(
     run_dir: str | Path, *, steps: int | None = None, device: str = "auto", dist: DistContext = SINGLE,
-    trust_unverified: bool = False,
+    trust_unverified: bool = False, trust_data_change: bool = False,
 ) -> PreparedRun:
     """`resume_run` under the lock: read, check, rebuild and restore the run."""
     from maskkit.checkpoint import UnverifiedCheckpointError, is_verified
@@ -176,7 +182,7 @@ def _resume_run(
     start = 0 if state is None else int(state["step"])
     cfg = record.train_config
     torch.manual_seed(cfg.seed)  # as a new run seeds itself: starting over repeats it exactly
-    run = build_run(record, dev, run_dir=run_dir)
+    run = build_run(record, dev, run_dir=run_dir, trust_data_change=trust_data_change)
     if steps is not None and steps <= start:
         raise RunError(f"--steps {steps} does not go beyond the checkpoint's step {start}")
     if steps is None and start >= cfg.steps:

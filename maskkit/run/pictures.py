@@ -87,12 +87,14 @@ def picture(
     tile: int = 96,
     seed: int = 0,
     device: str = "auto",
+    trust_data_change: bool = False,
 ) -> Picture:
     """Write a PNG of a run's masks (image, hidden patches, heat map, reconstruction) or a policy gallery.
 
     With `policies` ('all' or 'a,b'): one column per policy on the same test images at one ratio,
     on `run_dir`'s model and data if given, else on an untrained `model` (default micro) over
-    `dataset` (default digits).
+    `dataset` (default digits). A run's data that changed since pretraining is refused (RunError naming
+    what changed) unless `trust_data_change`.
     """
     from maskkit.visualize import mask_grid, policy_gallery
 
@@ -105,13 +107,15 @@ def picture(
         raise RunError("give RUN_DIR (a run's masks) or --policies all|NAME,... (a gallery of policies)")
     if run_dir is not None and (dataset, data_dir, model) != (None, None, None):
         raise RunError("--dataset, --data-dir and --model are for a gallery without RUN_DIR")
+    if run_dir is None and trust_data_change:
+        raise RunError("--trust-data-change only applies with RUN_DIR (a run's data)")
     names = None if policies is None else policy_names(policies)
     if mask_ratio is not None:
         check_ratio(mask_ratio)
     dev = resolve_device(device)
     loaded: dict[str, Any] = {}
     if run_dir is not None:
-        run = load_run(run_dir, dev, weights=False)
+        run = load_run(run_dir, dev, weights=False, trust_data_change=trust_data_change)
         refuse_inside_data(output, run.record.dataset["name"], "--output")
         loaded = load_weights(run, run_dir)
         ratio = run.record.train["mask_ratio"] if mask_ratio is None else mask_ratio

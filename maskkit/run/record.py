@@ -1,7 +1,8 @@
 """The run directory's files and its record, config.json: the `RunConfig` asked for and what it resolved to.
 
 A run directory holds `config.json` (`RunRecord`), `metrics.jsonl`, `checkpoints/checkpoint-<step>.pt`
-(+ `.sha256`), `model.pt` (final weights), `summary.json`, and later `eval.json` and pictures. This
+(+ `.sha256`), `model.pt` (final weights), `summary.json`, and later `eval.json` (merged under the lock
+`.eval.json.lock`, `merge_json`) and pictures. This
 module names those files and reads and writes the record; runs of format 1 (before `RunConfig`)
 still read as they always did. A record of format 2 is checked against `FORMAT_2`: every field
 present and of its type (a one-line RunError naming it, never a default), except the few fields
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from maskkit.checkpoint import atomic_write_text
+from maskkit.locking import locked
 from maskkit.train import TrainConfig
 from maskkit.train.config import RECORD_KEYS, MLOSettings, Resolved, TrainSettings
 
@@ -125,6 +127,7 @@ FORMAT_2: Schema = {
         "in_chans": int, "num_images": int, "num_classes": int, "labeled": bool, "layout": str | None,
         "mean": list[float], "std": list[float], "augment": str, "split_seed": int,
         "split_fractions": dict[str, float], "splits": dict[str, int], "split_rule": str, "stats": str,
+        "fingerprint": dict[str, Any],
     },
     "model": {
         "name": str, "options": dict[str, Any], "img_size": int | list[int], "patch_size": int, "in_chans": int,
@@ -139,7 +142,7 @@ FORMAT_2: Schema = {
 
 #: fields added to format 2 after its first runs were written; a run without one ran without that setting
 ADDED_IN_FORMAT_2 = frozenset({
-    "config.mlo.hypergrad_options", "train.mlo.hypergrad_options",
+    "config.mlo.hypergrad_options", "train.mlo.hypergrad_options", "dataset.fingerprint",
     # the data issue (22): workers, skipped files, the official layout's split rule, the statistics' origin
     "config.data.num_workers", "config.data.skip_bad_images", "dataset.split_rule", "dataset.stats",
     # the official MAE recipe's flags (issue 22): a run without them ran with 1, none, 0 and none
@@ -230,13 +233,21 @@ def write_json(path: Path, value: Any) -> None:
 
 
 def merge_json(path: Path, key: str, value: Any) -> dict[str, Any]:
-    """Set `key` in the JSON object at `path` (created if absent), written atomically."""
-    current: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            current = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            raise RunError(f"{path} is not valid JSON; move it away to write new results") from None
-    current[key] = value
-    write_json(path, current)
+    """Set `key` in the JSON object at `path` (created if absent), written atomically.
+
+    The read-modify-write holds an exclusive flock on the sibling `.<name>.lock` (`maskkit.locking.locked`),
+    so two processes merging into one file (two `evaluate`s of one run) each keep their key.
+    """
+    path = Path(path)
+    with locked(path):
+        current: dict[str, Any] = {}
+        if path.is_file():
+            try:
+                current = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise RunError(f"{path} is not valid JSON; move it away to write new results") from None
+            if not isinstance(current, dict):
+                raise RunError(f"{path} holds no JSON object; move it away to write new results")
+        current[key] = value
+        write_json(path, current)
     return current

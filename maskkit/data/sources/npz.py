@@ -1,11 +1,18 @@
 """`npz:PATH`: arrays in one .npz archive: `images` ([N,H,W], [N,H,W,C] or [N,C,H,W]; uint8 or float in
 [0, 1]) and optional `labels` [N] (integers or strings, remapped to 0..K-1 in sorted order), in memory.
 
-The archive is read with `allow_pickle=False`: an object array is refused, never unpickled.
+The archive is read with `allow_pickle=False`: an object array is refused, never unpickled. The file is
+read once: its bytes are hashed (`NpzData.fingerprint`, the run's record of what it trained on) and the
+arrays loaded from those same bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import zipfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +30,38 @@ CARD = Card(
 )
 
 
+#: what a damaged archive raises on reading (beside ValueError and OSError)
+BROKEN = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+@dataclass
+class NpzData(ImageData):
+    """The arrays of one .npz file in memory, and the SHA-256 and size of the file's bytes they came from."""
+
+    file_sha256: str = ""
+    file_bytes: int = 0
+
+    def fingerprint(self) -> dict[str, Any]:
+        """{"kind": "npz", "bytes": size of the file, "sha256": hex SHA-256 of its bytes}."""
+        return {"kind": "npz", "bytes": self.file_bytes, "sha256": self.file_sha256}
+
+
 @register_dataset("npz", card=CARD, arg="path")
 def npz(*, arg: str, **_: Any) -> ImageData:
     """The arrays of the .npz file `arg`."""
     return load_npz(arg)
 
 
-def load_npz(path: str | Path) -> ImageData:
+def load_npz(path: str | Path) -> NpzData:
     """Arrays `images` ([N,H,W], [N,H,W,C] or [N,C,H,W]; uint8, or float in [0, 1]) and optional `labels` [N]."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"npz file {path} does not exist")
     try:
-        archive = np.load(path, allow_pickle=False)
-    except ValueError as err:
-        raise DataError(f"cannot read npz file {path}: {err}") from None
-    except OSError as err:
-        raise DataError(f"cannot read npz file {path}: {err}") from None
+        blob = path.read_bytes()
+        archive = np.load(io.BytesIO(blob), allow_pickle=False)
+    except BROKEN as err:
+        raise DataError(f"cannot read npz file {path}: {_reason(err)}") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise DataError(f"{path} is a single .npy array, not an .npz archive with 'images' and 'labels'")
     with archive:
@@ -49,13 +71,23 @@ def load_npz(path: str | Path) -> ImageData:
         try:
             raw = archive["images"]
             raw_labels = archive["labels"] if "labels" in keys else None
-        except ValueError as err:
-            raise DataError(f"cannot read npz file {path}: {err}") from None
+        except BROKEN as err:
+            raise DataError(f"cannot read npz file {path}: {_reason(err)}") from None
     images = _npz_images(raw, path)
     labels = classes = None
     if raw_labels is not None:
         labels, classes = _npz_labels(raw_labels, len(images), path)
-    return ImageData(f"npz:{path}", images, labels, classes)
+    return NpzData(f"npz:{path}", images, labels, classes, file_sha256=hashlib.sha256(blob).hexdigest(),
+                   file_bytes=len(blob))  # fmt: skip
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of what went wrong ('empty file' for numpy's EOFError)."""
+    if isinstance(err, EOFError):
+        return "the file is empty"
+    if isinstance(err, zipfile.BadZipFile):
+        return f"not a complete .npz (zip) archive ({err})"
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _npz_images(raw: np.ndarray, path: Path) -> Tensor:
