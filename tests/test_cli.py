@@ -558,7 +558,7 @@ def test_evaluate_help_and_docs_state_the_defaults_the_code_uses():
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.replace("│", " ").split())  # help text, unwrapped
     for phrase in (f"linear {ev.LINEAR_EPOCHS}, finetune {ev.FINETUNE_EPOCHS}",
-                   f"at least {ev.MIN_DEFAULT_STEPS} steps",
+                   f"at least {ev.MIN_DEFAULT_STEPS} linear or {ev.MIN_FINETUNE_STEPS} fine-tune steps",
                    f"linear {ev.LINEAR_BATCH_SIZE}, finetune {ev.FINETUNE_BATCH_SIZE}",
                    f"linear LARS {ev.LINEAR_BASE_LR} x batch/256, finetune AdamW {ev.FINETUNE_LR}",
                    "--no-progress"):
