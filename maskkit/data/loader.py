@@ -408,10 +408,11 @@ def _identity(batch: Fetched) -> Fetched:
 
 
 def _quiet_worker(_: int) -> None:
-    """Worker start-up: stop signals sent to the whole process group (Ctrl-C, a scheduler's SIGTERM or
+    """Worker start-up: the stop signals sent to a whole process group (Ctrl-C's SIGINT, a scheduler's
     SIGUSR1) are the main process's to handle: it finishes its step and checkpoints while the workers
-    still serve it, then shuts them down (`shutdown_workers`; they also end when it dies)."""
-    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+    still serve it, then shuts them down (`shutdown_workers`; they also end when it dies). SIGTERM keeps
+    its default: it is how the main process ends a worker that does not stop in time."""
+    for name in ("SIGINT", "SIGUSR1"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 

@@ -285,7 +285,8 @@ class Trainer:
 
         Under torchrun every rank must call it (the ranks' generator and RNG states are gathered).
         """
-        own = {"generators": {name: g.get_state().cpu() for name, g in self.generators.items()}, "rng": rng_state()}
+        own = {"generators": {name: g.get_state().cpu() for name, g in self.generators.items()}, "rng": rng_state(),
+               "loaders": {name: loader.state_dict() for name, loader in self.loaders.items()}}  # this rank's
         state: dict[str, Any] = {
             "version": STATE_VERSION,
             "step": self.step_count,
@@ -312,9 +313,10 @@ class Trainer:
             )
         try:
             self.train_step.load_state_dict(state)
-            for name, loader in self.loaders.items():
-                loader.load_state_dict(state["streams"][name])
             own = state["ranks"][self.dist.rank]
+            loaders = own.get("loaders", state["streams"])  # each rank's own (checkpoints before: the shared streams)
+            for name, loader in self.loaders.items():
+                loader.load_state_dict(loaders[name])
             for name, gen in self.generators.items():  # checkpoints before keyed augmentation also hold "augment"
                 gen.set_state(own["generators"][name])
         except (KeyError, RuntimeError, ValueError) as err:
