@@ -33,9 +33,12 @@ __all__ = ["DIAGNOSTICS", "RECORDED", "ArmResult", "Report", "Row", "build_repor
 
 RECORDED = "recorded.jsonl"
 #: the collapse diagnostics a report shows (from a run's final metrics line), with their digits
-DIAGNOSTICS = {"mask_iou": 3, "mask_pos_entropy": 3, "logit_spread": 2, "hpm_rank_corr": 2, "masker_prior_kl": 4}
+#: (ink_hidden / background_hidden: shares of ink and background patches hidden, in recorded rows of digits)
+DIAGNOSTICS = {"mask_iou": 3, "mask_pos_entropy": 3, "logit_spread": 2, "hpm_rank_corr": 2, "masker_prior_kl": 4,
+               "ink_hidden": 2, "background_hidden": 2}  # fmt: skip
 DIAGNOSTIC_NAMES = {"mask_iou": "mask IoU", "mask_pos_entropy": "position entropy", "logit_spread": "logit spread",
-                    "hpm_rank_corr": "hpm rank corr", "masker_prior_kl": "prior KL"}  # fmt: skip
+                    "hpm_rank_corr": "hpm rank corr", "masker_prior_kl": "prior KL", "ink_hidden": "ink hidden",
+                    "background_hidden": "background hidden"}  # fmt: skip
 
 
 @dataclass
@@ -258,7 +261,9 @@ def calibration_lines(report: Report) -> list[str]:
     for arm, steps in report.calibration.get("steps", {}).items():
         of = report.study.arms[arm].equal_cost.of
         basis = report.calibration["basis"][arm]
-        if basis == "wall time":
+        if basis == "wall time" and not {arm, of} <= set(costs):
+            how = "wall time recorded with the rows"
+        elif basis == "wall time":
             mine, theirs = costs[arm]["seconds_per_step"], costs[of]["seconds_per_step"]
             how = (f"{of} {theirs:.4f} s/step, {arm} {mine:.4f} s/step (interleaved calibration, "
                    f"{report.calibration.get('threads', 1)} thread(s))")  # fmt: skip
