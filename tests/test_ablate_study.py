@@ -4,7 +4,6 @@ example studies (examples/studies/*.toml) validate and print their commands with
 from __future__ import annotations
 
 import copy
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from typer.testing import CliRunner
 
 from maskkit.ablate import StudyError, load_study, parse_study
 from maskkit.ablate.plan import study_runs
+from maskkit.ablate.study import tomllib
 from maskkit.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -92,8 +92,8 @@ def convert(name: str, rows: dict[str, dict]) -> Path:
     for arm, grid in grids.items():
         sel = study.arms[arm].select
 
-        def score(value: str, seed: int, split: str, grid: dict = grid) -> float:
-            return rows[f"{prefix}{grid[value]}/s{seed}@{split}"][f"{sel.by}_{split}"]
+        def score(value: str, seed: int, split: str, grid: dict = grid, by: str = sel.by) -> float:
+            return rows[f"{prefix}{grid[value]}/s{seed}@{split}"][f"{by}_{split}"]
 
         choice = choose(sel, score)
         selection[arm] = choice.to_dict()
