@@ -36,7 +36,7 @@ def test_a_small_study_runs_and_reports(tmp_path):
     study, out = tmp_path / "study.toml", tmp_path / "d"
     study.write_text(STUDY)
     cli = CliRunner()
-    result = cli.invoke(app, ["ablate", str(study), "--out", str(out), "--jobs", "2", "--threads", "1", "--no-progress"])
+    result = cli.invoke(app, ["ablate", str(study), "--out", str(out), "--jobs", "2", "--threads", "1"])
     assert result.exit_code == 0, result.output
     for name in ("random-s0", "hpm-s0", "random-s1", "hpm-s1"):
         run = out / "runs" / name

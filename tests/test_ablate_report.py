@@ -96,7 +96,7 @@ def test_markdown_csv_and_json_show_every_seed(tmp_path):
     text = markdown(report)
     assert "| random | 30 | 4 | 91.2 ± 2.6 | s0: 90.0, s1: 91.0, s2: 89.0, s3: 95.0 |" in text
     assert "| mlo − random | equal steps | linear probe | +2.00 ± 0.50 | 3 |" in text
-    assert "- mlo beats random on linear probe (equal steps)" in text
+    assert "- mlo against random, linear probe (equal steps): beats, +2.00 ± 0.50 over 3 paired seed(s)" in text
     assert "Not finished yet (1): mlo-s3" in text
     rows = list(csv.DictReader(io.StringIO(arms_csv(report))))
     assert len(rows) == 11
