@@ -47,7 +47,7 @@ def draw_chart(report: Report, path: str | Path) -> Path:
                     left.plot([summary.mean - summary.sd, summary.mean + summary.sd], [y, y], color="black", lw=0.8)
         left.set_yticks(range(len(arms)), [a.arm for a in arms])
         left.invert_yaxis()
-        left.set_xlabel(f"{metric} top-1 % (test): seeds as points, mean as bar, ± sd")
+        left.set_xlabel(f"{metric} top-1 % (test): seeds as points, mean as bar, ± sd", fontsize=8)
         left.grid(axis="x", alpha=0.3)
         handles, labels = left.get_legend_handles_labels()
         unique = dict(zip(labels, handles, strict=False))
@@ -64,7 +64,7 @@ def draw_chart(report: Report, path: str | Path) -> Path:
         right.set_yticks(range(len(comps)), [f"{c.arm} − {c.reference}\n({c.basis}: {c.verdict})" for c in comps],
                          fontsize=8)  # fmt: skip
         right.invert_yaxis()
-        right.set_xlabel(f"paired Δ {metric}, points (95% paired-t CI; ◆ mean, • seeds)")
+        right.set_xlabel(f"paired Δ {metric}, points: 95% paired-t CI, ◆ mean, • seeds", fontsize=8)
         right.grid(axis="x", alpha=0.3)
     fig.suptitle(f"{report.study.name}: {report.study.data}, seeds {', '.join(map(str, report.study.seeds))}")
     fig.tight_layout()
