@@ -108,6 +108,11 @@ def test_markdown_csv_and_json_show_every_seed(tmp_path):
     assert len(payload["comparisons"]) == 6
     with Image.open(written["chart"]) as png:
         assert png.format == "PNG" and png.width > 400 and png.height > 200
+    from maskkit.ablate.chart import draw_chart_pil  # the chart without matplotlib
+
+    with Image.open(draw_chart_pil(report, d / "pil.png")) as png:
+        assert png.format == "PNG" and png.width > 400 and png.height > 200
+        assert len(set(png.convert("RGB").getdata())) > 5  # points, bars and intervals in colour, not a blank
 
 
 def test_recorded_rows_fill_runs_that_have_no_directory(tmp_path):

@@ -1,9 +1,13 @@
 """The report's PNG chart: per evaluation, each arm's score with every seed as a point (left), and each
-comparison's paired difference with its 95% paired t interval (right; zero marked). matplotlib (Agg).
+comparison's paired difference with its 95% paired t interval (right; zero marked).
+
+Drawn with matplotlib (Agg) when it is installed (`pip install maskkit[plot]`), else with PIL alone
+(`draw_chart_pil`: the same panels, plainer).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +23,10 @@ VERDICT_COLOURS = {"beats": "#2ca02c", "loses": "#d62728", "ties within noise": 
 
 def draw_chart(report: Report, path: str | Path) -> Path:
     """Draw the chart of `report` into `path` (PNG); returns the path."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        return draw_chart_pil(report, path)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -71,4 +78,78 @@ def draw_chart(report: Report, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
+
+
+def _hex(colour: str) -> tuple[int, int, int]:
+    return tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+
+
+def draw_chart_pil(report: Report, path: str | Path) -> Path:
+    """The chart with PIL only: per evaluation a row of two panels (scores, paired intervals)."""
+    from PIL import Image, ImageDraw
+
+    path = Path(path)
+    protocols = list(report.study.evaluations)
+    arms = [a for a in report.arms if a.rows]
+    seeds = sorted(set(report.study.seeds) | {s for a in arms for p in protocols for s in a.per_seed.get(p, {})})
+    line, label_w, panel_w, pad = 22, 260, 360, 16
+    blocks = []
+    for protocol in protocols:
+        comps = [c for p, c in report.comparisons if p == protocol]
+        blocks.append((protocol, comps, 40 + line * max(len(arms), len(comps), 1) + 30))
+    width = 2 * (label_w + panel_w) + 3 * pad
+    image = Image.new("RGB", (width, sum(h for _, _, h in blocks) + 30), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((pad, 8), f"{report.study.name}: {report.study.data}, seeds {', '.join(map(str, report.study.seeds))}",
+              fill="black")  # fmt: skip
+    top = 30
+
+    def axis(x0: int, lo: float, hi: float) -> Callable[[float], float]:
+        span = (hi - lo) or 1.0
+        return lambda v: x0 + (v - lo) / span * panel_w
+
+    for protocol, comps, height in blocks:
+        metric = {"linear": "linear probe", "finetune": "fine-tune"}.get(protocol, protocol)
+        values = [v for a in arms for v in a.per_seed.get(protocol, {}).values()]
+        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+        lo, hi = lo - 0.05 * (hi - lo or 1), hi + 0.05 * (hi - lo or 1)
+        x0 = pad + label_w
+        to_x = axis(x0, lo, hi)
+        draw.text((x0, top), f"{metric} top-1 % (test): seeds as dots, mean as bar  [{lo:.1f} .. {hi:.1f}]",
+                  fill="black")  # fmt: skip
+        for i, arm in enumerate(arms):
+            y = top + 30 + i * line
+            draw.text((pad, y - 6), arm.arm[:40], fill="black")
+            draw.line([(x0, y), (x0 + panel_w, y)], fill=(230, 230, 230))
+            for seed, value in arm.per_seed.get(protocol, {}).items():
+                x = to_x(value)
+                colour = _hex(SEED_COLOURS[seeds.index(seed) % len(SEED_COLOURS)])
+                draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+            summary = arm.scores.get(protocol)
+            if summary is not None:
+                x = to_x(summary.mean)
+                draw.line([(x, y - 8), (x, y + 8)], fill="black", width=3)
+        ends = [v for c in comps for v in (c.low, c.high, *c.differences) if v is not None] + [0.0]
+        clo, chi = min(ends), max(ends)
+        clo, chi = clo - 0.05 * (chi - clo or 1), chi + 0.05 * (chi - clo or 1)
+        x1 = 2 * pad + 2 * label_w + panel_w
+        to_x = axis(x1, clo, chi)
+        draw.text((x1, top), f"paired difference, {metric}, points: 95% paired-t CI  [{clo:+.1f} .. {chi:+.1f}]",
+                  fill="black")  # fmt: skip
+        zero = to_x(0.0)
+        draw.line([(zero, top + 20), (zero, top + 30 + line * max(len(comps), 1))], fill="black")
+        for i, c in enumerate(comps):
+            y = top + 30 + i * line
+            colour = _hex(VERDICT_COLOURS[c.verdict])
+            draw.text((x1 - label_w, y - 6), f"{c.arm} - {c.reference}"[:42], fill="black")  # PIL's font: ASCII
+            if c.low is not None:
+                draw.line([(to_x(c.low), y), (to_x(c.high), y)], fill=colour, width=4)
+            for d in c.differences:
+                draw.ellipse([to_x(d) - 2, y - 2, to_x(d) + 2, y + 2], fill="black")
+            x = to_x(c.mean)
+            draw.polygon([(x, y - 6), (x + 6, y), (x, y + 6), (x - 6, y)], fill=colour)
+        top += height
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
     return path
