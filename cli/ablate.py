@@ -37,7 +37,9 @@ class DefaultToRun(TyperGroup):
 
 ablate_app = typer.Typer(
     cls=DefaultToRun, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-    help="Paired masking studies: every (arm, seed) a run, selection on val, controls, equal cost; then a report.",
+    help="Paired masking studies: every (arm, seed) a run, selection on val, controls, equal cost; then a report. "
+    "`maskkit ablate STUDY.toml --out DIR` is `maskkit ablate run STUDY.toml --out DIR`; then "
+    "`maskkit ablate report DIR`.",
 )  # fmt: skip
 
 
