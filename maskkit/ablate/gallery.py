@@ -19,8 +19,11 @@ if TYPE_CHECKING:
 __all__ = ["draw_gallery"]
 
 
-def draw_gallery(report: Report, path: str | Path, *, num_images: int = 6, tile: int = 72, seed: int = 0) -> Path | None:
-    """Write the gallery PNG (None when no arm has a finished run directory)."""
+def draw_gallery(
+    report: Report, path: str | Path, *, num_images: int = 6, tile: int | None = None, seed: int = 0
+) -> Path | None:
+    """Write the gallery PNG (None when no arm has a finished run directory); `tile` defaults to a side that
+    fits the longest arm name in its column header (PIL's font: about 6 pixels a character)."""
     from maskkit.checkpoint import atomic_write_bytes
     from maskkit.run import load_run
     from maskkit.visualize import Gallery, check_picture_size, compose_gallery, render_panels
@@ -33,6 +36,8 @@ def draw_gallery(report: Report, path: str | Path, *, num_images: int = 6, tile:
     if not runs:
         return None
     device = torch.device("cpu")
+    if tile is None:
+        tile = min(160, max(72, 6 * max(len(name) for name in runs) + 8))
     first = load_run(next(iter(runs.values())), device, weights=False)
     pool = first.splits["test"]
     count = min(num_images, len(pool))
