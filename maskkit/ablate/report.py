@@ -155,7 +155,7 @@ def build_report(study_dir: str | Path) -> Report:
     study_dir = Path(study_dir)
     if not (study_dir / STUDY_FILE).is_file():
         raise StudyError(f"{study_dir} holds no {STUDY_FILE}: not a study directory (maskkit ablate STUDY.toml --out DIR)")
-    study = load_study(study_dir / STUDY_FILE)
+    study = load_study(study_dir / STUDY_FILE, name=study_dir.resolve().name)
     selection, calibration = _read(study_dir / SELECTION), _read(study_dir / CALIBRATION)
     chosen = {arm: entry["chosen"] for arm, entry in selection.items() if "chosen" in entry}
     protocols = list(study.evaluations)

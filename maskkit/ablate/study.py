@@ -176,8 +176,11 @@ class Study:
         return "equal steps" if mine[0] is not None else "equal epochs"
 
 
-def load_study(path: str | Path) -> Study:
-    """Read and validate a study file (StudyError naming the file, or the key, in one line)."""
+def load_study(path: str | Path, *, name: str | None = None) -> Study:
+    """Read and validate a study file (StudyError naming the file, or the key, in one line).
+
+    Its name is `[study] name`, else `name`, else the file's stem.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -187,7 +190,7 @@ def load_study(path: str | Path) -> Study:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise StudyError(f"{path} is not valid TOML: {err}") from None
-    return parse_study(raw, source=text, name=path.stem)
+    return parse_study(raw, source=text, name=name or path.stem)
 
 
 def _keys(table: Any, allowed: set[str], where: str) -> dict[str, Any]:
