@@ -112,10 +112,17 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(tmp_path):
     half = tmp_path / "d" / "runs" / "random-s1"
     (half / "checkpoints").mkdir(parents=True)
     (half / "checkpoints" / "checkpoint-0000010.pt").write_bytes(b"x")
+    (half / "config.json").write_text(json.dumps({"train": {"steps": 30}}))
     (half / "lr").write_text("-")
+    ended = tmp_path / "d" / "runs" / "random-s2"  # stopped after its last checkpoint, before model.pt
+    (ended / "checkpoints").mkdir(parents=True)
+    (ended / "checkpoints" / "checkpoint-0000030.pt").write_bytes(b"x")
+    (ended / "config.json").write_text(json.dumps({"train": {"steps": 30}}))
     runner.run()
     pretrains = [c for c in fake.calls if c[0] == "pretrain"]
     assert ["pretrain", "--resume", str(half), "--no-progress"] in pretrains
+    assert [c[c.index("--out") + 1] for c in pretrains if "--out" in c] == [
+        str(tmp_path / "d" / "runs" / "random-s0"), str(ended)]  # the ended one starts over
     assert len(pretrains) == 3
     fake.calls.clear()
     runner.run()

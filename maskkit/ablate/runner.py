@@ -268,7 +268,7 @@ class StudyRunner:
             return
         d, env, log = self.run_dir(spec), self.env(), self.log(spec)
         if not self.pretrained(spec):
-            if any((d / "checkpoints").glob("checkpoint-*.pt")):
+            if self._resumable(spec):
                 self._state(spec.name, "resuming")
                 self.launch(["pretrain", "--resume", str(d), "--no-progress"], env, log)
             else:
@@ -281,6 +281,18 @@ class StudyRunner:
                 self._state(spec.name, f"evaluating {eval_key(protocol, split)}")
                 self.launch(cmd, env, log)
         self._state(spec.name, "done")
+
+    def _resumable(self, spec: RunSpec) -> bool:
+        """Whether the run has a checkpoint before its last step (one at the last step, with no model.pt or
+        summary.json, was stopped while writing them: `--resume` would call it complete, so it starts over)."""
+        steps = []
+        for path in (self.run_dir(spec) / "checkpoints").glob("checkpoint-*.pt"):
+            try:
+                steps.append(int(path.stem.split("-")[-1]))
+            except ValueError:
+                continue
+        total = self.progress(spec)[1]
+        return bool(steps) and (total is None or max(steps) < total)
 
     def _state(self, name: str, state: str) -> None:
         if self.on_state is not None:
