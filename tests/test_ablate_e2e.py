@@ -22,7 +22,6 @@ baseline = "random"
 options = { model = "micro", log-every = 10, ckpt-every = 30, device = "cpu" }
 
 [evaluations.linear]
-epochs = 10
 
 [arms.random]
 options = { policy = "random" }
