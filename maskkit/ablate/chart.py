@@ -45,7 +45,8 @@ def draw_chart(report: Report, path: str | Path) -> Path:
             points = arm.per_seed.get(protocol, {})
             for seed, value in sorted(points.items()):
                 colour = SEED_COLOURS[seeds.index(seed) % len(SEED_COLOURS)] if seed in seeds else "black"
-                left.scatter(value, y, color=colour, s=28, zorder=3, label=f"seed {seed}" if y == 0 or seed not in
+                lift = 0.12 * (seeds.index(seed) - (len(seeds) - 1) / 2) if seed in seeds else 0.0  # equal scores stay apart
+                left.scatter(value, y + lift, color=colour, s=28, zorder=3, label=f"seed {seed}" if y == 0 or seed not in
                              arms[0].per_seed.get(protocol, {}) else None)  # fmt: skip
             summary = arm.scores.get(protocol)
             if summary is not None:
