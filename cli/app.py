@@ -1,8 +1,8 @@
-"""The `maskkit` command: policies, list, pretrain, evaluate, visualize, bench (Typer + rich).
+"""The `maskkit` command: policies, list, pretrain, evaluate, visualize, bench, ablate (Typer + rich).
 
 Parsing and printing only: the work is done by maskkit.run (runs: create, resume, train,
 evaluate, pictures), the registries (maskkit.policies, maskkit.adapters, maskkit.data,
-maskkit.mlo; `maskkit list`) and maskkit.bench. `pretrain`'s options are made from
+maskkit.mlo; `maskkit list`), maskkit.bench and maskkit.ablate (cli/ablate.py). `pretrain`'s options are made from
 `maskkit.run.RunConfig`'s fields (cli/options.py); what is printed is drawn in cli/printing.py;
 one-line errors, torchrun and the pretraining bar with its clean stops live in cli/runner.py.
 Every expected failure (bad option, bad data, bad checkpoint) ends the command with exit code 1
@@ -36,6 +36,7 @@ from maskkit.evaluate import (
 from maskkit.policies import AUTO_POLICY_OPTIONS, COMMON_ALLOWED
 
 from . import runner
+from .ablate import ablate_app
 from .listing import list_command
 from .options import config_command, config_from_values, given_on_command_line, option_extras
 from .printing import (  # noqa: F401 - pretrain_progress, step_fields: the bar's parts, importable from here
@@ -89,6 +90,7 @@ def _say(text: str, *, err: bool = False) -> None:
 
 
 app.command("list")(list_command)
+app.add_typer(ablate_app, name="ablate")
 
 
 @app.command("policies")

@@ -40,7 +40,7 @@ def test_a_study_script_imports_only_public_names(script):
         assert name in public, f"{script.name} imports {module_name}.{name}, which is not in its __all__"
 
 
-@pytest.mark.parametrize("script", ["summarize.py", "run_study.py"])
+@pytest.mark.parametrize("script", ["summarize.py", "convert_results.py"])
 def test_the_study_scripts_still_run(script):
     proc = subprocess.run([sys.executable, str(STUDY / script), "--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

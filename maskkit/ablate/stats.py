@@ -59,7 +59,7 @@ class Comparison:
         """The verdict as a line of plain words, with the numbers behind it."""
         spread = "" if self.sd is None else f" ± {self.sd:.2f}"
         interval = "no interval from one seed" if self.low is None else f"95% CI [{self.low:+.2f}, {self.high:+.2f}]"
-        return (f"{self.arm} {self.verdict} {self.reference} on {metric} ({self.basis}): "
+        return (f"{self.arm} against {self.reference}, {metric} ({self.basis}): {self.verdict}, "
                 f"{self.mean:+.2f}{spread} over {self.n} paired seed(s), {interval}")
 
 
