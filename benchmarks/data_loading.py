@@ -6,7 +6,7 @@ the loader's images per second against torchvision's ImageFolder + MAE's transfo
 For each folder size (224 x 224 JPEGs, made by `make_imagefolder.py` under --root unless there):
 - `maskkit pretrain --dataset imagefolder:DIR --model tiny --steps 30 --num-workers W`, run as its own
   process: its peak RSS (VmHWM of the main process), the peak PSS of the whole process tree (main plus
-  workers; shared pages counted once, polled every 50 ms), and the time from launch to the first
+  workers; shared pages counted once, polled every 0.5 s), and the time from launch to the first
   metrics line (--log-every 1: the first step done);
 - the loaders alone, in this one process, interleaved round by round: maskkit's `Loader` (crop + flip in
   the workers, uint8 samples) and the official MAE pipeline (torchvision `ImageFolder` with
@@ -73,12 +73,15 @@ def measure_pretrain(folder: Path, workers: int, steps: int, batch_size: int, ou
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     hwm = pss = 0
     first = None
+    polls = 0
     while proc.poll() is None:
         hwm = max(hwm, _kb(f"/proc/{proc.pid}/status", "VmHWM:"))
-        pss = max(pss, sum(_kb(f"/proc/{p}/smaps_rollup", "Pss:") for p in _tree(proc.pid)))
+        if polls % 5 == 0:  # PSS is costly to read for a large process: every 0.5 s
+            pss = max(pss, sum(_kb(f"/proc/{p}/smaps_rollup", "Pss:") for p in _tree(proc.pid)))
         if first is None and metrics.is_file() and metrics.stat().st_size > 0:
             first = time.perf_counter() - start
-        time.sleep(0.05)
+        polls += 1
+        time.sleep(0.1)
     total = time.perf_counter() - start
     err = proc.stderr.read() if proc.stderr else ""
     if proc.returncode != 0:
@@ -153,22 +156,30 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8, help="pretrain batch (tiny at 224 px: ~5 s a step on 2 cores)")
+    parser.add_argument("--loader-batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=15, help="batches per round of the loader comparison")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "maskkit-bench-folders"))
     parser.add_argument("--out", default=None, help="write the JSON here")
+    parser.add_argument("--loaders-only", action="store_true",
+                        help="measure the loaders again and update --out's file, keeping its pretrain figures")
     args = parser.parse_args()
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                                "args": vars(args), "sizes": {}}  # fmt: skip
+    if args.loaders_only:
+        results = json.loads(Path(args.out).read_text())
     for n in args.sizes:
         folder = Path(args.root) / f"imagenet-{n}"
         if not (folder / "train").is_dir():
             make_imagefolder(folder, n)
-        with tempfile.TemporaryDirectory() as tmp:
-            row = measure_pretrain(folder, args.workers, args.steps, args.batch_size, Path(tmp) / "run")
-        row["loaders"] = loader_rates(folder, args.workers, args.batch_size, args.batches, args.warmup, args.rounds)
+        if args.loaders_only:
+            row = results["sizes"][str(n)]
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                row = measure_pretrain(folder, args.workers, args.steps, args.batch_size, Path(tmp) / "run")
+        row["loaders"] = loader_rates(folder, args.workers, args.loader_batch_size, args.batches, args.warmup, args.rounds)
         results["sizes"][str(n)] = row
         print(json.dumps({n: row}))
     text = json.dumps(results, indent=2) + "\n"
