@@ -285,18 +285,24 @@ def test_torchrun_with_workers_killed_mid_epoch_resumes_bit_identically(folder, 
         cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "maskkit.cli", "pretrain", *map(str, args)]
         return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
+    # the learned masker at all three levels (MAE, head, hypergradient), each rank reading its shard by workers
     args = ["--dataset", f"imagefolder:{folder}", *RUN, "--batch-size", "4", "--steps", "12", "--ckpt-every", "2",
-            "--num-workers", "2"]  # fmt: skip
+            "--num-workers", "2", "--policy", "learned", "--learned-hidden-dim", "8", "--hypergrad", "darts",
+            "--labeled-batch-size", "2"]  # fmt: skip
     full, run = tmp_path / "full", tmp_path / "run"
     reference = torchrun(*args, "--out", full)
     proc = torchrun(*args, "--out", run)
     wait_for(run, 8, proc)  # 6 global batches of 8 an epoch
-    kill_tree(proc.pid)
+    kill_tree(proc.pid)  # torchrun, both ranks and their workers at once, as a power cut would
     proc.wait()
-    assert not (run / "model.pt").exists()
+    assert not (run / "model.pt").exists(), "the run finished before it could be killed"
     for p in (reference, torchrun("--resume", run, "--no-progress")):
         finish(p)
     assert_same_run(full, run)
+    a, b = load_checkpoint(full / "model.pt"), load_checkpoint(run / "model.pt")
+    assert all(torch.equal(a["head"][k], b["head"][k]) for k in a["head"])
+    last = load_checkpoint(sorted((run / "checkpoints").glob("*.pt"))[-1])
+    assert last["world_size"] == 2 and [r["loaders"]["train"] for r in last["ranks"]] == [last["streams"]["train"]] * 2
 
 
 def test_a_changed_folder_is_refused_by_resume_and_evaluate_naming_what_changed(tmp_path):

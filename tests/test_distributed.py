@@ -156,23 +156,7 @@ def wait_for_lines(metrics: Path, lines: int, proc: subprocess.Popen, timeout: f
         time.sleep(0.005)
 
 
-@pytest.mark.skipif(TORCHRUN is None or not Path("/proc/self/task").is_dir(), reason="needs torchrun and /proc")
-def test_torchrun_pretrain_killed_and_resumed_is_bit_identical(tmp_path):
-    full, crashed = tmp_path / "full", tmp_path / "crashed"
-    reference = torchrun("--out", full, *ARGS)
-    proc = torchrun("--out", crashed, *ARGS)
-    wait_for_lines(crashed / "metrics.jsonl", 5, proc)
-    kill_tree(proc.pid)  # torchrun and both workers (which torchrun starts in sessions of their own)
-    proc.wait()
-    assert not (crashed / "model.pt").exists(), "the run finished before it could be killed"
-    for p in (reference, torchrun("--resume", crashed, "--no-progress")):
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err.decode()[-2000:]
-    assert (full / "metrics.jsonl").read_bytes() == (crashed / "metrics.jsonl").read_bytes()
-    a, b = load_checkpoint(full / "model.pt"), load_checkpoint(crashed / "model.pt")
-    for level in ("mae", "policy", "head"):
-        assert all(torch.equal(a[level][k], b[level][k]) for k in a[level]), level
-    assert load_checkpoint(sorted((full / "checkpoints").glob("*.pt"))[-1])["world_size"] == 2
+# a torchrun run killed with SIGKILL and resumed (learned darts, workers): tests/test_data_scale.py
 
 
 #: torchrun's own exit status after a SIGTERM: its agent forwards the signal to the workers, waits for

@@ -477,11 +477,16 @@ def _data_loader(
     )  # fmt: skip
 
 
+#: fewest files for which a file source gets worker processes by default (below it, starting the processes
+#: costs more than decoding in the training process)
+MIN_FILES_FOR_WORKERS = 1000
+
+
 def default_workers(data: DataSource) -> int:
     """--num-workers' default: none for data held in memory (gathering a batch is faster than sending it
-    between processes); for a source that decodes files, the cores this process may use less one for the
-    training loop, at most 8."""
-    if not callable(getattr(data, "pixels", None)):
+    between processes) or for fewer than MIN_FILES_FOR_WORKERS files; for a larger source that decodes
+    files, the cores this process may use less one for the training loop, at most 8."""
+    if not callable(getattr(data, "pixels", None)) or len(data) < MIN_FILES_FOR_WORKERS:
         return 0
     try:
         cores = len(os.sched_getaffinity(0))

@@ -78,8 +78,8 @@ class DataConfig:
     )
     augment: str = setting("auto", "auto: MAE crop + flip for images of side >= 32, else none | none | crop-flip.")
     num_workers: int | None = setting(
-        None, "Worker processes reading each stream's batches (default: none for data in memory; for an image "
-        "folder the cores less one, at most 8). The batches do not depend on it.", flags=("--num-workers", "--num_workers"),
+        None, "Worker processes reading each stream's batches (default: none for data in memory or a folder of "
+        "under 1000 images; else the cores less one, at most 8). The batches do not depend on it.", flags=("--num-workers", "--num_workers"),
     )  # fmt: skip
     skip_bad_images: bool = setting(
         False, "An undecodable image file is replaced in its batch by another of the batch, with a warning naming "
