@@ -4,8 +4,8 @@ its progress bar and clean stops.
 Every expected failure (bad option, bad data, bad checkpoint) ends a command with exit code 1 and
 ONE line on stderr, no traceback (MASKKIT_DEBUG=1 shows it); a warning of maskkit's own (e.g. a run
 read while still in progress) is one 'Warning: ...' line on stderr. Under torchrun `distributed` joins the
-process group and quiets every rank but 0; `train_with_progress` turns SIGTERM/SIGINT into a
-checkpoint, one line and exit code 143/130.
+process group and quiets every rank but 0; `train_with_progress` turns SIGTERM/SIGINT/SIGUSR1 into a
+checkpoint, one line and exit code 143/130/138.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def distributed(device: str, console: Console, err_console: Console) -> Iterator
 def train_with_progress(prepared: Any, console: Console, err_console: Console, show_progress: bool) -> dict | None:
     """Train `prepared` to the end under a progress bar; returns the summary (None on a rank but 0).
 
-    SIGTERM/SIGINT become a clean stop: checkpoint, one line naming the resume command, exit 143/130.
+    SIGTERM/SIGINT/SIGUSR1 become a clean stop: checkpoint, one line naming the resume command, exit 143/130/138.
     """
     from maskkit.run import CHECKPOINTS, train_run
     from maskkit.train import StopSignals, TrainingStopped

@@ -117,12 +117,12 @@ def stopped_step(stderr: str, run: Path, resume_command: str) -> int:
     return step
 
 
-def test_sigterm_and_sigint_stop_at_a_checkpoint_and_resume_bit_identically(tmp_path):
+def test_sigterm_sigint_and_sigusr1_stop_at_a_checkpoint_and_resume_bit_identically(tmp_path):
     full, run = tmp_path / "full", tmp_path / "stopped"
     reference = pretrain("--out", full, *SLOW)
     proc = pretrain("--out", run, *SLOW)
     steps = []
-    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGUSR1, 138)):  # USR1: SLURM's warning
         exit_code, err = signal_after(proc, run, lines(run) + 3, sig)
         assert exit_code == code, err
         assert f"Stopped by {signal.Signals(sig).name} at step" in err
@@ -130,7 +130,7 @@ def test_sigterm_and_sigint_stop_at_a_checkpoint_and_resume_bit_identically(tmp_
         proc = pretrain("--resume", run)
     finish(proc)
     finish(reference)
-    assert steps[0] < steps[1] < 150
+    assert steps[0] < steps[1] < steps[2] < 150
     assert_same_run(full, run)
 
 

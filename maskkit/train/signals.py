@@ -1,7 +1,9 @@
-"""Stopping a run cleanly on SIGTERM / SIGINT: `StopSignals` records the signal, `TrainingStopped` reports the stop.
+"""Stopping a run cleanly on SIGTERM / SIGINT / SIGUSR1: `StopSignals` records the signal, `TrainingStopped`
+reports the stop.
 
-Schedulers (SLURM, Kubernetes) send SIGTERM before preemption; the trainer finishes the step, checkpoints
-and raises `TrainingStopped`, whose `exit_code` is what a shell reports for that signal.
+Schedulers send SIGTERM before preemption (SLURM, Kubernetes) and SIGUSR1 ahead of a time limit (SLURM's
+`--signal=USR1@120`, as submitit and Lightning use it); the trainer finishes the step, checkpoints and
+raises `TrainingStopped`, whose `exit_code` is what a shell reports for that signal.
 """
 
 from __future__ import annotations
@@ -11,16 +13,17 @@ import threading
 from pathlib import Path
 from typing import Any
 
-#: signals that ask a run to stop cleanly (SLURM and Kubernetes send SIGTERM before preemption; Ctrl-C is SIGINT)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: signals that ask a run to stop cleanly (SLURM and Kubernetes send SIGTERM before preemption, SLURM's
+#: --signal sends SIGUSR1 ahead of the time limit; Ctrl-C is SIGINT)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
 
 
 class StopSignals:
-    """Context manager: while it is active, SIGTERM and SIGINT ask the run to stop instead of ending it.
+    """Context manager: while it is active, SIGTERM, SIGINT and SIGUSR1 ask the run to stop instead of ending it.
 
     The first such signal is only recorded (`signum`); `train(..., stop=this)` reads it after every
     step. A second one gives up waiting: the previous handlers come back and the signal is
-    delivered again (SIGINT then raises KeyboardInterrupt, SIGTERM ends the process). A signal
+    delivered again (SIGINT then raises KeyboardInterrupt, SIGTERM and SIGUSR1 end the process). A signal
     that was ignored (SIG_IGN, e.g. SIGINT of a background job) stays ignored. The previous
     handlers are restored on exit. Outside the main thread nothing is installed (Python allows
     handlers there only), but `request()` still works.
