@@ -166,9 +166,14 @@ TORCHRUN_SIGTERM_EXIT = 1
 
 @pytest.mark.skipif(TORCHRUN is None, reason="needs torchrun")
 def test_torchrun_stopped_by_sigterm_checkpoints_and_resumes_bit_identically(tmp_path):
+    from test_data_scale import photo_folder
+
+    # an image folder read by 2 worker processes per rank: the stop lands inside an epoch (3 global batches)
+    folder = photo_folder(tmp_path / "data", {"train": 16, "val": 2})
     full, run = tmp_path / "full", tmp_path / "stopped"
-    args = ["--policy", "random", "--steps", "90", "--batch-size", "16", "--log-every", "3", "--ckpt-every", "1000",
-            "--no-progress"]
+    args = ["--policy", "random", "--steps", "90", "--batch-size", "8", "--log-every", "3", "--ckpt-every", "1000",
+            "--no-progress", "--dataset", f"imagefolder:{folder}", "--img-size", "16", "--augment", "crop-flip",
+            "--num-workers", "2"]  # fmt: skip
     reference = torchrun("--out", full, *args)
     proc = torchrun("--out", run, *args)
     wait_for_lines(run / "metrics.jsonl", 2, proc)

@@ -31,6 +31,7 @@ def grads(out: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("options", [{}, {"qk_norm": True}, {"qkv_bias": False}])
 def test_timm_features_equal_the_full_forward_with_equal_gradients(fused, options):
+    torch.manual_seed(0)  # the weights, whatever ran before in this process
     mae = create_mae("tiny", **SMALL, **options).train()
     for blk in mae.encoder.blocks:
         blk.attn.fused_attn = fused
@@ -38,7 +39,7 @@ def test_timm_features_equal_the_full_forward_with_equal_gradients(fused, option
     x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
     params = [p for p in mae.encoder.parameters() if p.requires_grad] + [x]
     want, got = full_cls(mae)(x), mae.features(x)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=0, atol=5e-6)  # float32 rounding of two summation orders
     for a, b in zip(grads(got, params), grads(want, params), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import os
 import signal
+import threading
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -426,14 +427,29 @@ def _identity(batch: Fetched) -> Fetched:
     return batch
 
 
+#: seconds a worker keeps serving after a SIGTERM (one sent to the whole process group by torchrun or a
+#: scheduler, while the main process finishes its step and checkpoints) before it exits
+WORKER_TERM_GRACE = 30.0
+
+
+def _term_later(signum: int, frame: Any) -> None:
+    """A worker's SIGTERM: exit after WORKER_TERM_GRACE seconds, not at once (see `_quiet_worker`)."""
+    timer = threading.Timer(WORKER_TERM_GRACE, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one timer is enough
+
+
 def _quiet_worker(_: int) -> None:
     """Worker start-up: the stop signals sent to a whole process group (Ctrl-C's SIGINT, a scheduler's
-    SIGUSR1) are the main process's to handle: it finishes its step and checkpoints while the workers
-    still serve it, then shuts them down (`shutdown_workers`; they also end when it dies). SIGTERM keeps
-    its default: it is how the main process ends a worker that does not stop in time."""
+    SIGUSR1, torchrun's or a scheduler's SIGTERM) are the main process's to handle: it finishes its step
+    and checkpoints while the workers still serve it, then shuts them down (`shutdown_workers`; they also
+    end when it dies). SIGINT and SIGUSR1 are ignored; SIGTERM ends the worker WORKER_TERM_GRACE seconds
+    later, so that a worker the main process could not stop still goes."""
     for name in ("SIGINT", "SIGUSR1"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _term_later)
 
 
 #: the worker pools now running (a DataLoader iterator each), shut down at exit before multiprocessing's
