@@ -72,7 +72,8 @@ def assert_same_run(a: Path, b: Path) -> None:
             assert all(torch.equal(wa[part][k], wb[part][k]) for k in wa[part]), part
 
 
-@pytest.mark.parametrize("args, kills", [(RANDOM, (3, 9)), (LEARNED, (4, 9))], ids=["random", "learned-darts"])
+# random masking killed and resumed: tests/test_golden.py (the "resume" case) and, with workers, test_data_scale.py
+@pytest.mark.parametrize("args, kills", [(LEARNED, (4, 9))], ids=["learned-darts"])
 def test_sigkill_at_several_steps_then_resume_is_bit_identical(tmp_path, args, kills):
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     reference = pretrain("--out", full, *args)  # runs alongside the interrupted one
