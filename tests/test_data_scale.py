@@ -109,11 +109,16 @@ def test_images_of_different_sizes_get_one_size_by_the_default_rule(folder, tmp_
     assert open_folder(big).image_size == (DEFAULT_SIDE, DEFAULT_SIDE)
 
 
+def one_picture(folder: Path, shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    """A folder holding one random RGB PNG of `shape` (H, W, 3); returns its pixels."""
+    pixels = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    folder.mkdir()
+    Image.fromarray(pixels).save(folder / "x.png")
+    return pixels
+
+
 def test_the_evaluation_view_is_mae_resize_then_centre_crop(tmp_path):
-    rng = np.random.default_rng(1)
-    pixels = rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)
-    (tmp_path / "d").mkdir()
-    Image.fromarray(pixels).save(tmp_path / "d" / "x.png")
+    pixels = one_picture(tmp_path / "d", (375, 500, 3), seed=1)
     data = open_folder(tmp_path / "d", img_size=224)
     # independent: the short side to 256 (224 / 0.875), the long side in proportion, then the central 224
     resized = Image.fromarray(pixels).resize((341, 256), Image.BICUBIC)
@@ -124,10 +129,7 @@ def test_the_evaluation_view_is_mae_resize_then_centre_crop(tmp_path):
 
 
 def test_the_training_crop_is_the_keyed_box_at_the_files_resolution(tmp_path):
-    rng = np.random.default_rng(2)
-    pixels = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
-    (tmp_path / "d").mkdir()
-    Image.fromarray(pixels).save(tmp_path / "d" / "x.png")
+    pixels = one_picture(tmp_path / "d", (90, 120, 3), seed=2)
     data = open_folder(tmp_path / "d", img_size=32)
     for key in [(0, 0, 0), (0, 1, 5), (7, 3, 2)]:
         u = key_draws(key)

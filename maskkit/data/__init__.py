@@ -44,6 +44,7 @@ from maskkit.data.loader import (
 )
 from maskkit.data.source import (
     MIN_CLASSES,
+    DataChangedError,
     DataError,
     DataSource,
     ImageData,
@@ -75,6 +76,7 @@ __all__ = [
     "Batch",
     "BatchStream",
     "Batcher",
+    "DataChangedError",
     "DataError",
     "DataSource",
     "DataWarning",

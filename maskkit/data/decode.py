@@ -8,12 +8,13 @@ non-finite), palette and alpha images composited over black.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from maskkit.data.source import DataError
+from maskkit.data.source import DataChangedError, DataError
 
 __all__ = ["GREY_MODES", "open_image", "to_8bit"]
 
@@ -23,13 +24,25 @@ _WIDE_INT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
-def open_image(path: Path) -> Any:
-    """The decoded PIL image of `path` (pixels loaded); DataError naming the file if it cannot be."""
+def open_image(path: Path, size: int | None = None) -> Any:
+    """The decoded PIL image of `path` (pixels loaded); DataError naming the file if it cannot be, and
+    `DataChangedError` if it is missing or its size in bytes is not `size` (what a file index recorded)."""
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            return im.copy()
+        with open(path, "rb") as f:
+            found = os.fstat(f.fileno()).st_size
+            if size is not None and found != size:
+                raise DataChangedError(f"image {path} changed since the folder was listed ({size} -> {found} bytes)")
+            picture = Image.open(f)  # the file is ours: PIL reads it all in load() and leaves closing it to us
+            picture.load()
+            return picture
+    except DataError:
+        raise
+    except FileNotFoundError:
+        if size is None:
+            raise DataError(f"cannot read image {path}: it does not exist") from None
+        raise DataChangedError(f"image {path} is missing (the folder changed since it was listed)") from None
     except Image.DecompressionBombError as err:
         raise DataError(f"cannot read image {path}: {err}") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as err:

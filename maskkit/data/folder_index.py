@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from maskkit.data.decode import GREY_MODES
 from maskkit.data.source import DataError, check_dir
 
 __all__ = [
@@ -38,8 +39,6 @@ INDEX_FILE = "data-index.json.gz"
 INDEX_FORMAT = 1
 #: headers read (seeded sample) to choose the channel count and the default image size
 HEADER_SAMPLE = 64
-#: grey PIL modes (one channel)
-_GREY = ("L", "1", "I;16", "I;16B", "I;16L", "I;16N", "I", "F", "LA", "La")
 
 
 def _subfolders(directory: Path) -> list[Path]:
@@ -230,5 +229,5 @@ def _read_headers(root: Path, files: list[str]) -> tuple[str, list[tuple[int, in
                 sizes.append(tuple(int(v) for v in im.size))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             continue
-    mode = "L" if modes and all(m in _GREY for m in modes) else "RGB"
+    mode = "L" if modes and all(m in GREY_MODES for m in modes) else "RGB"
     return mode, sizes or [(0, 0)]

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from maskkit.data.augment import DRAWS, crop_flip, key_draws, random_resized_crop_flip
+from maskkit.data.augment import crop_flip, key_draws
 from maskkit.data.source import DataError, DataSource
 from maskkit.data.stats import normalize
 
@@ -135,23 +135,20 @@ class Batcher:
         device normalises them."""
         return self.device.type == "cpu"
 
-    def images(
-        self, index: np.ndarray, generator: torch.Generator | None = None, *,
-        keys: Sequence[Sequence[int]] | None = None,
-    ) -> Tensor:
+    def ready(self, images: Tensor) -> Tensor:
+        """A `_Reader` batch as callers get it, normalised on the device (on CPU the reader normalised it)."""
+        return images if self.prepares_in_workers else self.finish(images)
+
+    def images(self, index: np.ndarray, *, keys: Sequence[Sequence[int] | None] | None = None) -> Tensor:
         """Normalised images [B, C, H, W] on the device; with crop-flip, augmented when `keys` (one per
-        image: `crop_flip`) or `generator` (`random_resized_crop_flip`) is given."""
+        image: `crop_flip`) are given. A file source reads them as a worker would (`_Reader`)."""
         if self.per_sample:
-            if keys is None and generator is not None and self.augment == "crop-flip":
-                draws = [torch.rand(DRAWS, generator=generator).tolist() for _ in range(len(index))]
-                return self.finish(torch.stack([self.data.pixels(int(i), u) for i, u in zip(index, draws, strict=True)]))
             keys = [None] * len(index) if keys is None else keys
-            return self.finish(torch.stack([self.sample(i, k) for i, k in zip(index, keys, strict=True)]))
+            fetched = _checked(_Reader(self, True, False).fetch(list(zip(index, keys, strict=True))), self.skip_bad)
+            return self.ready(fetched.images)
         x = self.data.floats(index)
         if self.augment == "crop-flip" and keys is not None:
             x = crop_flip(x, keys)
-        elif self.augment == "crop-flip" and generator is not None:
-            x = random_resized_crop_flip(x, generator)
         return normalize(x, self.mean, self.std).to(self.device)
 
     def labels(self, index: np.ndarray) -> Tensor:
@@ -171,8 +168,7 @@ class Batcher:
                                            persistent=False)))  # fmt: skip
         try:
             for batch in workers:
-                images = _checked(batch, self.skip_bad).images
-                yield images if self.prepares_in_workers else self.finish(images)
+                yield self.ready(_checked(batch, self.skip_bad).images)
         finally:
             _stop(workers)
 
@@ -258,7 +254,7 @@ class Loader:
         if self.batcher.per_sample:
             reader = _Reader(self.batcher, self.augment, self.with_labels)
             fetched = self._checked(reader.fetch(list(zip(index, keys, strict=True))))
-            return Batch(index, self._finish(fetched.images), self._labels(fetched))
+            return Batch(index, self.batcher.ready(fetched.images), self._labels(fetched))
         images = self.batcher.images(index, keys=keys if self.augment else None)
         labels = self.batcher.labels(index) if self.with_labels else None
         return Batch(index, images, labels)
@@ -300,15 +296,10 @@ class Loader:
             self._workers = _track(iter(_data_loader(_Reader(self.batcher, self.augment, self.with_labels),
                                                      sampler, self.batcher, self.num_workers)))  # fmt: skip
         fetched = self._checked(next(self._workers))
-        _, (number, global_index) = self._draw()  # the main process's stream follows the workers' batches
-        index, _ = self._keys(number, global_index)
+        index = shard(self.stream.next(), self.rank, self.world_size)  # the main stream follows the workers
         if not np.array_equal(index, fetched.index):
             raise RuntimeError("the loader's workers and its stream disagree on the batch")  # a bug, not bad input
-        return Batch(index, self._finish(fetched.images), self._labels(fetched))
-
-    def _finish(self, images: Tensor) -> Tensor:
-        """A worker's batch as the caller gets it: normalised on the device."""
-        return images if self.batcher.prepares_in_workers else self.batcher.finish(images)
+        return Batch(index, self.batcher.ready(fetched.images), self._labels(fetched))
 
     def state_dict(self) -> dict[str, int]:
         """The position after the last batch `next` returned (a prefetched one is not counted)."""

@@ -30,6 +30,10 @@ class DataError(ValueError):
     """Unusable data: unknown name, missing files, wrong arrays."""
 
 
+class DataChangedError(DataError):
+    """Data that is no longer what was listed or recorded (a run's file index against its folder)."""
+
+
 @runtime_checkable
 class DataSource(Protocol):
     """What a data set offers: length, labels, channels, image size, and reading samples by index."""

@@ -25,6 +25,7 @@ from torch import nn
 from maskkit.data import (
     DEFAULT_FRACTIONS,
     Batcher,
+    DataChangedError,
     DataError,
     DataSource,
     ImageData,
@@ -339,9 +340,10 @@ def build_run(
         try:
             data = load_dataset(ds["name"], ds.get("data_dir"), download=False, img_size=ds.get("img_size_override"),
                                 cache_dir=run_dir, check=not trust_data_change)  # fmt: skip
+        except DataChangedError as err:
+            raise RunError(f"{err}; pass --trust-data-change to use it anyway") from None
         except DataError as err:
-            raise RunError(f"{err}; pass --trust-data-change to use it anyway" if "changed" in str(err)
-                           else str(err)) from None  # fmt: skip
+            raise RunError(str(err)) from None
         changed = check_data(record, data, run_dir=run_dir, trust_data_change=trust_data_change)
     splits = make_splits(data, ds["split_seed"], ds["split_fractions"])
     sizes = {k: len(v) for k, v in splits.items()}

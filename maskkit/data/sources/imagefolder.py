@@ -14,7 +14,6 @@ The official MAE layout, `PATH/train/<class>/...` + `PATH/val/<class>/...`, keep
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,10 @@ import torch
 from torch import Tensor
 
 from maskkit.data.augment import picture_center, picture_crop_flip
-from maskkit.data.decode import to_8bit
+from maskkit.data.decode import open_image, to_8bit
 from maskkit.data.folder_index import IMAGE_SUFFIXES, INDEX_FILE, SPLIT_FOLDERS, FolderIndex, folder_layout
 from maskkit.data.load import register_dataset
-from maskkit.data.source import DataError, Source
+from maskkit.data.source import DataChangedError, DataError, Source
 from maskkit.registry import Card
 
 __all__ = ["DEFAULT_SIDE", "IMAGE_SUFFIXES", "SPLIT_FOLDERS", "ImageFolder", "imagefolder_layout", "load_imagefolder"]
@@ -113,27 +112,10 @@ class ImageFolder(Source):
         return path
 
     def picture(self, i: int) -> Any:
-        """File i decoded as an 8-bit PIL picture of the folder's mode; DataError naming the file if it cannot be."""
-        from PIL import Image
-
+        """File i decoded as an 8-bit PIL picture of the folder's mode; DataError naming the file if it cannot be
+        (`DataChangedError` if its size is not the index's: it changed since the folder was listed)."""
         path = self.index.path(i)
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size != int(self.index.sizes[i]):
-                    raise DataError(f"image {path} changed since the folder was listed ({self.index.sizes[i]} -> "
-                                    f"{size} bytes)")  # fmt: skip
-                with Image.open(f) as im:
-                    im.load()
-                    return to_8bit(im, self.mode, path)
-        except DataError:
-            raise
-        except FileNotFoundError:
-            raise DataError(f"image {path} is missing (the folder changed since it was listed)") from None
-        except Image.DecompressionBombError as err:
-            raise DataError(f"cannot read image {path}: {err}") from None
-        except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as err:
-            raise DataError(f"cannot read image {path}: {err or type(err).__name__}") from None
+        return to_8bit(open_image(path, int(self.index.sizes[i])), self.mode, path)
 
     def pixels(self, i: int, draws: list[float] | None = None) -> Tensor:
         """File i at the folder's size as uint8 [C, H, W]: cropped and flipped with `draws`, else centred."""
@@ -160,7 +142,7 @@ def open_folder(path: str | Path, img_size: int | None = None, cache_dir: str | 
         if check:
             changed = index.changes()
             if changed:
-                raise DataError(f"data folder {index.root} changed since the run listed it: {changed}")
+                raise DataChangedError(f"data folder {index.root} changed since the run listed it: {changed}")
     else:
         index = FolderIndex.scan(path)
     return ImageFolder(index, default_size(index, img_size))
