@@ -156,7 +156,7 @@ def pretrain_command(ctx: typer.Context, **values: Any) -> None:
                     _say(f"Warning: {w.message}", err=True)
                 else:
                     warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-            describe(console, prepared.record, prepared.out)
+            describe(console, prepared.record, prepared.out, prepared.trainer.dist.nodes)
         summary = runner.train_with_progress(prepared, console, err_console, values["progress"])
         if summary is not None:  # rank 0
             console.print(summary_table(summary, prepared.out))

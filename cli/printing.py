@@ -58,8 +58,8 @@ def policy_tables(cards: list[Any], auto_options: tuple[str, ...], common_ratio:
     return table, options, note
 
 
-def describe(console: Console, record: Any, out: Path) -> None:
-    """The run in four lines: data, model, policy, training."""
+def describe(console: Console, record: Any, out: Path, nodes: int = 1) -> None:
+    """The run in four lines: data, model, policy, training (`nodes`: torchrun's --nnodes)."""
     ds, m, p, t = record.dataset, record.model, record.policy, record.train
     opts = ", ".join(f"{k}={v}" for k, v in p["options"].items())
     folder = ""  # an image folder: how it was read, and its classes
@@ -73,7 +73,7 @@ def describe(console: Console, record: Any, out: Path) -> None:
         f"  model  {m['name']}: patch {m['patch_size']} ({m['num_patches']} patches), width {m['embed_dim']}\n"
         f"  policy {p['name']}{' (' + opts + ')' if opts else ''}, mask ratio {t['mask_ratio']}"
         + (f", hypergrad {hypergrad}" if p.get("learnable") else "")
-        + f"\n  train  {train_line(record)} on {record.device}",
+        + f"\n  train  {train_line(record, nodes)} on {record.device}",
         highlight=False,
     )
 
@@ -88,16 +88,19 @@ def splits_text(ds: dict[str, Any]) -> str:
     return f"pretrain {sizes['pretrain']} (the train folder) / {text} ({test_split_name(ds.get('split_rule'))})"
 
 
-def train_line(record: Any) -> str:
-    """The banner's length and batch: steps and epochs, the effective batch and its parts, the peak lr."""
+def train_line(record: Any, nodes: int = 1) -> str:
+    """The banner's length and batch: steps and epochs, the effective (global) batch and its parts (per
+    process, accumulated, processes and nodes), the peak lr."""
     t, ds = record.train, record.dataset
     accum, world = t.get("accum_iter", 1), t.get("world_size", 1)
     effective = t["batch_size"] * accum * world
     split = ds["splits"].get("pretrain", ds["splits"]["train"])  # what the MAE pretrains on
     epochs = t["steps"] / max(split // min(effective, split), 1)  # as Trainer.epoch counts them
-    parts = [str(t["batch_size"])] + ([f"{accum} accumulated"] if accum > 1 else []) \
-        + ([f"{world} processes"] if world > 1 else [])
-    batch = f"{effective} ({' x '.join(parts)})" if len(parts) > 1 else str(effective)
+    where = f"{world} processes" + (f" on {nodes} nodes" if nodes > 1 else "")
+    parts = [str(t["batch_size"]) + (" per process" if world > 1 else "")] \
+        + ([f"{accum} accumulated"] if accum > 1 else []) + ([where] if world > 1 else [])
+    batch = f"{'global batch ' if world > 1 else ''}{effective} ({' x '.join(parts)})" if len(parts) > 1 \
+        else str(effective)
     asked = (record.config or {}).get("train", {})
     lr = f"lr {t['lr']:.4g}" + (f" (blr {asked['blr']:.4g} x {effective} / 256)" if asked.get("blr") is not None else "")
     floor = f", min lr {t['min_lr']:.4g}" if t.get("min_lr") else ""

@@ -20,12 +20,21 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class DistContext:
-    """Where this process stands: rank in 0..world_size-1, its local rank, and the backend."""
+    """Where this process stands: rank in 0..world_size-1, its local rank, the backend, and how the
+    processes are laid out (`nodes` launchers of `local_world_size` processes each; torchrun's
+    GROUP_WORLD_SIZE and LOCAL_WORLD_SIZE)."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     backend: str | None = None
+    nodes: int = 1
+    local_world_size: int = 0  # 0: all of world_size on this node
+
+    @property
+    def per_node(self) -> int:
+        """Processes on each node (torchrun's --nproc_per_node)."""
+        return self.local_world_size or self.world_size
 
     @property
     def enabled(self) -> bool:
@@ -52,8 +61,11 @@ def init_from_env(device_type: str = "cpu") -> DistContext:
     try:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_RANK", rank))
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE", max(world // max(per_node, 1), 1)))
     except ValueError:
-        raise ValueError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+        raise ValueError("RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and GROUP_WORLD_SIZE must be integers "
+                         "(as torchrun sets them)") from None
     if world == 1:
         return DistContext(0, 1, local, None)
     backend = "nccl" if device_type == "cuda" else "gloo"
@@ -61,7 +73,7 @@ def init_from_env(device_type: str = "cpu") -> DistContext:
         if device_type == "cuda":
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend)
-    return DistContext(rank, world, local, backend)
+    return DistContext(rank, world, local, backend, nodes=nodes, local_world_size=per_node)
 
 
 def cleanup(ctx: DistContext) -> None:

@@ -164,34 +164,89 @@ def wait_for_lines(metrics: Path, lines: int, proc: subprocess.Popen, timeout: f
 TORCHRUN_SIGTERM_EXIT = 1
 
 
-@pytest.mark.skipif(TORCHRUN is None, reason="needs torchrun")
-def test_torchrun_stopped_by_sigterm_checkpoints_and_resumes_bit_identically(tmp_path):
+#: 90 steps on an image folder read by 2 worker processes per rank: a stop lands inside an epoch (3 global batches)
+def folder_args(folder: Path, workers: int = 2) -> list[str]:
+    return ["--policy", "random", "--steps", "90", "--batch-size", "8", "--log-every", "3", "--ckpt-every", "1000",
+            "--no-progress", "--dataset", f"imagefolder:{folder}", "--img-size", "16", "--augment", "crop-flip",
+            "--num-workers", str(workers)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def folder_reference(tmp_path_factory) -> tuple[Path, Path]:
+    """(the folder, an uninterrupted 1 node x 2 process run on it): what the stopped runs must end as."""
     from test_data_scale import photo_folder
 
-    # an image folder read by 2 worker processes per rank: the stop lands inside an epoch (3 global batches)
-    folder = photo_folder(tmp_path / "data", {"train": 16, "val": 2})
-    full, run = tmp_path / "full", tmp_path / "stopped"
-    args = ["--policy", "random", "--steps", "90", "--batch-size", "8", "--log-every", "3", "--ckpt-every", "1000",
-            "--no-progress", "--dataset", f"imagefolder:{folder}", "--img-size", "16", "--augment", "crop-flip",
-            "--num-workers", "2"]  # fmt: skip
-    reference = torchrun("--out", full, *args)
-    proc = torchrun("--out", run, *args)
-    wait_for_lines(run / "metrics.jsonl", 2, proc)
-    proc.send_signal(signal.SIGTERM)  # to the launcher only, as a scheduler would; it forwards it to the workers
-    _, err = proc.communicate(timeout=300)
-    err = err.decode()
-    assert proc.returncode == TORCHRUN_SIGTERM_EXIT, err[-2000:]
-    said = [line for line in err.splitlines() if "--resume" in line]  # rank 0's one line
-    assert len(said) == 1 and said[0].startswith("Stopped by SIGTERM at step "), err[-2000:]
-    assert said[0].endswith(f"continue with: torchrun --nproc_per_node 2 -m maskkit.cli pretrain --resume {run}")
-    step = int(said[0].split("at step ")[1].split(",")[0])
-    ckpt = load_checkpoint(run / "checkpoints" / f"checkpoint-{step:07d}.pt")  # written by both ranks together
-    assert ckpt["step"] == step and ckpt["world_size"] == 2 and len(ckpt["ranks"]) == 2
-    assert step < 90 and not (run / "model.pt").exists()
-    for p in (reference, torchrun("--resume", run, "--no-progress")):
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err.decode()[-2000:]
+    root = tmp_path_factory.mktemp("torchrun")
+    folder = photo_folder(root / "data", {"train": 16, "val": 2})
+    _, err = (proc := torchrun("--out", root / "full", *folder_args(folder))).communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    return folder, root / "full"
+
+
+def assert_same_as(full: Path, run: Path) -> None:
     assert (full / "metrics.jsonl").read_bytes() == (run / "metrics.jsonl").read_bytes()
     a, b = load_checkpoint(full / "model.pt"), load_checkpoint(run / "model.pt")
     for level in ("mae", "policy"):
         assert all(torch.equal(a[level][k], b[level][k]) for k in a[level]), level
+
+
+def stopped_at(errs: list[str], resume: str) -> int:
+    """The step of rank 0's one 'Stopped by SIGTERM' line (on any launcher's stderr), which names `resume`."""
+    said = [line for err in errs for line in err.splitlines() if "--resume" in line]
+    assert len(said) == 1 and said[0].startswith("Stopped by SIGTERM at step "), errs
+    assert said[0].endswith(f"continue with: {resume}"), said[0]
+    return int(said[0].split("at step ")[1].split(",")[0])
+
+
+def assert_collective_checkpoint(run: Path, step: int) -> None:
+    ckpt = load_checkpoint(run / "checkpoints" / f"checkpoint-{step:07d}.pt")  # written by both ranks together
+    assert ckpt["step"] == step and ckpt["world_size"] == 2 and len(ckpt["ranks"]) == 2
+    assert step < 90 and not (run / "model.pt").exists()
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="needs torchrun")
+def test_torchrun_stopped_by_sigterm_checkpoints_and_resumes_bit_identically(tmp_path, folder_reference):
+    folder, full = folder_reference
+    run = tmp_path / "stopped"
+    proc = torchrun("--out", run, *folder_args(folder))
+    wait_for_lines(run / "metrics.jsonl", 2, proc)
+    proc.send_signal(signal.SIGTERM)  # to the launcher only, as a scheduler would; it forwards it to the workers
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == TORCHRUN_SIGTERM_EXIT, err.decode()[-2000:]
+    step = stopped_at([err.decode()], f"torchrun --nproc_per_node 2 -m maskkit.cli pretrain --resume {run}")
+    assert_collective_checkpoint(run, step)
+    _, err = (proc := torchrun("--resume", run, "--no-progress")).communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert_same_as(full, run)
+
+
+# ---- two nodes: two torchrun launchers on this machine, c10d rendezvous on localhost -----------------
+
+
+def two_node_launch(rdzv_port: int, run_id: str, *args: object) -> list[subprocess.Popen]:
+    """Two launchers of one process each (`--nnodes 2`), as two machines would start them."""
+    cmd = [TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{rdzv_port}", "--rdzv-id", run_id, "-m", "maskkit.cli", "pretrain",
+           *map(str, args)]  # fmt: skip
+    return [subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="needs torchrun")
+def test_two_nodes_run_as_one_node_does_and_a_stop_on_one_node_stops_both_at_one_step(tmp_path, folder_reference):
+    """2 nodes x 1 process (no workers) end as 1 node x 2 processes (2 workers each), byte for byte,
+    after a SIGTERM to ONE node's launcher (a preempted machine): every rank stops at the same step
+    (the stop flag is all-reduced), and the run resumes on two nodes."""
+    folder, full = folder_reference
+    run = tmp_path / "nodes"
+    nodes = two_node_launch(free_port(), "stop", "--out", run, *folder_args(folder, workers=0))
+    wait_for_lines(run / "metrics.jsonl", 2, nodes[0])
+    nodes[1].send_signal(signal.SIGTERM)  # one machine only
+    errs = [p.communicate(timeout=300)[1].decode() for p in nodes]
+    assert all(p.returncode != 0 for p in nodes), errs
+    step = stopped_at(errs, "torchrun --nnodes 2 --nproc_per_node 1 --rdzv-backend c10d --rdzv-endpoint HOST:PORT "
+                            f"-m maskkit.cli pretrain --resume {run} (on every node)")  # fmt: skip
+    assert_collective_checkpoint(run, step)
+    for p in two_node_launch(free_port(), "resume", "--resume", run, "--no-progress"):
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+    assert_same_as(full, run)

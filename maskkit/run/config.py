@@ -74,8 +74,10 @@ class DataConfig:
     data_dir: str | None = setting(None, "Where torchvision datasets live.")
     download: bool = setting(False, "Download a torchvision dataset into --data-dir.")
     img_size: int | None = setting(
-        None, "Resize images to this side (default: as stored).", flags=("--img-size", "--input_size")
-    )
+        None, "Side of the square the images are cropped and resized to (default: image folders: their common "
+        "size if they share one with sides <= 224, else 224; other data: as stored).",
+        flags=("--img-size", "--input_size"),
+    )  # fmt: skip
     augment: str = setting("auto", "auto: MAE crop + flip for images of side >= 32, else none | none | crop-flip.")
     num_workers: int | None = setting(
         None, "Worker processes reading each stream's batches (default: none for data in memory or a folder of "

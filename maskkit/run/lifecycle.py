@@ -76,8 +76,11 @@ class PreparedRun:
             self.close()
 
     def resume_command(self) -> str:
-        """How to continue this run: under torchrun, with the same number of processes."""
+        """How to continue this run: under torchrun, with the same number of processes (and nodes)."""
         dist = self.trainer.dist
+        if dist.enabled and dist.nodes > 1:  # the rendezvous is the user's: the same flags as the first launch
+            return (f"torchrun --nnodes {dist.nodes} --nproc_per_node {dist.per_node} --rdzv-backend c10d "
+                    f"--rdzv-endpoint HOST:PORT -m maskkit.cli pretrain --resume {self.out} (on every node)")
         if dist.enabled:
             return f"torchrun --nproc_per_node {dist.world_size} -m maskkit.cli pretrain --resume {self.out}"
         return f"maskkit pretrain --resume {self.out}"

@@ -148,6 +148,8 @@ ADDED_IN_FORMAT_2 = frozenset({
     # the official MAE recipe's flags (issue 22): a run without them ran with 1, none, 0 and none
     "config.train.accum_iter", "config.train.blr", "config.train.min_lr", "config.train.warmup_epochs",
     "train.accum_iter", "train.min_lr",
+    # the cluster issue (23): a run without it ran in the default (contiguous) layout
+    "config.train.channels_last", "train.channels_last",
 })  # fmt: skip
 
 _NAMES = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",

@@ -96,6 +96,10 @@ class TrainSettings:
         NO_COMPILE, "none | a torch.compile backend (inductor, aot_eager, ...): compile the MAE's encoder and decoder "
         "blocks for the pretrain steps; the exact unroll always runs them eagerly.",
     )  # fmt: skip
+    channels_last: bool = setting(
+        False, "Images and the patch embedding's weights in channels-last memory layout (cuDNN's faster "
+        "convolution layout on CUDA; the same numbers up to kernel rounding).",
+    )  # fmt: skip
     mask_noise: str = setting(
         "rank", "rank: each process draws its own masks; sample: random-policy masks keyed by step and sample "
         "(same for any process count).",
@@ -251,7 +255,7 @@ class Resolved:
 RECORD_KEYS = (
     "steps", "batch_size", "lr", "weight_decay", "optimizer", "warmup_steps", "mask_ratio", "seed", "log_every",
     "ckpt_every", "keep_checkpoints", "mlo", "skip_nonfinite", "amp", "mask_noise", "compile", "world_size",
-    "accum_iter", "min_lr",
+    "accum_iter", "min_lr", "channels_last",
 )  # fmt: skip
 RESOLVED_KEYS = tuple(f.name for f in fields(Resolved))
 

@@ -104,6 +104,8 @@ class Trainer:
         rank_seed = t.seed + RANK_SEED_STRIDE * dist.rank
         self.generators = {"mask": _generator(device, rank_seed + 2)}
         self.inject_nan = parse_inject_nan(os.environ.get(INJECT_NAN_ENV))
+        if t.channels_last:  # only 4-d tensors change layout: the patch embedding's convolution
+            mae.to(memory_format=torch.channels_last)
         compile_blocks(mae, t.compile)  # in place: names and checkpoints unchanged; "none": nothing
         if callable(getattr(policy, "bind", None)):  # a policy built without the MAE's sizes learns them now
             policy.bind(embed_dim=mae.embed_dim, num_patches=mae.num_patches)
@@ -253,6 +255,8 @@ class Trainer:
                 self.loaders["train"].next()
                 continue
             images = self._poison(self.loaders["train"].next().images, "train", m)  # [B, C, H, W]
+            if t.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             context: dict[str, Any] = {"generator": self.generators["mask"], "progress": self.progress}
             if t.mask_noise == "sample":
                 context["noise"] = self._sample_noise(images.shape[0], m)
