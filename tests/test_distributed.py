@@ -178,8 +178,10 @@ def folder_reference(tmp_path_factory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("torchrun")
     folder = photo_folder(root / "data", {"train": 16, "val": 2})
-    _, err = (proc := torchrun("--out", root / "full", *folder_args(folder))).communicate(timeout=300)
+    out, err = (proc := torchrun("--out", root / "full", *folder_args(folder))).communicate(timeout=300)
     assert proc.returncode == 0, err.decode()[-2000:]
+    banner = " ".join(out.decode().split())  # the banner says where it runs: processes, per-process and global batch
+    assert "of global batch 16 (8 per process x 2 processes)," in banner, banner
     return folder, root / "full"
 
 
@@ -241,8 +243,10 @@ def test_two_nodes_run_as_one_node_does_and_a_stop_on_one_node_stops_both_at_one
     nodes = two_node_launch(free_port(), "stop", "--out", run, *folder_args(folder, workers=0))
     wait_for_lines(run / "metrics.jsonl", 2, nodes[0])
     nodes[1].send_signal(signal.SIGTERM)  # one machine only
-    errs = [p.communicate(timeout=300)[1].decode() for p in nodes]
+    outs, errs = zip(*[(o.decode(), e.decode()) for o, e in (p.communicate(timeout=300) for p in nodes)], strict=True)
     assert all(p.returncode != 0 for p in nodes), errs
+    banners = [" ".join(o.split()) for o in outs if "maskkit pretrain" in o]  # rank 0's, on either node
+    assert len(banners) == 1 and "of global batch 16 (8 per process x 2 processes on 2 nodes)," in banners[0], outs
     step = stopped_at(errs, "torchrun --nnodes 2 --nproc_per_node 1 --rdzv-backend c10d --rdzv-endpoint HOST:PORT "
                             f"-m maskkit.cli pretrain --resume {run} (on every node)")  # fmt: skip
     assert_collective_checkpoint(run, step)
