@@ -2,7 +2,7 @@
 
 Offline: each patch parses (hunk header counts match their lines, at most 3 context lines around a
 change), touches exactly the expected official files, the patches chain (each file's post-image blob is
-the next patch's pre-image), they add `--policy`, `--policy_options` and `--max_iters_per_epoch`, and
+the next patch's pre-image), they add `--policy`, `--policy_options`, `--max_iters_per_epoch` and `--mlo`, and
 they import only public maskkit names. With MASKKIT_OFFICIAL_MAE=/path/to/a/clone of the official
 repository (holding the pinned commit): `git apply --check`, then `git apply`, of each in order on the
 pinned commit's files (copied to a temporary folder; the clone is not touched).
@@ -27,6 +27,7 @@ EXPECTED_FILES = {
     1: {"main_pretrain.py", "engine_pretrain.py", "util/misc.py", "util/pos_embed.py"},
     2: {"main_pretrain.py", "engine_pretrain.py"},
     3: {"main_pretrain.py"},
+    4: {"main_pretrain.py", "engine_pretrain.py", "util/misc.py"},
 }
 HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@ ?(.*)$")
 MAX_CONTEXT = 3  # git's default: a diff, not a copy of the official code
@@ -129,7 +130,7 @@ def test_patches_chain_in_order(patches):
             last[f.path] = f.new_blob
 
 
-def test_the_patches_add_the_policy_and_iteration_cap_arguments(patches):
+def test_the_patches_add_the_policy_iteration_cap_and_mlo_arguments(patches):
     policy = added_lines(patches, 3, "main_pretrain.py")
     cap_main = added_lines(patches, 2, "main_pretrain.py")
     cap_engine = added_lines(patches, 2, "engine_pretrain.py")
@@ -138,8 +139,10 @@ def test_the_patches_add_the_policy_and_iteration_cap_arguments(patches):
     assert any("use_policy(model, policy)" in line for line in policy)
     assert any("add_argument('--max_iters_per_epoch', default=None," in line for line in cap_main)
     assert any("args.max_iters_per_epoch" in line for line in cap_engine)
+    assert any("add_argument('--mlo', action='store_true'," in line for line in added_lines(patches, 4, "main_pretrain.py"))
+    assert any("engine.step(samples)" in line for line in added_lines(patches, 4, "engine_pretrain.py"))
     # the arguments go into the official argparser
-    for number, name in ((3, "'--policy',"), (2, "'--max_iters_per_epoch',")):
+    for number, name in ((3, "'--policy',"), (2, "'--max_iters_per_epoch',"), (4, "'--mlo',")):
         [hunk] = [h for f in patches[number] if f.path == "main_pretrain.py" for h in f.hunks
                   if any(name in line for line in h.added)]
         assert hunk.heading == "def get_args_parser():", hunk.heading
@@ -197,4 +200,5 @@ def test_git_apply_on_the_pinned_commit(tmp_path):
         run("apply", "--check", str(patch), cwd=work)
         run("apply", str(patch), cwd=work)
     text = (work / "main_pretrain.py").read_text()
-    assert "'--policy'" in text and "'--max_iters_per_epoch'" in text and 'assert timm.__version__' not in text
+    assert "'--policy'" in text and "'--max_iters_per_epoch'" in text and "'--mlo'" in text
+    assert "assert timm.__version__" not in text
