@@ -6,7 +6,8 @@ Three tools, each touching only what it is given:
   with a maskkit policy and weights the loss by `plan.weights`; undone by `handle.remove()`;
 - `timm_compat()`: lets `models_mae.py` build under timm 1.x (it passes `qk_scale=None` to `Block`).
 Plus `engine_checkpoint_entries(engine)` / `restore_engine(engine, checkpoint)`: an `MLOEngine`'s
-state inside the official checkpoint dict (docs/official-mae.md).
+state inside the official checkpoint dict (docs/official-mae.md); `official_patches()`: the patch
+files that add maskkit to the official repository's `main_pretrain.py`.
 
 Why one file of ~460 lines: this is the only code that knows the official codebase, and its three
 tools share the same private view of `MaskedAutoencoderViT` (its `random_masking`, its loss and its
@@ -19,6 +20,7 @@ import inspect
 import sys
 import types
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -453,12 +455,29 @@ def restore_engine(engine: MLOEngine, checkpoint: Mapping[str, Any], key: str = 
     return True
 
 
+# ----------------------------------------------------------------------------------------------
+# e. the patch files for the official repository (docs/official-mae.md)
+
+#: the facebookresearch/mae commit that `official_patches()` apply to
+OFFICIAL_MAE_COMMIT = "efb2a8062c206524e35e47d04501ed4f544c0ae8"
+#: the folder of the patch files (package data of maskkit.adapters)
+OFFICIAL_PATCH_DIR = Path(__file__).with_name("official_mae_patches")
+
+
+def official_patches() -> list[Path]:
+    """The patch files for facebookresearch/mae at `OFFICIAL_MAE_COMMIT`, in the order `git apply` takes them."""
+    return sorted(OFFICIAL_PATCH_DIR.glob("*.patch"))
+
+
 __all__ = [
     "ENGINE_CHECKPOINT_KEY",
+    "OFFICIAL_MAE_COMMIT",
+    "OFFICIAL_PATCH_DIR",
     "OfficialMAE",
     "PolicyHandle",
     "TimmCompat",
     "engine_checkpoint_entries",
+    "official_patches",
     "policy_of",
     "restore_engine",
     "restore_masking",
