@@ -137,7 +137,7 @@ def test_a_learned_masker_pictured_every_step_trains_bit_identically(tmp_path):
     touching the run's generators, RNG or modes: the same metrics.jsonl bytes and weights."""
     args = ["--policy", "learned", "--steps", "4", "--batch-size", "32", "--log-every", "1", "--no-progress"]
     ok("pretrain", "--out", tmp_path / "plain", *args)
-    ok("pretrain", "--out", tmp_path / "tb", *args, "--log", "tensorboard", "--log-images-every", "1")
+    ok("pretrain", "--out", tmp_path / "tb", *args, "--logger", "tensorboard", "--log-images-every", "1")  # torchrun's spelling
     assert (tmp_path / "tb" / "metrics.jsonl").read_bytes() == (tmp_path / "plain" / "metrics.jsonl").read_bytes()
     weights = [torch.load(tmp_path / name / "model.pt", weights_only=True) for name in ("plain", "tb")]
     for part in ("mae", "policy", "head"):

@@ -247,7 +247,7 @@ def _train(
         if logger is not None:
             logger.close()
     seconds = time.perf_counter() - t0
-    images = (trainer.step_count - start) * trainer.loaders["train"].stream.batch_size
+    images = (trainer.step_count - start) * trainer.perf.effective_batch  # batch x accum x processes
     summary = {
         "steps": trainer.step_count,
         "steps_this_call": trainer.step_count - start,

@@ -87,7 +87,8 @@ class TrainSettings:
     log_every: int = setting(10, "Write a metrics.jsonl line (and a perf.jsonl line: throughput) every this many steps.")
     log: str = setting(
         "none", "Also log to: none | tensorboard (RUN/tensorboard: every metrics.jsonl and perf.jsonl number, and "
-        "mask pictures; needs pip install \"maskkit[tensorboard]\"). metrics.jsonl stays the record.",
+        "mask pictures; needs pip install \"maskkit[tensorboard]\"). metrics.jsonl stays the record. Under "
+        "torchrun spell it --logger (torchrun takes --log for its own --log-dir).", flags=("--log", "--logger"),
     )  # fmt: skip
     log_images_every: int | None = setting(
         None, f"With --log tensorboard: a picture of the masks every this many steps (default {IMAGES_EVERY} x "

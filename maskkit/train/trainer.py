@@ -2,7 +2,8 @@
 
 It draws the batches (`maskkit.data.Loader`: seeded streams of global batches, this rank's shard,
 augmentation keyed by sample), keeps the mask generator and global RNG, guards against non-finite numbers (`maskkit.train.guard`),
-logs metrics (`MetricsLog`), checkpoints (format `STATE_VERSION`, unchanged: step, skipped,
+logs metrics (`MetricsLog`) and, beside them, throughput (`PerfMeter`: perf.jsonl; a `RunLogger` such as
+TensorBoard gets both), checkpoints (format `STATE_VERSION`, unchanged: step, skipped,
 world_size, streams, ranks, window, config and the step's own keys) and stops on signals
 (`StopSignals`). It knows nothing of which step it runs: `step_kind` picks it from the policy's
 card (`learns`), `make_step` builds it.
