@@ -183,6 +183,16 @@ def test_throughput_counts_the_train_loaders_wait_and_the_effective_batch(tmp_pa
     assert seen == [expected] * 4  # what the progress bar shows after each step
 
 
+@pytest.mark.skipif(not CUDA, reason="peak_mem_mb is measured on CUDA only")
+def test_peak_memory_is_cuda_s_peak_since_training_started():
+    meter = perf_module.PerfMeter(8, "cuda")
+    meter.start()
+    block = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")  # 64 MiB
+    meter.step_done()
+    del block
+    assert meter.pop()["peak_mem_mb"] >= 64 and meter.totals()["peak_mem_mb"] >= 64
+
+
 def test_the_bar_shows_images_per_second_data_wait_and_peak_memory():
     from io import StringIO
 

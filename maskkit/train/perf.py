@@ -40,7 +40,13 @@ class PerfMeter:
     def __init__(self, effective_batch: int, device: torch.device | str = "cpu") -> None:
         self.effective_batch = int(effective_batch)
         self.device = torch.device(device)
-        self.start()
+        self._zero()  # `start` (by `train`) also resets CUDA's peak: building a trainer leaves it alone
+
+    def _zero(self) -> None:
+        self._window_t0 = time.perf_counter()
+        self._seconds = 0.0  # of the windows popped
+        self._wait = self._window_wait = 0.0
+        self._steps = self._window_steps = 0
 
     @property
     def cuda(self) -> bool:
@@ -48,10 +54,7 @@ class PerfMeter:
 
     def start(self) -> None:
         """Start measuring (the first window and the totals); on CUDA, the peak memory statistics too."""
-        self._window_t0 = time.perf_counter()
-        self._seconds = 0.0  # of the windows popped
-        self._wait = self._window_wait = 0.0
-        self._steps = self._window_steps = 0
+        self._zero()
         if self.cuda and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats(self.device)
 
