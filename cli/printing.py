@@ -110,13 +110,14 @@ def train_line(record: Any, nodes: int = 1) -> str:
 
 
 #: what the pretrain bar shows in its loss and throughput fields before the first step has finished
-NO_STEP_YET = {"loss": "-", "ips": "-"}
+NO_STEP_YET = {"loss": "-", "ips": "-", "wait": "-", "mem": ""}
 
 
 def pretrain_progress(on: Console, total: int, completed: int, *, disable: bool = False) -> tuple[Progress, Any]:
-    """The pretrain progress bar (step, loss, images/s, time spent and left) and its task.
+    """The pretrain progress bar (step, loss, images/s, data wait, peak CUDA memory, time spent and left) and its task.
 
-    Its fields are text: "-" until the first step of this call has finished (never "loss nan").
+    Its fields are text: "-" until the first step of this call has finished (never "loss nan"); the
+    memory field stays empty off CUDA.
     """
     columns = [
         TextColumn("[bold]pretrain"),
@@ -124,6 +125,8 @@ def pretrain_progress(on: Console, total: int, completed: int, *, disable: bool 
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"),
         TextColumn("{task.fields[ips]} img/s"),
+        TextColumn("data wait {task.fields[wait]}"),
+        TextColumn("{task.fields[mem]}"),
         TimeElapsedColumn(),
         TextColumn("left"),
         TimeRemainingColumn(),
@@ -132,9 +135,14 @@ def pretrain_progress(on: Console, total: int, completed: int, *, disable: bool 
     return bar, bar.add_task("pretrain", total=total, completed=completed, **NO_STEP_YET)
 
 
-def step_fields(loss: float, images_per_second: float) -> dict[str, str]:
-    """The bar's fields after a step: the step's loss and the throughput so far."""
-    return {"loss": f"{loss:.4f}", "ips": f"{images_per_second:.0f}"}
+def step_fields(
+    loss: float, images_per_s: float, data_wait: float | None = None, peak_mem_mb: float | None = None, **_: Any
+) -> dict[str, str]:
+    """The bar's fields after a step: its loss and the library's throughput so far (`Trainer.perf.totals()`:
+    images/s, the fraction of the time spent waiting for batches, peak CUDA memory in MiB)."""
+    return {"loss": f"{loss:.4f}", "ips": f"{images_per_s:.0f}",
+            "wait": "-" if data_wait is None else f"{100 * data_wait:.0f}%",
+            "mem": "" if peak_mem_mb is None else f"peak {peak_mem_mb:.0f} MiB"}  # fmt: skip
 
 
 def evaluate_progress(on: Console, protocol: str, *, disable: bool = False) -> Progress:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -102,14 +101,11 @@ def train_with_progress(prepared: Any, console: Console, err_console: Console, s
     from maskkit.train import StopSignals, TrainingStopped
 
     trainer, out = prepared.trainer, prepared.out
-    state = {"t0": time.perf_counter(), "images": 0}
     bar, task = pretrain_progress(console, trainer.config.steps, trainer.step_count,
                                   disable=not (show_progress and trainer.dist.is_main))  # fmt: skip
 
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        state["images"] += trainer.loaders["train"].stream.batch_size * trainer.config.train.accum_iter
-        rate = state["images"] / max(time.perf_counter() - state["t0"], 1e-9)
-        bar.update(task, completed=step, **step_fields(metrics["loss"], rate))
+    def on_step(step: int, metrics: dict[str, float]) -> None:  # the library measures (Trainer.perf), we print
+        bar.update(task, completed=step, **step_fields(metrics["loss"], **trainer.perf.totals()))
 
     with StopSignals() as stop, bar:  # also over the final writes: a late signal lets the run finish them
         try:

@@ -1,9 +1,9 @@
 """The run layer: one typed, versioned `RunConfig`, one builder, the run lifecycle, evaluation and pictures.
 
 A run directory holds `config.json` (the `RunConfig` as asked for, and what it resolved to: the
-data's statistics and splits, the model's sizes, the steps), `metrics.jsonl`,
-`checkpoints/checkpoint-<step>.pt` (+ `.sha256`), `model.pt` (final weights), `summary.json`, and
-later `eval.json` and pictures. This package owns that format; `maskkit pretrain`, `evaluate` and
+data's statistics and splits, the model's sizes, the steps), `metrics.jsonl`, `perf.jsonl`
+(throughput), `checkpoints/checkpoint-<step>.pt` (+ `.sha256`), `model.pt` (final weights),
+`summary.json`, with `--log tensorboard` `tensorboard/`, and later `eval.json` and pictures. This package owns that format; `maskkit pretrain`, `evaluate` and
 `visualize` only parse options into these calls and print what comes back.
 
     config = RunConfig(data=DataConfig("digits"), policy=PolicyConfig("random"), train=TrainSettings(steps=50))

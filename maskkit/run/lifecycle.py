@@ -31,16 +31,19 @@ from maskkit.checkpoint import CheckpointError, list_checkpoints, load_latest, s
 from maskkit.data import parse_dataset
 from maskkit.distributed import SINGLE, DistContext, barrier, broadcast_object
 from maskkit.locking import RunLock, RunLockedError, make_unique_dir, run_in_progress
-from maskkit.train import MetricsLog, Pretrainer, StopSignals, train
+from maskkit.train import MetricsLog, Pretrainer, StopSignals, TrainSettings, train
+from maskkit.train.loggers import check_logger, open_logger
 
 from .builder import build_run, build_trainer, load_data, model_kind, new_run, resolve_device
-from .config import RunConfig, RunError
+from .config import RunConfig, RunError, _one_line
 from .record import (
     CHECKPOINTS,
     CONFIG,
     METRICS,
     MODEL,
+    PERF,
     SUMMARY,
+    TENSORBOARD,
     RunRecord,
     check_writable,
     holds_a_run,
@@ -140,7 +143,8 @@ def resume_run(
     `steps` extends the run (written to config.json); `device` 'auto' means the run's own. A checkpoint
     without its `.sha256` is skipped (with a warning) unless `trust_unverified`; data that changed since
     the run was pretrained (its fingerprint in config.json) is refused unless `trust_data_change`.
-    metrics.jsonl is checked line by line before anything is built, then cut back to the restored step.
+    metrics.jsonl and perf.jsonl are checked line by line before anything is built, then cut back to the
+    restored step (and a --log tensorboard run's events after it are purged when training starts).
     Rank 0 takes the directory's lock before anything is read or written (RunLockedError while another
     process has it).
     """
@@ -168,8 +172,10 @@ def _resume_run(
 
     run_dir = Path(run_dir)
     record = RunRecord.read(run_dir)
-    metrics = MetricsLog(run_dir / METRICS)
+    _one_line(check_logger, logging_of(record)[0])  # --log tensorboard without tensorboard: before any work
+    metrics, perf = MetricsLog(run_dir / METRICS), MetricsLog(run_dir / PERF)
     metrics.load()  # a bad line: one line naming the file and the line, before anything is built or written
+    perf.load()
     dev = resolve_device(record.device if device == "auto" else device, dist)
     path, state, warnings = None, None, []
     if list_checkpoints(run_dir / CHECKPOINTS):
@@ -205,6 +211,7 @@ def _resume_run(
             record.train["steps"] = steps
             record.write(run_dir)
         warnings += metrics.truncate_after(trainer.step_count)
+        warnings += perf.truncate_after(trainer.step_count)
     if path is None:
         warnings.append(f"{run_dir} has no checkpoint (it was stopped before its first); starting over from step 0")
     return PreparedRun(run_dir, record, trainer, "the start" if path is None else path.name, warnings)
@@ -232,10 +239,18 @@ def _train(
     prepared: PreparedRun, on_step: Callable[[int, dict[str, float]], None] | None, stop: StopSignals | None
 ) -> dict[str, Any]:
     trainer, out = prepared.trainer, prepared.out
+    kind, images_every = logging_of(prepared.record)
     start, t0 = trainer.step_count, time.perf_counter()
-    records = train(trainer, out, on_step=on_step, stop=stop)
+    # rank 0 logs; the events an earlier process logged after the resumed step are dropped (purge_step):
+    # the steps it re-runs are logged again, those up to it were kept, as in metrics.jsonl
+    logger = open_logger(kind, out / TENSORBOARD, purge_step=start + 1) if trainer.dist.is_main else None
+    try:
+        records = train(trainer, out, on_step=on_step, stop=stop, logger=logger, log_images_every=images_every)
+    finally:
+        if logger is not None:
+            logger.close()
     seconds = time.perf_counter() - t0
-    images = (trainer.step_count - start) * trainer.loaders["train"].stream.batch_size
+    images = (trainer.step_count - start) * trainer.perf.effective_batch  # batch x accum x processes
     summary = {
         "steps": trainer.step_count,
         "steps_this_call": trainer.step_count - start,
@@ -248,6 +263,15 @@ def _train(
         save_checkpoint(out / MODEL, trainer.weights())
         write_json(out / SUMMARY, summary)
     return summary
+
+
+def logging_of(record: RunRecord) -> tuple[str, int]:
+    """(--log, steps between its mask pictures; 0: none) of a run, as config.json records them (a run
+    recorded before --log: none)."""
+    asked = (record.config or {}).get("train", {})
+    settings = TrainSettings(log_every=int(record.train["log_every"]), log=asked.get("log", "none"),
+                             log_images_every=asked.get("log_images_every"))  # fmt: skip
+    return settings.log, settings.images_every()
 
 
 # ---- one writer per run directory -------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The run directory's files and its record, config.json: the `RunConfig` asked for and what it resolved to.
 
-A run directory holds `config.json` (`RunRecord`), `metrics.jsonl`, `checkpoints/checkpoint-<step>.pt`
-(+ `.sha256`), `model.pt` (final weights), `summary.json`, and later `eval.json` (merged under the lock
+A run directory holds `config.json` (`RunRecord`), `metrics.jsonl`, `perf.jsonl` (throughput: wall
+clock, so kept out of metrics.jsonl, the reproducible record), `checkpoints/checkpoint-<step>.pt`
+(+ `.sha256`), `model.pt` (final weights), `summary.json`, with `--log tensorboard` `tensorboard/`, and
+later `eval.json` (merged under the lock
 `.eval.json.lock`, `merge_json`) and pictures. This
 module names those files and reads and writes the record; runs of format 1 (before `RunConfig`)
 still read as they always did. A record of format 2 is checked against `FORMAT_2`: every field
@@ -25,16 +27,21 @@ from maskkit.checkpoint import atomic_write_text
 from maskkit.locking import locked
 from maskkit.train import TrainConfig
 from maskkit.train.config import RECORD_KEYS, MLOSettings, Resolved, TrainSettings
+from maskkit.train.loggers import TENSORBOARD_DIR
+from maskkit.train.trainer import PERF_FILE
 
 from .config import FORMAT_VERSION, SECTIONS, RunError
 
 __all__ = [
-    "ADDED_IN_FORMAT_2", "CHECKPOINTS", "CONFIG", "EVAL", "FORMAT_2", "METRICS", "MODEL", "SUMMARY", "RunRecord",
+    "ADDED_IN_FORMAT_2", "CHECKPOINTS", "CONFIG", "EVAL", "FORMAT_2", "METRICS", "MODEL", "PERF", "SUMMARY",
+    "TENSORBOARD", "RunRecord",
     "check_record", "check_writable", "merge_json",
 ]  # fmt: skip
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
+PERF = PERF_FILE  # perf.jsonl
+TENSORBOARD = TENSORBOARD_DIR  # tensorboard/
 MODEL = "model.pt"
 SUMMARY = "summary.json"
 EVAL = "eval.json"
@@ -148,8 +155,9 @@ ADDED_IN_FORMAT_2 = frozenset({
     # the official MAE recipe's flags (issue 22): a run without them ran with 1, none, 0 and none
     "config.train.accum_iter", "config.train.blr", "config.train.min_lr", "config.train.warmup_epochs",
     "train.accum_iter", "train.min_lr",
-    # the cluster issue (23): a run without it ran in the default (contiguous) layout
-    "config.train.channels_last", "train.channels_last",
+    # the cluster issue (23): a run without them ran in the default (contiguous) layout and logged to
+    # metrics.jsonl alone
+    "config.train.channels_last", "train.channels_last", "config.train.log", "config.train.log_images_every",
 })  # fmt: skip
 
 _NAMES = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",

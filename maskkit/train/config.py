@@ -25,6 +25,7 @@ from typing import Any
 from maskkit.compile import NO_COMPILE, check_backend
 from maskkit.mlo import DARTS_FDS, DARTS_PATHS, HYPERGRADS, LEVEL2S
 from maskkit.settings import flag, setting
+from maskkit.train.loggers import LOGGERS, check_logger
 
 #: training iterations when neither steps nor epochs are given
 DEFAULT_STEPS = 600
@@ -33,6 +34,8 @@ DEFAULT_LR = 1.5e-3
 #: the batch size of the base learning rate rule: lr = blr x effective batch / BLR_BATCH (MAE, Goyal et al.)
 BLR_BATCH = 256
 AMP_MODES = ("none", "bf16")
+#: --log-images-every's default, in --log-every intervals
+IMAGES_EVERY = 10
 MASK_NOISE = ("rank", "sample")
 #: why the MLO engine (a learnable policy's step) takes no gradient accumulation (docs/cli.md)
 ACCUM_MLO = ("--accum-iter above 1 needs a policy that the MLO engine does not train (or --freeze-masker): "
@@ -81,7 +84,16 @@ class TrainSettings:
     )  # fmt: skip
     seed: int = setting(0, "Seed of splits, initialisation, batches, masks.")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N.")
-    log_every: int = setting(10, "Write a metrics.jsonl line every this many steps.")
+    log_every: int = setting(10, "Write a metrics.jsonl line (and a perf.jsonl line: throughput) every this many steps.")
+    log: str = setting(
+        "none", "Also log to: none | tensorboard (RUN/tensorboard: every metrics.jsonl and perf.jsonl number, and "
+        "mask pictures; needs pip install \"maskkit[tensorboard]\"). metrics.jsonl stays the record. Under "
+        "torchrun spell it --logger (torchrun takes --log for its own --log-dir).", flags=("--log", "--logger"),
+    )  # fmt: skip
+    log_images_every: int | None = setting(
+        None, f"With --log tensorboard: a picture of the masks every this many steps (default {IMAGES_EVERY} x "
+        "--log-every; 0: none).",
+    )  # fmt: skip
     ckpt_every: int = setting(100, "Checkpoint every this many steps (and at the end).")
     keep_checkpoints: int = setting(
         2, "How many checkpoints to keep (the newest).", flags=("--keep-checkpoints", "--keep-last")
@@ -126,10 +138,22 @@ class TrainSettings:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{flag(name)} must be a finite non-negative number, got {value}")
-        for name, allowed in (("amp", AMP_MODES), ("mask_noise", MASK_NOISE)):
+        for name, allowed in (("amp", AMP_MODES), ("mask_noise", MASK_NOISE), ("log", LOGGERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.log_images_every is not None and self.log_images_every < 0:
+            raise ValueError(f"--log-images-every must be a non-negative integer, got {self.log_images_every}")
+        if self.log_images_every is not None and self.log == "none":
+            raise ValueError("--log-images-every only applies with --log tensorboard")
         check_backend(self.compile)
+        check_logger(self.log)  # tensorboard installed?
+
+    def images_every(self) -> int:
+        """Steps between the logger's mask pictures: --log-images-every, default IMAGES_EVERY x --log-every;
+        0 without a logger or with 0."""
+        if self.log == "none":
+            return 0
+        return self.log_every * IMAGES_EVERY if self.log_images_every is None else self.log_images_every
 
     def effective_batch(self, world_size: int = 1) -> int:
         """Images per optimizer step: --batch-size x --accum-iter x processes."""

@@ -2,7 +2,8 @@
 
 It draws the batches (`maskkit.data.Loader`: seeded streams of global batches, this rank's shard,
 augmentation keyed by sample), keeps the mask generator and global RNG, guards against non-finite numbers (`maskkit.train.guard`),
-logs metrics (`MetricsLog`), checkpoints (format `STATE_VERSION`, unchanged: step, skipped,
+logs metrics (`MetricsLog`) and, beside them, throughput (`PerfMeter`: perf.jsonl; a `RunLogger` such as
+TensorBoard gets both), checkpoints (format `STATE_VERSION`, unchanged: step, skipped,
 world_size, streams, ranks, window, config and the step's own keys) and stops on signals
 (`StopSignals`). It knows nothing of which step it runs: `step_kind` picks it from the policy's
 card (`learns`), `make_step` builds it.
@@ -45,11 +46,15 @@ from maskkit.distributed import (
 from maskkit.train.choose import check_step, make_step, policy_learns, step_kind
 from maskkit.train.config import TrainConfig
 from maskkit.train.guard import INJECT_NAN_ENV, nonfinite_error, nonfinite_weights, parse_inject_nan
+from maskkit.train.loggers import RunLogger, mask_picture, scalars_of
 from maskkit.train.metrics import MetricsLog
+from maskkit.train.perf import PerfMeter
 from maskkit.train.signals import StopSignals, TrainingStopped
 from maskkit.train.step import StepParts, TrainStep
 
 STATE_VERSION = 2
+#: the throughput log beside metrics.jsonl (one line per metrics.jsonl line, wall clock: see `train`)
+PERF_FILE = "perf.jsonl"
 #: offset between the generator seeds of neighbouring ranks
 RANK_SEED_STRIDE = 7919
 
@@ -114,6 +119,8 @@ class Trainer:
                           self._batches, self.generators["mask"], dist)  # fmt: skip
         self.train_step: TrainStep = make_step(kind, parts)
         self._window: dict[str, tuple[float, int]] = {}
+        #: throughput (perf.jsonl, the progress bar): wall clock only, never in metrics or checkpoints
+        self.perf = PerfMeter(self.loaders["train"].stream.batch_size * t.accum_iter, device)  # effective batch
         if dist.enabled:  # same start everywhere, then every optimizer averages its gradients first
             for module in (self.mae, self.policy, self.head):
                 if module is not None:
@@ -228,11 +235,13 @@ class Trainer:
             self.train_step.undo()
             self.skipped += 1
             self.step_count += 1
+            self.perf.step_done()
             return {**metrics, "skipped": 1.0}
         self.train_step.commit()
         metrics = mean_floats(metrics, self.dist)  # the same numbers on every rank, hence in the log
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         self.step_count += 1
+        self.perf.step_done()
         for key, value in metrics.items():  # per-key sums and counts: masker metrics come every few steps
             total, count = self._window.get(key, (0.0, 0))
             self._window[key] = (total + value, count + 1)
@@ -252,9 +261,9 @@ class Trainer:
         parts, level = [], None
         for m in range(k):
             if level is not None:  # a bad micro-batch ends the step: the rest are drawn, not run
-                self.loaders["train"].next()
+                self._next_train_batch()
                 continue
-            images = self._poison(self.loaders["train"].next().images, "train", m)  # [B, C, H, W]
+            images = self._poison(self._next_train_batch().images, "train", m)  # [B, C, H, W]
             if t.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             context: dict[str, Any] = {"generator": self.generators["mask"], "progress": self.progress}
@@ -268,6 +277,11 @@ class Trainer:
         if k == 1:
             return parts[0], level
         return _mean_metrics(parts), level
+
+    def _next_train_batch(self) -> Any:
+        """The train loader's next batch, the wait for it counted as data wait (`perf`)."""
+        with self.perf.waiting():
+            return self.loaders["train"].next()
 
     def _error(self, level: str | None, metrics: dict[str, float]) -> Exception:
         return nonfinite_error(level, metrics, self.step_count + 1, self.dist.rank if self.dist.enabled else None)
@@ -365,11 +379,17 @@ def train(
     *,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     stop: StopSignals | None = None,
+    logger: RunLogger | None = None,
+    log_images_every: int = 0,
 ) -> list[dict[str, Any]]:
     """Run `trainer` to `config.steps`, logging every `log_every` and checkpointing every `ckpt_every`.
 
     Returns the records written to metrics.jsonl by this call (under torchrun: only rank 0 writes,
-    every rank returns the same records).
+    every rank returns the same records). Beside each metrics.jsonl line, perf.jsonl gets the step's
+    throughput (`PerfMeter`, measured from this call's start: wall clock, so never in metrics.jsonl);
+    `logger` (rank 0's; `maskkit.train.loggers`) gets the scalars of both lines and, every
+    `log_images_every` steps (0: never), a picture of the masks (`mask_picture`, which draws none of the
+    run's random numbers).
 
     With `stop` (a `StopSignals`, on every rank), a stop asked for during a step ends the run after
     that step: if an unrolled hypergradient window is open (`can_checkpoint()` False) the steps
@@ -379,23 +399,36 @@ def train(
     """
     t, steps = trainer.config.train, trainer.config.steps
     run_dir = Path(run_dir)
-    log = MetricsLog(run_dir / "metrics.jsonl") if trainer.dist.is_main else None
+    main = trainer.dist.is_main
+    log = MetricsLog(run_dir / "metrics.jsonl") if main else None
+    perf_log = MetricsLog(run_dir / PERF_FILE) if main else None
+    logger = logger if main else None
     ckpt_dir = run_dir / "checkpoints"
     written = []
     pending = False
     stopping = 0  # the signal every rank agreed to stop on; 0 while none
+    trainer.perf.start()
     while trainer.step_count < steps:
         metrics = trainer.step()
         step = trainer.step_count
         if on_step is not None:
             on_step(step, metrics)
-        if step % t.log_every == 0 or step == steps:
+        logged = step % t.log_every == 0 or step == steps
+        if logged:
             record = {"step": step, "epoch": round(trainer.epoch, 4), **trainer.pop_window()}
             if t.skip_nonfinite:
                 record["skipped"] = trainer.skipped  # batches skipped so far (non-finite numbers)
-            if log is not None:
-                log.append(record)
+            perf = {"step": step, **trainer.perf.pop()}
+            with trainer.perf.excluded():  # what observing takes is no training time
+                if log is not None and perf_log is not None:
+                    log.append(record)
+                    perf_log.append(perf)
+                if logger is not None:
+                    logger.log(step, {**scalars_of(record, "metrics"), **scalars_of(perf, "perf")})
             written.append(record)
+        if logger is not None and log_images_every and step % log_images_every == 0:
+            with trainer.perf.excluded():
+                logger.image(step, "masks", mask_picture(trainer))
         saved = None
         if (step % t.ckpt_every == 0 or step == steps or pending) and trainer.can_checkpoint():
             saved = trainer.save(ckpt_dir)
