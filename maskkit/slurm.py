@@ -46,7 +46,7 @@ import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from maskkit.train.signals import STOP_SIGNALS, StopSignals, TrainingStopped
 
@@ -324,7 +324,7 @@ def run_task(job: SlurmPretrain, env: Any) -> dict[str, Any]:
                 # every rank stopped at this step (the trainer all-reduced the stop); now they agree on the
                 # requeue too, though the signal may have reached only some of them
                 again = any_flag(stop.requeue or stopped.signum in stop.requeue_signals, dist)
-                raise _stopped(job, stopped, again, handler, dist, barrier, cleanup) from None
+                _stopped(job, stopped, again, handler, dist, barrier, cleanup)
             if dist.is_main:
                 _say(f"done: {out} at step {summary['steps']}")
             if dist.enabled:  # see maskkit.cli.app.main: a gloo thread may abort the interpreter's shutdown
@@ -350,31 +350,33 @@ def _exit_now(code: int) -> None:
 
 
 def _stopped(job: SlurmPretrain, stopped: TrainingStopped, requeue: bool, handler: Any, dist: Any, barrier: Any,
-             cleanup: Any) -> BaseException:
+             cleanup: Any) -> NoReturn:
     """After a stop's checkpoint: requeue through submitit's handler (rank 0), or end the job with the resume line."""
-    if not requeue:
+    head = f"Stopped by {stopped.signal_name} at step {stopped.step}, checkpoint {stopped.checkpoint.name} written"
+    resume = job.resume_command or f"maskkit pretrain --resume {job.out}"
+    if not requeue or not callable(handler):  # scancel (SIGTERM), or not in a submitit job (called directly)
+        why = "not requeued" if not requeue else "cannot requeue outside a submitit job"
         if dist.is_main:
-            _say(f"Stopped by {stopped.signal_name} at step {stopped.step}, checkpoint {stopped.checkpoint.name} "
-                 f"written; not requeued; continue with: {job.resume_command or f'maskkit pretrain --resume {job.out}'}",
-                 err=True)  # fmt: skip
-        raise SlurmError(f"stopped by {stopped.signal_name} at step {stopped.step}, checkpoint {stopped.checkpoint.name}"
-                         " written; not requeued")  # fmt: skip
-    if not callable(handler):  # not under submitit's job process (e.g. called directly)
-        raise SlurmError(f"stopped by {stopped.signal_name} at step {stopped.step} (checkpoint "
-                         f"{stopped.checkpoint.name}); cannot requeue outside a submitit job")  # fmt: skip
-    code = stopped.exit_code
+            _say(f"{head}; {why}; continue with: {resume}", err=True)
+        raise SlurmError(f"{head[0].lower()}{head[1:]}; {why}")
+    code, declined = stopped.exit_code, None
     if dist.is_main:
-        _say(f"Stopped by {stopped.signal_name} at step {stopped.step}, checkpoint {stopped.checkpoint.name} "
-             "written; requeueing the job: it resumes from the newest verified checkpoint", err=True)  # fmt: skip
+        _say(f"{head}; requeueing the job", err=True)
         try:
-            handler(requeue_signals()[0], None)  # submitit: checkpoint() -> resubmit the job, requeue, exit
-        except SystemExit as done:
+            handler(requeue_signals()[0], None)  # submitit: checkpoint() -> the job again, requeue, exit
+        except SystemExit as done:  # requeued
             code = done.code if isinstance(done.code, int) else 1
+            _say("requeued: the job resumes from the run's newest verified checkpoint", err=True)
+        except Exception as err:  # submitit declined: out of requeues
+            declined = err
+            _say(f"not requeued ({str(err).strip().splitlines()[0]}); continue with: {resume}", err=True)
         finally:
             barrier(dist)  # the other ranks exit once the job is requeued (a bad exit may end the step)
     else:
         barrier(dist)
     cleanup(dist)
+    if declined is not None:
+        raise declined  # submitit records it as the job's error
     if dist.enabled:
         _exit_now(code)
     raise SystemExit(code)

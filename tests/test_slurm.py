@@ -156,6 +156,23 @@ def test_job_stop_signals_record_every_signal_and_prefer_the_requeue_one():
     assert {s: signal.getsignal(s) for s in before} == before
 
 
+def test_loader_workers_ignore_submitit_s_signal(monkeypatch):
+    """SLURM signals every process of a job; a data-loader worker must not die of submitit's signal."""
+    from maskkit.data import loader
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2,
+                                                signal.SIGHUP)}  # fmt: skip
+    try:
+        loader._quiet_worker(0)
+        assert signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN and signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+        monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "HUP")  # submitit told to use another signal
+        loader._quiet_worker(0)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 # ---- a real job: stopped by its signal, requeued, byte-identical ------------------------------------
 
 
@@ -227,7 +244,7 @@ def test_a_job_stopped_by_its_signal_is_requeued_and_ends_byte_identical(requeue
     log0 = (run / "slurm" / f"{job}_0_log.err").read_text()
     said = [line for line in log0.splitlines() if line.startswith("maskkit: Stopped by")]
     assert len(said) == 1, log0
-    step = int(re.search(r"Stopped by SIGUSR2 at step (\d+), checkpoint checkpoint-\d+\.pt written; requeueing", said[0])
+    step = int(re.search(r"Stopped by SIGUSR2 at step (\d+), checkpoint checkpoint-\d+\.pt written; requeueing the job$", said[0])
                .group(1))  # fmt: skip
     assert 9 <= step < 40
     ckpt = load_checkpoint(run / "checkpoints" / f"checkpoint-{step:07d}.pt")  # both ranks stopped at this step
