@@ -4,15 +4,15 @@
     settings = SlurmSettings(partition="gpu", nodes=2, gpus_per_node=8, time_min=4320)
     submitted = submit(job, settings)                        # sbatch, through submitit; one task per GPU
 
-**The job.** `SlurmPretrain` is the picklable callable submitit runs in every task. A task maps
-submitit's `JobEnvironment` onto the variables torchrun would set (`distributed_env`: RANK,
-WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR = the job's first host, MASTER_PORT from the
-job id), joins the process group with `maskkit.distributed.init_from_env`, then looks at the run
-directory: no run there yet, it creates the run (`create_run`); a run there, it continues it exactly
-as `maskkit pretrain --resume RUN` does (`resume_run`: the newest *verified* checkpoint, whatever
-its step or name, metrics.jsonl cut back to it); a run there already complete, it does nothing and
-returns the run's summary. So the job is the same on every start: the first submission writes the
-directory, and any requeue (submitit's, SLURM's own after a preemption or a node failure, or
+**The job.** `SlurmPretrain` is the picklable callable submitit runs in every task. A task first
+looks at the run directory: a run there already complete, it does nothing and returns the run's
+summary; no run there yet, it will create the run (`create_run`); a run there, it will continue it
+exactly as `maskkit pretrain --resume RUN` does (`resume_run`: the newest *verified* checkpoint,
+whatever its step or name, metrics.jsonl cut back to it). To train, it maps submitit's
+`JobEnvironment` onto the variables torchrun would set (`distributed_env`: RANK, WORLD_SIZE,
+LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR = the job's first host, MASTER_PORT from the job id) and
+joins the process group with `maskkit.distributed.init_from_env`. So the job is the same on every
+start: the submission creates the directory, the job's first start writes the run, and any requeue (submitit's, SLURM's own after a preemption or a node failure, or
 `scontrol requeue` by hand) resumes it, never starts over and never refuses because the directory
 exists. The lock on the directory (`RUN/.lock`) is the kernel's flock, released when the previous
 start's process died, so a requeued task takes it again.
@@ -24,8 +24,8 @@ whatever the task is doing. maskkit does not let that happen mid-step: while the
 `JobStopSignals` owns SIGTERM, SIGINT, SIGUSR1 and submitit's signal; a signal is only recorded; the
 trainer finishes the step, all-reduces the stop flag (every rank stops at the same step), writes the
 checkpoint and raises `TrainingStopped`. Only then does the job hand over to submitit: if a requeue
-signal (submitit's, or SIGUSR1, the signal of `--signal=USR1@...` and of Lightning) was among those
-received, rank 0 calls submitit's own handler, which calls `checkpoint()` (which resubmits the same
+signal (submitit's, or SIGUSR1, the signal of `--signal=USR1@...` and of Lightning) reached any rank
+(all-reduced again: the ranks agree), rank 0 calls submitit's own handler, which calls `checkpoint()` (which resubmits the same
 job: the checkpoint is already on disk, and the job finds it by itself), requeues (`scontrol requeue`;
 the local executor: exit 144) and exits; the other ranks wait at a barrier until rank 0 has requeued,
 then exit. A stop on SIGTERM or SIGINT alone (`scancel`, or a preemption on a cluster that sends no user

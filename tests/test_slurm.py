@@ -33,7 +33,7 @@ submitit = pytest.importorskip("submitit")
 
 cli = CliRunner()
 #: a micro MAE on 400 random 8x8 images from an npz (no scikit-learn import in each task: it costs seconds)
-TRAIN = ["--policy", "random", "--steps", "40", "--batch-size", "16", "--log-every", "3", "--ckpt-every", "1000",
+TRAIN = ["--policy", "random", "--steps", "60", "--batch-size", "16", "--log-every", "3", "--ckpt-every", "1000",
          "--device", "cpu", "--no-progress"]  # fmt: skip
 #: 2 tasks on this machine; a time limit far away (the test sends the signal itself, at a known step)
 LOCAL = ["--slurm-cluster", "local", "--gpus-per-node", "2", "--slurm-time", "30"]
@@ -246,13 +246,13 @@ def test_a_job_stopped_by_its_signal_is_requeued_and_ends_byte_identical(requeue
     assert len(said) == 1, log0
     step = int(re.search(r"Stopped by SIGUSR2 at step (\d+), checkpoint checkpoint-\d+\.pt written; requeueing the job$", said[0])
                .group(1))  # fmt: skip
-    assert 9 <= step < 40
+    assert 9 <= step < 60
     ckpt = load_checkpoint(run / "checkpoints" / f"checkpoint-{step:07d}.pt")  # both ranks stopped at this step
     assert ckpt["step"] == step and ckpt["world_size"] == 2 and len(ckpt["ranks"]) == 2
     out0 = (run / "slurm" / f"{job}_0_log.out").read_text()
-    assert f"maskkit: resuming {run} from checkpoint-{step:07d}.pt (step {step} of 40; job {job}, 2 task(s))" in out0
+    assert f"maskkit: resuming {run} from checkpoint-{step:07d}.pt (step {step} of 60; job {job}, 2 task(s))" in out0
     assert "Requeued job" in out0 and out0.count("Starting with JobEnvironment") == 2  # one requeue
-    assert [r["steps"] for r in requeued.results] == [40, 40]
+    assert [r["steps"] for r in requeued.results] == [60, 60]
     assert (requeued.full / "metrics.jsonl").read_bytes() == (run / "metrics.jsonl").read_bytes()
     a, b = load_checkpoint(requeued.full / "model.pt"), load_checkpoint(run / "model.pt")
     assert a.keys() == b.keys()
@@ -269,7 +269,7 @@ def test_a_requeue_of_a_finished_job_changes_nothing(requeued, monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     summary = slurm.run_task(pickled.function, env)  # the job submitit would start again
-    assert summary == json.loads((run / "summary.json").read_text()) and summary["steps"] == 40
+    assert summary == json.loads((run / "summary.json").read_text()) and summary["steps"] == 60
     after = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and "slurm" not in p.parts}
     assert after == before and "RANK" not in os.environ  # nothing written, no process group joined
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == [p.name for p in before
