@@ -499,11 +499,11 @@ def submit(job: SlurmPretrain, settings: SlurmSettings, *, dry_run: bool = False
     job.resume_command = job.resume_command or shlex.join(["maskkit", "pretrain", "--resume", str(out), *settings.flags()])
     if dry_run:
         return Submitted(out, None, folder, new, sbatch_text(settings, folder))
+    executor = make_executor(settings, folder)  # before anything is written: no srun here is one line
     if new:
         from maskkit.run import check_writable
 
         check_writable(out)  # the run's directory exists from now on (its files come with the job's first start)
-    executor = make_executor(settings, folder)
     try:
         submitted = executor.submit(job)
     except Exception as err:  # sbatch's refusal (a partition, a time limit, an account...)

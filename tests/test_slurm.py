@@ -108,6 +108,31 @@ def test_dry_run_prints_one_task_per_gpu_and_the_signal_ahead_of_the_limit(tmp_p
     assert not out.exists()  # a dry run writes nothing
 
 
+def test_submitting_writes_the_sbatch_script_and_the_job(tmp_path, monkeypatch):
+    """The SlurmExecutor path as far as sbatch, with a stand-in sbatch (it prints what sbatch prints)."""
+    out = tmp_path / "run"
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))  # no srun: not a SLURM machine
+    line = one_line_error(invoke("--out", out, "--slurm-partition", "gpu"))
+    assert line.startswith("Error: cannot submit to SLURM from this machine: ") and "--dry-run" in line, line
+    assert not out.exists()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", "exit 0"), ("sbatch", 'echo "Submitted batch job 4242"')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{text}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    result = invoke("--out", out, "--slurm-partition", "gpu", "--nodes", "2", "--gpus-per-node", "4", "--steps", "7")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"submitted slurm job 4242: new run {out} (2 node(s) x 4 GPU(s), 8 task(s)")
+    script = (out / "slurm" / "4242_submission.sh").read_text()
+    assert "#SBATCH --ntasks-per-node=4" in script and "#SBATCH --signal=USR2@120" in script
+    job = submitit.helpers.DelayedSubmission.load(out / "slurm" / "4242_submitted.pkl").function
+    assert isinstance(job, slurm.SlurmPretrain) and job.out == out and job.config.train.steps == 7
+    assert job.resume_command == f"maskkit pretrain --resume {out} --slurm-partition gpu --nodes 2 --gpus-per-node 4 " \
+        "--slurm-time 4320"
+    assert sorted(p.name for p in out.iterdir()) == ["slurm"]  # the run's files come with the job's first start
+
+
 def test_the_readme_slurm_commands_pass_every_check(tmp_path):
     """README's "Pretrain on ImageNet": the submission and its resume, as far as they go here (--dry-run)."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
