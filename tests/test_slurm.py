@@ -253,15 +253,33 @@ def requeued(tmp_path_factory):
     full, run, data = root / "full", root / "stopped", root / "images.npz"
     rng = np.random.default_rng(0)
     np.savez(data, images=rng.integers(0, 256, (400, 8, 8), dtype=np.uint8), labels=np.arange(400) % 4)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")  # the tasks inherit it: the same threads in both jobs
-        mp.setenv("MKL_NUM_THREADS", "1")
-        reference, job = _submit(full, data), _submit(run, data)
-    _wait(lambda: _lines(run) >= 3, "3 metrics lines")
-    tasks = {_rank_of(p): p for p in _children(int(job))}
-    os.kill(tasks[1], submitit.JobEnvironment._usr_sig())  # rank 1 only: rank 0 learns it from the all-reduce
-    return SimpleNamespace(full=full, run=run, job=job, results=_finish(run, job), reference=_finish(full, reference),
-                           first_tasks=set(tasks.values()))  # fmt: skip
+    controllers = []
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("OMP_NUM_THREADS", "1")  # the tasks inherit it: the same threads in both jobs
+            mp.setenv("MKL_NUM_THREADS", "1")
+            reference = _submit(full, data)
+            controllers.append(int(reference))
+            job = _submit(run, data)
+            controllers.append(int(job))
+        _wait(lambda: _lines(run) >= 3, "3 metrics lines")
+        tasks = {_rank_of(p): p for p in _children(int(job))}
+        os.kill(tasks[1], submitit.JobEnvironment._usr_sig())  # rank 1 only: rank 0 learns it from the all-reduce
+        yield SimpleNamespace(full=full, run=run, job=job, results=_finish(run, job),
+                              reference=_finish(full, reference))  # fmt: skip
+    finally:  # a failed test leaves no job running on this shared machine
+        for pid in controllers:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] != 0:
+                    continue  # it had ended (reaped now)
+            except ChildProcessError:
+                continue  # reaped already: the pid is no longer this test's
+            for p in [*_children(pid), pid]:  # still running: its tasks, then the controller itself
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            os.waitpid(pid, 0)
 
 
 def test_a_job_stopped_by_its_signal_is_requeued_and_ends_byte_identical(requeued):
