@@ -472,14 +472,17 @@ def make_executor(settings: SlurmSettings, folder: Path) -> Any:
 
 
 def sbatch_text(settings: SlurmSettings, folder: Path) -> str:
-    """The sbatch script submitit would submit (or, for the local cluster, its parameters)."""
-    submitit = require_submitit()
+    """The sbatch script submitit would submit (or, for the local cluster, its parameters).
+
+    submitit's own script writer (private in submitit 1.5, the one SlurmExecutor uses), so that what is
+    shown is what would be submitted; no srun is needed to show it.
+    """
+    require_submitit()
     if settings.cluster == "local":
         return "\n".join(f"{k}: {v}" for k, v in settings.local_parameters().items())
     from submitit.slurm.slurm import _make_sbatch_string
 
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
-    del submitit
     return _make_sbatch_string(command=command, folder=folder, **settings.sbatch_parameters())
 
 
