@@ -94,8 +94,9 @@ def run_command(
         from maskkit.ablate import LAUNCHERS, RunFailed, StudyRunner, load_study
 
         if launcher == "slurm":
-            raise CommandError("--launcher slurm is not available yet: the cluster issue's SLURM launcher has not "
-                               "landed; use --launcher local (this machine's processes)")  # fmt: skip
+            raise CommandError("--launcher slurm is not available yet for studies: use --launcher local (this "
+                               "machine's processes), or submit single runs with maskkit pretrain --slurm-partition "
+                               "P --nodes N --gpus-per-node G")  # fmt: skip
         if launcher not in LAUNCHERS:
             raise CommandError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
         loaded = load_study(study)

@@ -4,7 +4,8 @@ Parsing and printing only: the work is done by maskkit.run (runs: create, resume
 evaluate, pictures), the registries (maskkit.policies, maskkit.adapters, maskkit.data,
 maskkit.mlo; `maskkit list`), maskkit.bench and maskkit.ablate (cli/ablate.py). `pretrain`'s options are made from
 `maskkit.run.RunConfig`'s fields (cli/options.py); what is printed is drawn in cli/printing.py;
-one-line errors, torchrun and the pretraining bar with its clean stops live in cli/runner.py.
+one-line errors, torchrun and the pretraining bar with its clean stops live in cli/runner.py;
+`pretrain`'s SLURM options (a run submitted as a job through maskkit.slurm) in cli/slurm.py.
 Every expected failure (bad option, bad data, bad checkpoint) ends the command with exit code 1
 and ONE line on stderr, no traceback; set MASKKIT_DEBUG=1 to see the traceback.
 """
@@ -36,6 +37,7 @@ from maskkit.evaluate import (
 from maskkit.policies import AUTO_POLICY_OPTIONS, COMMON_ALLOWED
 
 from . import runner
+from . import slurm as slurm_cli
 from .ablate import ablate_app
 from .listing import list_command
 from .options import config_command, config_from_values, given_on_command_line, option_extras
@@ -109,25 +111,68 @@ def policies_command() -> None:
 
 # ---- pretrain ---------------------------------------------------------------------------------
 
-#: options that may be combined with --resume (everything else comes from the run's config.json).
-RESUME_OPTIONS = ("resume", "steps", "device", "progress", "trust_unverified", "trust_data_change")
+#: options that may be combined with --resume (everything else comes from the run's config.json), the
+#: SLURM options (cli/slurm.py) too
+RESUME_OPTIONS = ("resume", "steps", "device", "progress", "trust_unverified", "trust_data_change", *slurm_cli.OPTIONS)
 
 
-@config_command
+def _refuse_beside_resume(ctx: typer.Context) -> None:
+    given = [n for n in ctx.params if n not in RESUME_OPTIONS and given_on_command_line(ctx, n)]
+    if given or ctx.args:
+        extra = [f"--{n.replace('_', '-')}" for n in given] + [a for a in ctx.args if a.startswith("--")]
+        raise CommandError(f"--resume takes its settings from the run's config.json; drop {', '.join(extra)}")
+
+
+def _new_config(ctx: typer.Context, values: dict[str, Any]) -> Any:
+    """The RunConfig of a new run, from the parsed options and the policy's / hypergradient's extras."""
+    for name in ("trust_unverified", "trust_data_change"):
+        if values[name]:
+            raise CommandError(f"--{name.replace('_', '-')} only applies with --resume")
+    from maskkit.adapters.models import parse_model_options
+    from maskkit.mlo import HYPERGRADS
+    from maskkit.policies import coerce_policy_options
+
+    extras = option_extras(values["policy"], values["hypergrad"], list(ctx.args), values["policy_opt"],
+                           values["hypergrad_opt"])  # fmt: skip
+    options = coerce_policy_options(values["policy"], *extras["policy"])  # named as typed, before any work
+    method = HYPERGRADS.coerce(values["hypergrad"], *extras["hypergrad"]) if values["hypergrad"] in HYPERGRADS else {}
+    return config_from_values(values, options, parse_model_options(values["model_opt"]), method)
+
+
+def _submit_to_slurm(ctx: typer.Context, values: dict[str, Any], given: list[str]) -> None:
+    """The SLURM options were given: check everything that can be checked here, then submit (cli/slurm.py)."""
+    from maskkit import slurm
+
+    with one_line_errors():
+        chosen = slurm_cli.settings(values, given)
+        if values["resume"] is not None:
+            _refuse_beside_resume(ctx)
+            job = slurm.resume_job(values["resume"], chosen, steps=values["steps"], device=values["device"],
+                                   trust_unverified=values["trust_unverified"],
+                                   trust_data_change=values["trust_data_change"])  # fmt: skip
+        else:
+            job = slurm.new_job(_new_config(ctx, values), values["out"])
+        slurm_cli.submit(job, chosen, values["dry_run"], console)
+
+
 def pretrain_command(ctx: typer.Context, **values: Any) -> None:
     """MAE pretraining with any masking policy; `learned` trains the masker by multi-level optimisation.
 
     Policy options pass through as --<policy>-<option> VALUE (e.g. --attention-mode hint).
     With no options: random masking (MAE) on the bundled 8x8 digits, a few CPU minutes.
+    Any SLURM option (--slurm-partition, --nodes, --gpus-per-node, --slurm-time, ...) submits the run
+    as a SLURM job instead, one task per GPU, requeued on its time limit and resumed from its newest
+    checkpoint (pip install "maskkit\\[slurm]").
     """
     from maskkit import run
 
+    given = slurm_cli.requested(ctx)
+    if given:
+        _submit_to_slurm(ctx, values, given)
+        return
     with runner.distributed(values["device"], console, err_console) as dist, one_line_errors():
         if values["resume"] is not None:
-            given = [n for n in ctx.params if n not in RESUME_OPTIONS and given_on_command_line(ctx, n)]
-            if given or ctx.args:
-                extra = [f"--{n.replace('_', '-')}" for n in given] + [a for a in ctx.args if a.startswith("--")]
-                raise CommandError(f"--resume takes its settings from the run's config.json; drop {', '.join(extra)}")
+            _refuse_beside_resume(ctx)
             prepared = run.resume_run(values["resume"], steps=values["steps"], device=values["device"], dist=dist,
                                       trust_unverified=values["trust_unverified"],
                                       trust_data_change=values["trust_data_change"])  # fmt: skip
@@ -136,18 +181,7 @@ def pretrain_command(ctx: typer.Context, **values: Any) -> None:
             console.print(f"[bold]maskkit pretrain --resume[/bold] {prepared.out}: from {prepared.source} "
                           f"(step {prepared.trainer.step_count})")  # fmt: skip
         else:
-            for name in ("trust_unverified", "trust_data_change"):
-                if values[name]:
-                    raise CommandError(f"--{name.replace('_', '-')} only applies with --resume")
-            from maskkit.adapters.models import parse_model_options
-            from maskkit.mlo import HYPERGRADS
-            from maskkit.policies import coerce_policy_options
-
-            extras = option_extras(values["policy"], values["hypergrad"], list(ctx.args), values["policy_opt"],
-                                   values["hypergrad_opt"])  # fmt: skip
-            options = coerce_policy_options(values["policy"], *extras["policy"])  # named as typed, before any work
-            method = HYPERGRADS.coerce(values["hypergrad"], *extras["hypergrad"]) if values["hypergrad"] in HYPERGRADS else {}
-            config = config_from_values(values, options, parse_model_options(values["model_opt"]), method)
+            config = _new_config(ctx, values)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", run.RunWarning)
                 prepared = run.create_run(config, values["out"], dist=dist)
@@ -164,6 +198,7 @@ def pretrain_command(ctx: typer.Context, **values: Any) -> None:
                  f"{prepared.out / 'masks.png'}")
 
 
+pretrain_command = config_command(pretrain_command, more=slurm_cli.OPTIONS)
 app.command("pretrain", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(pretrain_command)
 
 

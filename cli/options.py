@@ -70,15 +70,17 @@ def config_fields() -> list[tuple[str, Field, Any]]:
     return out
 
 
-def config_command(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Give `func(ctx, **values)` one typer option per RunConfig field, plus EXTRA_OPTIONS."""
+def config_command(
+    func: Callable[..., Any], more: dict[str, tuple[Any, Any]] | None = None
+) -> Callable[..., Any]:
+    """Give `func(ctx, **values)` one typer option per RunConfig field, plus EXTRA_OPTIONS and `more`."""
     params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
     annotations: dict[str, Any] = {"ctx": typer.Context, "return": None}
     for _, f, kind in config_fields():
         name = _param_name(f)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=_option(f), annotation=kind))
         annotations[name] = kind
-    for name, (kind, option) in EXTRA_OPTIONS.items():
+    for name, (kind, option) in {**EXTRA_OPTIONS, **(more or {})}.items():
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
         annotations[name] = kind
     func.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

@@ -43,7 +43,7 @@ __all__ = [
 
 STUDY_FILE, PLAN, SELECTION, CALIBRATION = "study.toml", "plan.json", "selection.json", "calibration.json"
 RUNS, LOGS = "runs", "logs"
-#: launchers a study can use; "slurm" waits for the cluster issue's launcher
+#: launchers a study can use; "slurm" is not one yet (single runs: `maskkit pretrain --slurm-...`, maskkit.slurm)
 LAUNCHERS = ("local",)
 
 #: (maskkit subcommand arguments, environment, log file) -> None; raises RunFailed

@@ -436,9 +436,12 @@ def _quiet_worker(_: int) -> None:
     SIGUSR1, torchrun's or a scheduler's SIGTERM) are the main process's to handle: it finishes its step
     and checkpoints while the workers still serve it, then shuts them down (`shutdown_workers`; they also
     end when it dies). SIGINT and SIGUSR1 are ignored; SIGTERM ends the worker WORKER_TERM_GRACE seconds
-    later, so that a worker the main process could not stop still goes."""
-    for name in ("SIGINT", "SIGUSR1"):
-        if hasattr(signal, name):
+    later, so that a worker the main process could not stop still goes. Under a SLURM job submitted through
+    submitit (maskkit.slurm), SLURM signals every process of the job ahead of its time limit with submitit's
+    signal (SIGUSR2, or SUBMITIT_PREEMPT_SIGNAL's): ignored as well."""
+    preempt = "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper().removeprefix("SIG")
+    for name in dict.fromkeys(("SIGINT", "SIGUSR1", "SIGUSR2", preempt)):
+        if hasattr(signal, name) and name not in ("SIGTERM", "SIGKILL", "SIGSTOP"):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _term_later)
 
