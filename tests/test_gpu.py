@@ -92,7 +92,7 @@ def test_channels_last_puts_the_patch_embedding_in_that_layout_and_keeps_the_los
     for w in convs:  # [D, C, kh, kw] with the channels innermost (strides checked: C may be 1)
         d, c, kh, kw = w.shape
         assert w.stride() == (c * kh * kw, 1, kw * c, c), w.stride()
-    assert json.loads((tmp_path / "last" / "config.json").read_text())["train"]["channels_last"] is True
+    assert json.loads((tmp_path / "last" / "config.json").read_text())["config"]["train"]["channels_last"] is True
     assert last == pytest.approx(plain, rel=1e-4)  # the same numbers up to the convolution's rounding
 
 

@@ -157,7 +157,7 @@ ADDED_IN_FORMAT_2 = frozenset({
     "train.accum_iter", "train.min_lr",
     # the cluster issue (23): a run without them ran in the default (contiguous) layout and logged to
     # metrics.jsonl alone
-    "config.train.channels_last", "train.channels_last", "config.train.log", "config.train.log_images_every",
+    "config.train.channels_last", "config.train.log", "config.train.log_images_every",
 })  # fmt: skip
 
 _NAMES = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",

@@ -279,7 +279,7 @@ class Resolved:
 RECORD_KEYS = (
     "steps", "batch_size", "lr", "weight_decay", "optimizer", "warmup_steps", "mask_ratio", "seed", "log_every",
     "ckpt_every", "keep_checkpoints", "mlo", "skip_nonfinite", "amp", "mask_noise", "compile", "world_size",
-    "accum_iter", "min_lr", "channels_last",
+    "accum_iter", "min_lr",
 )  # fmt: skip
 RESOLVED_KEYS = tuple(f.name for f in fields(Resolved))
 
