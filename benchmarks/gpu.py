@@ -15,7 +15,7 @@ What it measures (the full sizes; --smoke shrinks every one of them and runs on 
 - `determinism`: the same seed twice with `torch.use_deterministic_algorithms(True)` (and
   CUBLAS_WORKSPACE_CONFIG=:4096:8), for random masking and for the learned masker (darts): whether
   metrics.jsonl and model.pt are identical; and twice without it, to say whether the default kernels
-  repeat themselves too.
+  repeat themselves too (--smoke: the learned masker with deterministic algorithms only).
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": {"device": "cuda", "images": 2560, "image_side": 256, "model": "vit-b", "img_size": 224, "batch": 128,
              "workers": 8, "steps": 60, "log_every": 10, "amp": "bf16", "compile": "inductor",
              "bench": ("vit-b", "tiny"), "bench_repeats": None, "det_model": "tiny", "det_img": 32, "det_steps": 20,
-             "det_batch": 64},
+             "det_batch": 64, "det_policies": ("random", "learned-darts"), "det_modes": ("deterministic", "default")},
     "smoke": {"device": "cpu", "images": 40, "image_side": 20, "model": "micro", "img_size": 16, "batch": 8,
               "workers": 2, "steps": 4, "log_every": 2, "amp": "none", "compile": None,
               "bench": ("trivial",), "bench_repeats": 1, "det_model": "micro", "det_img": 16, "det_steps": 3,
-              "det_batch": 8},
+              "det_batch": 8, "det_policies": ("learned-darts",), "det_modes": ("deterministic",)},
 }
 
 #: what a pretrain subprocess runs: maskkit's CLI, optionally with deterministic algorithms switched on first
@@ -136,8 +136,9 @@ def determinism_rows(size: dict[str, Any], folder: Path, work: Path) -> dict[str
     policies = {"random": ["--policy", "random"],
                 "learned-darts": ["--policy", "learned", "--hypergrad", "darts", "--learned-hidden-dim", "8"]}
     rows = {}
-    for policy, extra in policies.items():
-        for mode in ("deterministic", "default"):
+    for policy in size["det_policies"]:
+        extra = policies[policy]
+        for mode in size["det_modes"]:
             runs = [work / f"det-{policy}-{mode}-{i}" for i in range(2)]
             results = [pretrain(r, base + extra, deterministic=mode == "deterministic") for r in runs]
             ok = all(r["returncode"] == 0 for r in results)

@@ -80,11 +80,13 @@ def test_every_setting_is_one_cli_option_and_every_option_one_setting():
 
     from maskkit.cli.app import app
     from maskkit.cli.options import EXTRA_OPTIONS
+    from maskkit.cli.slurm import OPTIONS as SLURM_OPTIONS
 
     command = typer.main.get_command(app).commands["pretrain"]
     params = {p.name: p for p in command.params}
     settings = {f.metadata.get("param") or f.name: f for kind in SECTIONS.values() for f in fields(kind)}
-    assert set(params) == set(settings) | set(EXTRA_OPTIONS)
+    assert set(params) == set(settings) | set(EXTRA_OPTIONS) | set(SLURM_OPTIONS)
+    assert not set(SLURM_OPTIONS) & (set(settings) | set(EXTRA_OPTIONS))  # where a job runs is no run setting
     for name, f in settings.items():
         flags = f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
         assert params[name].opts[0] == flags[0], name
