@@ -40,8 +40,10 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
     """Peak extra memory one call of `fn` allocates, in MiB.
 
     CUDA: torch.cuda.max_memory_allocated above the memory in use before the call.
-    CPU: the running sum of torch.profiler's allocation and free events in time order
-    (an approximation: peaks inside a single op are not seen).
+    CPU: the running sum of torch.profiler's allocation and free events (`[memory]`, + bytes for
+    an allocation, - for a free) in time order, read from the profiler's raw events: peaks inside an
+    op are seen, and there is no per-op table to build (which took 0.1-0.4 s a call, 50x the raw
+    read). Where a torch has no raw events, the per-op table's self memory, summed in op order.
     """
     if device.type == "cuda":
         sync(device)
@@ -54,10 +56,14 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
 
     with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    raw = getattr(getattr(prof, "profiler", None), "kineto_results", None)
+    if raw is not None:
+        changes = [n for _, n in sorted((e.start_ns(), e.nbytes()) for e in raw.events() if e.name() == "[memory]")]
+    else:
+        changes = [e.self_cpu_memory_usage for e in sorted(prof.events(), key=lambda e: e.time_range.start)]
     live = peak = 0
-    for event in events:
-        live += event.self_cpu_memory_usage
+    for change in changes:
+        live += change
         peak = max(peak, live)
     return peak / 2**20
 

@@ -2,8 +2,7 @@
 
 The suite runs on two pytest-xdist workers (pyproject.toml), one per core of the machine it is sized
 for: with torch's default of a thread per core each, four threads would share two cores, and the
-small ops of these tests would spend more time waiting for each other than computing (measured: a
-300-step MLO test took 88 s so, 8 s on one thread). The processes the tests start inherit the
+small ops of these tests wait on each other's threads. The processes the tests start inherit the
 environment variables.
 """
 

@@ -162,3 +162,17 @@ def test_bench_plans_times_the_random_plan_with_the_check_on_and_off_at_b256_n19
     text = " ".join(result.stdout.split())  # the console wraps long lines
     assert f"plan check (random policy, B=256, N=196): {on['seconds'] * 1e3:.3f} ms checked vs " in text
     assert f"overhead {on['overhead_pct']:+.1f}%" in text
+
+
+def test_cpu_peak_memory_is_the_running_sum_of_allocations_and_frees():
+    from maskkit.measure import peak_memory_mb
+
+    def calls():
+        a = torch.ones(2**20)  # 4 MiB
+        b = torch.ones(2**18)  # + 1 MiB while a lives: the peak, 5 MiB
+        del a
+        c = torch.ones(2**19)  # 2 MiB with b: 3 MiB, below the peak
+        return b, c
+
+    assert peak_memory_mb(calls, torch.device("cpu")) == 5.0
+    assert peak_memory_mb(lambda: None, torch.device("cpu")) == 0.0
