@@ -25,14 +25,6 @@ CUDA = torch.cuda.is_available()  # device auto: perf.jsonl has peak_mem_mb exac
 MISSING = 'Error: --log tensorboard needs the tensorboard package: pip install "maskkit[tensorboard]"'
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def ok(*args: object):
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
