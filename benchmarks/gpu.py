@@ -175,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="run these parts only")
     args = parser.parse_args(argv)
     size = SIZES["smoke" if args.smoke else "full"]
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK) or (
+            out.exists() and not os.access(out, os.W_OK)):  # before minutes of work, not after them
+        print(f"Error: --out {args.out}: cannot write a file there", file=sys.stderr)
+        return 1
     if size["device"] == "cuda":
         import torch
 

@@ -112,3 +112,11 @@ def test_cuda_bf16_repeats_itself_with_deterministic_algorithms(tmp_path):
 def test_cuda_learned_masker_runs_its_three_levels_in_bf16(tmp_path):
     losses, trainer = _losses(tmp_path, "learned", "cuda", policy="learned", amp="bf16")
     assert all(torch.isfinite(torch.tensor(losses))) and trainer.engine is not None
+
+
+@pytest.mark.parametrize("where", ["missing/x.json", "."])
+def test_the_gpu_script_refuses_an_out_it_cannot_write_before_any_work(tmp_path, where):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--only", "bench",
+                           "--out", str(tmp_path / where)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"Error: --out {tmp_path / where}: cannot write a file there"], proc.stderr[-2000:]
