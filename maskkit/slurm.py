@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import shlex
 import signal
@@ -127,8 +128,9 @@ class SlurmSettings:
                 raise SlurmError(f"{option} must be an integer of at least {least}, got {value!r}")
         if self.cpus_per_task is not None and (isinstance(self.cpus_per_task, bool) or self.cpus_per_task < 1):
             raise SlurmError(f"--slurm-cpus-per-task must be a positive integer, got {self.cpus_per_task!r}")
-        if self.mem_gb is not None and not self.mem_gb > 0:
-            raise SlurmError(f"--slurm-mem-gb must be positive, got {self.mem_gb!r}")
+        # finite and at least 1 MB: sbatch's --mem=0 (what a smaller value would round to) means all the node's memory
+        if self.mem_gb is not None and not (math.isfinite(self.mem_gb) and self.mem_gb * 1024 >= 1):
+            raise SlurmError(f"--slurm-mem-gb must be a finite number of at least 1 MB (0.001), got {self.mem_gb!r}")
         if self.signal_delay_s >= self.time_min * 60:
             raise SlurmError(f"--slurm-signal-delay {self.signal_delay_s} s must be shorter than --slurm-time "
                              f"{self.time_min} min ({self.time_min * 60} s)")  # fmt: skip

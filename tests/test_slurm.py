@@ -69,10 +69,12 @@ def test_without_submitit_the_command_fails_in_one_line(monkeypatch, tmp_path):
     (["--slurm-partition", "a b"], "--slurm-partition must be one word, got 'a b'"),
     (["--slurm-cluster", "lsf"], "--slurm-cluster must be one of slurm, local, got 'lsf'"),
     (["--slurm-cluster", "local", "--nodes", "2"], "--nodes must be 1 with --slurm-cluster local (one machine), got 2"),
-    (["--slurm-mem-gb", "0"], "--slurm-mem-gb must be positive, got 0.0"),
+    (["--slurm-mem-gb", "0"], "--slurm-mem-gb must be a finite number of at least 1 MB (0.001), got 0.0"),
+    (["--slurm-mem-gb", "inf"], "--slurm-mem-gb must be a finite number of at least 1 MB (0.001), got inf"),
+    (["--slurm-mem-gb", "0.0001"], "--slurm-mem-gb must be a finite number of at least 1 MB (0.001), got 0.0001"),
     (["--nodes", "1", "--steps", "0"], "--steps must be"),  # the run's own settings are checked before submitting
     (["--nodes", "1", "--dataset", "imagefolder:/no/such/folder"], "/no/such/folder does not exist"),
-], ids=["nodes", "gpus", "time", "delay", "partition", "cluster", "local-nodes", "mem", "steps", "dataset"])  # fmt: skip
+], ids=["nodes", "gpus", "time", "delay", "partition", "cluster", "local-nodes", "mem", "mem-inf", "mem-tiny", "steps", "dataset"])  # fmt: skip
 def test_bad_values_are_one_line_errors_naming_the_option(tmp_path, args, message):
     line = one_line_error(invoke("--out", tmp_path / "run", *args, "--dry-run"))
     assert line.startswith("Error: ") and message in line, line
