@@ -164,8 +164,14 @@ class SlurmSettings:
         out += ["--nodes", str(self.nodes), "--gpus-per-node", str(self.gpus_per_node), "--slurm-time", str(self.time_min)]
         for option, value, default in (("--slurm-cluster", self.cluster, "slurm"),
                                        ("--slurm-account", self.account, None), ("--slurm-qos", self.qos, None),
-                                       ("--slurm-constraint", self.constraint, None)):  # fmt: skip
-            if value != default:
+                                       ("--slurm-constraint", self.constraint, None),
+                                       ("--slurm-signal-delay", self.signal_delay_s, SIGNAL_DELAY_S),
+                                       ("--slurm-cpus-per-task", self.cpus_per_task, 10),
+                                       ("--slurm-mem-gb", self.mem_gb, None),
+                                       ("--slurm-job-name", self.job_name, "maskkit"),
+                                       ("--slurm-max-requeues", self.max_requeues, MAX_REQUEUES),
+                                       ("--slurm-folder", self.folder, None)):  # fmt: skip
+            if value != default and value is not None:  # None: the cluster's default, which no flag asks for
                 out += [option, str(value)]
         return out
 

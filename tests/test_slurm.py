@@ -160,6 +160,17 @@ def test_the_readme_slurm_commands_pass_every_check(tmp_path):
 # ---- inside a task -------------------------------------------------------------------------------
 
 
+def test_the_resume_command_of_a_job_asks_for_every_setting_it_was_submitted_with(tmp_path):
+    chosen = slurm.SlurmSettings(partition="gpu", nodes=2, gpus_per_node=4, time_min=60, signal_delay_s=300,
+                                 cpus_per_task=6, mem_gb=64.0, job_name="mae", max_requeues=3,
+                                 folder=tmp_path / "logs")  # fmt: skip
+    assert chosen.flags() == ["--slurm-partition", "gpu", "--nodes", "2", "--gpus-per-node", "4", "--slurm-time", "60",
+                              "--slurm-signal-delay", "300", "--slurm-cpus-per-task", "6", "--slurm-mem-gb", "64.0",
+                              "--slurm-job-name", "mae", "--slurm-max-requeues", "3",
+                              "--slurm-folder", str(tmp_path / "logs")]  # fmt: skip
+    assert slurm.SlurmSettings().flags() == ["--nodes", "1", "--gpus-per-node", "1", "--slurm-time", "4320"]
+
+
 def test_a_job_environment_becomes_torchrun_s_variables():
     env = SimpleNamespace(global_rank=11, num_tasks=16, local_rank=3, num_nodes=2, job_id="4242",
                           hostnames=["gpu-017", "gpu-018"])  # fmt: skip
