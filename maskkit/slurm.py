@@ -416,6 +416,15 @@ def default_out() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+def _unused(base: Path) -> Path:
+    """`base`, or `base-2`, `base-3`, ... the first that does not exist (two submissions in the same second)."""
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
 def new_job(config: Any, out: str | Path | None, *, command: list[str] | None = None) -> SlurmPretrain:
     """The job of a new run of `config` in `out` (default runs/<date-time>), checked as far as it can be
     without its data (that is read by the job): the settings, the model's name, the directory."""
@@ -428,9 +437,12 @@ def new_job(config: Any, out: str | Path | None, *, command: list[str] | None = 
     _, source = parse_dataset(config.data.dataset)
     if source is not None and not os.path.exists(source):  # the job reads it at the same path
         raise SlurmError(f"--dataset {config.data.dataset}: {source} does not exist")
-    target = (default_out() if out is None else Path(out)).absolute()
+    target = _unused(default_out().absolute()) if out is None else Path(out).absolute()
     refuse_inside_data(target, config.data.dataset, "--out")
     _refuse_taken(target)  # in use, or already holding a run: --resume it instead
+    if (target / SLURM_FOLDER).exists():  # a job submitted there, not started yet: it would take this job's run
+        raise SlurmError(f"--out {target} already has a job submitted to it ({target / SLURM_FOLDER}); --resume it "
+                         "once that job has started, or choose another --out (or remove that folder if the job is gone)")
     return SlurmPretrain(target, config, command=list(sys.argv if command is None else command))
 
 

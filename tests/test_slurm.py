@@ -135,6 +135,25 @@ def test_submitting_writes_the_sbatch_script_and_the_job(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ["slurm"]  # the run's files come with the job's first start
 
 
+def test_a_second_submission_to_a_run_directory_with_a_job_waiting_is_refused(tmp_path, monkeypatch):
+    """Queued jobs share nothing but the directory: the second would silently continue the first's run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", "exit 0"), ("sbatch", 'echo "Submitted batch job 4242"')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{text}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    out = tmp_path / "run"
+    assert invoke("--out", out, "--slurm-partition", "gpu").exit_code == 0
+    line = one_line_error(invoke("--out", out, "--slurm-partition", "gpu", "--policy", "hpm"))
+    assert line.startswith(f"Error: --out {out} already has a job submitted to it"), line
+    # without --out, two submissions in the same second get two directories
+    monkeypatch.setattr(slurm, "default_out", lambda: tmp_path / "runs" / "20260101-000000")
+    for _ in range(2):
+        assert invoke("--slurm-partition", "gpu").exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["20260101-000000", "20260101-000000-2"]
+
+
 def test_the_readme_slurm_commands_pass_every_check(tmp_path):
     """README's "Pretrain on ImageNet": the submission and its resume, as far as they go here (--dry-run)."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
