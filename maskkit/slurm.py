@@ -440,7 +440,9 @@ def new_job(config: Any, out: str | Path | None, *, command: list[str] | None = 
     target = _unused(default_out().absolute()) if out is None else Path(out).absolute()
     refuse_inside_data(target, config.data.dataset, "--out")
     _refuse_taken(target)  # in use, or already holding a run: --resume it instead
-    if (target / SLURM_FOLDER).exists():  # a job submitted there, not started yet: it would take this job's run
+    # a job submitted there (submitit's <id>_submitted.pkl; a submission sbatch refused leaves none), not started
+    # yet: it would take this job's run
+    if any((target / SLURM_FOLDER).glob("*_submitted.pkl")):
         raise SlurmError(f"--out {target} already has a job submitted to it ({target / SLURM_FOLDER}); --resume it "
                          "once that job has started, or choose another --out (or remove that folder if the job is gone)")
     return SlurmPretrain(target, config, command=list(sys.argv if command is None else command))

@@ -144,6 +144,11 @@ def test_a_second_submission_to_a_run_directory_with_a_job_waiting_is_refused(tm
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin")
     out = tmp_path / "run"
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: invalid partition' >&2\nexit 1\n")
+    result = invoke("--out", out, "--slurm-partition", "bad")
+    assert result.exit_code == 1 and result.stderr.strip().splitlines()[-1] == \
+        "Error: the submission failed: sbatch: error: invalid partition", result.stderr
+    (bin_dir / "sbatch").write_text('#!/bin/sh\necho "Submitted batch job 4242"\n')  # a refused one may be retried
     assert invoke("--out", out, "--slurm-partition", "gpu").exit_code == 0
     line = one_line_error(invoke("--out", out, "--slurm-partition", "gpu", "--policy", "hpm"))
     assert line.startswith(f"Error: --out {out} already has a job submitted to it"), line
