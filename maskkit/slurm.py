@@ -170,7 +170,8 @@ class SlurmSettings:
                                        ("--slurm-mem-gb", self.mem_gb, None),
                                        ("--slurm-job-name", self.job_name, "maskkit"),
                                        ("--slurm-max-requeues", self.max_requeues, MAX_REQUEUES),
-                                       ("--slurm-folder", self.folder, None)):  # fmt: skip
+                                       ("--slurm-folder", None if self.folder is None else Path(self.folder).absolute(),
+                                        None)):  # fmt: skip
             if value != default and value is not None:  # None: the cluster's default, which no flag asks for
                 out += [option, str(value)]
         return out
