@@ -68,6 +68,16 @@ def pretrain(out: Path, args: list[str], *, deterministic: bool = False, timeout
             "stderr_tail": proc.stderr.strip()[-600:] if proc.returncode else ""}
 
 
+def fresh(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... if an earlier invocation with the same --work left a run there
+    (maskkit pretrain refuses a directory holding a run; nothing of the earlier one is touched)."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
 def perf_summary(run: Path) -> dict[str, Any]:
     """Means over perf.jsonl's windows after the first (warm-up, compilation): images/s, data wait, step time,
     and the largest peak memory."""
@@ -97,10 +107,11 @@ def pretrain_rows(size: dict[str, Any], folder: Path, work: Path) -> dict[str, A
         variants["channels-last"] = ["--channels-last"]
     rows = {}
     for name, extra in variants.items():
-        out = work / f"pretrain-{name}"
+        out = fresh(work / f"pretrain-{name}")
         row = pretrain(out, base + extra)
         row.update(perf_summary(out) if row["returncode"] == 0 else {})
         row["command"] = "maskkit pretrain " + " ".join([*base, *extra])
+        row["run"] = str(out)
         rows[name] = row
         print(f"pretrain {name}: {json.dumps(row)}", flush=True)
     return rows
@@ -139,7 +150,7 @@ def determinism_rows(size: dict[str, Any], folder: Path, work: Path) -> dict[str
     for policy in size["det_policies"]:
         extra = policies[policy]
         for mode in size["det_modes"]:
-            runs = [work / f"det-{policy}-{mode}-{i}" for i in range(2)]
+            runs = [fresh(work / f"det-{policy}-{mode}-{i}") for i in range(2)]
             results = [pretrain(r, base + extra, deterministic=mode == "deterministic") for r in runs]
             ok = all(r["returncode"] == 0 for r in results)
             row: dict[str, Any] = {"returncode": [r["returncode"] for r in results]}
@@ -175,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="run these parts only")
     args = parser.parse_args(argv)
     size = SIZES["smoke" if args.smoke else "full"]
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK) or (
+            out.exists() and not os.access(out, os.W_OK)):  # before minutes of work, not after them
+        print(f"Error: --out {args.out}: cannot write a file there", file=sys.stderr)
+        return 1
     if size["device"] == "cuda":
         import torch
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import shlex
 import signal
@@ -127,8 +128,9 @@ class SlurmSettings:
                 raise SlurmError(f"{option} must be an integer of at least {least}, got {value!r}")
         if self.cpus_per_task is not None and (isinstance(self.cpus_per_task, bool) or self.cpus_per_task < 1):
             raise SlurmError(f"--slurm-cpus-per-task must be a positive integer, got {self.cpus_per_task!r}")
-        if self.mem_gb is not None and not self.mem_gb > 0:
-            raise SlurmError(f"--slurm-mem-gb must be positive, got {self.mem_gb!r}")
+        # finite and at least 1 MB: sbatch's --mem=0 (what a smaller value would round to) means all the node's memory
+        if self.mem_gb is not None and not (math.isfinite(self.mem_gb) and self.mem_gb * 1024 >= 1):
+            raise SlurmError(f"--slurm-mem-gb must be a finite number of at least 1 MB (0.001), got {self.mem_gb!r}")
         if self.signal_delay_s >= self.time_min * 60:
             raise SlurmError(f"--slurm-signal-delay {self.signal_delay_s} s must be shorter than --slurm-time "
                              f"{self.time_min} min ({self.time_min * 60} s)")  # fmt: skip
@@ -162,8 +164,15 @@ class SlurmSettings:
         out += ["--nodes", str(self.nodes), "--gpus-per-node", str(self.gpus_per_node), "--slurm-time", str(self.time_min)]
         for option, value, default in (("--slurm-cluster", self.cluster, "slurm"),
                                        ("--slurm-account", self.account, None), ("--slurm-qos", self.qos, None),
-                                       ("--slurm-constraint", self.constraint, None)):  # fmt: skip
-            if value != default:
+                                       ("--slurm-constraint", self.constraint, None),
+                                       ("--slurm-signal-delay", self.signal_delay_s, SIGNAL_DELAY_S),
+                                       ("--slurm-cpus-per-task", self.cpus_per_task, 10),
+                                       ("--slurm-mem-gb", self.mem_gb, None),
+                                       ("--slurm-job-name", self.job_name, "maskkit"),
+                                       ("--slurm-max-requeues", self.max_requeues, MAX_REQUEUES),
+                                       ("--slurm-folder", None if self.folder is None else Path(self.folder).absolute(),
+                                        None)):  # fmt: skip
+            if value != default and value is not None:  # None: the cluster's default, which no flag asks for
                 out += [option, str(value)]
         return out
 
@@ -408,6 +417,15 @@ def default_out() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+def _unused(base: Path) -> Path:
+    """`base`, or `base-2`, `base-3`, ... the first that does not exist (two submissions in the same second)."""
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
 def new_job(config: Any, out: str | Path | None, *, command: list[str] | None = None) -> SlurmPretrain:
     """The job of a new run of `config` in `out` (default runs/<date-time>), checked as far as it can be
     without its data (that is read by the job): the settings, the model's name, the directory."""
@@ -420,9 +438,14 @@ def new_job(config: Any, out: str | Path | None, *, command: list[str] | None = 
     _, source = parse_dataset(config.data.dataset)
     if source is not None and not os.path.exists(source):  # the job reads it at the same path
         raise SlurmError(f"--dataset {config.data.dataset}: {source} does not exist")
-    target = (default_out() if out is None else Path(out)).absolute()
+    target = _unused(default_out().absolute()) if out is None else Path(out).absolute()
     refuse_inside_data(target, config.data.dataset, "--out")
     _refuse_taken(target)  # in use, or already holding a run: --resume it instead
+    # a job submitted there (submitit's <id>_submitted.pkl; a submission sbatch refused leaves none), not started
+    # yet: it would take this job's run
+    if any((target / SLURM_FOLDER).glob("*_submitted.pkl")):
+        raise SlurmError(f"--out {target} already has a job submitted to it ({target / SLURM_FOLDER}); --resume it "
+                         "once that job has started, or choose another --out (or remove that folder if the job is gone)")
     return SlurmPretrain(target, config, command=list(sys.argv if command is None else command))
 
 

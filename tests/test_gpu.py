@@ -112,3 +112,39 @@ def test_cuda_bf16_repeats_itself_with_deterministic_algorithms(tmp_path):
 def test_cuda_learned_masker_runs_its_three_levels_in_bf16(tmp_path):
     losses, trainer = _losses(tmp_path, "learned", "cuda", policy="learned", amp="bf16")
     assert all(torch.isfinite(torch.tensor(losses))) and trainer.engine is not None
+
+
+@pytest.mark.parametrize("where", ["missing/x.json", "."])
+def test_the_gpu_script_refuses_an_out_it_cannot_write_before_any_work(tmp_path, where):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--only", "bench",
+                           "--out", str(tmp_path / where)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"Error: --out {tmp_path / where}: cannot write a file there"], proc.stderr[-2000:]
+
+
+def test_the_gpu_script_run_again_with_the_same_work_folder_uses_new_run_directories(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def fake_pretrain(out, args, **_):  # as maskkit pretrain: a directory that holds a run is refused
+        if out.exists():
+            return {"wall_s": 0.0, "returncode": 1, "stderr_tail": f"Error: {out} already holds a run"}
+        out.mkdir()
+        for name in ("metrics.jsonl", "model.pt"):
+            (out / name).write_text("{}\n")
+        return {"wall_s": 0.0, "returncode": 0, "stderr_tail": ""}
+
+    monkeypatch.setattr(gpu, "pretrain", fake_pretrain)
+    monkeypatch.setattr(gpu, "perf_summary", lambda run: {})
+    size = gpu.SIZES["smoke"]
+    first = gpu.pretrain_rows(size, tmp_path / "folder", tmp_path)
+    second = gpu.pretrain_rows(size, tmp_path / "folder", tmp_path)
+    assert first["eager"]["returncode"] == second["eager"]["returncode"] == 0
+    assert first["eager"]["run"] == str(tmp_path / "pretrain-eager")
+    assert second["eager"]["run"] == str(tmp_path / "pretrain-eager-2")
+    for _ in range(2):
+        rows = gpu.determinism_rows({**size, "det_policies": ("random",)}, tmp_path / "folder", tmp_path)
+        assert rows["random/deterministic"]["returncode"] == [0, 0]

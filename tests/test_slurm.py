@@ -69,10 +69,12 @@ def test_without_submitit_the_command_fails_in_one_line(monkeypatch, tmp_path):
     (["--slurm-partition", "a b"], "--slurm-partition must be one word, got 'a b'"),
     (["--slurm-cluster", "lsf"], "--slurm-cluster must be one of slurm, local, got 'lsf'"),
     (["--slurm-cluster", "local", "--nodes", "2"], "--nodes must be 1 with --slurm-cluster local (one machine), got 2"),
-    (["--slurm-mem-gb", "0"], "--slurm-mem-gb must be positive, got 0.0"),
+    (["--slurm-mem-gb", "0"], "--slurm-mem-gb must be a finite number of at least 1 MB (0.001), got 0.0"),
+    (["--slurm-mem-gb", "inf"], "--slurm-mem-gb must be a finite number of at least 1 MB (0.001), got inf"),
+    (["--slurm-mem-gb", "0.0001"], "--slurm-mem-gb must be a finite number of at least 1 MB (0.001), got 0.0001"),
     (["--nodes", "1", "--steps", "0"], "--steps must be"),  # the run's own settings are checked before submitting
     (["--nodes", "1", "--dataset", "imagefolder:/no/such/folder"], "/no/such/folder does not exist"),
-], ids=["nodes", "gpus", "time", "delay", "partition", "cluster", "local-nodes", "mem", "steps", "dataset"])  # fmt: skip
+], ids=["nodes", "gpus", "time", "delay", "partition", "cluster", "local-nodes", "mem", "mem-inf", "mem-tiny", "steps", "dataset"])  # fmt: skip
 def test_bad_values_are_one_line_errors_naming_the_option(tmp_path, args, message):
     line = one_line_error(invoke("--out", tmp_path / "run", *args, "--dry-run"))
     assert line.startswith("Error: ") and message in line, line
@@ -133,6 +135,30 @@ def test_submitting_writes_the_sbatch_script_and_the_job(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ["slurm"]  # the run's files come with the job's first start
 
 
+def test_a_second_submission_to_a_run_directory_with_a_job_waiting_is_refused(tmp_path, monkeypatch):
+    """Queued jobs share nothing but the directory: the second would silently continue the first's run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", "exit 0"), ("sbatch", 'echo "Submitted batch job 4242"')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{text}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    out = tmp_path / "run"
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: invalid partition' >&2\nexit 1\n")
+    result = invoke("--out", out, "--slurm-partition", "bad")
+    assert result.exit_code == 1 and result.stderr.strip().splitlines()[-1] == \
+        "Error: the submission failed: sbatch: error: invalid partition", result.stderr
+    (bin_dir / "sbatch").write_text('#!/bin/sh\necho "Submitted batch job 4242"\n')  # a refused one may be retried
+    assert invoke("--out", out, "--slurm-partition", "gpu").exit_code == 0
+    line = one_line_error(invoke("--out", out, "--slurm-partition", "gpu", "--policy", "hpm"))
+    assert line.startswith(f"Error: --out {out} already has a job submitted to it"), line
+    # without --out, two submissions in the same second get two directories
+    monkeypatch.setattr(slurm, "default_out", lambda: tmp_path / "runs" / "20260101-000000")
+    for _ in range(2):
+        assert invoke("--slurm-partition", "gpu").exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["20260101-000000", "20260101-000000-2"]
+
+
 def test_the_readme_slurm_commands_pass_every_check(tmp_path):
     """README's "Pretrain on ImageNet": the submission and its resume, as far as they go here (--dry-run)."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
@@ -156,6 +182,17 @@ def test_the_readme_slurm_commands_pass_every_check(tmp_path):
 
 
 # ---- inside a task -------------------------------------------------------------------------------
+
+
+def test_the_resume_command_of_a_job_asks_for_every_setting_it_was_submitted_with(tmp_path):
+    chosen = slurm.SlurmSettings(partition="gpu", nodes=2, gpus_per_node=4, time_min=60, signal_delay_s=300,
+                                 cpus_per_task=6, mem_gb=64.0, job_name="mae", max_requeues=3,
+                                 folder=tmp_path / "logs")  # fmt: skip
+    assert chosen.flags() == ["--slurm-partition", "gpu", "--nodes", "2", "--gpus-per-node", "4", "--slurm-time", "60",
+                              "--slurm-signal-delay", "300", "--slurm-cpus-per-task", "6", "--slurm-mem-gb", "64.0",
+                              "--slurm-job-name", "mae", "--slurm-max-requeues", "3",
+                              "--slurm-folder", str(tmp_path / "logs")]  # fmt: skip
+    assert slurm.SlurmSettings().flags() == ["--nodes", "1", "--gpus-per-node", "1", "--slurm-time", "4320"]
 
 
 def test_a_job_environment_becomes_torchrun_s_variables():
