@@ -110,6 +110,17 @@ def test_dry_run_prints_one_task_per_gpu_and_the_signal_ahead_of_the_limit(tmp_p
     assert not out.exists()  # a dry run writes nothing
 
 
+def stand_in_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder first on PATH with stand-ins for `srun` and `sbatch` (which accepts job 4242); returns it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", "exit 0"), ("sbatch", 'echo "Submitted batch job 4242"')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{text}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    return bin_dir
+
+
 def test_submitting_writes_the_sbatch_script_and_the_job(tmp_path, monkeypatch):
     """The SlurmExecutor path as far as sbatch, with a stand-in sbatch (it prints what sbatch prints)."""
     out = tmp_path / "run"
@@ -117,12 +128,7 @@ def test_submitting_writes_the_sbatch_script_and_the_job(tmp_path, monkeypatch):
     line = one_line_error(invoke("--out", out, "--slurm-partition", "gpu"))
     assert line.startswith("Error: cannot submit to SLURM from this machine: ") and "--dry-run" in line, line
     assert not out.exists()
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("srun", "exit 0"), ("sbatch", 'echo "Submitted batch job 4242"')):
-        (bin_dir / name).write_text(f"#!/bin/sh\n{text}\n")
-        (bin_dir / name).chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    stand_in_slurm(tmp_path, monkeypatch)
     result = invoke("--out", out, "--slurm-partition", "gpu", "--nodes", "2", "--gpus-per-node", "4", "--steps", "7")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(f"submitted slurm job 4242: new run {out} (2 node(s) x 4 GPU(s), 8 task(s)")
@@ -137,12 +143,7 @@ def test_submitting_writes_the_sbatch_script_and_the_job(tmp_path, monkeypatch):
 
 def test_a_second_submission_to_a_run_directory_with_a_job_waiting_is_refused(tmp_path, monkeypatch):
     """Queued jobs share nothing but the directory: the second would silently continue the first's run."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("srun", "exit 0"), ("sbatch", 'echo "Submitted batch job 4242"')):
-        (bin_dir / name).write_text(f"#!/bin/sh\n{text}\n")
-        (bin_dir / name).chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    bin_dir = stand_in_slurm(tmp_path, monkeypatch)
     out = tmp_path / "run"
     (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: invalid partition' >&2\nexit 1\n")
     result = invoke("--out", out, "--slurm-partition", "bad")
