@@ -40,6 +40,8 @@ class PerfMeter:
     def __init__(self, effective_batch: int, device: torch.device | str = "cpu") -> None:
         self.effective_batch = int(effective_batch)
         self.device = torch.device(device)
+        #: whether there are CUDA statistics to read and kernels to wait for
+        self.cuda = self.device.type == "cuda" and torch.cuda.is_available()
         self._zero()  # `start` (by `train`) also resets CUDA's peak: building a trainer leaves it alone
 
     def _zero(self) -> None:
@@ -48,14 +50,10 @@ class PerfMeter:
         self._wait = self._window_wait = 0.0
         self._steps = self._window_steps = 0
 
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
-
     def start(self) -> None:
         """Start measuring (the first window and the totals); on CUDA, the peak memory statistics too."""
         self._zero()
-        if self.cuda and torch.cuda.is_available():
+        if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     @contextlib.contextmanager
@@ -88,13 +86,13 @@ class PerfMeter:
 
     def peak_mem_mb(self) -> float | None:
         """Peak CUDA memory allocated since `start`, in MiB; None on any other device."""
-        if not (self.cuda and torch.cuda.is_available()):
+        if not self.cuda:
             return None
         return torch.cuda.max_memory_allocated(self.device) / 2**20
 
     def pop(self) -> dict[str, float]:
         """The window's numbers (since the last `pop` or `start`), and a new window from now."""
-        if self.cuda and torch.cuda.is_available():
+        if self.cuda:
             torch.cuda.synchronize(self.device)  # the window's kernels are done before its clock stops
         now = time.perf_counter()
         out = self._numbers(now - self._window_t0, self._window_wait, self._window_steps)
