@@ -101,7 +101,7 @@ def train_line(record: Any, nodes: int = 1) -> str:
         + ([f"{accum} accumulated"] if accum > 1 else []) + ([where] if world > 1 else [])
     batch = f"{'global batch ' if world > 1 else ''}{effective} ({' x '.join(parts)})" if len(parts) > 1 \
         else str(effective)
-    asked = (record.config or {}).get("train", {})
+    asked = record.asked_train
     lr = f"lr {t['lr']:.4g}" + (f" (blr {asked['blr']:.4g} x {effective} / 256)" if asked.get("blr") is not None else "")
     floor = f", min lr {t['min_lr']:.4g}" if t.get("min_lr") else ""
     return (f"{t['steps']} steps ({epochs:.4g} epoch{'' if epochs == 1 else 's'}) of {batch}, "

@@ -385,7 +385,7 @@ def build_trainer(run: Run, dist: DistContext = SINGLE, *, steps: int | None = N
     if steps is not None:
         cfg.steps = steps
     # a memory layout, not one of the record's training numbers: config.json's request says it (on --resume too)
-    cfg.train.channels_last = bool((run.record.config or {}).get("train", {}).get("channels_last", False))
+    cfg.train.channels_last = bool(run.record.asked_train.get("channels_last", False))
     learns = policy_card(run.record.policy["name"]).learns
     return Pretrainer(run.mae, run.policy, run.batcher, run.splits, cfg, run.device, dist, learns=learns)
 

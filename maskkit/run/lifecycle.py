@@ -268,7 +268,7 @@ def _train(
 def logging_of(record: RunRecord) -> tuple[str, int]:
     """(--log, steps between its mask pictures; 0: none) of a run, as config.json records them (a run
     recorded before --log: none)."""
-    asked = (record.config or {}).get("train", {})
+    asked = record.asked_train
     settings = TrainSettings(log_every=int(record.train["log_every"]), log=asked.get("log", "none"),
                              log_images_every=asked.get("log_images_every"))  # fmt: skip
     return settings.log, settings.images_every()

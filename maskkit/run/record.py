@@ -74,6 +74,12 @@ class RunRecord:
     def train_config(self) -> TrainConfig:
         return TrainConfig.from_dict(self.train)
 
+    @property
+    def asked_train(self) -> dict[str, Any]:
+        """config.json's `config.train`: the training settings as asked for, those the record's `train`
+        does not keep included (--blr, --log, --channels-last); empty for a run of format 1."""
+        return (self.config or {}).get("train", {})
+
     @classmethod
     def read(cls, run_dir: str | Path) -> RunRecord:
         """config.json of `run_dir`; a one-line RunError for a missing, foreign or newer file."""
