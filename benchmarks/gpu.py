@@ -69,13 +69,12 @@ def pretrain(out: Path, args: list[str], *, deterministic: bool = False, timeout
 
 
 def fresh(path: Path) -> Path:
-    """`path`, or `path-2`, `path-3`, ... if an earlier invocation with the same --work left a run there
-    (maskkit pretrain refuses a directory holding a run; nothing of the earlier one is touched)."""
-    candidate, n = path, 1
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.name}-{n}")
-    return candidate
+    """A new empty run directory: `path`, or `path-2`, `path-3`, ... if an earlier invocation with the same
+    --work left a run there (maskkit pretrain refuses a directory holding a run; nothing of the earlier one
+    is touched); maskkit's own `make_unique_dir`, as runs without --out get theirs."""
+    from maskkit.locking import make_unique_dir
+
+    return make_unique_dir(path)
 
 
 def perf_summary(run: Path) -> dict[str, Any]:

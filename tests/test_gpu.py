@@ -130,9 +130,9 @@ def test_the_gpu_script_run_again_with_the_same_work_folder_uses_new_run_directo
         sys.path.remove(str(ROOT / "benchmarks"))
 
     def fake_pretrain(out, args, **_):  # as maskkit pretrain: a directory that holds a run is refused
-        if out.exists():
+        if out.exists() and any(out.iterdir()):
             return {"wall_s": 0.0, "returncode": 1, "stderr_tail": f"Error: {out} already holds a run"}
-        out.mkdir()
+        out.mkdir(exist_ok=True)
         for name in ("metrics.jsonl", "model.pt"):
             (out / name).write_text("{}\n")
         return {"wall_s": 0.0, "returncode": 0, "stderr_tail": ""}
