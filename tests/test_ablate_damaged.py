@@ -283,3 +283,28 @@ def test_shown_path_keeps_printable_names_and_escapes_the_rest():
     assert shown_path("runs/ünï-s0/summary.json") == "runs/ünï-s0/summary.json"
     assert shown_path(b"a\xffb/c") == "'a\\xffb/c'"
     assert shown_path("a\tb\\c\n") == "'a\\tb\\\\c\\n'"
+
+
+def test_a_validation_score_out_of_range_is_refused_not_chosen(tmp_path):
+    """`maskkit ablate` reads the grid's validation scores from eval.json as the report does: a top-1 of
+    5.0 for one value would otherwise win the grid (a launcher stands in for pretrain and evaluate)."""
+    import tomllib
+
+    from maskkit.ablate import StudyError, StudyRunner, parse_study
+
+    def launch(args: list[str], env: dict[str, str], log: Path) -> None:
+        if args[0] == "pretrain":
+            out = Path(args[args.index("--out") + 1])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "summary.json").write_text(json.dumps(SUMMARY))
+            (out / "model.pt").write_bytes(b"")
+        else:  # evaluate RUN ... --split val
+            run = Path(args[1])
+            (run / "eval.json").write_text(json.dumps({"linear@val": {"top1": 5.0 if "=0.6-" in run.name else 0.85}}))
+
+    runner = StudyRunner(parse_study(tomllib.loads(STUDY)), tmp_path / "d", launch=launch)
+    with pytest.raises(StudyError) as refusal:
+        runner.select()
+    where = tmp_path / "d" / "runs" / "hpm@mask-ratio=0.6-s0" / "eval.json"
+    assert str(refusal.value) == f'{where}: field ["linear@val"].top1 {BOUND} 5.0'
+    assert not (tmp_path / "d" / "selection.json").exists()

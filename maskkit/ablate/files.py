@@ -15,7 +15,9 @@ a run. Scores (top-1) must lie in [0, 1]; counts are integers >= 0; seconds are 
     recorded.jsonl            one row a line: arm, seed, scores {evaluation: top-1}, steps, seconds,
                               final_loss, diagnostics; each (arm, seed) once
     runs/<run>/summary.json   steps, steps_this_call, seconds, final {loss, diagnostics}
-    runs/<run>/eval.json      {evaluation: {top1, in_progress}}: a score of weights in progress is refused
+    runs/<run>/eval.json      {evaluation: {top1, in_progress}}: a score of weights in progress is refused;
+                              `maskkit ablate` reads a grid's validation scores with the same checks
+                              (`read_score`), so no damaged score steers a choice
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["Row", "read_calibration", "read_recorded", "read_run", "read_selection", "read_study"]
+__all__ = ["Row", "read_calibration", "read_recorded", "read_run", "read_score", "read_selection", "read_study"]
 
 #: a seed as a JSON key: a decimal integer without leading zeros
 SEED_KEY = re.compile(r"^(0|[1-9][0-9]*)$")
@@ -193,10 +195,22 @@ def read_run(arm: str, seed: int, run_dir: Path, protocols: list[str], diagnosti
         evals = _object(run_dir / EVAL)
         for protocol in protocols:
             if eval_key(protocol, "test") in evals:
-                entry = evals.object(eval_key(protocol, "test"))
-                scores[protocol] = float(entry.number("top1", low=0, high=1))
-                if entry.boolean("in_progress", optional=True):
-                    entry.fail("in_progress", "is true: a score of weights in progress, not of the run's final "
-                               f"weights; score it again: maskkit evaluate {shown_path(run_dir)}")  # fmt: skip
+                scores[protocol] = _top1(evals, eval_key(protocol, "test"), run_dir)
     return Row(arm, seed, str(run_dir), scores, steps, seconds, loss,
                {k: float(v) for k, v in shown.items() if v is not None})  # fmt: skip
+
+
+def _top1(evals: Fields, key: str, run_dir: Path) -> float:
+    """eval.json's `key`: an object whose top1 is in [0, 1], scored with the run's final weights."""
+    entry = evals.object(key)
+    top1 = float(entry.number("top1", low=0, high=1))
+    if entry.boolean("in_progress", optional=True):
+        entry.fail("in_progress", "is true: a score of weights in progress, not of the run's final "
+                   f"weights; score it again: maskkit evaluate {shown_path(run_dir)}")  # fmt: skip
+    return top1
+
+
+def read_score(run_dir: Path, key: str) -> float:
+    """The top-1 of `key` (e.g. `linear@val`, a grid's validation score) in the run's eval.json, checked as
+    the report checks it: a score out of [0, 1] must not steer a choice."""
+    return _top1(_object(run_dir / EVAL), key, run_dir)
