@@ -140,8 +140,9 @@ def report_command(
     """
     with runner.one_line_errors(err_console):
         from maskkit.ablate import build_report, markdown, write_report
+        from maskkit.jsonfile import shown_path
 
         report = build_report(study_dir)
         written = write_report(report, output or study_dir / "report", chart=chart, gallery=gallery)
         typer.echo(markdown(report))  # unwrapped: the markdown pastes as it is
-        runner.say(console, "wrote " + ", ".join(str(p) for p in written.values()))
+        runner.say(console, "wrote " + ", ".join(shown_path(p) for p in written.values()))

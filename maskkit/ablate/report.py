@@ -20,14 +20,17 @@ import csv
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from maskkit.jsonfile import shown_path
+
+from .files import Row, read_calibration, read_recorded, read_run, read_selection, read_study
 from .plan import study_runs
-from .runner import CALIBRATION, RUNS, SELECTION, STUDY_FILE, eval_key
+from .runner import CALIBRATION, RUNS, SELECTION, STUDY_FILE
 from .stats import Comparison, Summary, compare, describe
-from .study import Study, StudyError, load_study
+from .study import Study, StudyError
 
 __all__ = ["DIAGNOSTICS", "RECORDED", "ArmResult", "Report", "Row", "build_report", "write_report"]
 
@@ -39,20 +42,6 @@ DIAGNOSTICS = {"mask_iou": 3, "mask_pos_entropy": 3, "logit_spread": 2, "hpm_ran
 DIAGNOSTIC_NAMES = {"mask_iou": "mask IoU", "mask_pos_entropy": "position entropy", "logit_spread": "logit spread",
                     "hpm_rank_corr": "hpm rank corr", "masker_prior_kl": "prior KL", "ink_hidden": "ink hidden",
                     "background_hidden": "background hidden"}  # fmt: skip
-
-
-@dataclass
-class Row:
-    """One (arm, seed): scores in [0, 1] by protocol, steps, wall seconds, final loss and diagnostics."""
-
-    arm: str
-    seed: int
-    source: str  # the run directory, or "recorded"
-    scores: dict[str, float] = field(default_factory=dict)
-    steps: int | None = None
-    seconds: float | None = None
-    final_loss: float | None = None
-    diagnostics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -97,52 +86,11 @@ def _arm_dict(a: ArmResult) -> dict[str, Any]:
             "per_seed": a.per_seed, "seconds": a.seconds and asdict(a.seconds),
             "final_loss": a.final_loss and asdict(a.final_loss),
             "diagnostics": {k: asdict(v) for k, v in a.diagnostics.items()},
-            "rows": [asdict(r) for r in a.rows]}  # fmt: skip
+            "rows": [{**asdict(r), "source": shown_path(r.source)} for r in a.rows]}  # fmt: skip
 
 
 def _metric(protocol: str) -> str:
     return {"linear": "linear probe", "finetune": "fine-tune"}.get(protocol, protocol)
-
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _run_row(arm: str, seed: int, run_dir: Path, protocols: list[str]) -> Row | None:
-    summary = _read(run_dir / "summary.json")
-    if not summary:
-        return None
-    evals = _read(run_dir / "eval.json")
-    scores = {p: float(evals[eval_key(p, "test")]["top1"]) for p in protocols if eval_key(p, "test") in evals}
-    final = summary.get("final", {})
-    seconds = summary.get("seconds")
-    timed = summary.get("steps_this_call", summary.get("steps"))
-    if seconds is not None and timed:  # a resumed run times its last call only: scale to all its steps
-        seconds = seconds * summary["steps"] / timed
-    diagnostics = {k: float(final[k]) for k in DIAGNOSTICS if isinstance(final.get(k), (int, float))}
-    return Row(arm, seed, str(run_dir), scores, summary.get("steps"), seconds, final.get("loss"), diagnostics)
-
-
-def _recorded(study_dir: Path) -> dict[tuple[str, int], Row]:
-    out = {}
-    path = study_dir / RECORDED
-    if not path.is_file():
-        return out
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-            row = Row(raw["arm"], int(raw["seed"]), "recorded", {k: float(v) for k, v in raw.get("scores", {}).items()},
-                      raw.get("steps"), raw.get("seconds"), raw.get("final_loss"),
-                      {k: float(v) for k, v in raw.get("diagnostics", {}).items()})  # fmt: skip
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise StudyError(f"{path} line {number}: not a recorded row ({err})") from None
-        out[(row.arm, row.seed)] = row
-    return out
 
 
 def _summary(values: list[float]) -> Summary | None:
@@ -151,19 +99,25 @@ def _summary(values: list[float]) -> Summary | None:
 
 
 def build_report(study_dir: str | Path) -> Report:
-    """Read a study directory (its study.toml, runs, selection.json, calibration.json, recorded.jsonl)."""
+    """Read a study directory (its study.toml, runs, selection.json, calibration.json, recorded.jsonl).
+
+    Every file is checked as maskkit.ablate.files says: an absent one is "not there yet", a damaged one
+    refuses the report (StudyError naming the file and the field).
+    """
     study_dir = Path(study_dir)
-    if not (study_dir / STUDY_FILE).is_file():
-        raise StudyError(f"{study_dir} holds no {STUDY_FILE}: not a study directory (maskkit ablate STUDY.toml --out DIR)")
-    study = load_study(study_dir / STUDY_FILE, name=study_dir.resolve().name)
-    selection, calibration = _read(study_dir / SELECTION), _read(study_dir / CALIBRATION)
-    chosen = {arm: entry["chosen"] for arm, entry in selection.items() if "chosen" in entry}
+    if not (study_dir / STUDY_FILE).exists():
+        raise StudyError(f"{shown_path(study_dir)} holds no {STUDY_FILE}: not a study directory "
+                         "(maskkit ablate STUDY.toml --out DIR)")  # fmt: skip
+    study = read_study(study_dir / STUDY_FILE, name=shown_path(study_dir.resolve().name))
+    selection = read_selection(study_dir / SELECTION, study)
+    calibration = read_calibration(study_dir / CALIBRATION, study)
+    chosen = {arm: entry["chosen"] for arm, entry in selection.items()}
     protocols = list(study.evaluations)
-    recorded = _recorded(study_dir)
+    recorded = read_recorded(study_dir / RECORDED, study)
     rows: dict[str, list[Row]] = {name: [] for name in study.arms}
     missing = []
     for spec in study_runs(study, chosen, calibration.get("steps", {})):
-        row = _run_row(spec.arm, spec.seed, study_dir / RUNS / spec.name, protocols)
+        row = read_run(spec.arm, spec.seed, study_dir / RUNS / spec.name, protocols, list(DIAGNOSTICS))
         old = recorded.get((spec.arm, spec.seed))
         if old is not None and (row is None or not row.scores):
             row = old
@@ -299,7 +253,7 @@ def arms_csv(report: Report) -> str:
         for r in sorted(a.rows, key=lambda r: r.seed):
             writer.writerow([a.arm, r.seed, *(_num(100 * r.scores[p]) if p in r.scores else "" for p in protocols),
                              r.steps, _num(r.seconds), _num(r.final_loss),
-                             *(_num(r.diagnostics.get(k)) for k in DIAGNOSTICS), r.source])  # fmt: skip
+                             *(_num(r.diagnostics.get(k)) for k in DIAGNOSTICS), shown_path(r.source)])  # fmt: skip
     return buffer.getvalue()
 
 

@@ -209,8 +209,9 @@ class StudyRunner:
                 continue
 
             def score(value: str, seed: int, split: str, name: str = name, by: str = arm.select.by) -> float:
-                spec = by_name[(name, value, seed)]
-                return _read_json(self.run_dir(spec) / "eval.json")[eval_key(by, split)]["top1"]
+                from .files import read_score  # (files reads runner's names)
+
+                return read_score(self.run_dir(by_name[(name, value, seed)]), eval_key(by, split))
 
             choices[name] = choose(arm.select, score)
         _write_json(self.out / SELECTION, {a: c.to_dict() for a, c in choices.items()})

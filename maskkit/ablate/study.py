@@ -343,6 +343,11 @@ def parse_study(raw: dict[str, Any], *, source: str = "", name: str = "study") -
 
 
 def _check_references(study: Study) -> None:
+    named = [("study.baseline", study.baseline)] + [(f"arms.{n}.{key}", getattr(a, key)) for n, a in study.arms.items()
+                                                    for key in ("control", "baseline")]  # fmt: skip
+    for where, other in named:
+        if other is not None and not isinstance(other, str):
+            raise StudyError(f"{where} must name an arm, got {other!r}")
     if study.baseline not in study.arms:
         raise StudyError(f"study.baseline: no arm named {study.baseline!r} (arms: {', '.join(study.arms)})")
     if study.arms[study.baseline].equal_cost is not None or study.arms[study.baseline].select is not None:
