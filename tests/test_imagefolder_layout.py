@@ -147,9 +147,10 @@ def test_a_fifo_in_a_class_folder_is_skipped_at_listing_not_read(tmp_path):
         f"image folder {root}: skipped 1 entry that is not a regular file: a/pipe.png (FIFO)"
     ), said
     (root / "b" / "dangling.png").symlink_to(root / "nowhere.png")  # skipped and named as well
+    os.mkfifo(root / "top.png")  # beside the class folders
     files, said = list_in_a_process(root)
     assert len(files) == 5 and len(said) == 1 and said[0].endswith(
-        f"image folder {root}: skipped 2 entries that are not regular files: a/pipe.png (FIFO), "
+        f"image folder {root}: skipped 3 entries that are not regular files: top.png (FIFO), a/pipe.png (FIFO), "
         "b/dangling.png (broken symlink)"
     ), said
 

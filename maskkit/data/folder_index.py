@@ -196,9 +196,11 @@ def _scan(root: Path) -> dict[str, Any]:
     kinds: dict[str, bool] = {}
     special: list[str] = []
     for p, part in enumerate(parts):
-        class_dirs, loose, _ = _entries(part)
+        class_dirs, loose, odd = _entries(part)
         if part != root:
             _refuse_mixed(part, class_dirs, loose)
+        if class_dirs:  # a FIFO beside class folders: no class folder's walk will name it
+            special += [os.path.relpath(part / name, root) for name in odd]
         kinds[part.name] = bool(class_dirs)
         groups = [(d, d.name, True) for d in class_dirs] if class_dirs else [(part, None, False)]
         for folder, name, recursive in groups:
