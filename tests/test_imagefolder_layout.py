@@ -311,7 +311,7 @@ def test_source_options_in_the_spec_are_checked_in_one_line(tmp_path):
     bmps(root / "b", [3, 4])
     assert load_dataset(f"imagefolder,hash=content:{root}").index.covers == "names, sizes, content sha256"
     for spec, message in (
-        (f"imagefolder,hash=sha1:{root}", "dataset option hash must be one of mtime, content, got 'sha1'"),
+        (f"imagefolder,hash=sha1:{root}", "imagefolder option hash must be one of mtime, content, got 'sha1'"),
         (f"imagefolder,colour=red:{root}", f"dataset 'imagefolder,colour=red:{root}': 'imagefolder' takes no option "
                                            "'colour' (its options: hash)"),
         (f"imagefolder,hash:{root}", f"dataset 'imagefolder,hash:{root}': option 'hash' is not KEY=VALUE "

@@ -154,7 +154,7 @@ def open_folder(path: str | Path, img_size: int | None = None, cache_dir: str | 
     against the folder unless `check` is False: DataError naming what changed; the index covers what it
     covered when it was made), else listed now (`hash`: "mtime", or "content" to hash every file)."""
     if hash not in HASHES:
-        raise DataError(f"dataset option hash must be one of {', '.join(HASHES)}, got {hash!r}")
+        raise DataError(f"imagefolder option hash must be one of {', '.join(HASHES)}, got {hash!r}")
     saved = None if cache_dir is None else Path(cache_dir) / INDEX_FILE
     if saved is not None and saved.is_file():
         index = FolderIndex.load(saved)
