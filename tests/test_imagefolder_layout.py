@@ -322,3 +322,19 @@ def test_source_options_in_the_spec_are_checked_in_one_line(tmp_path):
         with pytest.raises(DataError) as err:
             load_dataset(spec)
         assert str(err.value).endswith(message) and "\n" not in str(err.value)
+
+
+def test_fingerprints_that_cover_different_things_are_not_compared_as_changed_data():
+    from maskkit.data import fingerprint_change
+
+    old = {"kind": "files", "count": 2, "digest": "a" * 64}  # a run recorded before "covers"
+    new = {"kind": "files", "covers": "names, sizes, mtimes", "count": 2, "digest": "b" * 64}
+    assert fingerprint_change(old, new) == (
+        "the recorded fingerprint covers what an older maskkit saw, this one covers names, sizes, mtimes: they "
+        "cannot be compared (the source is read another way now)"
+    )
+    assert fingerprint_change(new, {**new, "count": 3, "digest": "c" * 64}) == (
+        "file count 2 -> 3, content changed (digest bbbbbbbb... -> cccccccc...) (the fingerprint covers names, "
+        "sizes, mtimes)"
+    )
+    assert fingerprint_change(new, dict(new)) is None
