@@ -74,8 +74,11 @@ def test_the_index_lists_names_sizes_labels_and_split_folders(folder):
     assert [index.parts[p] for p in index.part_of] == [Path(f).parts[0] for f in index.files]
     import hashlib
 
-    lines = "".join(f"{f}\t{(folder / f).stat().st_size}\n" for f in index.files)
-    assert index.fingerprint() == {"kind": "files", "count": 60, "digest": hashlib.sha256(lines.encode()).hexdigest()}
+    stats = [(folder / f).stat() for f in index.files]
+    assert index.mtimes.tolist() == [st.st_mtime_ns for st in stats]
+    lines = "".join(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n" for f, st in zip(index.files, stats, strict=True))
+    assert index.fingerprint() == {"kind": "files", "covers": "names, sizes, mtimes", "count": 60,
+                                   "digest": hashlib.sha256(lines.encode()).hexdigest()}  # fmt: skip
 
 
 def test_the_index_round_trips_and_a_damaged_one_is_refused(folder, tmp_path):

@@ -30,7 +30,10 @@ from maskkit.data.load import (
     load_dataset,
     parse_dataset,
     parse_spec,
+    recorded_spec,
     register_dataset,
+    source_options,
+    split_options,
 )
 from maskkit.data.loader import (
     Batch,
@@ -106,10 +109,13 @@ __all__ = [
     "normalize",
     "parse_dataset",
     "parse_spec",
+    "recorded_spec",
     "random_resized_crop_flip",
     "register_dataset",
     "resize",
     "resolve_augment",
     "shard",
+    "source_options",
+    "split_options",
     "stratified_split",
 ]

@@ -4,7 +4,8 @@
 
 - a source with a `fingerprint()` method (the protocol hook) gives its own, e.g. the npz source
   {"kind": "npz", "bytes": n, "sha256": hex of the file's bytes}, or a lazy folder source
-  {"kind": "files", "count": n, "digest": ..., ...};
+  {"kind": "files", "covers": "names, sizes, mtimes", "count": n, "digest": ...} (an optional
+  "covers" says what the fingerprint sees: `maskkit.data.folder_index`);
 - a whole data set in memory (`ImageData`: digits, photos8, mnist5k, torchvision sets) gives
   {"kind": "arrays", "count", "shape", "dtype", "images_sha256", "labels_sha256"}: SHA-256 of the
   images' and the labels' bytes (cheap: they are in memory);
@@ -13,7 +14,9 @@
   "count", "image_size", "in_chans", "labels_sha256"}.
 
 `fingerprint_change(recorded, current)` names what changed in a short phrase ("content changed
-(sha256 1a2b3c4d... -> 5e6f7a8b...)", "file count 1000 -> 999"), generic over the keys, or None.
+(sha256 1a2b3c4d... -> 5e6f7a8b...)", "file count 1000 -> 999"), generic over the keys, or None; with
+"covers", the phrase ends with what the fingerprint covers, and two fingerprints that cover different
+things are reported as not comparable rather than as changed data.
 """
 
 from __future__ import annotations
@@ -132,7 +135,13 @@ def fingerprint_change(recorded: dict[str, Any], current: dict[str, Any]) -> str
     if old_kind != new_kind:
         return f"fingerprint kind {_show(old_kind)} -> {_show(new_kind)} (the source is read another way now)"
     kind = str(new_kind)
-    keys = [k for k in recorded if k != "kind"] + [k for k in current if k not in recorded and k != "kind"]
+    old_covers, covers = recorded.get("covers"), current.get("covers")
+    if old_covers != covers:
+        return (f"the recorded fingerprint covers {_show(old_covers) if old_covers else 'what an older maskkit saw'}, "
+                f"this one covers {_show(covers) if covers else 'what an older maskkit saw'}: they cannot be compared "
+                "(the source is read another way now)")  # fmt: skip
+    skip = ("kind", "covers")
+    keys = [k for k in recorded if k not in skip] + [k for k in current if k not in recorded and k not in skip]
     plain, digests = [], []
     for key in keys:
         if key in recorded and key in current and recorded[key] == current[key]:
@@ -146,4 +155,5 @@ def fingerprint_change(recorded: dict[str, Any], current: dict[str, Any]) -> str
             digests.append(_digest_phrase(key, old, new))
         else:
             plain.append(f"{_label(key, kind)} {_show(old)} -> {_show(new)}")
-    return ", ".join(plain + digests)
+    phrase = ", ".join(plain + digests)
+    return phrase if covers is None else f"{phrase} (the fingerprint covers {covers})"

@@ -5,6 +5,10 @@ called with keywords only:
 
     factory(arg=ARG or None, data_dir=Path | None, download=bool, img_size=int | None) -> DataSource
 
+- a spec may carry source options between the name and the colon, `NAME,KEY=VALUE,...[:ARG]` (e.g.
+  `imagefolder,hash=content:/data/imagenet`): each reaches the factory as the keyword KEY with the
+  text VALUE, and must be a keyword the factory names (not one of the keywords below); the spec,
+  options included, is what a run records and replays on `--resume`, `evaluate` and `visualize`;
 - `arg` is the text after `NAME:`; the factory declares what it is with `dataset_arg` (set by
   `register_dataset(..., arg=...)` or as a class attribute): None (default: the spec is the bare
   NAME), "path" (a file or folder; a run records it as an absolute path) or "value" (any text, kept
@@ -74,6 +78,47 @@ def usage() -> str:
     return ", ".join(bare + with_arg)
 
 
+#: the keywords every factory is called with: not source options
+CALL_KEYWORDS = ("arg", "data_dir", "download", "img_size", "cache_dir", "check")
+
+
+def split_options(spec: str) -> tuple[str, dict[str, str]]:
+    """'imagefolder,hash=content:/d' -> ('imagefolder:/d', {'hash': 'content'}); DataError for an option that
+    is not KEY=VALUE or is given twice. The options end at the first ':' (the ARG may hold commas)."""
+    head, sep, rest = spec.partition(":")
+    name, *pairs = head.split(",")
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not (eq and key and value):
+            raise DataError(f"dataset {spec!r}: option {pair!r} is not KEY=VALUE (NAME,KEY=VALUE[:ARG])")
+        if key in options:
+            raise DataError(f"dataset {spec!r} gives option {key!r} twice")
+        options[key] = value
+    return name + sep + rest, options
+
+
+def source_options(name: str) -> list[str]:
+    """The options the registered source `name` takes in its spec: its factory's keywords but CALL_KEYWORDS."""
+    import inspect
+
+    try:
+        params = inspect.signature(DATASETS.get(name)).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    named = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in named and p.name not in CALL_KEYWORDS]
+
+
+def recorded_spec(spec: str) -> str:
+    """`spec` as a run records it: a path ARG made absolute (usable from any directory), options kept."""
+    options = split_options(spec)[1]
+    name, path = parse_dataset(spec)
+    if path is None:
+        return spec
+    return ",".join([name] + [f"{k}={v}" for k, v in options.items()]) + f":{Path(path).resolve()}"
+
+
 class DatasetSpec(NamedTuple):
     """A parsed `NAME` / `NAME:ARG`: the registered name and the ARG (None for a bare NAME)."""
 
@@ -82,14 +127,21 @@ class DatasetSpec(NamedTuple):
 
 
 def parse_spec(spec: str) -> DatasetSpec:
-    """'digits' -> ('digits', None); 'npz:PATH' -> ('npz', 'PATH'); a DataError for unknown names or a
-    missing / unexpected ARG."""
-    name, sep, rest = spec.partition(":")
+    """'digits' -> ('digits', None); 'npz:PATH' -> ('npz', 'PATH'); 'imagefolder,hash=content:PATH' ->
+    ('imagefolder', 'PATH') (`split_options` gives the options); a DataError for unknown names, a missing /
+    unexpected ARG, or an option the source does not take."""
+    base, options = split_options(spec)
+    name, sep, rest = base.partition(":")
     kind = dataset_arg(name) if name in DATASETS else "unknown"
     if kind == "unknown" or bool(sep) != (kind is not None):
         raise DataError(f"unknown dataset {spec!r}; use one of {usage()}")
     if sep and not rest:
         raise DataError(f"dataset {spec!r} needs {'a path' if kind == 'path' else 'an argument'} after '{name}:'")
+    accepted = source_options(name)
+    for key in options:
+        if key not in accepted:
+            takes = f"its options: {', '.join(accepted)}" if accepted else "it takes none"
+            raise DataError(f"dataset {spec!r}: {name!r} takes no option {key!r} ({takes})")
     return DatasetSpec(name, rest or None)
 
 
@@ -107,17 +159,17 @@ def load_dataset(
     name: str, data_dir: str | Path | None = None, *, download: bool = False, img_size: int | None = None,
     cache_dir: str | Path | None = None, check: bool = True,
 ) -> DataSource:
-    """The data source `name` (`NAME` or `NAME:ARG`, see `DATASETS`), at img_size x img_size if given.
+    """The data source `name` (`NAME[,KEY=VALUE...][:ARG]`, see `DATASETS`), at img_size x img_size if given.
 
     The in-memory sources come back as `ImageData` (torchvision sets: train and test files together);
     `img_size` resizes every image (bilinear); None keeps the size. `cache_dir` (a run directory) and
     `check` reach a factory that takes them (the image folder: its saved index, and whether to check it
     against the folder).
     """
-    spec = parse_spec(name)
+    spec, options = parse_spec(name), split_options(name)[1]
     factory = DATASETS.get(spec.name)
     extra = {k: v for k, v in (("cache_dir", cache_dir), ("check", check)) if _takes(factory, k)}
-    data = factory(arg=spec.arg, data_dir=data_dir, download=download, img_size=img_size, **extra)
+    data = factory(arg=spec.arg, data_dir=data_dir, download=download, img_size=img_size, **options, **extra)
     if len(data) == 0:
         raise DataError(f"dataset {name!r} holds no images")
     if img_size is not None and data.image_size != (img_size, img_size):

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from maskkit.data.augment import crop_flip, key_draws
-from maskkit.data.source import DataError, DataSource
+from maskkit.data.source import DataError, DataSource, DataWarning
 from maskkit.data.stats import normalize
 
 
@@ -393,10 +393,6 @@ def _checked(fetched: Fetched, skip_bad: bool) -> Fetched:
     for message in fetched.skipped:
         warnings.warn(f"skipped: {message}", DataWarning, stacklevel=3)
     return fetched
-
-
-class DataWarning(UserWarning):
-    """A file the loader skipped (--skip-bad-images); the CLI prints one line."""
 
 
 class _BatchKeys:

@@ -36,7 +36,7 @@ from maskkit.data import (
     fingerprint_change,
     load_dataset,
     make_splits,
-    parse_dataset,
+    recorded_spec,
     resolve_augment,
 )
 from maskkit.data.splits import split_rule
@@ -196,9 +196,8 @@ def dataset_section(
     """The record's `dataset` section (statistics of the train split, split sizes) and the splits."""
     splits = make_splits(data, seed, fractions)
     mean, std, stats = split_statistics(data, pretrain_split(splits), seed)
-    kind, path = parse_dataset(name)
     section = {
-        "name": name if path is None else f"{kind}:{Path(path).resolve()}",  # usable from any directory
+        "name": recorded_spec(name),  # paths absolute: usable from any directory; source options kept
         "data_dir": None if data_dir is None else str(Path(data_dir).resolve()),
         "img_size_override": img_size,
         "image_size": list(data.image_size),

@@ -9,7 +9,16 @@ RandomResizedCrop + flip, at the file's own resolution) or by MAE's resize and c
 
 The official MAE layout, `PATH/train/<class>/...` + `PATH/val/<class>/...`, keeps its meaning:
 `train` is the pretraining set (maskkit's labeled train and val splits are carved from it) and
-`val` is the test split (`given_splits`, used by `make_splits`).
+`val` is the test split (`given_splits`, used by `make_splits`). Which layout a folder has, what is
+ignored beside `train/` and `val/` (named in a warning), what is refused (image files beside class
+folders, a class folder without images), and how FIFOs and symlinks are treated: `folder_layout`
+and the `maskkit.data.folder_index` docstring.
+
+The source option `hash` (`--dataset imagefolder,hash=content:PATH`) chooses what the run's
+fingerprint covers: `mtime` (default) every file's name, size and modification time (stat calls
+only, cheap at ImageNet scale); `content` also a SHA-256 of every file's bytes, read at listing and
+again at each check (`--resume`, `evaluate`, `visualize`): a file replaced with the same size and
+mtime is seen.
 """
 
 from __future__ import annotations
@@ -25,18 +34,27 @@ from maskkit.data.augment import picture_center, picture_crop_flip
 from maskkit.data.decode import open_image, to_8bit
 from maskkit.data.folder_index import IMAGE_SUFFIXES, INDEX_FILE, SPLIT_FOLDERS, FolderIndex, folder_layout
 from maskkit.data.load import register_dataset
-from maskkit.data.source import DataChangedError, DataError, Source
+from maskkit.data.source import DataChangedError, DataError, Source, shown_name
 from maskkit.registry import Card
 
-__all__ = ["DEFAULT_SIDE", "IMAGE_SUFFIXES", "SPLIT_FOLDERS", "ImageFolder", "imagefolder_layout", "load_imagefolder"]
+__all__ = [
+    "DEFAULT_SIDE", "HASHES", "IMAGE_SUFFIXES", "SPLIT_FOLDERS", "ImageFolder", "imagefolder_layout", "load_imagefolder",
+]  # fmt: skip
 
 #: the side a folder of images of different sizes is brought to without --img-size (MAE's --input_size)
 DEFAULT_SIDE = 224
 
+#: the `hash` option: what the fingerprint covers besides names and sizes
+HASHES = ("mtime", "content")
+
 CARD = Card(
-    idea="image files under a folder, read lazily: class sub-folders, loose images, or MAE's train/val folders",
+    idea="image files under a folder, read lazily: class sub-folders, loose images, or MAE's train/val folders "
+         "(train/ beside val/ wins; the rule: docs/cli.md)",
     allowed={"arg": "PATH of a folder", "img_size": "int >= 1 | None (default: the images' own size if they "
-             f"share one of side <= {DEFAULT_SIDE}, else {DEFAULT_SIDE})"},
+             f"share one of side <= {DEFAULT_SIDE}, else {DEFAULT_SIDE})",
+             "hash": "mtime (default: the fingerprint covers names, sizes, mtimes; stat calls only) | content "
+             "(names, sizes and a SHA-256 of every file's bytes, read at listing and at each check), given as "
+             "imagefolder,hash=content:PATH"},
 )  # fmt: skip
 
 imagefolder_layout = folder_layout
@@ -131,30 +149,35 @@ class ImageFolder(Source):
 
 
 def open_folder(path: str | Path, img_size: int | None = None, cache_dir: str | Path | None = None,
-                check: bool = True) -> ImageFolder:  # fmt: skip
+                check: bool = True, hash: str = "mtime") -> ImageFolder:  # fmt: skip
     """The folder `path` as an `ImageFolder`: from the index in `cache_dir` when there is one (checked
-    against the folder unless `check` is False: DataError naming what changed), else listed now."""
+    against the folder unless `check` is False: DataError naming what changed; the index covers what it
+    covered when it was made), else listed now (`hash`: "mtime", or "content" to hash every file)."""
+    if hash not in HASHES:
+        raise DataError(f"imagefolder option hash must be one of {', '.join(HASHES)}, got {hash!r}")
     saved = None if cache_dir is None else Path(cache_dir) / INDEX_FILE
     if saved is not None and saved.is_file():
         index = FolderIndex.load(saved)
         if index.root != Path(path).resolve():
-            raise DataError(f"the data index {saved} lists {index.root}, not {Path(path).resolve()}")
+            raise DataError(f"the data index {shown_name(saved)} lists {shown_name(index.root)}, "
+                            f"not {shown_name(Path(path).resolve())}")  # fmt: skip
         if check:
             changed = index.changes()
             if changed:
-                raise DataChangedError(f"data folder {index.root} changed since the run listed it: {changed}")
+                raise DataChangedError(f"data folder {shown_name(index.root)} changed since the run listed it: {changed}")
     else:
-        index = FolderIndex.scan(path)
+        index = FolderIndex.scan(path, content=hash == "content")
     return ImageFolder(index, default_size(index, img_size))
 
 
 @register_dataset("imagefolder", card=CARD, arg="path")
 def imagefolder(*, arg: str, img_size: int | None = None, cache_dir: str | Path | None = None,
-                check: bool = True, **_: Any) -> ImageFolder:  # fmt: skip
-    """The images under the folder `arg`, brought to img_size x img_size if given (see `default_size`)."""
-    return open_folder(arg, img_size, cache_dir, check)
+                check: bool = True, hash: str = "mtime", **_: Any) -> ImageFolder:  # fmt: skip
+    """The images under the folder `arg`, brought to img_size x img_size if given (see `default_size`);
+    `hash` (the spec's option, `imagefolder,hash=content:PATH`): what the fingerprint covers (HASHES)."""
+    return open_folder(arg, img_size, cache_dir, check, hash)
 
 
-def load_imagefolder(path: str | Path, img_size: int | None = None) -> ImageFolder:
+def load_imagefolder(path: str | Path, img_size: int | None = None, hash: str = "mtime") -> ImageFolder:
     """The folder `path`, listed now (see `open_folder`)."""
-    return open_folder(path, img_size)
+    return open_folder(path, img_size, hash=hash)
