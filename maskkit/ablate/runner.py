@@ -292,7 +292,10 @@ class StudyRunner:
 
     def dry_run(self) -> list[str]:
         """What `run` will do, in order, nothing run or written: each command, reused ones marked `# done:`,
-        resumed, restarted and re-evaluated ones with the reason after `#`."""
+        resumed, restarted and re-evaluated ones with the reason after `#`; refused as `run` would be."""
+        holder = run_in_progress(self.out)
+        if holder is not None:
+            raise self._in_use(holder)
         self.check()
         lines = [step.line() for spec in selection_runs(self.study) for step in self.steps(spec)]
         recorded = self._recorded_steps()
@@ -300,7 +303,9 @@ class StudyRunner:
             lines.append(f"# calibration: interleaved step costs in this process ({CALIBRATION}), "
                          + ("recorded" if recorded else "to be measured"))  # fmt: skip
         seen = {s.name for s in selection_runs(self.study)}
-        for spec in study_runs(self.study, self._recorded_choices(), recorded):
+        undecided = {s.arm for s in selection_runs(self.study) if not self.complete(s)}  # `run` chooses again
+        chosen = {arm: value for arm, value in self._recorded_choices().items() if arm not in undecided}
+        for spec in study_runs(self.study, chosen, recorded):
             steps = self.steps(spec)
             grid = self.study.arms[spec.arm].select
             if spec.name in seen or (spec.value == CHOSEN and grid is not None and spec.seed in grid.seeds):
@@ -344,9 +349,7 @@ class StudyRunner:
         try:
             lock = _lock(self.out, "ablate")
         except RunLockedError:
-            holder = run_in_progress(self.out) or "another process"
-            raise StudyError(f"study directory {self.out} is in use by {holder}; one maskkit ablate per --out: "
-                             "wait for it to end or choose another --out") from None  # fmt: skip
+            raise self._in_use(run_in_progress(self.out) or "another process") from None
         try:
             yield
         except BaseException:
@@ -360,6 +363,10 @@ class StudyRunner:
             raise
         finally:
             lock.release()
+
+    def _in_use(self, holder: str) -> StudyError:
+        return StudyError(f"study directory {self.out} is in use by {holder}; one maskkit ablate per --out: "
+                          "wait for it to end or choose another --out")  # fmt: skip
 
     def _stopping(self) -> bool:
         return (self.stop is not None and self.stop.requested) or self._abort.is_set()
