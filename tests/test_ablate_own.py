@@ -366,16 +366,41 @@ def test_sigterm_and_sigint_stop_the_children_and_launch_nothing_more(tmp_path, 
     assert f"Stopped by {signal.Signals(sig).name} at step" in log  # the child checkpointed on its way out
 
 
+def hold(path: Path) -> subprocess.Popen:
+    """Another process holding `path`'s RunLock (as a running ablate or pretrain does) until killed."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom maskkit.locking import RunLock\n"
+                               "RunLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(120)", str(path)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_study_directory_another_process_holds_is_refused_for_run_and_dry_run(tmp_path):
+    out, fake = finished(tmp_path)
+    (out / "runs" / "hpm-s1" / "eval.json").unlink()  # work left: a second ablate would evaluate it
+    before = snapshot(out)
+    holder = hold(out)
+    try:
+        for call in (StudyRunner(study(), out, launch=fake, threads=1).run,
+                     StudyRunner(study(), out, launch=fake, threads=1).dry_run):  # fmt: skip
+            fake.calls.clear()
+            with pytest.raises(StudyError, match=rf"^study directory {out} is in use by process {holder.pid} "):
+                call()
+            assert fake.calls == []
+    finally:
+        holder.kill()
+        holder.wait()
+    before.pop(".lock")
+    assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == before
+
+
 def test_a_run_directory_another_process_holds_is_never_removed(tmp_path):
     out = tmp_path / "d"
     run = out / "runs" / "random-s0"
     run.mkdir(parents=True)
     (run / "notes.txt").write_text("being written")  # no checkpoint: a restart would remove it
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom maskkit.locking import RunLock\n"
-                               "RunLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(120)", str(run)],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = hold(run)
     try:
-        assert holder.stdout.readline().strip() == "held"
         fake = FakeMaskkit()
         for call in (StudyRunner(study(), out, launch=fake, threads=1).run,
                      StudyRunner(study(), out, launch=fake, threads=1).dry_run):  # fmt: skip
