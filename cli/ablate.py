@@ -111,6 +111,7 @@ def run_command(
         again = shlex.join(["maskkit", "ablate", str(study), "--out", str(out),
                             *(["--jobs", str(jobs)] if jobs != 1 else []),
                             *(["--threads", str(threads)] if threads is not None else [])])  # fmt: skip
+        study_runner.dry_run()  # a refusal (lock, records, runs) is its one line before the table is drawn
         view = ProgressView(study_runner)
         if not progress:
             study_runner.on_state = lambda name, state: runner.say(console, f"{name}: {state}")
