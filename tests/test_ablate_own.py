@@ -137,7 +137,7 @@ def test_a_refused_ablate_writes_no_file_beside_the_cache_it_refuses(tmp_path):
     out.mkdir()
     (out / "selection.json").write_text(json.dumps({"grid": {"chosen": "32"}}))
     before = snapshot(out)
-    with pytest.raises(StudyError, match=r"selection\.json: grid\.chosen must be one of the grid's values"):
+    with pytest.raises(StudyError, match=r"selection\.json: field grid\.chosen must be one of the grid's values"):
         runner.run()
     assert snapshot(out) == before and sorted(os.listdir(out)) == ["selection.json"]
 
@@ -164,13 +164,13 @@ def test_changed_evaluations_are_evaluated_again_never_kept_under_the_new_settin
 # ---- a damaged cache is refused in one line -------------------------------------------------------
 
 DAMAGED = [
-    ("plan.json", "{not json", r"plan\.json cannot be read"),
+    ("plan.json", "{not json", r"plan\.json: not JSON"),
     ("plan.json", json.dumps({"format": 2, "runs": {"random-s0": {"pretrain": "--policy random"}}}),
-     r"plan\.json: runs\.random-s0\.pretrain must be a list of strings"),
+     r"plan\.json: field runs\[\"random-s0\"\]\.pretrain must be a list of strings"),
     ("plan.json", json.dumps({"format": 2}), r"plan\.json: field runs is missing"),
-    ("plan.json", json.dumps([1, 2]), r"plan\.json: the file must be a JSON object"),
+    ("plan.json", json.dumps([1, 2]), r"plan\.json: must hold a JSON object"),
     ("plan.json", json.dumps({"format": 2, "runs": {"random-s0": {"pretrain": [], "scored": {"linear": 3}}}}),
-     r"plan\.json: runs\.random-s0\.scored\.linear must be a list of strings"),
+     r"plan\.json: field runs\[\"random-s0\"\]\.scored\.linear must be a list of strings"),
 ]
 
 
@@ -188,9 +188,9 @@ def test_a_damaged_plan_is_refused_in_one_line_naming_the_file_and_the_field(tmp
 
 
 @pytest.mark.parametrize("text,message", [
-    (json.dumps({"grid": {"chosen": "../../victim"}}), r"selection\.json: grid\.chosen must be one of"),
+    (json.dumps({"grid": {"chosen": "../../victim"}}), r"selection\.json: field grid\.chosen must be one of"),
     (json.dumps({"grid": {"option": "--batch-size"}}), r"selection\.json: field grid\.chosen is missing"),
-    (json.dumps({"grid": {"chosen": 8}}), r"selection\.json: grid\.chosen must be one of"),
+    (json.dumps({"grid": {"chosen": 8}}), r"selection\.json: field grid\.chosen must be a string"),
 ])  # fmt: skip
 def test_a_damaged_selection_is_refused_and_never_names_a_run_outside_the_study(tmp_path, text, message):
     grid = STUDY + '\n[arms.grid]\nselect = { option = "batch-size", values = ["8", "16"], by = "linear" }\n'
@@ -208,7 +208,7 @@ def test_a_damaged_calibration_is_refused_in_one_line(tmp_path):
     out = tmp_path / "d"
     out.mkdir()
     (out / "calibration.json").write_text(json.dumps({"steps": {"eq": "ten"}, "options": {}}))
-    with pytest.raises(StudyError, match=r"calibration\.json: steps\.eq must be an integer >= 1, got 'ten'"):
+    with pytest.raises(StudyError, match=r"calibration\.json: field steps\.eq must be an integer >= 1, got \"ten\""):
         StudyRunner(study(eq), out, launch=FakeMaskkit(), threads=1).dry_run()
 
 

@@ -2,7 +2,8 @@
 
 They decide which runs and scores a rerun reuses, so a damaged one must never pass for an empty one:
 a file that is not JSON, holds the wrong types or lacks a field is refused with one `StudyError` line
-naming the file and the field, and saying how to rebuild it. A missing file is simply not made yet.
+naming the file and the field (maskkit.jsonfile, as the report reads them), and saying how to rebuild
+it. A missing file is simply not made yet.
 
 `plan.json` (format 2) records, per run, the `maskkit pretrain` options it was made with and, per
 score in its eval.json, the `maskkit evaluate` options that score was made with:
@@ -15,10 +16,13 @@ so its scores are evaluated again once.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from maskkit.jsonfile import Fields, read_json, shown_path, shown_value
 
 from .study import Study, StudyError
 
@@ -35,58 +39,36 @@ class PlanEntry:
     scored: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-def _load(path: Path, remedy: str) -> Any:
-    """The JSON value of `path` (None when absent); StudyError naming the file when it cannot be read."""
-    if not path.exists():
-        return None
+@contextmanager
+def _saying(remedy: str) -> Iterator[None]:
+    """A refusal of the file ends with what removing it does."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
-        raise StudyError(f"{path} cannot be read ({reason}); {remedy}") from None
+        yield
+    except StudyError as err:
+        raise StudyError(f"{err}; {remedy}") from None
 
 
-def _bad(path: Path, where: str, wants: str, got: Any, remedy: str) -> StudyError:
-    shown = repr(got)
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return StudyError(f"{path}: {where} must be {wants}, got {shown}; {remedy}")
-
-
-def _strings(value: Any, path: Path, where: str, remedy: str) -> tuple[str, ...]:
+def _strings(fields: Fields, key: str) -> tuple[str, ...]:
+    value = fields.raw.get(key)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _bad(path, where, "a list of strings", value, remedy)
+        fields.fail(key, "is missing" if key not in fields.raw else f"must be a list of strings, got {shown_value(value)}")
     return tuple(value)
-
-
-def _object(value: Any, path: Path, where: str, remedy: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _bad(path, where, "a JSON object", value, remedy)
-    return value
 
 
 def read_plan(path: Path) -> dict[str, PlanEntry]:
     """Each run's recorded options (empty when the file is absent); StudyError on a damaged file."""
-    remedy = "remove it to rebuild it from the runs' config.json (their scores are then evaluated again)"
-    raw = _load(path, remedy)
-    if raw is None:
+    if not path.exists():
         return {}
-    raw = _object(raw, path, "the file", remedy)
-    if "format" not in raw:  # the first format: run -> pretrain options
-        return {name: PlanEntry(_strings(args, path, name, remedy)) for name, args in raw.items()}
-    if raw["format"] != PLAN_FORMAT:
-        raise _bad(path, "format", str(PLAN_FORMAT), raw["format"], remedy)
-    if "runs" not in raw:
-        raise StudyError(f"{path}: field runs is missing; {remedy}")
-    out = {}
-    for name, entry in _object(raw["runs"], path, "runs", remedy).items():
-        entry = _object(entry, path, f"runs.{name}", remedy)
-        if "pretrain" not in entry:
-            raise StudyError(f"{path}: field runs.{name}.pretrain is missing; {remedy}")
-        scored = _object(entry.get("scored", {}), path, f"runs.{name}.scored", remedy)
-        out[name] = PlanEntry(
-            _strings(entry["pretrain"], path, f"runs.{name}.pretrain", remedy),
-            {key: _strings(args, path, f"runs.{name}.scored.{key}", remedy) for key, args in scored.items()},
-        )
+    with _saying("remove it to rebuild it from the runs' config.json (their scores are then evaluated again)"):
+        top = Fields(read_json(path, StudyError), shown_path(path), StudyError)
+        if "format" not in top:  # the first format: run -> pretrain options
+            return {name: PlanEntry(_strings(top, name)) for name in top.keys()}
+        top.integer("format", low=PLAN_FORMAT, high=PLAN_FORMAT)
+        runs, out = top.object("runs"), {}
+        for name in runs.keys():
+            entry = runs.object(name)
+            scored = entry.object("scored", optional=True)
+            out[name] = PlanEntry(_strings(entry, "pretrain"), {key: _strings(scored, key) for key in scored.keys()})
     return out
 
 
@@ -101,43 +83,37 @@ def read_selection(path: Path, study: Study) -> dict[str, str]:
     """Each select arm's recorded choice, for the arms of `study` (empty when the file is absent).
 
     A choice must be one of the arm's grid values now: a value from elsewhere would name a run the
-    study never planned (or a path outside it).
+    study never planned (or a path outside it). The runner chooses again from the scores whenever it
+    runs; the report checks the rest of the file (maskkit.ablate.files).
     """
-    remedy = "remove it to choose again (the selection runs are kept)"
-    raw = _load(path, remedy)
-    if raw is None:
+    if not path.exists():
         return {}
     out = {}
-    for arm, entry in _object(raw, path, "the file", remedy).items():
-        entry = _object(entry, path, arm, remedy)
-        if "chosen" not in entry:
-            raise StudyError(f"{path}: field {arm}.chosen is missing; {remedy}")
-        chosen = entry["chosen"]
-        if arm not in study.arms:
-            continue  # an arm the study no longer has: not read
-        grid = study.arms[arm].select
-        if grid is None:
-            continue
-        if not isinstance(chosen, str) or chosen not in grid.values:
-            raise _bad(path, f"{arm}.chosen", f"one of the grid's values ({', '.join(grid.values)})", chosen, remedy)
-        out[arm] = chosen
+    with _saying("remove it to choose again (the selection runs are kept)"):
+        top = Fields(read_json(path, StudyError), shown_path(path), StudyError)
+        for arm in top.keys():
+            entry = top.object(arm)
+            chosen = entry.string("chosen")
+            grid = study.arms[arm].select if arm in study.arms else None
+            if grid is None:
+                continue  # an arm the study no longer has (or no longer a grid): not read
+            if chosen not in grid.values:
+                entry.fail("chosen", f"must be one of the grid's values ({', '.join(grid.values)}), "
+                                     f"got {shown_value(chosen)}")  # fmt: skip
+            out[arm] = chosen
     return out
 
 
 def read_calibration(path: Path) -> dict[str, Any]:
     """The recorded calibration (empty when the file is absent): `steps` arm -> steps >= 1, `options` arm ->
     the pretrain options measured; StudyError on a damaged file."""
-    remedy = "remove it to measure again"
-    raw = _load(path, remedy)
-    if raw is None:
+    if not path.exists():
         return {}
-    raw = _object(raw, path, "the file", remedy)
-    for key in ("steps", "options"):
-        if key not in raw:
-            raise StudyError(f"{path}: field {key} is missing; {remedy}")
-    for arm, steps in _object(raw["steps"], path, "steps", remedy).items():
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise _bad(path, f"steps.{arm}", "an integer >= 1", steps, remedy)
-    for arm, args in _object(raw["options"], path, "options", remedy).items():
-        _strings(args, path, f"options.{arm}", remedy)
-    return raw
+    with _saying("remove it to measure again"):
+        top = Fields(read_json(path, StudyError), shown_path(path), StudyError)
+        steps, options = top.object("steps"), top.object("options")
+        for arm in steps.keys():
+            steps.integer(arm, low=1)
+        for arm in options.keys():
+            _strings(options, arm)
+    return top.raw
