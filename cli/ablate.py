@@ -8,7 +8,9 @@ first argument names no subcommand).
 
 from __future__ import annotations
 
+import shlex
 import threading
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -91,7 +93,8 @@ def run_command(
     every arm seed by seed. Rerun the same command to continue an interrupted study.
     """
     with runner.one_line_errors(err_console):
-        from maskkit.ablate import LAUNCHERS, RunFailed, StudyRunner, load_study
+        from maskkit.ablate import LAUNCHERS, RunFailed, StudyRunner, StudyStopped, load_study
+        from maskkit.train import StopSignals
 
         if launcher == "slurm":
             raise CommandError("--launcher slurm is not available yet for studies: use --launcher local (this "
@@ -105,20 +108,27 @@ def run_command(
             for line in study_runner.dry_run():
                 typer.echo(line)  # unwrapped: each command pastes as it is
             return
+        again = shlex.join(["maskkit", "ablate", str(study), "--out", str(out),
+                            *(["--jobs", str(jobs)] if jobs != 1 else []),
+                            *(["--threads", str(threads)] if threads is not None else [])])  # fmt: skip
+        study_runner.dry_run()  # a refusal (lock, records, runs) is its one line before the table is drawn
         view = ProgressView(study_runner)
-        if progress:
-            study_runner.on_state = view.on_state
-            with Live(console=console, get_renderable=view.table, refresh_per_second=2):
-                try:
-                    result = study_runner.run()
-                except RunFailed as err:
-                    raise CommandError(str(err)) from None
-        else:
+        if not progress:
             study_runner.on_state = lambda name, state: runner.say(console, f"{name}: {state}")
-            try:
+        else:
+            study_runner.on_state = view.on_state
+        live = Live(console=console, get_renderable=view.table, refresh_per_second=2) if progress else nullcontext()
+        try:
+            with StopSignals() as study_runner.stop, live:
                 result = study_runner.run()
-            except RunFailed as err:
-                raise CommandError(str(err)) from None
+        except RunFailed as err:
+            raise CommandError(f"{err}; continue with: {again}") from None
+        except StudyStopped as stopped:
+            runner.say(err_console, f"Stopped: {stopped}; continue with: {again}")
+            raise typer.Exit(code=stopped.exit_code) from None
+        except KeyboardInterrupt:  # a second Ctrl-C: the children were killed, not waited for
+            runner.say(err_console, f"Interrupted: the runs in progress were killed; continue with: {again}")
+            raise typer.Exit(code=130) from None
         for arm, choice in result["selection"].items():
             runner.say(console, f"{arm}: {choice['option']} {choice['chosen']} chosen on the validation split")
         for arm, steps in result["equal_steps"].items():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .study import Study
+from .study import Study, check_name_part
 
 __all__ = ["CALIBRATED", "CHOSEN", "RunSpec", "run_name", "selection_runs", "study_runs"]
 
@@ -32,10 +32,11 @@ class RunSpec:
 
 
 def run_name(arm: str, seed: int, option: str | None = None, value: str | None = None) -> str:
-    """`<arm>-s<seed>`, or `<arm>@<option>=<value>-s<seed>` for a grid value."""
-    if option is None or value is None:
-        return f"{arm}-s{seed}"
-    return f"{arm}@{option.lstrip('-')}={value}-s{seed}"
+    """`<arm>-s<seed>`, or `<arm>@<option>=<value>-s<seed>` for a grid value; StudyError unless it is one
+    folder name (a study file's names are checked at load: this is the last guard)."""
+    name = f"{arm}-s{seed}" if option is None or value is None else f"{arm}@{option.lstrip('-')}={value}-s{seed}"
+    check_name_part(name, "run name")
+    return name
 
 
 def _budget_args(steps: int | str | None, epochs: float | None) -> list[str]:

@@ -42,7 +42,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["Arm", "EqualCost", "Evaluation", "Selection", "Study", "StudyError", "load_study", "parse_study"]
+__all__ = [
+    "Arm", "EqualCost", "Evaluation", "Selection", "Study", "StudyError", "check_name_part", "load_study", "parse_study",
+]  # fmt: skip
 
 #: the keys a study file may hold, by table
 TOP_KEYS = {"study", "evaluations", "arms", "calibration"}
@@ -259,6 +261,20 @@ def _evaluations(raw: Any) -> dict[str, Evaluation]:
     return out
 
 
+def check_name_part(text: str, where: str) -> None:
+    """StudyError naming `where` unless `text` can be part of a run directory's name.
+
+    A run's name is one folder under the study's runs/ (`<arm>@<option>=<value>-s<seed>`): a `/`, `\\`,
+    `..`, NUL or other control character, or an empty part, could name a folder outside it.
+    """
+    bad = ("it is empty" if not text else
+           "it holds a path separator" if "/" in text or "\\" in text else
+           "it holds '..'" if ".." in text else
+           "it holds a control character" if any(ord(c) < 32 or ord(c) == 127 for c in text) else None)  # fmt: skip
+    if bad is not None:
+        raise StudyError(f"{where}: {text!r} cannot be part of a run directory's name ({bad})")
+
+
 def _selection(raw: Any, where: str, seeds: tuple[int, ...], evaluations: dict[str, Evaluation]) -> Selection:
     table = _keys(raw, SELECT_KEYS, where)
     for key in ("option", "values", "by"):
@@ -275,6 +291,9 @@ def _selection(raw: Any, where: str, seeds: tuple[int, ...], evaluations: dict[s
                          f"got {table['by']!r}")  # fmt: skip
     chosen_seeds = _seeds(table["seeds"], f"{where}.seeds") if "seeds" in table else seeds
     texts = tuple(str(v) for v in values)
+    check_name_part(option.lstrip("-"), f"{where}.option")
+    for text in texts:
+        check_name_part(text, f"{where}.values")
     if len(set(texts)) != len(texts):
         raise StudyError(f"{where}.values lists a value twice")
     return Selection("--" + option.lstrip("-"), texts, table["by"], chosen_seeds)
