@@ -211,7 +211,7 @@ class MaskPlan:
             true = torch.ones_like(mask_ok)
             return [in_range, seen.all(), keep_order, mask_ok, true, true, true]
         w = weights.detach()
-        finite = torch.isfinite(w).all()
+        finite = torch.isfinite(w.sum(dtype=torch.float32))  # NaN and inf propagate: one cheap reduction
         non_negative = ~(w < 0).any()  # NaN < 0 is False: NaN fails only `finite`
         positive = ~((w * mask.detach()).sum(dim=1) <= 0).any()
         return [in_range, seen.all(), keep_order, mask_ok, finite, non_negative, positive]
