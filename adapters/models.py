@@ -63,7 +63,7 @@ def spec_grammar() -> str:
 def model_adapter(spec: str | ModelSpec) -> ModelAdapter:
     """The registered adapter instance for a spec (text or parsed); a one-line ValueError for a bad one."""
     if isinstance(spec, ModelSpec):
-        return ADAPTERS.get(spec.kind).parse(spec.arg)
+        return _parse(spec.kind, spec.arg)
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"model spec must be {spec_grammar()}; got {spec!r}")
     text = spec.strip()
@@ -74,7 +74,16 @@ def model_adapter(spec: str | ModelSpec) -> ModelAdapter:
         raise ValueError(f"unknown model kind {kind!r} in {spec!r}; expected {spec_grammar()}")
     if not rest:
         raise ValueError(f"model spec {spec!r} names no {kind} model; expected {spec_grammar()}")
-    return ADAPTERS.get(kind).parse(rest)
+    return _parse(kind, rest)
+
+
+def _parse(kind: str, arg: str) -> ModelAdapter:
+    """The adapter `kind` parsing `arg`; an exception raised inside a plugin adapter is one line naming it."""
+    adapter = ADAPTERS.get(kind)
+    try:
+        return adapter.parse(arg)
+    except Exception as err:
+        raise ADAPTERS.plugin_error(adapter, "parse", err)  # noqa: B904 (chained by plugin_error)
 
 
 def parse_model_spec(spec: str) -> ModelSpec:
@@ -166,7 +175,10 @@ def create_mae_from_spec(
             f"model option {reserved[0]!r} is set by the run (from the data and its arguments), not by an option"
         )
     request = BuildRequest(adapter.spec, img_size, sizes, in_chans, patch_size, bool(norm_pix_loss), seed, options)
-    return adapter.build(request)
+    try:
+        return adapter.build(request)
+    except Exception as err:
+        raise ADAPTERS.plugin_error(adapter, "build", err)  # noqa: B904 (chained by plugin_error)
 
 
 def _check_sizes(img_size: Any, in_chans: Any, patch_size: Any) -> tuple[int, int]:

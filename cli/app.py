@@ -312,8 +312,9 @@ def bench_command(
     skip_mlo: bool = typer.Option(False, "--skip-mlo", help="Only the policy-overhead rows."),
     plans: bool = typer.Option(
         False, "--plans",
-        help="Only the plan check's rows: the random policy's plan at B=256, N=196 with MaskPlan.validate "
-        "on and off, interleaved."),
+        help="Only the checks' rows: the random and a weighted policy's plan at B=256, N=196 with "
+        "MaskPlan.validate on and off, a plugin source's samples read with and without their check, interleaved, "
+        "and the hypergradient check."),
     rss: bool = typer.Option(True, "--rss/--no-rss", help="CPU: peak RSS of each MLO contender in a fresh process."),
     compile_backend: str = typer.Option(
         "none", "--compile", help="A torch.compile backend (inductor, ...): every MLO row again with the MAE's blocks "
@@ -325,10 +326,12 @@ def bench_command(
     policy that can be built from the sizes alone gets a <name>_policy row against random_policy; the
     JSON's `params` holds the learned masker's parameter counts (paper vs token arch) at ViT-B sizes.
     random_plan_checked / random_plan_unchecked time the random policy's plan at B=256, N=196 with the plan
-    check on and off (MASKKIT_CHECK_PLANS); --plans runs those rows alone.
+    check on and off (MASKKIT_CHECK_PLANS), weighted_plan_* a plan with weights (uniform, secondary 0.5);
+    source_read_checked / source_read_unchecked a plugin source's 256 samples read with and without their
+    check, masker_grads_check the hypergradient's check; --plans runs those rows alone.
     """
     with one_line_errors():
-        from maskkit.bench import plan_check_line, run_bench
+        from maskkit.bench import input_check_line, plan_check_line, run_bench
         from maskkit.checkpoint import atomic_write_text
         from maskkit.run import check_writable, resolve_device
 
@@ -340,6 +343,7 @@ def bench_command(
         rows = payload["rows"]
         console.print(bench_table(rows, f"maskkit bench ({preset}, {dev})"))
         _say(plan_check_line(rows))
+        _say(input_check_line(rows))
         model = payload.get("cost_model")
         if model is not None and not skip_mlo:
             _say(f"cost model ({model['num_patches']} patches, unmasked/masked pass {model['unmasked_over_masked']:.2f}): "

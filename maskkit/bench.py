@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from maskkit.compile import NO_COMPILE, check_backend
+from maskkit.data.source import Source
 from maskkit.measure import peak_memory_mb, sync
 from maskkit.plan import set_plan_checks
 from maskkit.policies import AttentionPolicy, RandomPolicy, create_sized_policy, list_policies
@@ -197,26 +198,28 @@ def bench_plan_check(
     device: str = "cpu",
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """What checking a plan costs: the `random` policy's plan with `MaskPlan.validate` (and the finite-noise
-    check) on and off (`maskkit.plan.set_plan_checks`), interleaved, the same noise for both.
+    """What checking a plan costs: a policy's plan with `MaskPlan.validate` (and the finite-noise check) on and
+    off (`maskkit.plan.set_plan_checks`), interleaved, the same noise for both; for the `random` policy (a plan
+    without weights) and `uniform` with secondary masking 0.5 (a weighted plan: the weights' checks run too).
 
-    Rows (name, seconds: median, peak_mem_mb, baseline, ratio, batch, num_patches):
-      random_plan_unchecked: `RandomPolicy(tokens, noise=noise)` with the checks off (the baseline);
-      random_plan_checked: the same with the checks on, vs random_plan_unchecked, with `overhead_pct`
+    Rows (name, seconds: median, peak_mem_mb, baseline, ratio, batch, num_patches), for P in random, weighted:
+      P_plan_unchecked: `policy(tokens, noise=noise)` with the checks off (the baseline);
+      P_plan_checked: the same with the checks on, vs P_plan_unchecked, with `overhead_pct`
         (100 x (checked / unchecked - 1)) and `check_seconds` (the difference of the medians).
-    Each of `warmup + repeats` rounds runs both, in alternating order; the previous setting is restored.
+    Each of `warmup + repeats` rounds runs all four, in alternating order; the previous setting is restored.
     """
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randn(batch, num_patches, dim, generator=gen).to(dev)  # [B, N, D]
     noise = torch.rand(batch, num_patches, generator=gen).to(dev)  # [B, N]
-    policy = RandomPolicy(ratio)
-    checks = {"random_plan_checked": True, "random_plan_unchecked": False}
+    policies = {"random": RandomPolicy(ratio),
+                "weighted": create_sized_policy("uniform", embed_dim=dim, num_patches=num_patches, secondary_ratio=0.5)}
+    checks = {f"{p}_plan_{c}": (p, c == "checked") for p in policies for c in ("unchecked", "checked")}
 
-    def plan(checked: bool) -> Callable[[], Any]:
+    def plan(policy: str, checked: bool) -> Callable[[], Any]:
         def run() -> Any:
             set_plan_checks(checked)
-            return policy(tokens, noise=noise)
+            return policies[policy](tokens, noise=noise)
 
         return run
 
@@ -226,34 +229,123 @@ def bench_plan_check(
         with torch.no_grad():
             for round_ in range(warmup + repeats):
                 for name in list(checks) if round_ % 2 == 0 else list(reversed(checks)):
-                    set_plan_checks(checks[name])  # before the clock starts
+                    policy, checked = checks[name]
+                    set_plan_checks(checked)  # before the clock starts
                     sync(dev)
                     start = time.perf_counter()
-                    policy(tokens, noise=noise)
+                    policies[policy](tokens, noise=noise)
                     sync(dev)
                     if round_ >= warmup:
                         times[name].append(time.perf_counter() - start)
-            peaks = {name: peak_memory_mb(plan(checked), dev) for name, checked in checks.items()}
+            peaks = {name: peak_memory_mb(plan(*checks[name]), dev) for name in checks}
     finally:
         set_plan_checks(previous)
-    off, on = (statistics.median(times[n]) for n in ("random_plan_unchecked", "random_plan_checked"))
     size = {"batch": batch, "num_patches": num_patches}
-    return [
-        {"name": "random_plan_unchecked", "seconds": off, "peak_mem_mb": peaks["random_plan_unchecked"],
-         "baseline": None, "ratio": None, **size},
-        {"name": "random_plan_checked", "seconds": on, "peak_mem_mb": peaks["random_plan_checked"],
-         "baseline": "random_plan_unchecked", "ratio": on / off, "overhead_pct": 100.0 * (on / off - 1.0),
-         "check_seconds": on - off, **size},
-    ]  # fmt: skip
+    rows = []
+    for policy in policies:
+        off, on = (statistics.median(times[f"{policy}_plan_{c}"]) for c in ("unchecked", "checked"))
+        rows += [
+            {"name": f"{policy}_plan_unchecked", "seconds": off, "peak_mem_mb": peaks[f"{policy}_plan_unchecked"],
+             "baseline": None, "ratio": None, **size},
+            {"name": f"{policy}_plan_checked", "seconds": on, "peak_mem_mb": peaks[f"{policy}_plan_checked"],
+             "baseline": f"{policy}_plan_unchecked", "ratio": on / off, "overhead_pct": 100.0 * (on / off - 1.0),
+             "check_seconds": on - off, **size},
+        ]  # fmt: skip
+    return rows
 
 
 def plan_check_line(rows: list[dict[str, Any]]) -> str:
     """One line of the plan check's cost from `bench_plan_check`'s rows."""
     by = {row["name"]: row for row in rows}
     on, off = by["random_plan_checked"], by["random_plan_unchecked"]
-    return (f"plan check (random policy, B={on['batch']}, N={on['num_patches']}): "
+    line = (f"plan check (random policy, B={on['batch']}, N={on['num_patches']}): "
             f"{on['seconds'] * 1e3:.3f} ms checked vs {off['seconds'] * 1e3:.3f} ms unchecked, "
             f"overhead {on['overhead_pct']:+.1f}% ({on['check_seconds'] * 1e3:+.3f} ms a plan)")  # fmt: skip
+    weighted = by.get("weighted_plan_checked")
+    if weighted is not None:
+        line += (f"; weighted plan (uniform, secondary 0.5): overhead {weighted['overhead_pct']:+.1f}% "
+                 f"({weighted['check_seconds'] * 1e3:+.3f} ms a plan)")  # fmt: skip
+    return line
+
+
+#: where the checks of a plugin source's samples are measured: a batch of 256 RGB 32x32 samples
+SOURCE_CHECK_SIZE = {"batch": 256, "img_size": 32, "in_chans": 3}
+
+
+class _Samples(Source):
+    """A plugin-style source over samples held in a tensor [N, C, H, W], read one at a time (the bench's)."""
+
+    def __init__(self, images: Tensor) -> None:
+        self.images, self.name = images, "bench"
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def read(self, i: int) -> Tensor:
+        return self.images[int(i)]
+
+
+def bench_input_checks(
+    batch: int = 256, img_size: int = 32, in_chans: int = 3, embed_dim: int = 768, num_patches: int = 196,
+    repeats: int = 200, warmup: int = 20, seed: int = 0,
+) -> list[dict[str, Any]]:
+    """What checking a plugin's other outputs costs (on the CPU, where samples are read).
+
+    Rows (name, seconds: median, peak_mem_mb, baseline, ratio):
+      source_read_unchecked: a batch of `batch` samples read one at a time from a plugin-style source (`floats`);
+      source_read_checked: the same through `maskkit.data.checks.Checked` (each sample's shape, dtype, finite
+        values), vs source_read_unchecked, with `overhead_pct` and `check_seconds`, interleaved;
+      masker_grads_check: `check_masker_grads` on one gradient per parameter of the learned masker at
+        (embed_dim, num_patches) (Python comparisons; once per masker step).
+    """
+    from maskkit.data.checks import Checked
+    from maskkit.mlo import HYPERGRADS
+    from maskkit.mlo.base import check_masker_grads
+    from maskkit.mlo.steps import FinetuneStep, trainable
+
+    gen = torch.Generator().manual_seed(seed)
+    raw = _Samples(torch.rand(batch, in_chans, img_size, img_size, generator=gen))
+    contenders = {"source_read_unchecked": raw, "source_read_checked": Checked(raw, _Samples, "bench")}
+    index = torch.arange(batch)
+    masker = create_sized_policy("learned", embed_dim=embed_dim, num_patches=num_patches)
+    params = trainable(masker)
+    result = ([torch.zeros_like(p) for p in params], FinetuneStep(torch.zeros(()), torch.zeros(()), torch.zeros(()), None))
+    method = HYPERGRADS.create("darts")
+    times: dict[str, list[float]] = {name: [] for name in (*contenders, "masker_grads_check")}
+    for round_ in range(warmup + repeats):
+        for name in list(contenders) if round_ % 2 == 0 else list(reversed(contenders)):
+            start = time.perf_counter()
+            contenders[name].floats(index)
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        check_masker_grads(method, result, params)
+        if round_ >= warmup:
+            times["masker_grads_check"].append(time.perf_counter() - start)
+    cpu = torch.device("cpu")
+    peaks = {name: peak_memory_mb(lambda source=source: source.floats(index), cpu) for name, source in contenders.items()}
+    off, on, grads = (statistics.median(times[n]) for n in (*contenders, "masker_grads_check"))
+    size = {"batch": batch, "img_size": img_size, "in_chans": in_chans}
+    return [
+        {"name": "source_read_unchecked", "seconds": off, "peak_mem_mb": peaks["source_read_unchecked"],
+         "baseline": None, "ratio": None, **size},
+        {"name": "source_read_checked", "seconds": on, "peak_mem_mb": peaks["source_read_checked"],
+         "baseline": "source_read_unchecked", "ratio": on / off, "overhead_pct": 100.0 * (on / off - 1.0),
+         "check_seconds": on - off, **size},
+        {"name": "masker_grads_check", "seconds": grads, "peak_mem_mb": 0.0, "baseline": None, "ratio": None,
+         "num_params": len(params), "embed_dim": embed_dim, "num_patches": num_patches},
+    ]  # fmt: skip
+
+
+def input_check_line(rows: list[dict[str, Any]]) -> str:
+    """One line of the plugin input checks' cost from `bench_input_checks`' rows."""
+    by = {row["name"]: row for row in rows}
+    on, off, grads = by["source_read_checked"], by["source_read_unchecked"], by["masker_grads_check"]
+    return (f"source sample check ({on['batch']} samples {on['in_chans']}x{on['img_size']}x{on['img_size']}): "
+            f"{on['seconds'] * 1e3:.3f} ms checked vs {off['seconds'] * 1e3:.3f} ms unchecked, overhead "
+            f"{on['overhead_pct']:+.1f}% ({on['check_seconds'] * 1e6 / on['batch']:+.2f} us a sample); "
+            f"hypergradient check ({grads['num_params']} masker parameters): {grads['seconds'] * 1e6:.1f} us "
+            "a masker step")  # fmt: skip
 
 
 #: ViT-B (width 768) at the two patch counts of issue 7: CIFAR 32x32 with patch 2, ImageNet 224 with patch 16.
@@ -316,8 +408,9 @@ def run_bench(
     compile: str = NO_COMPILE,
     plans_only: bool = False,
 ) -> dict[str, Any]:
-    """`maskkit bench`: the policy rows, the plan check's rows (`bench_plan_check`, always at B=256, N=196),
-    then (unless `skip_mlo`) the MLO rows, as one JSON-ready payload; `plans_only`: the plan rows alone.
+    """`maskkit bench`: the policy rows, the checks' rows (`bench_plan_check`, always at B=256, N=196, and
+    `bench_input_checks`: a plugin source's samples, a hypergradient), then (unless `skip_mlo`) the MLO rows, as
+    one JSON-ready payload; `plans_only`: the checks' rows alone.
 
     compile: a torch.compile backend: each MLO contender also runs with the MAE's blocks compiled
     (rows `<name>@<backend>`, interleaved with the eager ones); "none" for eager only.
@@ -337,6 +430,7 @@ def run_bench(
     plan_warmup = {"warmup": size["plan_warmup"]} if "plan_warmup" in size else {}
     plan_repeats = repeats or size.get("plan_repeats", 200)
     plan_rows = bench_plan_check(**PLAN_CHECK_SIZE, device=str(dev), repeats=plan_repeats, **plan_warmup)
+    plan_rows += bench_input_checks(**SOURCE_CHECK_SIZE, repeats=plan_repeats, **plan_warmup)
     if plans_only:
         return {"device": str(dev), "torch": torch.__version__, "preset": preset,
                 "threads": torch.get_num_threads(), "rows": plan_rows, "params": []}  # fmt: skip
@@ -375,6 +469,7 @@ if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B=256 N=196 D=768, ratio 0.75")
     print(format_rows(bench_policy_overhead()))
     print(plan_check_line(bench_plan_check()))
+    print(input_check_line(bench_input_checks()))
     for row in masker_parameter_counts():
         print(
             f"masker parameters, ViT-B {row['size']} ({row['num_patches']} patches): "

@@ -146,15 +146,20 @@ class MaskPlan:
     def num_hidden(self) -> int:
         return self.num_patches - self.num_visible
 
-    def validate(self, num_patches: int | None = None, batch_size: int | None = None, *, who: str = "plan") -> MaskPlan:
+    def validate(
+        self, num_patches: int | None = None, batch_size: int | None = None, *, visible: int | None = None,
+        who: str = "plan",
+    ) -> MaskPlan:
         """Check the plan's invariants; returns it, or raises a one-line PlanError naming what is wrong.
 
         Shapes agree (mask and ids_restore [B, N], ids_keep [B, K], weights [B, N]; B and N as given);
-        ids are integers in range; `ids_restore` is a permutation and `ids_keep[b, j]` is the patch at
+        K is `visible` when given (what the ratio asked for makes visible: `num_visible(N, ratio)`); ids
+        are integers in range; `ids_restore` is a permutation and `ids_keep[b, j]` is the patch at
         shuffled position j (so ids_keep holds no duplicates and `restore` undoes the shuffle); `mask`
-        is exactly 1 where `ids_restore >= K`; weights are finite; at least one patch is visible and
-        one hidden. All value checks are reduced into one boolean (one device sync); only a failing
-        plan is examined further, to say which check failed.
+        is exactly 1 where `ids_restore >= K`; weights are finite, non-negative, with a positive sum over
+        each image's hidden patches (else the loss is negative, or nothing is reconstructed); at least one
+        patch is visible and one hidden. All value checks are reduced into one boolean (one device sync);
+        only a failing plan is examined further, to say which check failed.
         """
         mask, ids_keep, ids_restore, weights = self.mask, self.ids_keep, self.ids_restore, self.weights
         for name, t in (("mask", mask), ("ids_keep", ids_keep), ("ids_restore", ids_restore)):
@@ -171,6 +176,9 @@ class MaskPlan:
             raise PlanError(f"{who}: the plan is for {b} images but the batch has {batch_size}")
         if k == 0 or k == n:
             raise PlanError(f"{who}: the plan {'hides' if k == 0 else 'keeps'} every patch ({k} of {n} visible)")
+        if visible is not None and k != visible:
+            raise PlanError(f"{who}: the plan hides {n - k} of {n} patches but the mask ratio asked for hides "
+                            f"{n - visible} ({visible} visible)")
         if ids_keep.dtype != torch.long or ids_restore.dtype != torch.long:
             raise PlanError(f"{who}: ids must be int64, got ids_keep {ids_keep.dtype}, ids_restore {ids_restore.dtype}")
         if weights is not None and (not isinstance(weights, Tensor) or tuple(weights.shape) != (b, n)):
@@ -179,26 +187,34 @@ class MaskPlan:
         if bool(torch.stack(ok).all()):
             return self
         names = ("ids in range", "ids_restore a permutation", "ids_keep in shuffled order (no duplicates)",
-                 "mask = (ids_restore >= K)", "finite weights")
+                 "mask = (ids_restore >= K)", "finite weights", "non-negative weights",
+                 "a positive sum of weights over each image's hidden patches")
         failed = [name for name, good in zip(names, ok, strict=True) if not bool(good)]
         kind = NonFiniteWeightsError if failed == ["finite weights"] else PlanError
         raise kind(f"{who}: invalid plan: not {failed[0]} (B={b}, N={n}, K={k})")
 
     def _checks(self, k: int) -> list[Tensor]:
-        """The value checks as 0-d booleans: range, permutation, keep order, mask, weights."""
+        """The value checks as 0-d booleans: range, permutation, keep order, mask, finite weights, non-negative
+        weights, positive hidden weight per image (a NaN weight fails only the finite check)."""
         mask, ids_keep, ids_restore = self.mask, self.ids_keep, self.ids_restore
         b, n = mask.shape
         in_range = (ids_keep.min() >= 0) & (ids_keep.max() < n) & (ids_restore.min() >= 0) & (ids_restore.max() < n)
         if not bool(in_range):  # gather/scatter below need valid ids
             false = torch.zeros((), dtype=torch.bool, device=mask.device)
-            return [in_range, false, false, false, false]
+            return [in_range, false, false, false, false, false, false]
         seen = torch.zeros(b, n, dtype=torch.bool, device=mask.device).scatter_(1, ids_restore, True)
         order = torch.arange(k, device=mask.device).expand(b, k)
         keep_order = (ids_restore.gather(1, ids_keep) == order).all()
         mask_ok = (mask.detach() == (ids_restore >= k).to(mask.dtype)).all()
         weights = self.weights
-        finite = torch.isfinite(weights.detach()).all() if weights is not None else torch.ones_like(mask_ok)
-        return [in_range, seen.all(), keep_order, mask_ok, finite]
+        if weights is None:
+            true = torch.ones_like(mask_ok)
+            return [in_range, seen.all(), keep_order, mask_ok, true, true, true]
+        w = weights.detach()
+        finite = torch.isfinite(w.sum(dtype=torch.float32))  # NaN and inf propagate: one cheap reduction
+        non_negative = ~(w < 0).any()  # NaN < 0 is False: NaN fails only `finite`
+        positive = ~((w * mask.detach()).sum(dim=1) <= 0).any()
+        return [in_range, seen.all(), keep_order, mask_ok, finite, non_negative, positive]
 
     def gather(self, tokens: Tensor) -> Tensor:
         """Visible tokens in encoder order: [B, N, D] -> [B, K, D]."""

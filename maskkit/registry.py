@@ -34,6 +34,23 @@ T = TypeVar("T")
 
 PLUGINS_ENV = "MASKKIT_PLUGINS"
 
+#: the package whose entries are built in (a class or function defined under it is maskkit's own code)
+BUILTIN_PACKAGE = "maskkit"
+
+
+class PluginError(ValueError):
+    """A plug-in's code raised, or its output failed a check: one line naming the plug-in (its registered name).
+
+    The plug-in's own exception is chained as the cause (`MASKKIT_DEBUG=1` shows its traceback in the CLI).
+    """
+
+
+def is_builtin(obj: Any) -> bool:
+    """Whether `obj` (a class, a function, or an instance of a class) is defined in maskkit itself."""
+    owner = obj if isinstance(obj, type) or inspect.isroutine(obj) else type(obj)
+    module = getattr(owner, "__module__", None) or ""
+    return module == BUILTIN_PACKAGE or module.startswith(BUILTIN_PACKAGE + ".")
+
 
 class CardOption(NamedTuple):
     """One option of a card: (name, default, allowed-values text)."""
@@ -220,6 +237,29 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             raise ValueError(f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._entries))}") from None
+
+    def name_of(self, obj: Any) -> str | None:
+        """The name `obj` (an entry, or an instance of a class entry) is registered under, else None."""
+        owner = obj if isinstance(obj, type) or inspect.isroutine(obj) else type(obj)
+        return next((name for name, entry in self._entries.items() if entry is owner), None)
+
+    def label(self, obj: Any) -> str:
+        """How messages name `obj`: "policy 'mine'" for a registered entry, else its kind and class name."""
+        name = self.name_of(obj)
+        owner = obj if isinstance(obj, type) or inspect.isroutine(obj) else type(obj)
+        return f"{self.kind} {name!r}" if name is not None else f"{self.kind} {getattr(owner, '__name__', owner)}"
+
+    def plugin_error(self, obj: Any, what: str, err: BaseException) -> BaseException:
+        """What to raise for `err`, raised while entry `obj` ran `what` (e.g. "make_plan"): the error itself when
+        `obj` is maskkit's own code (a bug: its traceback stays) or `err` is already a `PluginError`, else a
+        one-line PluginError naming the plug-in, `what` and the exception, with `err` chained as its cause."""
+        if is_builtin(obj) or isinstance(err, PluginError) or not isinstance(err, Exception):
+            return err
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        wrapped = PluginError(f"{self.label(obj)} (plug-in) failed in {what}: {type(err).__name__}"
+                              + (f": {text}" if text else ""))  # fmt: skip
+        wrapped.__cause__ = err
+        return wrapped
 
     def options(self, name: str) -> list[Option]:
         """The constructor's keyword options, with defaults."""

@@ -14,13 +14,22 @@ from maskkit.policies import create_policy, list_policies
 
 #: a row per built-in policy: random and attention their own, the rest `<name>_policy` vs random_policy
 ZOO_ROWS = ("adamae", "block", "colornoise", "hpm", "learned", "simmim", "uniform")
+#: the checks' rows (`maskkit bench --plans`): plans with and without weights, a plugin source's samples, hypergradients
+CHECK_ROWS = {
+    "random_plan_unchecked": None,
+    "random_plan_checked": "random_plan_unchecked",
+    "weighted_plan_unchecked": None,
+    "weighted_plan_checked": "weighted_plan_unchecked",
+    "source_read_unchecked": None,
+    "source_read_checked": "source_read_unchecked",
+    "masker_grads_check": None,
+}
 ROWS = {
     "mae_random_masking": None,
     "random_policy": "mae_random_masking",
     "attention_policy": "random_policy",
     **{f"{name}_policy": "random_policy" for name in ZOO_ROWS},
-    "random_plan_unchecked": None,
-    "random_plan_checked": "random_plan_unchecked",
+    **CHECK_ROWS,
     "mae_step": None,
     "hpm_step": "mae_step",
     "mlo_darts": "mae_step",
@@ -150,7 +159,7 @@ def test_bench_plans_times_the_random_plan_with_the_check_on_and_off_at_b256_n19
         set_plan_checks(previous)
     assert result.exit_code == 0, result.output
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
-    assert list(rows) == ["random_plan_unchecked", "random_plan_checked"]
+    assert list(rows) == list(CHECK_ROWS)
     off, on = rows["random_plan_unchecked"], rows["random_plan_checked"]
     assert (off["baseline"], off["ratio"], on["baseline"]) == (None, None, "random_plan_unchecked")
     for row in (off, on):
@@ -162,6 +171,13 @@ def test_bench_plans_times_the_random_plan_with_the_check_on_and_off_at_b256_n19
     text = " ".join(result.stdout.split())  # the console wraps long lines
     assert f"plan check (random policy, B=256, N=196): {on['seconds'] * 1e3:.3f} ms checked vs " in text
     assert f"overhead {on['overhead_pct']:+.1f}%" in text
+    for name in ("weighted_plan_checked", "source_read_checked"):  # the weighted plan, a plugin source's samples
+        row, base = rows[name], rows[CHECK_ROWS[name]]
+        assert row["ratio"] == pytest.approx(row["seconds"] / base["seconds"]) and base["seconds"] > 0
+        assert row["check_seconds"] == pytest.approx(row["seconds"] - base["seconds"])
+    source = rows["source_read_checked"]
+    assert f"source sample check (256 samples 3x32x32): {source['seconds'] * 1e3:.3f} ms checked" in text
+    assert rows["masker_grads_check"]["seconds"] > 0 and "hypergradient check (" in text
 
 
 def test_cpu_peak_memory_is_the_running_sum_of_allocations_and_frees():

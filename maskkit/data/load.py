@@ -33,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from maskkit.data.checks import checked
 from maskkit.data.source import DataError, DataSource, ImageData, Resized, resize
 from maskkit.registry import Card, Registry
 
@@ -164,14 +165,21 @@ def load_dataset(
     The in-memory sources come back as `ImageData` (torchvision sets: train and test files together);
     `img_size` resizes every image (bilinear); None keeps the size. `cache_dir` (a run directory) and
     `check` reach a factory that takes them (the image folder: its saved index, and whether to check it
-    against the folder).
+    against the folder). Every source's labels and sizes are checked, and a plugin source's samples as they are
+    read (`maskkit.data.checks`); an exception raised inside a plugin source is one line naming it.
     """
     spec, options = parse_spec(name), split_options(name)[1]
     factory = DATASETS.get(spec.name)
     extra = {k: v for k, v in (("cache_dir", cache_dir), ("check", check)) if _takes(factory, k)}
-    data = factory(arg=spec.arg, data_dir=data_dir, download=download, img_size=img_size, **options, **extra)
-    if len(data) == 0:
-        raise DataError(f"dataset {name!r} holds no images")
+    try:
+        data = factory(arg=spec.arg, data_dir=data_dir, download=download, img_size=img_size, **options, **extra)
+        if len(data) == 0:
+            raise DataError(f"dataset {name!r} holds no images")
+        data = checked(data, factory, name)  # labels and sizes; a plugin's samples as they are read
+    except DataError:
+        raise
+    except Exception as err:
+        raise DATASETS.plugin_error(factory, "loading", err)  # noqa: B904 (chained by plugin_error)
     if img_size is not None and data.image_size != (img_size, img_size):
         if isinstance(data, ImageData):
             data = replace(data, images=resize(data.floats(slice(None)), img_size))

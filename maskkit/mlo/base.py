@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
-from maskkit.registry import Card, Registry, signature_options
+from maskkit.registry import Card, PluginError, Registry, signature_options
 
 if TYPE_CHECKING:
     import torch
@@ -127,6 +127,35 @@ class Hypergradient:
         return type(other) is type(self) and other.options() == self.options()
 
     __hash__ = None  # type: ignore[assignment]  # mutable state (windows): not hashable
+
+
+def check_masker_grads(method: Hypergradient, result: Any, params: list[Tensor]) -> tuple[list[Tensor], Any]:
+    """`method.masker_grads`' result checked where it enters the engine: a pair (grads, FinetuneStep) with exactly
+    one gradient per trainable masker parameter (`params`, in order), each a tensor of that parameter's shape
+    (not None: a method with an unused parameter gives zeros, `zeros_for_none`). Else a one-line PluginError
+    naming the method and the check (fewer gradients would update part of the masker). Non-finite values are
+    the non-finite guard's (`masker_grad_norm`), which --skip-nonfinite can skip. Cost: Python comparisons."""
+    from maskkit.mlo.steps import FinetuneStep
+
+    who = f"{HYPERGRADS.label(method)}: masker_grads"
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise PluginError(f"{who} must return (gradients, FinetuneStep), got {type(result).__name__}")
+    grads, step = result
+    if not isinstance(step, FinetuneStep):
+        raise PluginError(f"{who} must return a FinetuneStep second, got {type(step).__name__}")
+    if not isinstance(grads, (tuple, list)):
+        raise PluginError(f"{who} must return a list of gradients first, got {type(grads).__name__}")
+    if len(grads) != len(params):
+        raise PluginError(f"{who} returned {len(grads)} gradients for the masker's {len(params)} trainable "
+                          "parameters (one each, in order)")  # fmt: skip
+    for k, (g, p) in enumerate(zip(grads, params, strict=True)):
+        if not isinstance(g, Tensor):
+            raise PluginError(f"{who}: gradient {k} is {'None' if g is None else type(g).__name__}, not a tensor "
+                              f"of its parameter's shape {tuple(p.shape)}")  # fmt: skip
+        if g.shape != p.shape:
+            raise PluginError(f"{who}: gradient {k} has shape {tuple(g.shape)}, but its parameter has "
+                              f"{tuple(p.shape)}")  # fmt: skip
+    return list(grads), step
 
 
 def register_hypergrad(name: str, *, card: Card | None = None, overwrite: bool = False) -> Any:

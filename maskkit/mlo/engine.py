@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from maskkit.diagnostics import plan_diagnostics
 from maskkit.mae import is_mae, policy_aux_loss
-from maskkit.mlo.base import Hypergradient
+from maskkit.mlo.base import HYPERGRADS, Hypergradient, check_masker_grads
 from maskkit.mlo.config import MLOConfig
 from maskkit.mlo.steps import PretrainStep, finetune_step, pretrain_step, trainable, zeros_for_none
 from maskkit.optim import param_groups
@@ -180,7 +180,10 @@ class MLOEngine:
             val_batch = self._batch(val_batch, self.val_batches, "val_batch")
 
         stats: dict[str, float] = {"step": float(s)}
-        record = self.hypergradient.pretrain(self, images, learning=learning, progress=progress)
+        try:
+            record = self.hypergradient.pretrain(self, images, learning=learning, progress=progress)
+        except Exception as err:
+            raise HYPERGRADS.plugin_error(self.hypergradient, "pretrain", err)  # noqa: B904 (chained by plugin_error)
         loss, plan, per_patch = record.loss, record.plan, record.per_patch
         self._scheduler_step("mae")
         stats["pretrain_loss"] = float(loss)
@@ -190,7 +193,7 @@ class MLOEngine:
 
         if due:
             if learning:
-                grads, ft = self.hypergradient.masker_grads(self, record, train_batch, val_batch)
+                grads, ft = self._masker_grads(record, train_batch, val_batch)
             else:  # masker warm-up: a plain head step, no hypergradient
                 ft = finetune_step(self.mae, self.head, self.head_optimizer, train_batch, val_batch,
                                    paths=None, grad_clip=cfg.head_grad_clip)
@@ -215,6 +218,16 @@ class MLOEngine:
         return pretrain_step(self.mae, self.masker, self.mae_optimizer, images, ratio=cfg.ratio,
                              generator=self.generator, grad_clip=cfg.grad_clip, keep_params=keep_params,
                              autocast_dtype=torch.bfloat16 if cfg.amp == "bf16" else None, progress=progress)
+
+    def _masker_grads(self, step: PretrainStep, train_batch: Batch, val_batch: Batch) -> tuple[list[Tensor], Any]:
+        """The method's hypergradient and level-2 step, checked where they enter (`check_masker_grads`); an
+        exception raised inside a plugin method is one line naming it."""
+        method = self.hypergradient
+        try:
+            result = method.masker_grads(self, step, train_batch, val_batch)
+        except Exception as err:
+            raise HYPERGRADS.plugin_error(method, "masker_grads", err)  # noqa: B904 (chained by plugin_error)
+        return check_masker_grads(method, result, trainable(self.masker))
 
     def _level3_extra(self, plan: MaskPlan, per_patch: Tensor, stats: dict[str, float]) -> list[Tensor] | None:
         """Gradients w.r.t. the masker of the level-3 terms besides the validation loss, on this step's plan:

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from maskkit.plan import MaskPlan, NonFiniteWeightsError, check_ratio, plan_checks_enabled
+from maskkit.plan import MaskPlan, NonFiniteWeightsError, check_ratio, num_visible, plan_checks_enabled
 from maskkit.policies.card import CardInfo
 
 
@@ -19,6 +19,13 @@ def check_fraction(name: str, value: Any, *, include_one: bool = True) -> float:
     if not (0.0 <= value <= 1.0 and (include_one or value < 1.0)):
         raise ValueError(f"{name} must lie in {interval}, got {value!r}")
     return float(value)
+
+
+def _registry() -> Any:
+    """The policy registry (imported late: it imports this module), for plugin names in messages."""
+    from maskkit.policies.registry import POLICIES
+
+    return POLICIES
 
 
 class MaskPolicy(nn.Module):
@@ -51,6 +58,12 @@ class MaskPolicy(nn.Module):
         """The per-call ratio if given, else the policy's own; validated against N."""
         return check_ratio(self.ratio if ratio is None else ratio, num_patches)
 
+    def num_visible(self, num_patches: int, ratio: float | None = None) -> int:
+        """K, the patches a plan keeps visible at the ratio asked (per call, else the policy's own): int(N x (1 -
+        ratio)), as the official MAE rounds; every plan is checked against it. A policy whose ratio is not free
+        (e.g. `uniform`) overrides it."""
+        return num_visible(num_patches, self.resolve_ratio(ratio, num_patches))
+
     @staticmethod
     def token_grid(tokens: Tensor) -> tuple[int, int]:
         """(B, N) of patch tokens [B, N, D], or ValueError naming the shape."""
@@ -59,28 +72,41 @@ class MaskPolicy(nn.Module):
         return tokens.shape[0], tokens.shape[1]
 
     def __call__(self, tokens: Tensor, *args: Any, **kwargs: Any) -> MaskPlan:
-        """`forward`, then the plan's invariants checked (`MaskPlan.validate`) for every policy, plugins
-        included, unless `maskkit.plan.set_plan_checks(False)`; explicit `noise` / `attention` inputs must
-        be finite (a NaN would give every image the same mask). Non-finite weights are the policy's fault
-        only when its tokens were finite; from non-finite tokens they pass on to the non-finite guard."""
+        """`forward`, then the plan's invariants checked (`MaskPlan.validate`, with the ratio asked for) for every
+        policy, plugins included, unless `maskkit.plan.set_plan_checks(False)`; explicit `noise` / `attention`
+        inputs must be finite (a NaN would give every image the same mask). Non-finite weights are the policy's
+        fault only when its tokens were finite; from non-finite tokens they pass on to the non-finite guard.
+        An exception raised inside a plugin policy becomes one line naming it (`Registry.plugin_error`)."""
         check = plan_checks_enabled()
         if check:
             for key in ("noise", "attention"):
                 value = kwargs.get(key)
                 if isinstance(value, Tensor) and not bool(torch.isfinite(value).all()):
                     raise ValueError(f"policy {type(self).__name__}: {key} holds non-finite values (NaN or inf)")
-        plan = super().__call__(tokens, *args, **kwargs)
+        try:
+            plan = super().__call__(tokens, *args, **kwargs)
+        except Exception as err:
+            raise _registry().plugin_error(self, "make_plan", err)  # noqa: B904 (chained by plugin_error)
         if check:
+            who = _registry().label(self)
             if not isinstance(plan, MaskPlan):
-                raise TypeError(f"policy {type(self).__name__} returned {type(plan).__name__}, not a MaskPlan")
+                raise TypeError(f"{who} returned {type(plan).__name__}, not a MaskPlan")
             b, n = self.token_grid(tokens)
             try:
-                plan.validate(n, b, who=f"policy {type(self).__name__}")
+                plan.validate(n, b, visible=self._asked_visible(n, kwargs.get("ratio")), who=who)
             except NonFiniteWeightsError:
                 if bool(torch.isfinite(tokens).all()):
                     raise  # finite tokens, non-finite weights: the policy's own fault
                 # non-finite tokens (e.g. NaN pixels): the trainer's non-finite guard names the loss it poisons
         return plan
+
+    def _asked_visible(self, num_patches: int, ratio: Any) -> int | None:
+        """How many patches the call's plan must keep visible (`num_visible`), or None when the policy cannot say
+        (a plugin that sets no `ratio`)."""
+        try:
+            return int(self.num_visible(num_patches, ratio))
+        except Exception:  # no usable ratio to check the plan against
+            return None
 
     def forward(
         self,

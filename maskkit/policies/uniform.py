@@ -72,8 +72,9 @@ class UniformPolicy(MaskPolicy):
         self.secondary_ratio = check_fraction("secondary_ratio", secondary_ratio, include_one=False)
         self.secondary_in_loss = bool(secondary_in_loss)
 
-    def num_visible(self, num_patches: int) -> int:
-        """K = int(N / 4 * (1 - secondary_ratio)) visible patches of N."""
+    def num_visible(self, num_patches: int, ratio: float | None = None) -> int:
+        """K = int(N / 4 * (1 - secondary_ratio)) visible patches of N (`ratio`, if given, must be 0.75)."""
+        self.resolve_ratio(ratio, num_patches)
         return int(num_patches // 4 * (1.0 - self.secondary_ratio))
 
     def resolve_ratio(self, ratio: float | None, num_patches: int) -> float:
