@@ -1,7 +1,8 @@
 """Golden runs: `maskkit pretrain` for random, attention, hpm, adamae, learned darts and learned unroll, and a
 SIGKILL + --resume, reproduce the recorded metrics.jsonl and model.pt tensors bit for bit (fixtures made before
 the run layer's redesign by `python tests/golden/record.py --write`); a run directory written by that older code
-still resumes to the recorded result."""
+still resumes to the recorded result. The photos8-* cases do the same for every registered policy on 32-px
+grey images, where crop-and-flip augmentation is on (issue 30, item 8; recorded after the keyed augmentation)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,18 @@ def test_golden_run_is_bit_identical(tmp_path, case):
     assert result["metrics"] == expected["metrics"]
     assert result["step"] == expected["step"]
     assert result["tensors"] == expected["tensors"]
+    if case in record.CROP_FLIP:
+        assert result["augment"] == expected["augment"] == "crop-flip"
+
+
+def test_every_registered_policy_has_a_crop_flip_golden_case():
+    """Issue 30 (item 8): a policy added to the registry gets a 32-px crop-and-flip golden case and fixture."""
+    from maskkit import list_policies
+
+    covered = {args[args.index("--policy") + 1] for args in record.CROP_FLIP.values()}
+    assert set(list_policies()) <= covered
+    for case in record.CROP_FLIP:
+        assert json.loads(record.fixture(case).read_text())["augment"] == "crop-flip"
 
 
 def test_run_directory_of_the_previous_format_resumes_to_the_recorded_result(tmp_path):

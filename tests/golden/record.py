@@ -5,6 +5,11 @@ fixture, `tests/golden/<case>.json`, holds the run's metrics.jsonl verbatim and 
 tensor in model.pt. The `resume` case SIGKILLs a run once its step-20 checkpoint exists, resumes
 it with --resume and must equal the uninterrupted `random40` case.
 
+The `photos8-*` cases (issue 30, item 8) train on 32-px grey photographs, where `--augment auto` is
+crop-and-flip, one case for every registered policy (attention's hint mode and learned's unroll as well):
+the 8-px digits cases never augment, so they could not see a change in the augmentation or in what a
+policy receives after it. Their fixtures also hold the augmentation the run resolved.
+
     python tests/golden/record.py            # check every case against its fixture (what the test does)
     python tests/golden/record.py --write    # regenerate the fixtures (only when behaviour SHOULD change)
 """
@@ -33,6 +38,23 @@ CASES: dict[str, list[str]] = {
     "learned-unroll": ["--policy", "learned", "--hypergrad", "unroll", "--steps", "20", "--batch-size", "64"],
     "random40": ["--policy", "random", "--steps", "40", "--batch-size", "64"],
 }
+#: 32-px grey images (photos8: --augment auto is crop-and-flip), patch 4 (64 patches) and 10 steps to stay fast
+PHOTOS = ["--dataset", "photos8", "--patch-size", "4", "--batch-size", "16", "--steps", "10"]
+#: one crop-and-flip case per registered policy (`maskkit list policies`), and the modes the digits cases lack
+CROP_FLIP: dict[str, list[str]] = {
+    "photos8-random": ["--policy", "random"],
+    "photos8-attention": ["--policy", "attention"],
+    "photos8-attention-hint": ["--policy", "attention", "--attention-mode", "hint"],
+    "photos8-hpm": ["--policy", "hpm"],
+    "photos8-adamae": ["--policy", "adamae"],
+    "photos8-block": ["--policy", "block"],
+    "photos8-colornoise": ["--policy", "colornoise"],
+    "photos8-simmim": ["--policy", "simmim"],
+    "photos8-uniform": ["--policy", "uniform"],
+    "photos8-learned-darts": ["--policy", "learned"],
+    "photos8-learned-unroll": ["--policy", "learned", "--hypergrad", "unroll"],
+}
+CASES.update({name: [*PHOTOS, *args] for name, args in CROP_FLIP.items()})
 #: the resume case: random40 killed after its step-20 checkpoint, then resumed
 RESUME_OF = "random40"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
@@ -59,12 +81,20 @@ def digest(run: Path) -> dict:
             "tensors": tensors}
 
 
+def resolved_augment(run: Path) -> str:
+    """The augmentation the run resolved (config.json's dataset section: 'none' or 'crop-flip')."""
+    return json.loads((run / "config.json").read_text(encoding="utf-8"))["dataset"]["augment"]
+
+
 def run_case(name: str, work: Path) -> dict:
     out = work / name
     proc = subprocess.run(_command(out, CASES[name]), env=ENV, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"golden case {name} failed: {proc.stderr.strip()[-2000:]}")
-    return digest(out)
+    result = digest(out)
+    if name in CROP_FLIP:  # the digits cases' fixtures predate this key
+        result["augment"] = resolved_augment(out)
+    return result
 
 
 def run_resume(work: Path) -> dict:
