@@ -518,6 +518,7 @@ def test_state_dict_round_trip(case, images, noise):
     assert torch.equal(case.own_loss(fresh, images, noise, 0.75)[0], expected.loss)  # the codebase's own, too
 
 
+@pytest.mark.slow
 def test_transformer_blocks_compile_to_the_same_loss(case, images, noise):
     """`--compile` compiles exactly the adapter's encoder and decoder blocks; the loss does not change."""
     mae, ref = case.build(0, False), case.build(0, False)

@@ -140,6 +140,7 @@ def test_lr_1e6_names_no_checkpoints_folder_that_does_not_exist(tmp_path):
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("*.pt"))
 
 
+@pytest.mark.slow
 def test_a_batch_larger_than_the_split_is_clamped_with_one_warning_and_recorded(tmp_path):
     out = tmp_path / "run"
     result = invoke("pretrain", "--out", out, *_with_fast(["--batch-size", "100000", "--steps", "1"]))

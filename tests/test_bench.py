@@ -39,6 +39,7 @@ ROWS = {
 }
 
 
+@pytest.mark.slow
 def test_bench_json_trivial(tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", "--preset", "trivial", "--device", "cpu", "--json", str(out)])
@@ -61,6 +62,7 @@ def test_bench_json_trivial(tmp_path):
     assert {p["num_patches"] for p in payload["params"]} == {256, 196}
 
 
+@pytest.mark.slow
 def test_bench_compile_adds_each_mlo_row_compiled_interleaved():
     from maskkit.bench import run_bench
     from maskkit.mlo_bench import DEFAULT_NAMES

@@ -269,6 +269,7 @@ def test_unrolled_hypergradient_checkpoints_between_masker_cycles(tmp_path):
     assert json.loads((run / "config.json").read_text())["train"]["mlo"]["hypergrad"] == "unroll"
 
 
+@pytest.mark.slow
 def test_bench_policy_rows(tmp_path):
     out = tmp_path / "bench.json"
     ok("bench", "--preset", "tiny", "--device", "cpu", "--repeats", "2", "--skip-mlo", "--json", out)
@@ -382,6 +383,7 @@ def test_npz_run_evaluate_and_visualize(tmp_path):
     assert png.shape == (18 + 4 + 3 * (48 + 4), 4 + 4 * (48 + 4), 3) and png.std() > 20
 
 
+@pytest.mark.slow
 def test_pretrained_encoder_beats_random_init_on_digits(tmp_path):
     run = tmp_path / "probe"
     # 100 steps of random masking at ratio 0.5 (on 16 patches, 0.75 leaves only 4 visible: too hard this briefly);
@@ -433,6 +435,7 @@ def test_visualize_policy_gallery(random_run, tmp_path):
     fails("mask ratio must lie in (0, 1)", "visualize", "--policies", "all", "--mask-ratio", "1.5", "-o", out)
 
 
+@pytest.mark.slow
 def test_module_entry_point():
     import subprocess
     import sys
@@ -514,6 +517,7 @@ def test_corrupt_checkpoint_on_resume(random_run, tmp_path):
     fails("does not exist", "evaluate", tmp_path / "nowhere")
 
 
+@pytest.mark.slow
 def test_evaluate_shows_a_progress_bar_of_its_optimizer_steps(tmp_path, monkeypatch):
     from io import StringIO
 

@@ -64,6 +64,7 @@ def test_a_compiled_block_has_no_double_backward():
         assert torch.autograd.grad(g.sum(), x)[0].shape == x.shape
 
 
+@pytest.mark.slow
 def test_unroll_hypergradient_of_a_compiled_mae_equals_the_eager_one():
     """The exact unroll with compiled blocks: blocks run eagerly on the functional weights inside the
     window, compiled outside it; the masker gets the same hypergradients as without compiling."""
@@ -80,6 +81,7 @@ def test_unroll_hypergradient_of_a_compiled_mae_equals_the_eager_one():
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_darts_with_compiled_blocks_trains():
     engine, g = make_engine(seed=2, config=MLOConfig())
     compile_blocks(engine.mae, "aot_eager")

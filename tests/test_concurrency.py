@@ -119,6 +119,7 @@ def pretrain_race(tmp_path_factory) -> dict:
     return {"root": root, "dup": dup, "alone": alone, "won": won, "lost": lost, "pid": pid, "alone_result": alone_result}
 
 
+@pytest.mark.slow
 def test_two_pretrains_on_one_out_one_proceeds_and_writes_what_it_writes_alone(pretrain_race):
     r = pretrain_race
     assert r["won"][0] == 0 and r["alone_result"][0] == 0, (r["won"], r["alone_result"])
@@ -128,6 +129,7 @@ def test_two_pretrains_on_one_out_one_proceeds_and_writes_what_it_writes_alone(p
     assert run_in_progress(r["dup"]) is None  # released after model.pt and summary.json
 
 
+@pytest.mark.slow
 def test_two_resumes_of_one_run_one_proceeds_and_writes_what_it_writes_alone(pretrain_race):
     root = pretrain_race["root"]
     run, alone = root / "resumed", root / "resumed-alone"
@@ -144,6 +146,7 @@ def test_two_resumes_of_one_run_one_proceeds_and_writes_what_it_writes_alone(pre
     assert steps == list(range(5, 71, 5))
 
 
+@pytest.mark.slow
 def test_a_run_in_progress_is_read_as_such_and_its_killed_lock_does_not_block_resume(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "maskkit.cli", "pretrain", *TINY, "--steps", "100000", "--out",
@@ -183,6 +186,7 @@ def test_a_run_in_progress_is_read_as_such_and_its_killed_lock_does_not_block_re
     assert json.loads((run / "summary.json").read_text())["steps"] == newest + 10
 
 
+@pytest.mark.slow
 def test_default_run_directories_of_runs_started_together_never_collide(tmp_path):
     procs = [maskkit("pretrain", "--steps", "2", "--batch-size", "16", "--device", "cpu", "--no-progress",
                      cwd=tmp_path) for _ in range(4)]  # fmt: skip
@@ -266,6 +270,7 @@ for i in range(count):
 """
 
 
+@pytest.mark.slow
 def test_merge_json_from_four_processes_at_once_loses_no_key(tmp_path):
     """Without the lock, four processes merging 100 keys each kept about 120 of the 400 (tried by hand)."""
     path, go = tmp_path / "eval.json", tmp_path / "go"
@@ -280,6 +285,7 @@ def test_merge_json_from_four_processes_at_once_loses_no_key(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".eval.json.lock", "eval.json", "go"]
 
 
+@pytest.mark.slow
 def test_two_evaluates_of_one_run_at_once_both_keep_their_entry(tmp_path):
     run = tmp_path / "run"
     result = CliRunner().invoke(app, ["pretrain", *TINY, "--steps", "2", "--out", str(run)])

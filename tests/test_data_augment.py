@@ -86,6 +86,7 @@ def test_keyed_crop_follows_random_resized_crop(shape):
         torch.testing.assert_close(out[b], want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_keyed_crop_is_the_same_in_another_process():
     code = ("import torch; from maskkit.data import crop_flip; "
             "x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)); "

@@ -251,6 +251,7 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert all(torch.equal(wa[part][k], wb[part][k]) for k in wa[part]), part
 
 
+@pytest.mark.slow
 def test_pretraining_with_0_or_2_workers_is_bit_identical(folder, tmp_path):
     runs = {w: tmp_path / f"w{w}" for w in (0, 2)}
     procs = [pretrain("--dataset", f"imagefolder:{folder}", *RUN, "--steps", "8", "--num-workers", w, "--out", run)
@@ -262,6 +263,7 @@ def test_pretraining_with_0_or_2_workers_is_bit_identical(folder, tmp_path):
     assert record["config"]["data"]["num_workers"] == 2 and record["dataset"]["splits"]["pretrain"] == 48
 
 
+@pytest.mark.slow
 def test_sigkill_then_sigterm_mid_epoch_with_workers_resume_bit_identically(folder, tmp_path):
     args = ["--dataset", f"imagefolder:{folder}", *RUN, "--steps", "40", "--ckpt-every", "3", "--num-workers", "2"]
     full, run = tmp_path / "full", tmp_path / "run"
@@ -283,6 +285,7 @@ def test_sigkill_then_sigterm_mid_epoch_with_workers_resume_bit_identically(fold
 
 
 @pytest.mark.skipif(TORCHRUN is None or not Path("/proc/self/task").is_dir(), reason="needs torchrun and /proc")
+@pytest.mark.slow
 def test_torchrun_with_workers_killed_mid_epoch_resumes_bit_identically(folder, tmp_path):
     from test_distributed import kill_tree
 
@@ -310,6 +313,7 @@ def test_torchrun_with_workers_killed_mid_epoch_resumes_bit_identically(folder, 
     assert last["world_size"] == 2 and [r["loaders"]["train"] for r in last["ranks"]] == [last["streams"]["train"]] * 2
 
 
+@pytest.mark.slow
 def test_a_changed_folder_is_refused_by_resume_and_evaluate_naming_what_changed(tmp_path):
     root = photo_folder(tmp_path / "d", {"train": 6, "val": 2})
     run = tmp_path / "run"

@@ -156,6 +156,7 @@ def _sample(n: int) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, num=min(n, 25)).astype(int).tolist()))
 
 
+@pytest.mark.slow
 def test_length_channels_and_size(case):
     made, src = case
     n, c, h, w = made.images.shape
@@ -163,6 +164,7 @@ def test_length_channels_and_size(case):
     assert len(src) == n and src.in_chans == c and src.image_size == (h, w)
 
 
+@pytest.mark.slow
 def test_read_is_float32_in_unit_range_with_the_written_pixels(case):
     made, src = case
     for i in _sample(len(src)):
@@ -172,6 +174,7 @@ def test_read_is_float32_in_unit_range_with_the_written_pixels(case):
         np.testing.assert_allclose(x.numpy(), made.images[i], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_labels_and_classes(case):
     made, src = case
     if made.labels is None:
@@ -185,6 +188,7 @@ def test_labels_and_classes(case):
     assert np.bincount(src.labels.numpy(), minlength=src.num_classes).tolist() == counts.tolist()
 
 
+@pytest.mark.slow
 def test_read_by_index_is_deterministic_and_equals_the_batched_path(case):
     _, src = case
     index = np.array(_sample(len(src))[::-1])  # out of order on purpose
@@ -196,6 +200,7 @@ def test_read_by_index_is_deterministic_and_equals_the_batched_path(case):
 
 
 @pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.slow
 def test_loader_restored_mid_epoch_yields_the_same_batches(case, prefetch):
     _, src = case
     indices = np.arange(len(src))

@@ -85,6 +85,7 @@ def two_ranks(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", ["learned", "unroll"], ids=["darts", "unroll"])
+@pytest.mark.slow
 def test_ranks_stay_identical_at_all_three_levels(two_ranks, method):
     a, b = two_ranks[0][method], two_ranks[1][method]
     assert a["mask_seed"] != b["mask_seed"]  # every rank draws its own masks
@@ -207,6 +208,7 @@ def assert_collective_checkpoint(run: Path, step: int) -> None:
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="needs torchrun")
+@pytest.mark.slow
 def test_torchrun_stopped_by_sigterm_checkpoints_and_resumes_bit_identically(tmp_path, folder_reference):
     folder, full = folder_reference
     run = tmp_path / "stopped"
@@ -234,6 +236,7 @@ def two_node_launch(rdzv_port: int, run_id: str, *args: object) -> list[subproce
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="needs torchrun")
+@pytest.mark.slow
 def test_two_nodes_run_as_one_node_does_and_a_stop_on_one_node_stops_both_at_one_step(tmp_path, folder_reference):
     """2 nodes x 1 process (no workers) end as 1 node x 2 processes (2 workers each), byte for byte,
     after a SIGTERM to ONE node's launcher (a preempted machine): every rank stops at the same step

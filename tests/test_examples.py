@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -22,6 +24,7 @@ def run_example(name: str, *args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_official_mae_drop_in_trains_with_a_policy():
     out = run_example("official_mae_drop_in.py", "--policy", "attention", "--epochs", "2", "--num_samples", "128")
     losses = [float(v) for v in re.findall(r"Averaged stats: loss: ([-\d.e+naif]+)", out)]
@@ -30,6 +33,7 @@ def test_official_mae_drop_in_trains_with_a_policy():
     assert final and float(final.group(1)) == round(losses[-1], 6)
 
 
+@pytest.mark.slow
 def test_official_mae_drop_in_trains_hpm_with_the_loops_own_optimizer():
     out = run_example("official_mae_drop_in.py", "--policy", "hpm", "--epochs", "1", "--num_samples", "128")
     final = re.search(r"final loss: (\S+) \(policy hpm\)", out)

@@ -178,6 +178,7 @@ def test_an_unchanged_npz_passes_evaluate_visualize_and_resume(pretrained, tmp_p
     assert result.exit_code == 0 and "Warning" not in result.stderr, result.output
 
 
+@pytest.mark.slow
 def test_a_replaced_npz_is_refused_by_evaluate_visualize_and_resume_in_one_line(pretrained, tmp_path):
     run, data, old, new = replaced(pretrained, tmp_path)
     before = snapshot(run)
@@ -194,6 +195,7 @@ def test_a_replaced_npz_is_refused_by_evaluate_visualize_and_resume_in_one_line(
         load_run(run, "cpu")
 
 
+@pytest.mark.slow
 def test_trust_data_change_uses_a_replaced_npz_with_one_warning_and_records_it(pretrained, tmp_path):
     run, data, old, new = replaced(pretrained, tmp_path)
     changed = f"content changed (sha256 {old[:8]}... -> {new[:8]}...)"

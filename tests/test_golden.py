@@ -21,6 +21,7 @@ HERE = Path(__file__).resolve().parent / "golden"
 
 
 @pytest.mark.parametrize("case", [*record.CASES, "resume"])
+@pytest.mark.slow
 def test_golden_run_is_bit_identical(tmp_path, case):
     expected = json.loads(record.fixture(record.RESUME_OF if case == "resume" else case).read_text())
     result = record.compute([case], tmp_path)[case]
@@ -41,6 +42,7 @@ def test_every_registered_policy_has_a_crop_flip_golden_case():
         assert json.loads(record.fixture(case).read_text())["augment"] == "crop-flip"
 
 
+@pytest.mark.slow
 def test_run_directory_of_the_previous_format_resumes_to_the_recorded_result(tmp_path):
     run = tmp_path / "old"
     shutil.copytree(HERE / "run-v2", run)

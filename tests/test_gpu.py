@@ -23,6 +23,7 @@ CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 
+@pytest.mark.slow
 def test_the_gpu_script_runs_on_the_cpu_with_smoke_and_writes_its_figures(tmp_path):
     out = tmp_path / "smoke.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -51,6 +52,7 @@ def test_the_gpu_script_runs_on_the_cpu_with_smoke_and_writes_its_figures(tmp_pa
         assert det["identical"] is True and det["first_differing_line"] is None, name
 
 
+@pytest.mark.slow
 def test_the_gpu_script_refuses_to_run_its_full_sizes_without_cuda(tmp_path):
     if CUDA:
         pytest.skip("this machine has CUDA")

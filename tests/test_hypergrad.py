@@ -209,6 +209,7 @@ def cosine(a, b):
 
 @pytest.mark.parametrize("opt_name", ["sgd", "adam", "adamw"])
 @pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.slow
 def test_unroll_matches_finite_differences(opt_name, k):
     problem = make_problem(opt_name, seed=k, k=k)
     exact, _ = run_unroll(problem)

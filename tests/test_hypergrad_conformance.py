@@ -148,6 +148,7 @@ def test_every_builtin_method_has_a_case():
     assert builtins <= {c.name for c in CASES}
 
 
+@pytest.mark.slow
 def test_masker_gradient_matches_finite_differences_of_the_validation_loss(case):
     check_matches_finite_differences(case)
 

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 #: package name -> folder, as pyproject.toml installs them
 PACKAGES = {"maskkit": ROOT / "maskkit", "maskkit.adapters": ROOT / "adapters", "maskkit.cli": ROOT / "cli"}
@@ -120,6 +122,7 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
 
 
+@pytest.mark.slow
 def test_every_module_imports_on_its_own():
     names = [n for n in modules() if not n.endswith("__main__")]
     script = (

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = """
 import importlib.util
 import maskkit.adapters, maskkit.cli
@@ -13,6 +15,7 @@ print(importlib.util.find_spec("adapters"), importlib.util.find_spec("cli"))
 """
 
 
+@pytest.mark.slow
 def test_installed_subpackages_and_no_top_level_names(tmp_path):
     # run from an empty folder under /tmp, without PYTHONPATH, so only the installed package is seen
     # (the repository root holds folders named adapters/ and cli/)

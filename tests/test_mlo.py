@@ -62,6 +62,7 @@ def left_right_logit_gap(engine, images):
     return (logits[:, LEFT].mean() - logits[:, ~LEFT].mean()).item()
 
 
+@pytest.mark.slow
 def test_downstream_signal_raises_masking_of_informative_patches():
     """Theory: d val / d p_n = -<grad l_n, D v> m_n / sum(m): weighting the reconstruction of a patch
     that carries the label helps the validation loss, weighting pure noise does not, so the masker's
@@ -227,6 +228,7 @@ def test_bad_input():
                   head_optimizer=engine.head_optimizer, masker_optimizer=engine.masker_optimizer)
 
 
+@pytest.mark.slow
 def test_official_loop_example_runs():
     import os
     import re
@@ -276,6 +278,7 @@ def test_the_masker_ratio_is_used_unless_the_config_sets_one():
 
 
 @pytest.mark.parametrize("hypergrad", ["darts", "unroll"])
+@pytest.mark.slow
 def test_masker_warmup_trains_the_head_but_not_the_masker(hypergrad):
     """masker_start=5, masker_every=2: cycles end at steps 1, 3, 5, 7; the masker first moves at 5."""
     cfg = MLOConfig(masker_every=2, masker_start=5, hypergrad=hypergrad)
@@ -432,6 +435,7 @@ def test_masker_reg_zero_is_bit_identical_and_checked():
         MLOConfig(total_steps=0)
 
 
+@pytest.mark.slow
 def test_masker_reg_keeps_probabilities_near_the_ratio():
     stats = {}
     for weight in (0.0, 5.0):

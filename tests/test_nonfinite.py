@@ -56,6 +56,7 @@ def same(a, b) -> bool:
 
 
 @pytest.mark.parametrize("policy, fault, level", CASES, ids=["random-train", "learned-train", "learned-head", "learned-val"])
+@pytest.mark.slow
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, policy, fault, level):
     monkeypatch.setenv(INJECT_NAN_ENV, fault)
     run = tmp_path / "run"

@@ -130,6 +130,7 @@ class OutOfRange(maskkit.MaskPolicy):
 
 
 @pytest.mark.parametrize("policy, words", [("keepall", "keeps every patch"), ("outofrange", "ids in range")])
+@pytest.mark.slow
 def test_a_plugin_policy_with_a_broken_plan_stops_pretrain_with_one_line(tmp_path, policy, words):
     (tmp_path / "broken_policies.py").write_text(textwrap.dedent(PLUGIN))
     env = {"MASKKIT_PLUGINS": "broken_policies", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}

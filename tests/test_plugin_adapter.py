@@ -126,6 +126,7 @@ def test_a_plugin_adapter_registers_and_passes_the_conformance_suite(toy):
     assert ran == [test.__name__ for test in conformance.SUITE]
 
 
+@pytest.mark.slow
 def test_a_plugin_adapter_trains_through_maskkit_pretrain(toy, tmp_path):
     env = {**os.environ, maskkit.registry.PLUGINS_ENV: "toy_adapter", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "maskkit.cli", "pretrain", "--model", "toy:16", "--steps", "3",

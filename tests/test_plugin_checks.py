@@ -10,7 +10,6 @@ raise one-line errors; `maskkit pretrain` stops with one 'Error:' line and no tr
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap

@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 PLUGIN = textwrap.dedent(
     '''
@@ -61,6 +62,7 @@ def _maskkit(tmp_path, *args):
                           capture_output=True, text=True, timeout=600)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_plugin_source_trains_through_pretrain(tmp_path):
     (tmp_path / "tiles_plugin.py").write_text(PLUGIN)
     proc = _maskkit(tmp_path, "pretrain", "--dataset", "tiles:10", "--steps", "3", "--batch-size", "8",
@@ -77,6 +79,7 @@ def test_plugin_source_trains_through_pretrain(tmp_path):
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) >= 1
 
 
+@pytest.mark.slow
 def test_plugin_source_is_listed_when_a_spec_is_wrong(tmp_path):
     (tmp_path / "tiles_plugin.py").write_text(PLUGIN)
     proc = _maskkit(tmp_path, "pretrain", "--dataset", "tiles", "--steps", "1", "--out", str(tmp_path / "run"))

@@ -150,6 +150,7 @@ def test_noise_bank_round_trip(tmp_path):
         policy(torch.zeros(1, 324, 1))
 
 
+@pytest.mark.slow
 def test_noise_bank_command_runs_as_a_module(tmp_path):
     # the documented command, in a fresh interpreter: the bank it writes is make_noise_bank's
     out = tmp_path / "bank.pt"

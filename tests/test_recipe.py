@@ -98,6 +98,7 @@ def _accumulating_rank(rank: int, world: int, port: int, out: str) -> None:
         cleanup(dist)
 
 
+@pytest.mark.slow
 def test_two_processes_accumulating_two_micro_batches_of_b_match_one_process_of_4b(tmp_path):
     import torch.multiprocessing as mp
     from test_distributed import build as build_ranked
@@ -273,6 +274,7 @@ ACCUM = ["--policy", "random", "--steps", "120", "--batch-size", "16", "--accum-
          "--ckpt-every", "1000"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_an_accumulated_run_stopped_by_sigterm_resumes_bit_identically(tmp_path):
     full, run = tmp_path / "full", tmp_path / "stopped"
     reference = pretrain("--out", full, *ACCUM)

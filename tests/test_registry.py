@@ -143,6 +143,7 @@ class PluginCenter(maskkit.MaskPolicy):
 '''
 
 
+@pytest.mark.slow
 def test_plugins_named_in_the_environment_reach_the_cli(clean_registry, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
@@ -176,6 +177,7 @@ def test_a_missing_plugin_is_a_one_line_error(monkeypatch):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_the_readme_plugin_example_works_from_the_current_directory(tmp_path):
     """README: put my_policies.py in the current directory, then MASKKIT_PLUGINS=my_policies maskkit pretrain."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()

@@ -74,6 +74,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 # random masking killed and resumed: tests/test_golden.py (the "resume" case) and, with workers, test_data_scale.py
 @pytest.mark.parametrize("args, kills", [(LEARNED, (4, 9))], ids=["learned-darts"])
+@pytest.mark.slow
 def test_sigkill_at_several_steps_then_resume_is_bit_identical(tmp_path, args, kills):
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     reference = pretrain("--out", full, *args)  # runs alongside the interrupted one
@@ -118,6 +119,7 @@ def stopped_step(stderr: str, run: Path, resume_command: str) -> int:
     return step
 
 
+@pytest.mark.slow
 def test_sigterm_sigint_and_sigusr1_stop_at_a_checkpoint_and_resume_bit_identically(tmp_path):
     full, run = tmp_path / "full", tmp_path / "stopped"
     reference = pretrain("--out", full, *SLOW)

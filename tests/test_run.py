@@ -244,6 +244,7 @@ MODELS = {
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.slow
 def test_cli_pretrains_resumes_evaluates_and_pictures_every_adapter(tmp_path, kind):
     if kind == "hf":
         pytest.importorskip("transformers")

@@ -320,6 +320,7 @@ def requeued(tmp_path_factory):
             os.waitpid(pid, 0)
 
 
+@pytest.mark.slow
 def test_a_job_stopped_by_its_signal_is_requeued_and_ends_byte_identical(requeued):
     run, job = requeued.run, requeued.job
     log0 = (run / "slurm" / f"{job}_0_log.err").read_text()

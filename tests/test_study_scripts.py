@@ -41,6 +41,7 @@ def test_a_study_script_imports_only_public_names(script):
 
 
 @pytest.mark.parametrize("script", ["summarize.py", "convert_results.py"])
+@pytest.mark.slow
 def test_the_study_scripts_still_run(script):
     proc = subprocess.run([sys.executable, str(STUDY / script), "--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

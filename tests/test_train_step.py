@@ -173,6 +173,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.slow
 def test_the_trainer_with_either_step_reproduces_the_golden_runs(tmp_path):
     """In-process Trainer + train() (no CLI) with a PlainStep (random, hpm) and an MLOStep (learned darts) gives
     the golden fixtures' metrics and weights bit for bit."""
