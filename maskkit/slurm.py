@@ -457,7 +457,7 @@ def resume_job(
     (--nodes x --gpus-per-node), something left to train."""
     from maskkit.checkpoint import list_checkpoints
     from maskkit.locking import run_in_progress
-    from maskkit.run import CHECKPOINTS, RunError, RunRecord
+    from maskkit.run import CHECKPOINTS, RunError, RunRecord, is_complete
 
     run_dir = Path(run_dir).absolute()
     record = RunRecord.read(run_dir)
@@ -471,7 +471,7 @@ def resume_job(
     total = int(record.train["steps"])
     newest = list_checkpoints(run_dir / CHECKPOINTS)
     step = int(newest[-1].stem.split("-")[-1]) if newest else 0
-    if steps is None and step >= total:
+    if steps is None and step >= total and is_complete(run_dir):  # else the resume writes its final files
         raise RunError(f"run {run_dir} is complete ({step} of {total} steps); extend it with --steps N")
     if steps is not None and steps <= step:
         raise RunError(f"--steps {steps} does not go beyond the checkpoint's step {step}")
