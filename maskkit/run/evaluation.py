@@ -191,8 +191,9 @@ def run_evaluation(
 
     run_dir = Path(run_dir)
     record = RunRecord.read(run_dir)
-    if not record.dataset.get("labeled", True):
-        raise RunError(f"dataset {record.dataset['name']!r} has no labels to evaluate with")
+    data = record.resolved.data
+    if not data.labeled:
+        raise RunError(f"dataset {data.name!r} has no labels to evaluate with")
     dev = resolve_device(config.device)
     run = build_run(record, dev, run_dir=run_dir, trust_data_change=config.trust_data_change)
     source = {"source": "random initialisation", "step": 0}
@@ -203,7 +204,7 @@ def run_evaluation(
         run.mae, run.batcher, run.splits, config.protocol, epochs=config.epochs, batch_size=config.batch_size,
         lr=config.lr, seed=config.seed, score_split=config.split, on_step=on_step, on_plan=on_plan,
     )  # fmt: skip
-    scored_on = test_split_name(record.dataset.get("split_rule")) if config.split == "test" else "the val split"
+    scored_on = test_split_name(data.split_rule) if config.split == "test" else "the val split"
     entry = {**asdict(result), "init": config.init, "split": config.split, "scored_on": scored_on,
              "device": str(dev), "weights": source["source"], "step": source["step"],
              "asked": asdict(config)}  # fmt: skip

@@ -193,7 +193,7 @@ def _resume_run(
         if not is_verified(path):
             warnings.append(f"trusting {path.name} without its checksum file, as --trust-unverified asks")
     start = 0 if state is None else int(state["step"])
-    cfg = record.train_config
+    cfg = record.resolved.train
     torch.manual_seed(cfg.seed)  # as a new run seeds itself: starting over repeats it exactly
     run = build_run(record, dev, run_dir=run_dir, trust_data_change=trust_data_change)
     if steps is not None and steps <= start:
@@ -212,8 +212,8 @@ def _resume_run(
     barrier(dist)  # every rank has read the checkpoint before rank 0 changes the directory
     if dist.is_main:
         check_writable(run_dir)
-        if steps is not None and steps != record.train["steps"]:
-            record.train["steps"] = steps
+        if steps is not None and steps != record.resolved.train.steps:
+            record.extend_to(steps)
             record.write(run_dir)
         warnings += metrics.truncate_after(trainer.step_count)
         warnings += perf.truncate_after(trainer.step_count)
@@ -297,9 +297,9 @@ def is_complete(run_dir: str | Path) -> bool:
 def logging_of(record: RunRecord) -> tuple[str, int]:
     """(--log, steps between its mask pictures; 0: none) of a run, as config.json records them (a run
     recorded before --log: none)."""
-    asked = record.asked_train
-    settings = TrainSettings(log_every=int(record.train["log_every"]), log=asked.get("log", "none"),
-                             log_images_every=asked.get("log_images_every"))  # fmt: skip
+    asked = record.asked.train
+    settings = TrainSettings(log_every=record.resolved.train.train.log_every, log=asked.log,
+                             log_images_every=asked.log_images_every)  # fmt: skip
     return settings.log, settings.images_every()
 
 
