@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from maskkit.checkpoint import CheckpointError, load_checkpoint, load_latest
-from maskkit.evaluate import check_settings
 from maskkit.data.splits import test_split_name
+from maskkit.evaluate import check_settings
 from maskkit.locking import run_in_progress
 from maskkit.settings import flag
 

@@ -31,7 +31,13 @@ from typing import Any
 
 import torch
 
-from maskkit.checkpoint import CheckpointError, list_checkpoints, load_latest, save_checkpoint
+from maskkit.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    list_checkpoints,
+    load_latest,
+    save_checkpoint,
+)
 from maskkit.data import parse_dataset
 from maskkit.distributed import SINGLE, DistContext, barrier, broadcast_object
 from maskkit.locking import RunLock, RunLockedError, make_unique_dir, run_in_progress
@@ -283,8 +289,11 @@ def _finish(prepared: PreparedRun, summary: dict[str, Any]) -> None:
         save_checkpoint(out / MODEL, prepared.trainer.weights())
         write_json(out / SUMMARY, summary)
     except OSError as err:
-        raise RunError(f"{err}; the run is not complete: its checkpoint of step {prepared.trainer.step_count} "
-                       f"is kept, finish it with: {prepared.resume_command()}") from None  # fmt: skip
+        step = prepared.trainer.step_count
+        kept = f"its checkpoint of step {step} is kept" if checkpoint_path(out / CHECKPOINTS, step).is_file() \
+            else "its checkpoints are kept"
+        raise RunError(f"{err}; the run is not complete: {kept}, finish it with: {prepared.resume_command()}") \
+            from None
 
 
 def is_complete(run_dir: str | Path) -> bool:
