@@ -237,18 +237,21 @@ def evaluate_command(
     With --split val it scores on the validation split instead, under the key <protocol>@val.
     """
     with one_line_errors():
-        from maskkit.run import EVAL, evaluate_run
+        from maskkit.run import EVAL, EvalConfig, run_evaluation
 
+        config = EvalConfig(protocol.value, init.value, split.value, epochs, batch_size, lr, seed, device,
+                            trust_data_change)  # fmt: skip
+        config.check()  # the one check of the options, before anything is read
         with evaluate_progress(console, protocol.value, disable=not progress) as bar:
             task = bar.add_task("evaluate", total=None)
-            key, result = evaluate_run(
-                run_dir, protocol.value, init=init.value, split=split.value, epochs=epochs, batch_size=batch_size,
-                lr=lr, seed=seed, device=device, on_step=lambda step, total: bar.update(task, completed=step, total=total),
+            key, result = run_evaluation(
+                run_dir, config, on_step=lambda step, total: bar.update(task, completed=step, total=total),
                 on_plan=lambda text: console.print(text, highlight=False),
-                trust_data_change=trust_data_change,
             )  # fmt: skip
         table = evaluation_table(run_dir, result, init.value, split.value)
         console.print(table)
+        _say(f"settings: {result['optimizer']} lr {result['lr']:g}, weight decay {result['weight_decay']:g}, "
+             f"{result['epochs']} epochs, batch {result['batch_size']}, seed {result['seed']}, on {result['device']}")
         _say(f"wrote {run_dir / EVAL} [{key}]")
 
 

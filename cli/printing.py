@@ -60,52 +60,51 @@ def policy_tables(cards: list[Any], auto_options: tuple[str, ...], common_ratio:
 
 def describe(console: Console, record: Any, out: Path, nodes: int = 1) -> None:
     """The run in four lines: data, model, policy, training (`nodes`: torchrun's --nnodes)."""
-    ds, m, p, t = record.dataset, record.model, record.policy, record.train
-    opts = ", ".join(f"{k}={v}" for k, v in p["options"].items())
+    ds, m, p, t = record.resolved.data, record.model, record.resolved.policy, record.resolved.train
+    opts = ", ".join(f"{k}={v}" for k, v in p.options.items())
     folder = ""  # an image folder: how it was read, and its classes
-    if ds.get("layout"):
-        folder = f"layout: {ds['layout']}, " + (f"{ds['num_classes']} classes, " if ds.get("labeled") else "")
-    hypergrad = t.get("mlo", {}).get("hypergrad")
+    if ds.layout:
+        folder = f"layout: {ds.layout}, " + (f"{ds.num_classes} classes, " if ds.labeled else "")
     console.print(
         f"[bold]maskkit pretrain[/bold] -> {out}\n"
-        f"  data   {ds['name']}: {ds['num_images']} images {ds['in_chans']}x{ds['image_size'][0]}x{ds['image_size'][1]}, "
-        f"{folder}splits {splits_text(ds)}, augment {ds['augment']}\n"
+        f"  data   {ds.name}: {ds.num_images} images {ds.in_chans}x{ds.image_size[0]}x{ds.image_size[1]}, "
+        f"{folder}splits {splits_text(ds)}, augment {ds.augment}\n"
         f"  model  {m['name']}: patch {m['patch_size']} ({m['num_patches']} patches), width {m['embed_dim']}\n"
-        f"  policy {p['name']}{' (' + opts + ')' if opts else ''}, mask ratio {t['mask_ratio']}"
-        + (f", hypergrad {hypergrad}" if p.get("learnable") else "")
+        f"  policy {p.name}{' (' + opts + ')' if opts else ''}, mask ratio {t.resolved.mask_ratio}"
+        + (f", hypergrad {t.mlo.hypergrad}" if p.learnable else "")
         + f"\n  train  {train_line(record, nodes)} on {record.device}",
         highlight=False,
     )
 
 
-def splits_text(ds: dict[str, Any]) -> str:
+def splits_text(ds: Any) -> str:
     """'train 1257 / val 180 / test 360', or in the official layout 'pretrain 48 (the train folder) / train 42 /
-    val 6 / test 12 (the val folder)'."""
-    sizes = ds["splits"]
+    val 6 / test 12 (the val folder)' (`ds`: the record's `DatasetRecord`)."""
+    sizes = ds.splits
     text = f"train {sizes['train']} / val {sizes['val']} / test {sizes['test']}"
     if "pretrain" not in sizes:
         return text
-    return f"pretrain {sizes['pretrain']} (the train folder) / {text} ({test_split_name(ds.get('split_rule'))})"
+    return f"pretrain {sizes['pretrain']} (the train folder) / {text} ({test_split_name(ds.split_rule)})"
 
 
 def train_line(record: Any, nodes: int = 1) -> str:
     """The banner's length and batch: steps and epochs, the effective (global) batch and its parts (per
     process, accumulated, processes and nodes), the peak lr."""
-    t, ds = record.train, record.dataset
-    accum, world = t.get("accum_iter", 1), t.get("world_size", 1)
-    effective = t["batch_size"] * accum * world
-    split = ds["splits"].get("pretrain", ds["splits"]["train"])  # what the MAE pretrains on
-    epochs = t["steps"] / max(split // min(effective, split), 1)  # as Trainer.epoch counts them
+    t, ds = record.resolved.train, record.resolved.data
+    size, accum, world = t.train.batch_size, t.train.accum_iter, t.world_size
+    effective = size * accum * world
+    split = ds.splits.get("pretrain", ds.splits["train"])  # what the MAE pretrains on
+    epochs = t.steps / max(split // min(effective, split), 1)  # as Trainer.epoch counts them
     where = f"{world} processes" + (f" on {nodes} nodes" if nodes > 1 else "")
-    parts = [str(t["batch_size"]) + (" per process" if world > 1 else "")] \
+    parts = [str(size) + (" per process" if world > 1 else "")] \
         + ([f"{accum} accumulated"] if accum > 1 else []) + ([where] if world > 1 else [])
     batch = f"{'global batch ' if world > 1 else ''}{effective} ({' x '.join(parts)})" if len(parts) > 1 \
         else str(effective)
-    asked = record.asked_train
-    lr = f"lr {t['lr']:.4g}" + (f" (blr {asked['blr']:.4g} x {effective} / 256)" if asked.get("blr") is not None else "")
-    floor = f", min lr {t['min_lr']:.4g}" if t.get("min_lr") else ""
-    return (f"{t['steps']} steps ({epochs:.4g} epoch{'' if epochs == 1 else 's'}) of {batch}, "
-            f"warm-up {t['warmup_steps']} steps, "
+    blr = record.asked.train.blr
+    lr = f"lr {t.resolved.lr:.4g}" + (f" (blr {blr:.4g} x {effective} / 256)" if blr is not None else "")
+    floor = f", min lr {t.train.min_lr:.4g}" if t.train.min_lr else ""
+    return (f"{t.steps} steps ({epochs:.4g} epoch{'' if epochs == 1 else 's'}) of {batch}, "
+            f"warm-up {t.resolved.warmup_steps} steps, "
             f"{lr}{floor},")
 
 

@@ -40,10 +40,17 @@ class UnverifiedCheckpointError(CheckpointError):
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write `data` to `path` atomically: temporary file in the same directory, fsync, rename."""
+    """Write `data` to `path` atomically: temporary file in the same directory, fsync, rename.
+
+    A failed write (disk full, file too large, no permission) leaves `path` as it was, removes the
+    temporary file and raises an OSError of the same class and errno whose one-line message names `path`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _naming(err, path) from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # as a plain open() would create it (mkstemp uses 0600)
         with os.fdopen(fd, "wb") as f:
@@ -51,11 +58,20 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise _naming(err, path) from None
         raise
     _fsync_dir(path.parent)
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """`err` again (same class and errno) with the one-line message 'cannot write PATH: REASON'."""
+    named = type(err)(f"cannot write {path}: {err.strerror or err}")
+    named.errno = err.errno
+    return named
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -11,6 +11,7 @@ accuracy on a held-out test split.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,20 +23,25 @@ from torch import Tensor, nn
 
 from maskkit.data import Batcher, BatchStream, Loader, check_classes
 from maskkit.optim import create_optimizer, warmup_cosine
+from maskkit.settings import flag
 
 __all__ = [
     "EvalResult",
     "FINETUNE_BATCH_SIZE",
     "FINETUNE_EPOCHS",
+    "FINETUNE_HEAD",
     "FINETUNE_LR",
     "FinetuneModel",
     "LINEAR_BASE_LR",
     "LINEAR_BATCH_SIZE",
     "LINEAR_EPOCHS",
+    "LINEAR_HEAD",
     "LinearProbeHead",
     "MIN_DEFAULT_STEPS",
     "MIN_FINETUNE_STEPS",
+    "MAX_SEED",
     "accuracy",
+    "check_settings",
     "default_epochs",
     "evaluate_encoder",
     "extract_features",
@@ -60,8 +66,33 @@ MIN_DEFAULT_STEPS = 1000
 #: fewest optimizer steps fine-tuning's default gives (it trains the whole encoder: its length follows the data)
 MIN_FINETUNE_STEPS = 100
 
+#: the heads, as eval.json names them
+LINEAR_HEAD = "BatchNorm1d(affine=False) + Linear on the frozen encoder's CLS features"
+FINETUNE_HEAD = "Linear on the CLS features, the whole encoder trained"
 #: progress callback of the evaluation loops: on_step(step, total) after each optimizer step, step 1..total
 StepCallback = Callable[[int, int], None]
+
+
+#: largest seed: numpy's and torch's generators both take any integer in [0, 2^63 - 1]
+MAX_SEED = 2**63 - 1
+
+
+def check_settings(*, epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
+                   seed: int = 0) -> None:
+    """The evaluation's numbers, checked before any work: ValueError naming the setting as the command line
+    spells it (`--lr must be a finite positive number, got inf`). None means the protocol's default."""
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if value is not None and (not _integer(value) or value < 1):
+            raise ValueError(f"{flag(name)} must be a positive integer, got {value!r}")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)
+                           or lr <= 0):  # fmt: skip
+        raise ValueError(f"--lr must be a finite positive number, got {lr!r}")
+    if not _integer(seed) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed must be an integer in [0, 2^63 - 1], got {seed!r}")
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def default_epochs(epochs: int, num_train: int, batch_size: int, min_steps: int = MIN_DEFAULT_STEPS) -> int:
@@ -72,7 +103,8 @@ def default_epochs(epochs: int, num_train: int, batch_size: int, min_steps: int 
 
 @dataclass
 class EvalResult:
-    """Accuracy of one protocol (fractions in [0, 1])."""
+    """Accuracy of one protocol (fractions in [0, 1]) and every setting it was trained with, as resolved
+    (the defaults filled in), so that a score is never separated from how it was made."""
 
     protocol: str
     top1: float
@@ -80,6 +112,14 @@ class EvalResult:
     epochs: int
     num_train: int
     num_test: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    optimizer: str
+    momentum: float | None  # LARS's; None for AdamW (its betas are torch's defaults)
+    warmup_epochs: int
+    seed: int
+    head: str  # what is trained on the encoder's CLS features
 
 
 def _in_order(images: Batcher | Callable[[np.ndarray], Tensor], index: np.ndarray, batch_size: int) -> Any:
@@ -165,7 +205,9 @@ def linear_probe(
     with torch.no_grad():
         train_acc = accuracy(head(train_features), train_labels)
         test_acc = accuracy(head(test_features), test_labels)
-    return EvalResult("linear", test_acc, train_acc, epochs, len(train_features), len(test_features))
+    return EvalResult("linear", test_acc, train_acc, epochs, len(train_features), len(test_features),
+                      batch_size=batch_size, lr=lr, weight_decay=0.0, optimizer=optimizer, momentum=0.9,
+                      warmup_epochs=warmup_epochs, seed=seed, head=LINEAR_HEAD)  # fmt: skip
 
 
 class FinetuneModel(nn.Module):
@@ -231,7 +273,9 @@ def finetune(
             logits = torch.cat([model(x) for x in batcher.batches(index, 256)])
         return accuracy(logits, batcher.labels(index))
 
-    return EvalResult("finetune", top1(test_index), top1(train_index), epochs, len(train_index), len(test_index))
+    return EvalResult("finetune", top1(test_index), top1(train_index), epochs, len(train_index), len(test_index),
+                      batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer, momentum=None,
+                      warmup_epochs=warmup_epochs, seed=seed, head=FINETUNE_HEAD)  # fmt: skip
 
 
 def evaluate_encoder(
@@ -260,6 +304,7 @@ def evaluate_encoder(
     "val" is for choosing settings without looking at the test split (the learned masker also
     uses `val` for its validation loss, so a learned arm's `val` score is slightly optimistic).
     """
+    check_settings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     check_classes(batcher.data, "evaluation")  # labels of at least two classes (DataError, a ValueError)
     if score_split not in ("test", "val"):
         raise ValueError(f"score_split must be 'test' or 'val', got {score_split!r}")

@@ -11,6 +11,10 @@ same flock(2). POSIX only (Linux, macOS): on other systems the lock is a no-op, 
 `locked(path)` holds a blocking exclusive flock on a sibling lock file for a short read-modify-write
 (`maskkit.run.record.merge_json`: two `evaluate`s of one run each keep their eval.json entry).
 
+Every lock file is opened by `open_lock_file`: O_NOFOLLOW and O_CREAT without O_TRUNC, and refused
+(`LockFileError`, one line naming it) unless it is a regular file, so a `.lock` that is a symbolic link
+never has its target truncated or overwritten with a holder record.
+
 `make_unique_dir(base)` creates `base`, or `base-2`, `base-3`, ... with `os.mkdir`, which fails if the
 name exists, so two runs started in the same second never share a directory.
 """
@@ -21,6 +25,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import time
 import warnings
 from collections.abc import Iterator
@@ -37,6 +42,34 @@ LOCK_FILE = ".lock"
 
 class RunLockedError(ValueError):
     """The run directory is held by another process; the message (one line) names it."""
+
+
+class LockFileError(ValueError):
+    """A lock file that cannot be used safely (a symbolic link, a directory, a FIFO); one line naming it."""
+
+
+def open_lock_file(path: Path, flags: int) -> int:
+    """A descriptor of the lock file `path` (opened with `flags`, never following a symbolic link and never
+    truncating it); LockFileError unless it is a regular file.
+
+    O_NOFOLLOW makes the open of a symbolic link fail (ELOOP) instead of reaching, creating or changing
+    its target; O_NONBLOCK keeps a FIFO put at the path from blocking the open.
+    """
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, (flags & ~os.O_TRUNC) | nofollow | os.O_NONBLOCK, 0o644)
+    except OSError as err:
+        if os.path.islink(path):
+            raise LockFileError(f"lock file {path} is a symbolic link; remove it (a lock must be a plain file, "
+                                "never one that leads elsewhere)") from None  # fmt: skip
+        if os.path.isdir(path):
+            raise LockFileError(f"lock file {path} is a directory; remove it") from None
+        raise OSError(err.errno, f"cannot open lock file {path}: {err.strerror or err}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LockFileError(f"lock file {path} is not a regular file; remove it")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _holder_text(path: Path) -> str:
@@ -86,7 +119,7 @@ class RunLock:
             warnings.warn("run directory locks need fcntl (POSIX); two writers are not prevented here", stacklevel=2)
             return self
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -126,9 +159,12 @@ class RunLock:
 def run_in_progress(run_dir: str | Path) -> str | None:
     """Who is writing `run_dir` now ('process 1234 on host ...'), or None when no process holds its lock."""
     path = Path(run_dir) / LOCK_FILE
-    if fcntl is None or not path.is_file():
+    if fcntl is None or not os.path.lexists(path):
         return None
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = open_lock_file(path, os.O_RDONLY)
+    except FileNotFoundError:  # removed since: no holder
+        return None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -158,7 +194,7 @@ def locked(path: str | Path) -> Iterator[Path]:
     if fcntl is None:  # pragma: no cover
         yield lock
         return
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock_file(lock, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield lock

@@ -287,7 +287,7 @@ def _plan(job: SlurmPretrain) -> tuple[str, str]:
         raise RunError(f"{out} holds a run's files but no {CONFIG}: cannot continue it")
     record = RunRecord.read(out)
     device = job.device if job.device != "auto" else record.device
-    target = job.steps if job.steps is not None else int(record.train["steps"])
+    target = job.steps if job.steps is not None else record.resolved.train.steps
     try:
         done = int(json.loads((out / SUMMARY).read_text(encoding="utf-8"))["steps"]) if (out / MODEL).is_file() else -1
     except (OSError, ValueError, KeyError, TypeError):
@@ -347,7 +347,7 @@ def _extension(out: Path, steps: int | None) -> int | None:
     """`steps` if it changes the run's length in config.json (the job's first start), else None."""
     from maskkit.run import RunRecord
 
-    if steps is None or steps == int(RunRecord.read(out).train["steps"]):
+    if steps is None or steps == RunRecord.read(out).resolved.train.steps:
         return None
     return steps
 
@@ -457,21 +457,21 @@ def resume_job(
     (--nodes x --gpus-per-node), something left to train."""
     from maskkit.checkpoint import list_checkpoints
     from maskkit.locking import run_in_progress
-    from maskkit.run import CHECKPOINTS, RunError, RunRecord
+    from maskkit.run import CHECKPOINTS, RunError, RunRecord, is_complete
 
     run_dir = Path(run_dir).absolute()
     record = RunRecord.read(run_dir)
     holder = run_in_progress(run_dir)
     if holder is not None:
         raise SlurmError(f"run directory {run_dir} is in use by {holder}; wait for it to end")
-    world = int(record.train.get("world_size", 1))
+    world = record.resolved.train.world_size
     if world != settings.world_size:
         raise SlurmError(f"run {run_dir} was trained by {world} process(es); resume it with --nodes x "
                          f"--gpus-per-node = {world}, not {settings.nodes} x {settings.gpus_per_node}")  # fmt: skip
-    total = int(record.train["steps"])
+    total = record.resolved.train.steps
     newest = list_checkpoints(run_dir / CHECKPOINTS)
     step = int(newest[-1].stem.split("-")[-1]) if newest else 0
-    if steps is None and step >= total:
+    if steps is None and step >= total and is_complete(run_dir):  # else the resume writes its final files
         raise RunError(f"run {run_dir} is complete ({step} of {total} steps); extend it with --steps N")
     if steps is not None and steps <= step:
         raise RunError(f"--steps {steps} does not go beyond the checkpoint's step {step}")

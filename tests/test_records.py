@@ -311,6 +311,67 @@ def test_format_1_runs_read_as_before(full, tmp_path):
     assert record.format_version == 1 and record.train_config.steps == 1000
 
 
+def format_1(raw):
+    """config.json as format 1 wrote it: no `config`, `mlo` flat in `train`, the model's old key names."""
+    raw.pop("config"), raw.pop("format_version")
+    raw["train"].update(raw["train"].pop("mlo"))
+    raw["model"]["preset"], raw["model"]["overrides"] = raw["model"].pop("name"), raw["model"].pop("options")
+
+
+def rename(section, old, new):
+    def change(raw):
+        raw[section][new] = raw[section].pop(old)
+
+    return change
+
+
+@pytest.mark.parametrize("section, old, new, message", [
+    ("dataset", "name", "dataset", "field dataset.name is missing"),
+    ("dataset", "split_seed", "seed", "field dataset.split_seed is missing"),
+    ("dataset", "splits", "split_sizes", "field dataset.splits is missing"),
+    ("policy", "name", "policy", "field policy.name is missing"),
+    ("train", "mask_ratio", "ratio", "unknown training setting(s): ratio"),
+])  # fmt: skip
+def test_a_renamed_field_of_a_format_1_run_is_one_line_naming_the_file_and_the_field(full, tmp_path, section, old,
+                                                                                      new, message):
+    """Format 1 records no schema, but what the code reads is read into typed objects once, by name: a field
+    renamed is refused where the file is read, naming it, not a KeyError (or a default) later."""
+    run = tmp_path / "v1"
+    shutil.copytree(full, run)
+    edit_config(run, format_1)
+    assert RunRecord.read(run).resolved.data.name == "digits"  # format 1 itself reads
+    edit_config(run, rename(section, old, new))
+    before = snapshot(run)
+    with pytest.raises(RunError) as info:
+        RunRecord.read(run)
+    assert str(info.value) == f"{run / CONFIG}: {message}"
+    fails(f"{run / CONFIG}: {message}", "evaluate", run, "--epochs", "1", "--no-progress")
+    fails(f"{run / CONFIG}: {message}", "pretrain", "--resume", run)
+    assert snapshot(run) == before
+
+
+def test_the_typed_record_mirrors_the_format_2_schema_field_by_field():
+    """A field renamed in the typed objects but not in the schema (or back) fails here, not in a user's run."""
+    from typing import get_type_hints
+
+    from maskkit.run import FORMAT_2, DatasetRecord, PolicyRecord
+
+    for kind, section in ((DatasetRecord, "dataset"), (PolicyRecord, "policy")):
+        hints = get_type_hints(kind)
+        for name, hint in hints.items():
+            assert name in FORMAT_2[section], f"{kind.__name__}.{name} is not config.json's {section}.{name}"
+            assert hint == FORMAT_2[section][name] or hint == FORMAT_2[section][name] | None, name
+    record = RunRecord.read(GOLDEN)
+    data = record.resolved.data
+    assert all(getattr(data, key) == value for key, value in record.dataset.items())  # every field as recorded
+    assert "split_rule" not in record.dataset and data.split_rule is None  # added since: what the run ran with
+    assert record.asked == RunConfig.from_dict(record.config)
+    typed = record.resolved.train.to_dict()  # the typed view keeps every number (and adds the later defaults)
+    assert all(typed[k] == v for k, v in record.train.items() if k != "mlo")
+    assert all(typed["mlo"][k] == v for k, v in record.train["mlo"].items())
+    assert record.to_json() == (GOLDEN / CONFIG).read_text()  # and the file is written back byte for byte
+
+
 # ---- checkpoints without their .sha256 -------------------------------------------------------
 
 

@@ -81,11 +81,17 @@ def test_bad_values_are_one_line_errors_naming_the_option(tmp_path, args, messag
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+def recorded(run: Path, *, device: str, steps: int, world_size: int) -> None:
+    """A config.json as a run of `world_size` processes writes it (the golden run's, on `device`, `steps` long)."""
+    raw = json.loads((Path(__file__).parent / "golden" / "run-v2" / "config.json").read_text())
+    raw["device"], raw["train"]["steps"], raw["train"]["world_size"] = device, steps, world_size
+    (run / "config.json").write_text(json.dumps(raw))
+
+
 def test_resume_checks_the_world_size_and_the_options_beside_it(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"dataset": {}, "model": {}, "policy": {}, "device": "cpu",
-                                                 "train": {"steps": 10, "world_size": 8}}))  # fmt: skip
+    recorded(run, device="cpu", steps=10, world_size=8)
     line = one_line_error(invoke("--resume", run, "--nodes", "2", "--gpus-per-node", "2", "--dry-run"))
     assert line == f"Error: run {run} was trained by 8 process(es); resume it with --nodes x --gpus-per-node = 8, not 2 x 2"
     line = one_line_error(invoke("--resume", run, "--gpus-per-node", "8", "--policy", "random", "--dry-run"))
@@ -175,8 +181,7 @@ def test_the_readme_slurm_commands_pass_every_check(tmp_path):
     assert "#SBATCH --nodes=4" in result.stdout and "#SBATCH --ntasks-per-node=8" in result.stdout
     assert f"job: new run {run} (4 node(s) x 8 GPU(s), 32 task(s), one per GPU;" in result.stdout
     run.mkdir()  # the run as its first job left it: 32 processes
-    (run / "config.json").write_text(json.dumps({"dataset": {}, "model": {}, "policy": {}, "device": "cuda",
-                                                 "train": {"steps": 1000, "world_size": 32}}))  # fmt: skip
+    recorded(run, device="cuda", steps=1000, world_size=32)
     result = invoke(*resume, "--dry-run")
     assert result.exit_code == 0, result.output
     assert f"job: continue the run {run} (4 node(s) x 8 GPU(s), 32 task(s)" in result.stdout

@@ -49,7 +49,7 @@ def draw_gallery(
         generator = torch.Generator(device=device).manual_seed(seed)
         images = run.batcher.images(index)
         panels = render_panels(run.mae, run.policy, images, run.batcher.mean, run.batcher.std,
-                               ratio=run.record.train["mask_ratio"], generator=generator)  # fmt: skip
+                               ratio=run.record.resolved.train.resolved.mask_ratio, generator=generator)  # fmt: skip
         gallery.columns.setdefault("image", panels.columns["image"])
         gallery.columns[name] = panels.columns["hidden"]
         gallery.masks[name] = panels.mask

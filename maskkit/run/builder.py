@@ -299,8 +299,8 @@ def resolve(
 def data_change(record: RunRecord, data: Any) -> str | None:
     """What changed in `data` since the run of `record` was pretrained on it ("content changed (sha256 ...)"),
     or None: unchanged, or a run recorded before fingerprints (not checked)."""
-    recorded = record.dataset.get("fingerprint")
-    if not isinstance(recorded, dict):
+    recorded = record.resolved.data.fingerprint
+    if recorded is None:
         return None
     return fingerprint_change(recorded, data_fingerprint(data))
 
@@ -314,7 +314,7 @@ def check_data(
     if changed is None:
         return None
     run = "the run" if run_dir is None else f"run {run_dir}"
-    text = f"data of {run} changed since it was pretrained: {record.dataset['name']}: {changed}"
+    text = f"data of {run} changed since it was pretrained: {record.resolved.data.name}: {changed}"
     if not trust_data_change:
         raise RunError(f"{text}; pass --trust-data-change to use it anyway")
     warnings.warn(DataChangeWarning(f"{text}; using it anyway, as --trust-data-change asks"), stacklevel=3)
@@ -334,36 +334,35 @@ def build_run(
     changed, unless `trust_data_change`).
     """
     device = resolve_device(record.device) if device is None else device
-    ds, new, changed = record.dataset, data is not None, None
+    ds, asked, new, changed = record.resolved.data, record.asked, data is not None, None
     if data is None:
         try:
-            data = load_dataset(ds["name"], ds.get("data_dir"), download=False, img_size=ds.get("img_size_override"),
+            data = load_dataset(ds.name, ds.data_dir, download=False, img_size=ds.img_size_override,
                                 cache_dir=run_dir, check=not trust_data_change)  # fmt: skip
         except DataChangedError as err:
             raise RunError(f"{err}; pass --trust-data-change to use it anyway") from None
         except DataError as err:
             raise RunError(str(err)) from None
         changed = check_data(record, data, run_dir=run_dir, trust_data_change=trust_data_change)
-    splits = make_splits(data, ds["split_seed"], ds["split_fractions"])
+    splits = make_splits(data, ds.split_seed, ds.split_fractions)
     sizes = {k: len(v) for k, v in splits.items()}
-    if sizes != ds["splits"]:
-        raise RunError(f"dataset {ds['name']!r} no longer gives the run's splits ({sizes} vs {ds['splits']})")
-    d = record.config["data"] if record.config else {}
-    workers = d.get("num_workers")
-    batcher = Batcher(data, ds["mean"], ds["std"], device, ds["augment"],
+    if sizes != ds.splits:
+        raise RunError(f"dataset {ds.name!r} no longer gives the run's splits ({sizes} vs {ds.splits})")
+    workers = asked.data.num_workers
+    batcher = Batcher(data, ds.mean, ds.std, device, ds.augment,
                       num_workers=default_workers(data) if workers is None else int(workers),
-                      skip_bad=bool(d.get("skip_bad_images", False)))  # fmt: skip
+                      skip_bad=asked.data.skip_bad_images)  # fmt: skip
     try:
         mae = build_mae(record.model).to(device)
     except (TypeError, KeyError) as err:
         if not new:
             raise
-        raise RunError(f"cannot build model {record.config['model']['name']!r}: {err}") from None
-    ratio, pol = record.train["mask_ratio"], record.policy
+        raise RunError(f"cannot build model {asked.model.name!r}: {err}") from None
+    ratio, pol = record.resolved.train.resolved.mask_ratio, record.resolved.policy
     if new:
         record.model.update(patch_size=int(mae.patch_size), num_patches=mae.num_patches, embed_dim=mae.embed_dim)
         check_ratio(ratio, mae.num_patches)
-    policy = create_policy(pol["name"], **policy_kwargs(pol["name"], pol["options"], ratio, mae))
+    policy = create_policy(pol.name, **policy_kwargs(pol.name, pol.options, ratio, mae))
     return Run(record, data, splits, batcher, mae, policy.to(device), device, changed)
 
 
@@ -380,12 +379,12 @@ def build_trainer(run: Run, dist: DistContext = SINGLE, *, steps: int | None = N
     Builds the optimizers and, for a learnable policy, the MLO engine and its head (from the
     global torch RNG, after the policy): may fail with a one-line error.
     """
-    cfg = TrainConfig.from_dict(run.record.train)
+    cfg = run.record.train_config  # the trainer's own copy: `steps` extends it
     if steps is not None:
         cfg.steps = steps
     # a memory layout, not one of the record's training numbers: config.json's request says it (on --resume too)
-    cfg.train.channels_last = bool(run.record.asked_train.get("channels_last", False))
-    learns = policy_card(run.record.policy["name"]).learns
+    cfg.train.channels_last = run.record.asked.train.channels_last
+    learns = policy_card(run.record.resolved.policy.name).learns
     return Pretrainer(run.mae, run.policy, run.batcher, run.splits, cfg, run.device, dist, learns=learns)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +22,16 @@ from torch import nn
 
 from maskkit.checkpoint import CheckpointError, load_checkpoint, load_latest
 from maskkit.data.splits import test_split_name
+from maskkit.evaluate import check_settings
 from maskkit.locking import run_in_progress
 from maskkit.settings import flag
 
 from .builder import Run, build_run, resolve_device
-from .config import RunError
+from .config import RunError, _one_line
 from .record import CHECKPOINTS, EVAL, MODEL, RunRecord, check_writable, merge_json
 
 __all__ = [
-    "RunInProgressWarning", "evaluate_run", "load_encoder", "load_masker", "load_run", "load_weights", "weights_from_checkpoint",
+    "EvalConfig", "RunInProgressWarning", "evaluate_run", "run_evaluation", "load_encoder", "load_masker", "load_run", "load_weights", "weights_from_checkpoint",
 ]  # fmt: skip
 
 PROTOCOLS = ("linear", "finetune")
@@ -115,6 +116,41 @@ def load_masker(
     return load_run(run_dir, device, trust_data_change=trust_data_change).policy
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything `maskkit evaluate` is asked to do; `check` is the one place its options are validated.
+
+    None means the protocol's default (`maskkit.evaluate`); what it resolved to is in the result. eval.json
+    keeps both: the entry's settings as they ran, and under "asked" this, as given.
+    """
+
+    protocol: str = "linear"
+    init: str = "pretrained"
+    split: str = "test"
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    trust_data_change: bool = False
+
+    def check(self) -> None:
+        """One-line RunError naming the first bad option; nothing is read or written."""
+        for name, value, known in (("protocol", self.protocol, PROTOCOLS), ("init", self.init, INITS),
+                                   ("split", self.split, SCORE_SPLITS)):  # fmt: skip
+            if value not in known:
+                raise RunError(f"{flag(name)} must be one of {', '.join(known)}, got {value!r}")
+        _one_line(lambda: check_settings(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed))
+        if not isinstance(self.device, str) or not self.device:
+            raise RunError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    @property
+    def key(self) -> str:
+        """The entry's key in eval.json: `<protocol>`, `-random` for the untrained encoder, `@val` on val."""
+        return (self.protocol if self.init == "pretrained" else f"{self.protocol}-random") + (
+            "@val" if self.split == "val" else "")
+
+
 def evaluate_run(
     run_dir: str | Path,
     protocol: str = "linear",
@@ -132,38 +168,49 @@ def evaluate_run(
 ) -> tuple[str, dict[str, Any]]:
     """Score the run's encoder (linear probe or fine-tune) and record it in eval.json; returns (key, record).
 
-    The key is `<protocol>` (`-random` for the untrained encoder) with `@val` when scored on val. Data
-    that changed since pretraining is refused (RunError naming what changed) unless `trust_data_change`;
-    the entry then records what changed (`"data_changed"`).
+    The options are an `EvalConfig`, checked before anything is read. The key is `<protocol>` (`-random`
+    for the untrained encoder) with `@val` when scored on val. The entry holds the scores and every
+    setting the evaluation ran with (`EvalResult`'s, plus init, split, device, weights and step), and the
+    options as given ("asked"). Data that changed since pretraining is refused (RunError naming what
+    changed) unless `trust_data_change`; the entry then records what changed (`"data_changed"`).
     """
+    config = EvalConfig(protocol, init, split, epochs, batch_size, lr, seed, device, trust_data_change)
+    config.check()
+    return run_evaluation(run_dir, config, on_step=on_step, on_plan=on_plan)
+
+
+def run_evaluation(
+    run_dir: str | Path,
+    config: EvalConfig,
+    *,
+    on_step: Callable[[int, int], None] | None = None,
+    on_plan: Callable[[str], None] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """`evaluate_run` of a checked `EvalConfig`."""
     from maskkit.evaluate import evaluate_encoder
 
     run_dir = Path(run_dir)
     record = RunRecord.read(run_dir)
-    if protocol not in PROTOCOLS or init not in INITS or split not in SCORE_SPLITS:
-        raise RunError(f"unknown evaluation {protocol!r}/{init!r}/{split!r}: protocol linear|finetune, "
-                       "init pretrained|random, split test|val")  # fmt: skip
-    if not record.dataset.get("labeled", True):
-        raise RunError(f"dataset {record.dataset['name']!r} has no labels to evaluate with")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if value is not None and value < 1:
-            raise RunError(f"{flag(name)} must be a positive integer, got {value}")
-    run = build_run(record, resolve_device(device), run_dir=run_dir, trust_data_change=trust_data_change)
+    data = record.resolved.data
+    if not data.labeled:
+        raise RunError(f"dataset {data.name!r} has no labels to evaluate with")
+    dev = resolve_device(config.device)
+    run = build_run(record, dev, run_dir=run_dir, trust_data_change=config.trust_data_change)
     source = {"source": "random initialisation", "step": 0}
-    if init == "pretrained":
+    if config.init == "pretrained":
         source = load_weights(run, run_dir)
     check_writable(run_dir)
     result = evaluate_encoder(
-        run.mae, run.batcher, run.splits, protocol, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-        score_split=split, on_step=on_step, on_plan=on_plan,
+        run.mae, run.batcher, run.splits, config.protocol, epochs=config.epochs, batch_size=config.batch_size,
+        lr=config.lr, seed=config.seed, score_split=config.split, on_step=on_step, on_plan=on_plan,
     )  # fmt: skip
-    key = (protocol if init == "pretrained" else f"{protocol}-random") + ("@val" if split == "val" else "")
-    scored_on = test_split_name(record.dataset.get("split_rule")) if split == "test" else "the val split"
-    entry = {**asdict(result), "init": init, "weights": source["source"], "step": source["step"], "seed": seed,
-             "scored_on": scored_on}  # fmt: skip
+    scored_on = test_split_name(data.split_rule) if config.split == "test" else "the val split"
+    entry = {**asdict(result), "init": config.init, "split": config.split, "scored_on": scored_on,
+             "device": str(dev), "weights": source["source"], "step": source["step"],
+             "asked": asdict(config)}  # fmt: skip
     if source.get("in_progress"):
         entry["in_progress"] = True  # a mid-run score: a later one of the final weights replaces it
     if run.data_changed is not None:
         entry["data_changed"] = run.data_changed  # scored on data other than the run's, as asked
-    merge_json(run_dir / EVAL, key, entry)
-    return key, entry
+    merge_json(run_dir / EVAL, config.key, entry)
+    return config.key, entry

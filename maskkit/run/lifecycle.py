@@ -1,6 +1,10 @@
 """A run's life: `create_run` (check, build, write config.json), `resume_run` (from the newest good
 checkpoint), `train_run` (to the end, then model.pt and summary.json).
 
+A run is complete when its summary.json is written, and that comes after its final weights: a run whose
+last checkpoint is at its last step but whose model.pt or summary.json is missing (the disk filled while
+they were written) is not complete, and `resume_run` writes them.
+
     config = RunConfig(data=DataConfig("digits"), policy=PolicyConfig("random"), train=TrainSettings(steps=50))
     prepared = create_run(config, "runs/demo")      # validates everything, then writes config.json
     summary = train_run(prepared)                   # metrics, checkpoints, model.pt, summary.json
@@ -27,7 +31,13 @@ from typing import Any
 
 import torch
 
-from maskkit.checkpoint import CheckpointError, list_checkpoints, load_latest, save_checkpoint
+from maskkit.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    list_checkpoints,
+    load_latest,
+    save_checkpoint,
+)
 from maskkit.data import parse_dataset
 from maskkit.distributed import SINGLE, DistContext, barrier, broadcast_object
 from maskkit.locking import RunLock, RunLockedError, make_unique_dir, run_in_progress
@@ -51,7 +61,7 @@ from .record import (
 )
 
 __all__ = [
-    "PreparedRun", "create_run", "refuse_inside_data", "resume_run", "train_run",
+    "PreparedRun", "create_run", "is_complete", "refuse_inside_data", "resume_run", "train_run",
 ]  # fmt: skip
 
 #: tries at taking a run's lock: a reader's momentary probe (`run_in_progress`) must not refuse a writer
@@ -189,12 +199,13 @@ def _resume_run(
         if not is_verified(path):
             warnings.append(f"trusting {path.name} without its checksum file, as --trust-unverified asks")
     start = 0 if state is None else int(state["step"])
-    cfg = record.train_config
+    cfg = record.resolved.train
     torch.manual_seed(cfg.seed)  # as a new run seeds itself: starting over repeats it exactly
     run = build_run(record, dev, run_dir=run_dir, trust_data_change=trust_data_change)
     if steps is not None and steps <= start:
         raise RunError(f"--steps {steps} does not go beyond the checkpoint's step {start}")
-    if steps is None and start >= cfg.steps:
+    unfinished = steps is None and start >= cfg.steps and not is_complete(run_dir)
+    if steps is None and start >= cfg.steps and not unfinished:
         raise RunError(f"run {run_dir} is complete ({start} of {cfg.steps} steps); extend it with --steps N")
     if cfg.world_size != dist.world_size:
         raise RunError(
@@ -207,13 +218,16 @@ def _resume_run(
     barrier(dist)  # every rank has read the checkpoint before rank 0 changes the directory
     if dist.is_main:
         check_writable(run_dir)
-        if steps is not None and steps != record.train["steps"]:
-            record.train["steps"] = steps
+        if steps is not None and steps != record.resolved.train.steps:
+            record.extend_to(steps)
             record.write(run_dir)
         warnings += metrics.truncate_after(trainer.step_count)
         warnings += perf.truncate_after(trainer.step_count)
     if path is None:
         warnings.append(f"{run_dir} has no checkpoint (it was stopped before its first); starting over from step 0")
+    if unfinished:
+        warnings.append(f"{run_dir} trained all {start} steps but its final {MODEL} and {SUMMARY} were not both "
+                        "written; writing them now from its last checkpoint")  # fmt: skip
     return PreparedRun(run_dir, record, trainer, "the start" if path is None else path.name, warnings)
 
 
@@ -251,6 +265,8 @@ def _train(
             logger.close()
     seconds = time.perf_counter() - t0
     images = (trainer.step_count - start) * trainer.perf.effective_batch  # batch x accum x processes
+    if not records and trainer.dist.is_main:  # a resume that only finishes the final writes
+        records = MetricsLog(out / METRICS).read()[-1:]
     summary = {
         "steps": trainer.step_count,
         "steps_this_call": trainer.step_count - start,
@@ -259,18 +275,40 @@ def _train(
         "final": records[-1] if records else {},
         "model": str(out / MODEL),
     }
-    if trainer.dist.is_main:  # rank 0 writes the final weights and the summary
-        save_checkpoint(out / MODEL, trainer.weights())
-        write_json(out / SUMMARY, summary)
+    if trainer.dist.is_main:
+        _finish(prepared, summary)
     return summary
+
+
+def _finish(prepared: PreparedRun, summary: dict[str, Any]) -> None:
+    """Write the final weights (model.pt, atomically, with its checksum) and only then summary.json, the
+    mark of a complete run (`is_complete`). A failed write is a one-line RunError naming the file: the
+    run's last checkpoint is kept and `--resume` writes them."""
+    out = prepared.out
+    try:
+        save_checkpoint(out / MODEL, prepared.trainer.weights())
+        write_json(out / SUMMARY, summary)
+    except OSError as err:
+        step = prepared.trainer.step_count
+        kept = f"its checkpoint of step {step} is kept" if checkpoint_path(out / CHECKPOINTS, step).is_file() \
+            else "its checkpoints are kept"
+        raise RunError(f"{err}; the run is not complete: {kept}, finish it with: {prepared.resume_command()}") \
+            from None
+
+
+def is_complete(run_dir: str | Path) -> bool:
+    """Whether the run in `run_dir` has finished: its summary.json, written after its final weights
+    (model.pt and their checksum file), is there, and so are they."""
+    run_dir = Path(run_dir)
+    return all((run_dir / name).is_file() for name in (MODEL, f"{MODEL}.sha256", SUMMARY))
 
 
 def logging_of(record: RunRecord) -> tuple[str, int]:
     """(--log, steps between its mask pictures; 0: none) of a run, as config.json records them (a run
     recorded before --log: none)."""
-    asked = record.asked_train
-    settings = TrainSettings(log_every=int(record.train["log_every"]), log=asked.get("log", "none"),
-                             log_images_every=asked.get("log_images_every"))  # fmt: skip
+    asked = record.asked.train
+    settings = TrainSettings(log_every=record.resolved.train.train.log_every, log=asked.log,
+                             log_images_every=asked.log_images_every)  # fmt: skip
     return settings.log, settings.images_every()
 
 

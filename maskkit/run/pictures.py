@@ -116,9 +116,9 @@ def picture(
     loaded: dict[str, Any] = {}
     if run_dir is not None:
         run = load_run(run_dir, dev, weights=False, trust_data_change=trust_data_change)
-        refuse_inside_data(output, run.record.dataset["name"], "--output")
+        refuse_inside_data(output, run.record.resolved.data.name, "--output")
         loaded = load_weights(run, run_dir)
-        ratio = run.record.train["mask_ratio"] if mask_ratio is None else mask_ratio
+        ratio = run.record.resolved.train.resolved.mask_ratio if mask_ratio is None else mask_ratio
     else:
         refuse_inside_data(output, dataset or "digits", "--output")
         ratio = DEFAULT_MASK_RATIO if mask_ratio is None else mask_ratio

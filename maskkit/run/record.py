@@ -8,7 +8,10 @@ later `eval.json` (merged under the lock
 module names those files and reads and writes the record; runs of format 1 (before `RunConfig`)
 still read as they always did. A record of format 2 is checked against `FORMAT_2`: every field
 present and of its type (a one-line RunError naming it, never a default), except the few fields
-added to format 2 after its first runs (`ADDED_IN_FORMAT_2`).
+added to format 2 after its first runs (`ADDED_IN_FORMAT_2`). Either format is then read once into
+typed objects, `RunRecord.asked` (a `RunConfig`) and `RunRecord.resolved` (`DatasetRecord`,
+`PolicyRecord`, `TrainConfig`), which the code reads instead of picking keys out of dicts: a field
+that is missing or renamed is refused where the file is read, naming the file and the field.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import os
 import tempfile
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +33,11 @@ from maskkit.train.config import RECORD_KEYS, MLOSettings, Resolved, TrainSettin
 from maskkit.train.loggers import TENSORBOARD_DIR
 from maskkit.train.trainer import PERF_FILE
 
-from .config import FORMAT_VERSION, SECTIONS, RunError
+from .config import FORMAT_VERSION, SECTIONS, RunConfig, RunError
 
 __all__ = [
     "ADDED_IN_FORMAT_2", "CHECKPOINTS", "CONFIG", "EVAL", "FORMAT_2", "METRICS", "MODEL", "PERF", "SUMMARY",
-    "TENSORBOARD", "RunRecord",
+    "TENSORBOARD", "DatasetRecord", "PolicyRecord", "ResolvedRecord", "RunRecord",
     "check_record", "check_writable", "merge_json",
 ]  # fmt: skip
 
@@ -48,6 +51,55 @@ EVAL = "eval.json"
 CHECKPOINTS = "checkpoints"
 
 
+@dataclass(frozen=True)
+class DatasetRecord:
+    """config.json's `dataset`, typed: the data the run resolved to.
+
+    The fields without a default are in every run's record; those with one were added after the first
+    runs (format 1, or `ADDED_IN_FORMAT_2`), and a run without one ran with the default. The sizes
+    shown by the banner (None: not recorded) were added in format 2.
+    """
+
+    name: str
+    split_seed: int
+    split_fractions: dict[str, float]
+    splits: dict[str, int]
+    mean: list[float]
+    std: list[float]
+    augment: str
+    data_dir: str | None = None
+    img_size_override: int | None = None
+    labeled: bool = True
+    layout: str | None = None
+    split_rule: str | None = None
+    stats: str | None = None
+    fingerprint: dict[str, Any] | None = None
+    image_size: list[int] | None = None
+    in_chans: int | None = None
+    num_images: int | None = None
+    num_classes: int | None = None
+
+
+@dataclass(frozen=True)
+class PolicyRecord:
+    """config.json's `policy`, typed: the policy, its options as its constructor takes them."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    learnable: bool = False
+
+
+@dataclass(frozen=True)
+class ResolvedRecord:
+    """What a run resolved to, typed: its data, policy and training (`TrainConfig`: steps, mask ratio, ...).
+
+    The model's section stays the builder's spec (`record.model`, read by `maskkit.adapters.models`)."""
+
+    data: DatasetRecord
+    policy: PolicyRecord
+    train: TrainConfig
+
+
 @dataclass
 class RunRecord:
     """The content of config.json: the `RunConfig` asked for and the sections it resolved to.
@@ -55,6 +107,11 @@ class RunRecord:
     `dataset` (statistics, splits), `model` (builder, sizes, init seed), `policy` (name, typed
     options), `train` (`TrainConfig`), `device`, `versions`, `command`. Runs written before
     format 2 have no `config`; they load and resume all the same.
+
+    The sections are kept as read (`to_json` writes them back byte for byte); the code reads them
+    through `asked` (the `RunConfig`) and `resolved` (`ResolvedRecord`), typed objects made once, when the
+    file is read, so a field that is missing or renamed is a one-line RunError naming the file and the
+    field, never a default picked by a string key.
     """
 
     dataset: dict[str, Any]
@@ -72,13 +129,36 @@ class RunRecord:
 
     @property
     def train_config(self) -> TrainConfig:
-        return TrainConfig.from_dict(self.train)
+        """A fresh `TrainConfig` of the record's `train` (the trainer's own copy: it may extend the steps)."""
+        return _train_config(self.train, CONFIG)
 
     @property
-    def asked_train(self) -> dict[str, Any]:
-        """config.json's `config.train`: the training settings as asked for, those the record's `train`
-        does not keep included (--blr, --log, --channels-last); empty for a run of format 1."""
-        return (self.config or {}).get("train", {})
+    def asked(self) -> RunConfig:
+        """config.json's `config`: the settings as asked for, those the resolved sections do not keep
+        included (--blr, --log, --channels-last, --num-workers, ...). A run of format 1 has none: the
+        defaults, what such a run ran with for every one of them."""
+        return self._views(CONFIG)[0]
+
+    @property
+    def resolved(self) -> ResolvedRecord:
+        """The resolved sections `dataset`, `policy` and `train`, typed."""
+        return self._views(CONFIG)[1]
+
+    def extend_to(self, steps: int) -> None:
+        """Set the run's length (config.json's `train.steps`; `write` keeps it)."""
+        self.train["steps"] = int(steps)
+        self.__dict__.pop("_typed", None)
+
+    def _views(self, path: str | Path) -> tuple[RunConfig, ResolvedRecord]:
+        """(asked, resolved), made from the sections once; a one-line RunError naming `path` and the field."""
+        cached = self.__dict__.get("_typed")
+        if cached is None:
+            asked = RunConfig() if self.config is None else _one_line_at(path, RunConfig.from_dict, self.config)
+            resolved = ResolvedRecord(_typed(DatasetRecord, self.dataset, path, "dataset"),
+                                      _typed(PolicyRecord, self.policy, path, "policy"),
+                                      _train_config(self.train, path))  # fmt: skip
+            cached = self.__dict__["_typed"] = (asked, resolved)
+        return cached
 
     @classmethod
     def read(cls, run_dir: str | Path) -> RunRecord:
@@ -106,11 +186,48 @@ class RunRecord:
             raise RunError(f"{path} is not a maskkit run configuration of format {version} ({what})")
         if version == FORMAT_VERSION:
             check_record(raw, path)
-        return cls(**raw)
+        record = cls(**raw)
+        record._views(path)  # typed once, here: a missing or renamed field is refused naming the file
+        return record
 
     def write(self, run_dir: Path) -> None:
         """Write config.json into `run_dir`, atomically."""
         atomic_write_text(run_dir / CONFIG, self.to_json())
+
+
+def _typed(kind: type, raw: Any, path: str | Path, section: str) -> Any:
+    """The dataclass `kind` of the section `raw`: each of its fields read by name and of its type; a field
+    without a default that is missing, or a value of another type, is a one-line RunError naming `path`
+    and the field. Other keys (format 1's own) are left to the section's readers."""
+    if not isinstance(raw, dict):
+        raise RunError(f"{path}: field {section} must be an object, got {_show(raw)}")
+    hints, values = typing.get_type_hints(kind), {}
+    for f in fields(kind):
+        if f.name not in raw:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise RunError(f"{path}: field {section}.{f.name} is missing")
+            continue
+        if not _fits(raw[f.name], hints[f.name]):
+            raise RunError(f"{path}: field {section}.{f.name} must be {_describe(hints[f.name])}, "
+                           f"got {_show(raw[f.name])}")  # fmt: skip
+        values[f.name] = raw[f.name]
+    return kind(**values)
+
+
+def _train_config(raw: Any, path: str | Path) -> TrainConfig:
+    """`TrainConfig.from_dict` of config.json's `train`; its refusal one line naming `path`."""
+    if not isinstance(raw, dict):
+        raise RunError(f"{path}: field train must be an object, got {_show(raw)}")
+    return _one_line_at(path, TrainConfig.from_dict, raw)
+
+
+def _one_line_at(path: str | Path, read: Any, raw: Any) -> Any:
+    """`read(raw)`; a ValueError or TypeError raised by it becomes a RunError naming `path`."""
+    try:
+        return read(raw)
+    except (ValueError, TypeError) as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunError(text if text.startswith(f"{path}") else f"{path}: {text}") from None
 
 
 # ---- the schema of format 2 ------------------------------------------------------------------
