@@ -52,6 +52,18 @@ def is_builtin(obj: Any) -> bool:
     return module == BUILTIN_PACKAGE or module.startswith(BUILTIN_PACKAGE + ".")
 
 
+def plugin_error(label: str, obj: Any, what: str, err: BaseException) -> BaseException:
+    """What to raise for `err`, raised while `obj` (named `label` in messages, e.g. "policy 'mine'") ran `what`:
+    the error itself when `obj` is maskkit's own code (a bug: its traceback stays) or `err` is already a
+    `PluginError`, else a one-line PluginError naming the plug-in, `what` and the exception, `err` its cause."""
+    if is_builtin(obj) or isinstance(err, PluginError) or not isinstance(err, Exception):
+        return err
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    wrapped = PluginError(f"{label} (plug-in) failed in {what}: {type(err).__name__}" + (f": {text}" if text else ""))
+    wrapped.__cause__ = err
+    return wrapped
+
+
 class CardOption(NamedTuple):
     """One option of a card: (name, default, allowed-values text)."""
 
@@ -253,13 +265,7 @@ class Registry(Generic[T]):
         """What to raise for `err`, raised while entry `obj` ran `what` (e.g. "make_plan"): the error itself when
         `obj` is maskkit's own code (a bug: its traceback stays) or `err` is already a `PluginError`, else a
         one-line PluginError naming the plug-in, `what` and the exception, with `err` chained as its cause."""
-        if is_builtin(obj) or isinstance(err, PluginError) or not isinstance(err, Exception):
-            return err
-        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        wrapped = PluginError(f"{self.label(obj)} (plug-in) failed in {what}: {type(err).__name__}"
-                              + (f": {text}" if text else ""))  # fmt: skip
-        wrapped.__cause__ = err
-        return wrapped
+        return plugin_error(self.label(obj), obj, what, err)
 
     def options(self, name: str) -> list[Option]:
         """The constructor's keyword options, with defaults."""

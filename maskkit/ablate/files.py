@@ -30,9 +30,13 @@ from pathlib import Path
 from maskkit.jsonfile import Fields, read_json, read_json_lines, read_text, shown_path, shown_value
 from maskkit.run.record import EVAL, SUMMARY
 
-from .runner import eval_key
 from .select import choose
 from .study import Study, StudyError, parse_study
+
+
+def eval_key(protocol: str, split: str) -> str:
+    """The key of a score in eval.json: `linear`, or `linear@val` on the validation split."""
+    return protocol if split == "test" else f"{protocol}@{split}"
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -41,6 +41,7 @@ from maskkit.locking import LOCK_FILE, RunLockedError, run_in_progress
 
 from .cache import PlanEntry, plan_to_json, read_calibration, read_plan, read_selection
 from .calibrate import calibrate
+from .files import eval_key, read_score
 from .plan import CALIBRATED, CHOSEN, RunSpec, selection_runs, study_runs
 from .processes import RunFailed, StudyStopped, shown, subprocess_launcher
 from .select import Choice, choose
@@ -58,11 +59,6 @@ LAUNCHERS = ("local",)
 
 #: (maskkit subcommand arguments, environment, log file) -> None; raises RunFailed
 Launcher = Callable[[list[str], dict[str, str], Path], None]
-
-
-def eval_key(protocol: str, split: str) -> str:
-    """The key of a score in eval.json: `linear`, or `linear@val` on the validation split."""
-    return protocol if split == "test" else f"{protocol}@{split}"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -388,8 +384,6 @@ class StudyRunner:
                 continue
 
             def score(value: str, seed: int, split: str, name: str = name, by: str = arm.select.by) -> float:
-                from .files import read_score  # (files reads runner's names)
-
                 return read_score(self.run_dir(by_name[(name, value, seed)]), eval_key(by, split))
 
             choices[name] = choose(arm.select, score)

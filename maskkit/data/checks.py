@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from maskkit.data.source import DataError, DataSource, ImageData, Index, Source, as_positions
-from maskkit.registry import PluginError, is_builtin
+from maskkit.registry import PluginError, is_builtin, plugin_error
 
 
 class SourceError(DataError, PluginError):
@@ -79,9 +79,10 @@ class Checked(Source):
     """A plugin source whose every sample is checked as it is read (see the module docstring); other attributes
     (`fingerprint`, ...) are the source's own."""
 
-    def __init__(self, source: DataSource, factory: Callable[..., Any], spec: str) -> None:
+    def __init__(self, source: DataSource, factory: Callable[..., Any], spec: str, label: str | None = None) -> None:
         self.source, self.factory = source, factory
         self.who = f"dataset {spec!r}"
+        self.label = label or self.who  # the plug-in's registered name in messages (`DATASETS.label(factory)`)
         self.name, self.labels, self.classes = source.name, source.labels, source.classes
         self.layout = getattr(source, "layout", None)
         self.shape = (source.in_chans, *source.image_size)  # [C, H, W] every sample must have
@@ -115,10 +116,8 @@ class Checked(Source):
         except DataError:
             raise
         except Exception as err:
-            from maskkit.data.load import DATASETS  # (it imports this module)
-
             call = f"{what}({int(args[0])})" if what != "floats" else what
-            raise SourceError(str(DATASETS.plugin_error(self.factory, call, err))) from err
+            raise SourceError(str(plugin_error(self.label, self.factory, call, err))) from err
 
     def check(self, x: Any, positions: list[int], dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> Tensor:
         """`x` if it is this source's samples at `positions` ([C, H, W] for one position, [B, C, H, W] for a batch)
@@ -173,11 +172,11 @@ class CheckedFiles(Checked):
         return self.check(x, [int(i)], (torch.uint8, torch.float32))
 
 
-def checked(data: DataSource, factory: Callable[..., Any], spec: str) -> DataSource:
+def checked(data: DataSource, factory: Callable[..., Any], spec: str, label: str | None = None) -> DataSource:
     """`data` as `load_dataset` returns it: checked (`check_source`), and a plugin source that reads samples
     itself wrapped in a `Checked` view; maskkit's own sources and data held in memory as they are."""
     check_source(data, spec)
     if isinstance(data, ImageData) or is_builtin(data):
         return data
     view = CheckedFiles if callable(getattr(data, "pixels", None)) else Checked
-    return view(data, factory, spec)
+    return view(data, factory, spec, label)

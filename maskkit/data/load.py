@@ -175,7 +175,7 @@ def load_dataset(
         data = factory(arg=spec.arg, data_dir=data_dir, download=download, img_size=img_size, **options, **extra)
         if len(data) == 0:
             raise DataError(f"dataset {name!r} holds no images")
-        data = checked(data, factory, name)  # labels and sizes; a plugin's samples as they are read
+        data = checked(data, factory, name, DATASETS.label(factory))  # labels and sizes; a plugin's samples as they are read
     except DataError:
         raise
     except Exception as err:

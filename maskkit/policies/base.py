@@ -21,11 +21,14 @@ def check_fraction(name: str, value: Any, *, include_one: bool = True) -> float:
     return float(value)
 
 
-def _registry() -> Any:
-    """The policy registry (imported late: it imports this module), for plugin names in messages."""
-    from maskkit.policies.registry import POLICIES
+#: the registry that names policies in messages (`label`, `plugin_error`): maskkit.policies.registry sets it
+#: when it creates POLICIES (importing this package imports it first), so this module imports nothing above it
+NAMES: Any = None
 
-    return POLICIES
+
+def _registry() -> Any:
+    """The policy registry, for plugin names in messages."""
+    return NAMES
 
 
 class MaskPolicy(nn.Module):

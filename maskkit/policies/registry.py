@@ -18,6 +18,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from maskkit.policies import base as _base
 from maskkit.policies.base import MaskPolicy
 from maskkit.policies.card import COMMON_ALLOWED, LEARNS, CardInfo, PolicyCard
 from maskkit.registry import PLUGINS_ENV, Card, Option, Registry, convert_option, signature_options
@@ -61,6 +62,7 @@ def _own_card(factory: Callable[..., Any]) -> Card | None:
 
 
 POLICIES: Registry[Any] = Registry("policy", entry_point_group="maskkit.policies", card_of=_own_card)
+_base.NAMES = POLICIES  # names policies in MaskPolicy's messages
 ENTRY_POINT_GROUP = POLICIES.entry_point_group
 _REGISTRY = POLICIES._entries  # name -> class or factory (tests restore it after registering their own)
 _plugins_loaded = False  # load_plugins has run (reset it to read MASKKIT_PLUGINS again)
