@@ -115,8 +115,10 @@ class MaskPlan:
 
         scores: [B, N]; ties are broken by torch.argsort exactly as in the official code.
         """
-        if scores.dim() != 2 or scores.shape[0] == 0:
-            raise ValueError(f"scores must be [B, N] with B >= 1, got shape {tuple(scores.shape)}")
+        if scores.dim() != 2:
+            raise ValueError(f"scores must be [B, N], got shape {tuple(scores.shape)}")
+        if scores.shape[0] == 0:
+            raise ValueError(f"scores is an empty batch (B=0, shape {tuple(scores.shape)}); give at least one image")
         if weights is not None and weights.shape != scores.shape:
             raise ValueError(f"weights must have the scores' shape {tuple(scores.shape)}, got {tuple(weights.shape)}")
         batch, n = scores.shape

@@ -233,7 +233,7 @@ def test_an_empty_batch_is_one_value_error_naming_it(micro):
         mae_forward(mae, images[:0], plan)
     with pytest.raises(ValueError, match=r"tokens is an empty batch \(B=0"):
         policy(tokens[:0])
-    with pytest.raises(ValueError, match=r"scores must be \[B, N\] with B >= 1"):
+    with pytest.raises(ValueError, match=r"scores is an empty batch \(B=0"):
         MaskPlan.from_scores(torch.rand(0, 16), 0.75)
 
 
