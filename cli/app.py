@@ -54,6 +54,7 @@ from .printing import (  # noqa: F401 - pretrain_progress, step_fields: the bar'
 )
 from .runner import CommandError
 
+
 class MaskkitGroup(TyperGroup):
     """The `maskkit` command group: each command's arguments are checked before click parses them
     (`check_arguments`: one option under two spellings, an empty path), as one line."""

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from maskkit.data import check_classes
 from maskkit.distributed import differentiable_mean
-from maskkit.mlo import HYPERGRADS, MLOConfig, MLOEngine
 from maskkit.mae import check_images
+from maskkit.mlo import HYPERGRADS, MLOConfig, MLOEngine
 from maskkit.optim import create_optimizer
 from maskkit.train.config import ACCUM_MLO, TrainConfig
 from maskkit.train.guard import nonfinite_metric, nonfinite_weights
