@@ -5,6 +5,10 @@
 own options and the hypergradient's come as `--<policy>-<option> VALUE` / `--<hypergrad>-<option> VALUE`
 extras or `--policy-opt` / `--hypergrad-opt option=VALUE` pairs and are typed by the library
 (`maskkit.policies.coerce_policy_options`, `maskkit.mlo.HYPERGRADS.coerce`).
+
+`check_arguments` reads any command's arguments before click parses them (the `maskkit` group calls
+it): one option under two of its spellings (`--batch-size 8 --batch_size 32`, `--out D --output_dir E`)
+and an empty or blank path are refused, where click would let the last spelling win or run in `.`.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from typing import Any, Optional
 
 import typer
 
-from maskkit.options import option_extras
+from maskkit.options import option_extras, two_spellings
 from maskkit.run import SECTIONS, RunConfig
 from maskkit.settings import flag
+
+from .runner import CommandError
 
 #: options of `maskkit pretrain` that are not run settings
 EXTRA_OPTIONS: dict[str, tuple[Any, Any]] = {
@@ -111,3 +117,47 @@ def given_on_command_line(ctx: typer.Context, name: str) -> bool:
 def policy_extras(policy: str, extra: list[str], pairs: list[str]) -> tuple[dict[str, str], dict[str, str]]:
     """The policy's part of `option_extras`: ({option: value text}, {option: how it was spelled})."""
     return option_extras(policy, "", extra, pairs, [])["policy"]
+
+
+#: options typed as text that name a path (click.Path-typed options and arguments are found by their type)
+TEXT_PATHS = ("data_dir",)
+
+
+def _is_path(param: Any) -> bool:
+    """Whether a click parameter names a path (typed Path, or one of TEXT_PATHS); by attributes, as typer may ship
+    its own copy of click (its parameters then keep their annotation in `type_descriptor`)."""
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    kind = getattr(getattr(param, "type", None), "name", None)
+    return annotation is Path or kind == "path" or param.name in TEXT_PATHS
+
+
+def check_arguments(command: Any, args: list[str]) -> None:
+    """CommandError (one line) when `args` give one of `command`'s (a click command's) options under two
+    spellings (the same spelling twice is allowed: the last wins, as `two_spellings` says) or an empty or
+    blank path."""
+    options = [p for p in command.params if p.param_type_name == "option"]
+    spelled = {s: p for p in options for s in (*p.opts, *p.secondary_opts)}
+    positional = [p for p in command.params if p.param_type_name == "argument"]
+    given: list[tuple[str, str]] = []
+    i = 0
+    while i < len(args) and args[i] != "--":
+        token = args[i]
+        name, eq, inline = token.partition("=") if token.startswith("--") else (token, "", "")
+        param = spelled.get(name)
+        takes_value = param is not None and not param.is_flag and not param.count
+        value = inline if eq else args[i + 1] if takes_value and i + 1 < len(args) else None
+        if param is not None and not param.multiple:
+            given.append((param.name or name, name))
+        if param is not None and takes_value and value is not None and _is_path(param) and not value.strip():
+            raise CommandError(f"{name} is an empty path ({value!r}); give a file or folder name")
+        if param is None and token.startswith("-") and not eq:  # an option click does not know (a policy's own)
+            i += 1 if i + 1 < len(args) and not args[i + 1].startswith("-") else 0
+        elif param is None and not token.startswith("-") and positional:
+            argument = positional.pop(0)
+            if _is_path(argument) and not token.strip():
+                shown = (getattr(argument, "metavar", None) or argument.name or "argument").upper()
+                raise CommandError(f"{shown} is an empty path ({token!r}); give a folder name")
+        i += 2 if takes_value and not eq else 1
+    error = two_spellings(given)
+    if error is not None:
+        raise CommandError(error)

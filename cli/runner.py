@@ -35,6 +35,19 @@ def say(on: Console, text: str) -> None:
     on.print(text, markup=False, highlight=False)
 
 
+def one_line(message: BaseException | Warning | str) -> str:
+    """An error or warning as one printable line. maskkit's own messages are one line by contract, so a line
+    break in one came from a name (a file name with a newline) and is escaped, as are bytes that are not
+    UTF-8 (`maskkit.options.shown_path`); a foreign message (torch's, several lines) keeps its first line."""
+    from maskkit.options import shown_path
+
+    text = str(message).strip()
+    if not text:
+        return type(message).__name__
+    own = type(message).__module__.startswith("maskkit")
+    return shown_path(text if own else text.splitlines()[0])
+
+
 @contextlib.contextmanager
 def one_line_errors(err_console: Console) -> Iterator[None]:
     """Turn expected exceptions into 'Error: ...' on stderr and exit code 1, maskkit's warnings into 'Warning: ...'."""
@@ -45,7 +58,7 @@ def one_line_errors(err_console: Console) -> Iterator[None]:
             if not category.__module__.startswith("maskkit"):
                 shown(message, category, *args, **kwargs)
             elif not err_console.quiet:
-                say(err_console, f"Warning: {str(message).strip().splitlines()[0]}")
+                say(err_console, f"Warning: {one_line(message)}")
 
         warnings.showwarning = show
         try:
@@ -55,7 +68,7 @@ def one_line_errors(err_console: Console) -> Iterator[None]:
         except (ValueError, TypeError, OSError, FloatingPointError, KeyError, ImportError) as err:
             if os.environ.get("MASKKIT_DEBUG"):
                 raise
-            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            text = one_line(err)
             if isinstance(err, KeyError):
                 text = f"missing entry {text}"
             if DIST is not None and DIST.enabled and not DIST.is_main:  # quiet rank: still name its failure

@@ -19,6 +19,7 @@ from maskkit.data.source import Source
 from maskkit.measure import peak_memory_mb, sync
 from maskkit.plan import set_plan_checks
 from maskkit.policies import AttentionPolicy, RandomPolicy, create_sized_policy, list_policies
+from maskkit.train.config import check_device
 
 #: policies with rows of their own in `bench_policy_overhead` (the others get `<name>_policy`).
 OWN_ROWS = ("random", "attention")
@@ -419,12 +420,12 @@ def run_bench(
     from maskkit.mlo_bench import DEFAULT_NAMES, bench_mlo
 
     if preset not in BENCH_SIZES:
-        raise ValueError(f"unknown bench preset {preset!r}; choose one of {', '.join(BENCH_SIZES)}")
+        raise ValueError(f"--preset must be one of {', '.join(BENCH_SIZES)}, got {preset!r}")
     for name, value in (("batch", batch), ("repeats", repeats)):
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be a positive integer, got {value}")
     check_backend(compile)
-    dev = torch.device(device)
+    dev = check_device(device)
     size = {**BENCH_SIZES[preset], **BENCH_SIZES[preset].get(dev.type, {})}
     warmup = {"warmup": size["warmup"]} if "warmup" in size else {}
     plan_warmup = {"warmup": size["plan_warmup"]} if "plan_warmup" in size else {}

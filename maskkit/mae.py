@@ -4,6 +4,9 @@ Adapters (maskkit.adapters) provide it for timm, the official MAE and Hugging Fa
 An implementation is an `nn.Module` (so it can be unrolled functionally by `higher`) with
 the attributes and methods of `MAEProtocol`. The losses below are shared by every adapter.
 Optional: `transformer_blocks()` (the encoder and decoder blocks), which `--compile` compiles.
+The functions here check what they are given (`check_images`, the plan's batch and patches) and
+refuse an empty batch or a shape the model does not take with one ValueError naming the argument and
+the shapes expected and given, before any torch operation can fail deep inside.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from maskkit.plan import MaskPlan
 __all__ = [
     "MAEOutput",
     "MAEProtocol",
+    "check_images",
     "is_mae",
     "mae_forward",
     "mae_step_loss",
@@ -68,12 +72,41 @@ class MAEProtocol(Protocol):
         ...
 
 
+def check_images(mae: Any, images: Any, name: str = "images") -> None:
+    """ValueError naming `name` unless `images` is a batch [B, C, H, W] the MAE takes: B >= 1, C its
+    `in_chans`, H and W multiples of its `patch_size` giving its `num_patches`."""
+    shape = tuple(images.shape) if isinstance(images, Tensor) else None
+    c, p, n = mae.in_chans, mae.patch_size, mae.num_patches
+    expected = f"[B, {c}, H, W] with B >= 1 and (H/{p}) x (W/{p}) = {n} patches of the model"
+    if shape is None or len(shape) != 4:
+        got = type(images).__name__ if shape is None else f"shape {shape}"
+        raise ValueError(f"{name} must be {expected}, got {got}")
+    b, channels, h, w = shape
+    if b == 0:
+        raise ValueError(f"{name} is an empty batch (B=0, shape {shape}); give at least one image")
+    if channels != c or h % p or w % p or (h // p) * (w // p) != n:
+        raise ValueError(f"{name} must be {expected}, got shape {shape}")
+
+
+def _check_plan(mae: Any, images: Tensor, plan: Any) -> None:
+    """ValueError naming the plan unless it is a MaskPlan for these images (B) and this model (N)."""
+    if not isinstance(plan, MaskPlan):
+        raise ValueError(f"plan must be a MaskPlan, got {type(plan).__name__}")
+    if (plan.batch_size, plan.num_patches) != (images.shape[0], mae.num_patches):
+        raise ValueError(f"plan is for {plan.batch_size} images of {plan.num_patches} patches, but images has "
+                         f"{images.shape[0]} and the model {mae.num_patches} patches")  # fmt: skip
+
+
 def patch_loss(pred: Tensor, target: Tensor, norm_pix_loss: bool = False, eps: float = 1e-6) -> Tensor:
     """Per-patch mean squared error [B, N], as MAE's `forward_loss` before masking.
 
     With `norm_pix_loss`, each target patch is normalised by its own mean and variance
-    (unbiased variance, eps 1e-6, exactly as the official code).
+    (unbiased variance, eps 1e-6, exactly as the official code). `pred` and `target` must have one
+    shape [B, N, P] (ValueError otherwise: a broadcast would give a loss of the wrong patches).
     """
+    if pred.dim() != 3 or pred.shape != target.shape:
+        raise ValueError(f"pred and target must have one shape [B, N, P], got pred {tuple(pred.shape)} and "
+                         f"target {tuple(target.shape)}")  # fmt: skip
     if norm_pix_loss:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
@@ -82,7 +115,12 @@ def patch_loss(pred: Tensor, target: Tensor, norm_pix_loss: bool = False, eps: f
 
 
 def masked_loss(per_patch: Tensor, mask: Tensor, weights: Tensor | None = None) -> Tensor:
-    """sum(loss * mask * w) / sum(mask): the MLO-MAE weighting; w = 1 gives MAE's loss."""
+    """sum(loss * mask * w) / sum(mask): the MLO-MAE weighting; w = 1 gives MAE's loss.
+
+    per_patch, mask and weights share one shape [B, N] (ValueError naming the one that does not)."""
+    for name, t in (("mask", mask), ("weights", weights)):
+        if t is not None and t.shape != per_patch.shape:
+            raise ValueError(f"{name} must have per_patch's shape {tuple(per_patch.shape)}, got {tuple(t.shape)}")
     factor = mask if weights is None else mask * weights
     return (per_patch * factor).sum() / mask.sum()
 
@@ -107,7 +145,15 @@ def mae_forward(mae: Any, images: Tensor, plan: MaskPlan, tokens: Tensor | None 
     """Encode, decode and score one batch under `plan` through the MAE protocol.
 
     tokens: the `patch_tokens(images)` already computed for the policy, to avoid a second embedding.
+    ValueError naming the argument when images, plan or tokens do not fit the model or each other.
     """
+    check_images(mae, images)
+    _check_plan(mae, images, plan)
+    if tokens is not None:
+        plan.check_tokens("tokens", tokens, mae.num_patches)
+        if tokens.shape[-1] != mae.embed_dim:
+            raise ValueError(f"tokens must be [B, N, D] with the model's width D={mae.embed_dim}, got shape "
+                             f"{tuple(tokens.shape)}")  # fmt: skip
     if tokens is None:
         tokens = mae.patch_tokens(images)  # [B, N, D]
     latent = mae.encode(tokens, plan)  # [B, 1 + K, D]
@@ -141,6 +187,7 @@ def mae_step_loss(
 
     `aux_loss` of the output holds the policy's own objective, if any; backpropagate `total_loss`.
     """
+    check_images(mae, images)
     tokens = mae.patch_tokens(images)  # [B, N, D]
     plan = policy(tokens, ratio=ratio, **policy_context(mae, images, **context))
     out = mae_forward(mae, images, plan, tokens=tokens)

@@ -117,6 +117,8 @@ class MaskPlan:
         """
         if scores.dim() != 2:
             raise ValueError(f"scores must be [B, N], got shape {tuple(scores.shape)}")
+        if scores.shape[0] == 0:
+            raise ValueError(f"scores is an empty batch (B=0, shape {tuple(scores.shape)}); give at least one image")
         if weights is not None and weights.shape != scores.shape:
             raise ValueError(f"weights must have the scores' shape {tuple(scores.shape)}, got {tuple(weights.shape)}")
         batch, n = scores.shape
@@ -218,17 +220,31 @@ class MaskPlan:
 
     def gather(self, tokens: Tensor) -> Tensor:
         """Visible tokens in encoder order: [B, N, D] -> [B, K, D]."""
+        self.check_tokens("tokens", tokens, self.num_patches)
         return gather_tokens(tokens, self.ids_keep)
 
     def restore(self, shuffled: Tensor) -> Tensor:
         """Undo the shuffle: [B, N, D] in (visible, then hidden) order -> [B, N, D] in patch order."""
+        self.check_tokens("shuffled", shuffled, self.num_patches)
         return gather_tokens(shuffled, self.ids_restore)
+
+    def check_tokens(self, name: str, tokens: Tensor, n: int) -> None:
+        """ValueError naming `name` unless `tokens` is [B, n, D] with this plan's B (the shape given and expected)."""
+        shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else None
+        if shape is None or len(shape) != 3 or shape[:2] != (self.batch_size, n):
+            got = type(tokens).__name__ if shape is None else f"shape {shape}"
+            raise ValueError(f"{name} must be [B, N, D] = [{self.batch_size}, {n}, D] for this plan "
+                             f"(B={self.batch_size} images, {n} tokens), got {got}")  # fmt: skip
 
     def fill(self, visible: Tensor, mask_token: Tensor) -> Tensor:
         """Append mask tokens after the visible ones and restore patch order.
 
         visible: [B, K, D]; mask_token: [1, 1, D] (or broadcastable) -> [B, N, D].
         """
+        self.check_tokens("visible", visible, self.num_visible)
+        if not isinstance(mask_token, Tensor) or mask_token.shape[-1:] != visible.shape[-1:]:
+            got = tuple(mask_token.shape) if isinstance(mask_token, Tensor) else type(mask_token).__name__
+            raise ValueError(f"mask_token must be [1, 1, D] with the visible tokens' D={visible.shape[-1]}, got {got}")
         b, k, d = visible.shape
         filler = mask_token.expand(b, self.num_patches - k, d).to(visible.dtype)
         return self.restore(torch.cat([visible, filler], dim=1))

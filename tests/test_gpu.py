@@ -69,7 +69,7 @@ def test_device_cuda_without_a_gpu_is_one_line_naming_the_device(tmp_path):
     result = CliRunner().invoke(app, ["pretrain", "--device", "cuda", "--steps", "2", "--out", str(tmp_path / "r"),
                                       "--no-progress"])  # fmt: skip
     assert result.exit_code == 1
-    assert result.stderr.strip().splitlines() == ["Error: device 'cuda' requested but CUDA is not available"]
+    assert result.stderr.strip().splitlines() == ["Error: --device 'cuda': CUDA is not available on this machine"]
     assert not (tmp_path / "r").exists()
 
 

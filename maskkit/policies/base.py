@@ -74,12 +74,23 @@ class MaskPolicy(nn.Module):
             raise ValueError(f"tokens must be [B, N, D], got shape {tuple(getattr(tokens, 'shape', ()))}")
         return tokens.shape[0], tokens.shape[1]
 
+    def check_inputs(self, tokens: Tensor, context: dict[str, Any]) -> None:
+        """ValueError naming the argument unless `tokens` is [B, N, D] with B >= 1 and the context's `images`
+        (when given) holds the same B: checked on every call, before the policy's own code runs."""
+        b, _ = self.token_grid(tokens)
+        if b == 0:
+            raise ValueError(f"tokens is an empty batch (B=0, shape {tuple(tokens.shape)}); give at least one image")
+        images = context.get("images")
+        if isinstance(images, Tensor) and (images.dim() == 0 or images.shape[0] != b):
+            raise ValueError(f"images must hold the tokens' B={b} images, got shape {tuple(images.shape)}")
+
     def __call__(self, tokens: Tensor, *args: Any, **kwargs: Any) -> MaskPlan:
         """`forward`, then the plan's invariants checked (`MaskPlan.validate`, with the ratio asked for) for every
         policy, plugins included, unless `maskkit.plan.set_plan_checks(False)`; explicit `noise` / `attention`
         inputs must be finite (a NaN would give every image the same mask). Non-finite weights are the policy's
         fault only when its tokens were finite; from non-finite tokens they pass on to the non-finite guard.
         An exception raised inside a plugin policy becomes one line naming it (`Registry.plugin_error`)."""
+        self.check_inputs(tokens, kwargs)
         check = plan_checks_enabled()
         if check:
             for key in ("noise", "attention"):

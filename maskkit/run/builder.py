@@ -44,6 +44,7 @@ from maskkit.distributed import SINGLE, DistContext
 from maskkit.plan import check_ratio
 from maskkit.policies import create_policy, policy_card, policy_options
 from maskkit.train import Pretrainer, Resolved, TrainConfig
+from maskkit.train.config import MAX_STEPS, check_device
 
 from .config import FORMAT_VERSION, DataConfig, ModelConfig, RunConfig, RunError
 from .record import RunRecord
@@ -76,17 +77,10 @@ class Run:
 
 def resolve_device(name: str, dist: DistContext = SINGLE) -> torch.device:
     """'auto' -> cuda if available else cpu; else a device that exists here; under torchrun on CUDA, cuda:LOCAL_RANK."""
-    if name == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise RunError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"device {name!r} requested but CUDA is not available")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise RunError(f"device {name!r} requested but MPS is not available")
+    try:
+        device = check_device(name)
+    except ValueError as err:
+        raise RunError(str(err)) from None
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     return device
@@ -117,9 +111,10 @@ def choose_patch_size(model: str, img_size: tuple[int, int], patch_size: int | N
     height, width = img_size
     if patch_size is not None:
         if patch_size < 1:
-            raise RunError(f"patch size must be a positive integer, got {patch_size}")
+            raise RunError(f"--patch-size must be a positive integer, got {patch_size}")
         if height % patch_size or width % patch_size:
-            raise RunError(f"image size {height}x{width} is not divisible by patch size {patch_size}")
+            raise RunError(f"--patch-size {patch_size}: image size {height}x{width} is not divisible by patch size "
+                           f"{patch_size}")  # fmt: skip
         return patch_size
     from maskkit.adapters import preferred_patch_size
 
@@ -237,7 +232,14 @@ def train_section(config: RunConfig, train_split: int, world_size: int) -> dict[
     """The record's `train` section: every training setting resolved (steps and warm-up in steps of the
     effective batch, mask ratio, processes, the peak lr of --lr or --blr)."""
     t = config.train
+    per_step = t.batch_size * world_size  # images of one micro-batch over the processes
+    if t.accum_iter > 1 and t.effective_batch(world_size) > train_split:
+        raise RunError(f"--accum-iter {t.accum_iter}: a step of {t.effective_batch(world_size)} images "
+                       f"({per_step} x {t.accum_iter}) is more than the train split ({train_split} images); "
+                       f"at most {max(train_split // per_step, 1)} here")  # fmt: skip
     steps = t.total_steps(train_split, world_size)
+    if steps > MAX_STEPS:
+        raise RunError(f"--epochs {t.epochs} is {steps:,} steps here, more than the most a run takes ({MAX_STEPS:,})")
     warmup = t.warmup(steps, train_split, world_size)
     lr = t.peak_lr(world_size)
     if t.min_lr > lr:

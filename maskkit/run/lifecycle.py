@@ -41,7 +41,9 @@ from maskkit.checkpoint import (
 from maskkit.data import parse_dataset
 from maskkit.distributed import SINGLE, DistContext, barrier, broadcast_object
 from maskkit.locking import RunLock, RunLockedError, make_unique_dir, run_in_progress
+from maskkit.options import shown_path
 from maskkit.train import MetricsLog, Pretrainer, StopSignals, TrainSettings, train
+from maskkit.train.config import MAX_STEPS
 from maskkit.train.loggers import check_logger, open_logger
 
 from .builder import build_run, build_trainer, load_data, model_kind, new_run, resolve_device
@@ -109,6 +111,8 @@ def create_run(
     every rank calls it and rank 0 alone writes, taking `out`'s lock before its last "already holds a
     run" check and its first write (RunLockedError, naming the holder, while another process has it).
     """
+    if out is not None and not str(out).strip():
+        raise RunError(f"--out is an empty path ({str(out)!r}); give a directory name (or none: runs/<date-time>)")
     config.check()
     torch.manual_seed(config.train.seed)  # whatever initialises from the global RNG (policies, head) is seeded
     dev = resolve_device(config.train.device, dist)
@@ -192,9 +196,9 @@ def _resume_run(
         try:
             path, state, skipped = load_latest(run_dir / CHECKPOINTS, trust_unverified=trust_unverified)
         except UnverifiedCheckpointError as err:
-            raise RunError(f"cannot resume {run_dir}: {err} (--trust-unverified uses it)") from None
+            raise RunError(f"cannot resume {shown_path(run_dir)}: {err} (--trust-unverified uses it)") from None
         except CheckpointError as err:
-            raise RunError(f"cannot resume {run_dir}: {err}") from None
+            raise RunError(f"cannot resume {shown_path(run_dir)}: {err}") from None
         warnings += [f"skipped {problem}" for problem in skipped]
         if not is_verified(path):
             warnings.append(f"trusting {path.name} without its checksum file, as --trust-unverified asks")
@@ -202,11 +206,13 @@ def _resume_run(
     cfg = record.resolved.train
     torch.manual_seed(cfg.seed)  # as a new run seeds itself: starting over repeats it exactly
     run = build_run(record, dev, run_dir=run_dir, trust_data_change=trust_data_change)
+    if steps is not None and steps > MAX_STEPS:
+        raise RunError(f"--steps must be at most {MAX_STEPS:,}, got {steps}")
     if steps is not None and steps <= start:
         raise RunError(f"--steps {steps} does not go beyond the checkpoint's step {start}")
     unfinished = steps is None and start >= cfg.steps and not is_complete(run_dir)
     if steps is None and start >= cfg.steps and not unfinished:
-        raise RunError(f"run {run_dir} is complete ({start} of {cfg.steps} steps); extend it with --steps N")
+        raise RunError(f"run {shown_path(run_dir)} is complete ({start} of {cfg.steps} steps); extend it with --steps N")
     if cfg.world_size != dist.world_size:
         raise RunError(
             f"run {run_dir} was trained by {cfg.world_size} process(es); resume it with the same number "
@@ -368,11 +374,13 @@ def _refuse_taken(out: Path, *, locked: bool = False) -> None:
     if it holds a run or is a file."""
     holder = None if locked else run_in_progress(out)
     if holder is not None:
-        raise RunLockedError(f"run directory {out} is in use by {holder}; wait for it to end or choose another --out")
+        raise RunLockedError(f"run directory {shown_path(out)} is in use by {holder}; wait for it to end or choose "
+                             "another --out")  # fmt: skip
     if holds_a_run(out):
-        raise RunError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+        raise RunError(f"{shown_path(out)} already holds a run; continue it with --resume {shown_path(out)} or choose "
+                       "another --out")  # fmt: skip
     if out.exists() and not out.is_dir():
-        raise RunError(f"cannot write to output directory {out}: it is a file")
+        raise RunError(f"cannot write to output directory {shown_path(out)}: it is a file")
 
 
 def _on_main(work: Callable[[], tuple[Any, _Lock | None]], dist: DistContext) -> tuple[Any, _Lock | None]:
@@ -411,5 +419,6 @@ def refuse_inside_data(path: str | Path, dataset: str, option: str) -> None:
     """RunError naming `option` when `path` lies in the data folder (its files would become images or classes)."""
     folder = _data_folder_holding(path, dataset)
     if folder is not None:
-        raise RunError(f"{option} {path} lies inside the data folder {folder} of dataset {dataset!r}; what a run "
+        raise RunError(f"{option} {shown_path(path)} lies inside the data folder {shown_path(folder)} of dataset "
+                       f"'{shown_path(dataset)}'; what a run "
                        "writes there would be read as data: choose a directory outside it")  # fmt: skip

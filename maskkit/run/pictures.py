@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from maskkit.checkpoint import atomic_write_bytes
+from maskkit.options import shown_path
 from maskkit.plan import check_ratio
 from maskkit.policies import get_policy_class, list_policies
 
@@ -99,10 +100,12 @@ def picture(
     from maskkit.visualize import mask_grid, policy_gallery
 
     output = Path(output)
-    if num_images < 1 or tile < 8:
-        raise RunError("--num-images must be >= 1 and --tile >= 8")
+    if num_images < 1:
+        raise RunError(f"--num-images must be >= 1, got {num_images}")
+    if tile < 8:
+        raise RunError(f"--tile must be >= 8, got {tile}")
     if output.suffix.lower() != ".png":
-        raise RunError(f"output {output} must end in .png")
+        raise RunError(f"--output {shown_path(output)} must end in .png")
     if run_dir is None and policies is None:
         raise RunError("give RUN_DIR (a run's masks) or --policies all|NAME,... (a gallery of policies)")
     if run_dir is not None and (dataset, data_dir, model) != (None, None, None):

@@ -22,6 +22,8 @@ import math
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
+import torch
+
 from maskkit.compile import NO_COMPILE, check_backend
 from maskkit.mlo import DARTS_FDS, DARTS_PATHS, HYPERGRADS, LEVEL2S
 from maskkit.settings import flag, setting
@@ -37,9 +39,45 @@ AMP_MODES = ("none", "bf16")
 #: --log-images-every's default, in --log-every intervals
 IMAGES_EVERY = 10
 MASK_NOISE = ("rank", "sample")
+#: what --device takes, beside cuda:N
+DEVICES = ("auto", "cpu", "cuda", "mps")
+#: most micro-batches per optimizer step (--accum-iter); with data, a step also may not exceed the train split
+MAX_ACCUM_ITER = 4096
+#: most optimizer steps of a run (--steps, or what --epochs resolves to): beyond any real run, and a bound on loops
+MAX_STEPS = 10**9
 #: why the MLO engine (a learnable policy's step) takes no gradient accumulation (docs/cli.md)
 ACCUM_MLO = ("--accum-iter above 1 needs a policy that the MLO engine does not train (or --freeze-masker): "
              "the learned masker's hypergradient differentiates one MAE step on one batch")
+
+
+def device_kind(name: str, option: str = "--device") -> torch.device | None:
+    """The device `name` spells (None for 'auto'), or a one-line ValueError naming `option` when it is not one
+    maskkit runs on (meta, xla, a typo ...); whether this machine has it is `check_device`'s question."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in DEVICES or (device.index is not None and device.type != "cuda"):
+        raise ValueError(f"{option} {name!r} is not a device maskkit runs on; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def check_device(name: str, option: str = "--device") -> torch.device:
+    """The torch device `name` asks for ('auto': cuda when available, else cpu) if this machine has it; else a
+    one-line ValueError naming `option` (CUDA or MPS absent, a CUDA index beyond the devices, not a device)."""
+    device = device_kind(name, option)
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{option} {name!r}: CUDA is not available on this machine")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        raise ValueError(f"{option} {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{option} {name!r}: MPS is not available on this machine")
+    return device
 
 
 @dataclass
@@ -128,6 +166,10 @@ class TrainSettings:
         for name in ("batch_size", "log_every", "ckpt_every", "keep_checkpoints", "accum_iter"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag(name)} must be a positive integer, got {getattr(self, name)}")
+        if self.steps is not None and self.steps > MAX_STEPS:
+            raise ValueError(f"--steps must be at most {MAX_STEPS:,}, got {self.steps}")
+        if self.accum_iter > MAX_ACCUM_ITER:
+            raise ValueError(f"--accum-iter must be at most {MAX_ACCUM_ITER}, got {self.accum_iter}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be a non-negative integer, got {self.warmup_steps}")
         if self.lr is not None and self.blr is not None:
@@ -147,6 +189,7 @@ class TrainSettings:
             raise ValueError("--log-images-every only applies with --log tensorboard")
         check_backend(self.compile)
         check_logger(self.log)  # tensorboard installed?
+        device_kind(self.device)  # this machine's devices: `check_device`, when the run is built
 
     def images_every(self) -> int:
         """Steps between the logger's mask pictures: --log-images-every, default IMAGES_EVERY x --log-every;

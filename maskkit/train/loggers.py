@@ -12,6 +12,11 @@ run logs the same metrics.jsonl bytes with and without a logger.
     logger.image(30, "masks", picture)       # [H, W, 3] uint8
     logger.close()
 
+A logger that cannot open its folder is a one-line ValueError naming --log and the folder (the run stops before
+its first step); one that fails later (its folder removed, the disk full), in the caller's thread or in the
+writer's own thread, is dropped with one `LoggerWarning` line and the run goes on: metrics.jsonl stays the
+record, and no thread prints a traceback.
+
 tensorboard is an optional extra (`pip install "maskkit[tensorboard]"`), imported only when asked for.
 W&B is not built in: `wandb sync --sync-tensorboard RUN/tensorboard` (or `wandb.tensorboard.patch`)
 uploads the TensorBoard files, and metrics.jsonl / perf.jsonl are plain JSON lines.
@@ -19,8 +24,12 @@ uploads the TensorBoard files, and metrics.jsonl / perf.jsonl are plain JSON lin
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import random
+import threading
+import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,7 +37,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "LOGGERS", "MASK_PICTURE_IMAGES", "MASK_PICTURE_TILE", "TENSORBOARD_DIR", "RunLogger", "TensorBoardLogger",
+    "LOGGERS", "MASK_PICTURE_IMAGES", "MASK_PICTURE_TILE", "TENSORBOARD_DIR", "LoggerWarning", "RunLogger",
+    "TensorBoardLogger",
     "check_logger", "mask_picture", "open_logger", "scalars_of",
 ]  # fmt: skip
 
@@ -41,6 +51,34 @@ MASK_PICTURE_IMAGES, MASK_PICTURE_TILE = 4, 96
 #: the seed of the picture's images and masks (its own generator: the run's are not drawn from)
 MASK_PICTURE_SEED = 0
 INSTALL_HINT = 'pip install "maskkit[tensorboard]"'
+
+
+class LoggerWarning(UserWarning):
+    """A logger that failed during a run and was dropped (the CLI prints one line)."""
+
+
+#: threads of open loggers: an exception there is not printed (the writer raises it again in the caller's thread)
+_QUIET_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+_hook_before: Any = None
+
+
+def _quiet_hook(args: Any) -> None:
+    """threading.excepthook: silent for a logger's writer thread, the previous hook for any other."""
+    if args.thread is not None and args.thread in _QUIET_THREADS:
+        return
+    (_hook_before or threading.__excepthook__)(args)
+
+
+def _quieted(start: Any) -> Any:
+    """`start()`, with the threads it starts registered in _QUIET_THREADS (and _quiet_hook installed)."""
+    global _hook_before
+    before = set(threading.enumerate())
+    try:
+        return start()
+    finally:
+        _QUIET_THREADS.update(set(threading.enumerate()) - before)
+        if threading.excepthook is not _quiet_hook:
+            _hook_before, threading.excepthook = threading.excepthook, _quiet_hook
 
 
 class RunLogger(Protocol):
@@ -76,22 +114,55 @@ class TensorBoardLogger:
     after it by an earlier writer (when TensorBoard reads the folder): a resumed run's steps appear once."""
 
     def __init__(self, log_dir: str | Path, *, purge_step: int | None = None) -> None:
+        from maskkit.options import shown_path
+
         writer = _summary_writer()
         self.log_dir = Path(log_dir)
-        self.writer = writer(log_dir=str(self.log_dir), purge_step=purge_step)
+        self.failed: str | None = None  # why the logger was dropped, once it was
+        try:
+            self.writer = _quieted(lambda: writer(log_dir=str(self.log_dir), purge_step=purge_step))
+        except Exception as err:  # e.g. the folder is a file, or cannot be made
+            raise ValueError(f"--log tensorboard cannot write {shown_path(self.log_dir)}: {_reason(err)}") from None
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, global_step=step)
-        self.writer.flush()
+        def write() -> None:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, global_step=step)
+            self.writer.flush()
+
+        self._guarded(write)
 
     def image(self, step: int, name: str, array: np.ndarray) -> None:
         """`array`: [H, W, 3] uint8."""
-        self.writer.add_image(name, array, global_step=step, dataformats="HWC")
-        self.writer.flush()
+        def write() -> None:
+            self.writer.add_image(name, array, global_step=step, dataformats="HWC")
+            self.writer.flush()
+
+        self._guarded(write)
 
     def close(self) -> None:
-        self.writer.close()
+        self._guarded(self.writer.close)
+
+    def _guarded(self, write: Any) -> None:
+        """`write()` unless the logger failed before; a failure drops the logger with one LoggerWarning."""
+        if self.failed is not None:
+            return
+        try:
+            write()
+        except Exception as err:
+            from maskkit.options import shown_path
+
+            self.failed = _reason(err)
+            warnings.warn(LoggerWarning(f"--log tensorboard stopped logging to {shown_path(self.log_dir)}: "
+                                        f"{self.failed}; the run goes on (metrics.jsonl is its record)"), stacklevel=3)
+            with contextlib.suppress(Exception):  # let its thread end; what it still holds is lost
+                self.writer.close()
+
+
+def _reason(err: BaseException) -> str:
+    """An exception as a few words on one line."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
 def open_logger(kind: str, log_dir: str | Path, *, purge_step: int | None = None) -> RunLogger | None:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from maskkit.data import check_classes
 from maskkit.distributed import differentiable_mean
+from maskkit.mae import check_images
 from maskkit.mlo import HYPERGRADS, MLOConfig, MLOEngine
 from maskkit.optim import create_optimizer
 from maskkit.train.config import ACCUM_MLO, TrainConfig
@@ -106,6 +107,7 @@ class MLOStep:
         `micro` must be (0, 1): the engine takes no gradient accumulation (`check` refuses it)."""
         if micro != (0, 1):
             raise ValueError(ACCUM_MLO)
+        check_images(self.mae, images)  # an empty or misshapen batch: one line before the engine runs
         self._snapshot = copy.deepcopy(self.engine.state_dict()) if undoable else None
         raw = self.engine.step(images, progress=context.get("progress"))
         metrics = {k: float(v) for k, v in raw.items() if k not in ("step", "lr_mae")}
