@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
+from maskkit.options import shown_path as _shown_path
+
 __all__ = ["Fields", "read_json", "read_json_lines", "read_text", "shown_path", "shown_value"]
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -30,20 +32,7 @@ _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 def shown_path(path: str | os.PathLike[str] | bytes) -> str:
     """`path` as text for a one-line message: as it is when printable UTF-8, else quoted with its bytes
     that are not UTF-8 as `\\xNN` and its control characters (newline, tab, ...) escaped as Python does."""
-    text = os.fsdecode(path)
-    if text.isprintable():  # surrogate-escaped bytes are not printable
-        return text
-    out = []
-    for char in text:
-        if "\udc80" <= char <= "\udcff":  # a byte that is not UTF-8, as os.fsdecode keeps it
-            out.append(f"\\x{ord(char) - 0xDC00:02x}")
-        elif char == "\\" or char == "'":
-            out.append("\\" + char)
-        elif char.isprintable():
-            out.append(char)
-        else:
-            out.append(repr(char)[1:-1])
-    return "'" + "".join(out) + "'"
+    return _shown_path(path, quoted=True)
 
 
 def shown_value(value: Any) -> str:

@@ -14,19 +14,25 @@ from collections.abc import Iterable
 from typing import Any
 
 
-def shown_path(path: str | bytes | os.PathLike[Any]) -> str:
+def shown_path(path: str | bytes | os.PathLike[Any], *, quoted: bool = False) -> str:
     """A path as one line of a message: bytes that are not UTF-8 as \\xNN, newlines, tabs and other
-    unprintable characters escaped as Python writes them; anything else (accents included) as it is."""
+    unprintable characters escaped as Python writes them; anything else (accents included) as it is.
+    `quoted`: a name that needed escaping is also put in quotes, its `\\` and `'` escaped, so that it cannot
+    be misread (the study files' messages)."""
     text = os.fsdecode(path)  # bytes that are not UTF-8 arrive as lone surrogates U+DC80..U+DCFF
+    if text.isprintable():  # lone surrogates are not printable
+        return text
     out = []
     for ch in text:
         if 0xDC80 <= ord(ch) <= 0xDCFF:
             out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif quoted and ch in "\\'":
+            out.append("\\" + ch)
         elif ch.isprintable():
             out.append(ch)
         else:
             out.append(repr(ch)[1:-1])
-    return "".join(out)
+    return "'" + "".join(out) + "'" if quoted else "".join(out)
 
 
 def two_spellings(given: Iterable[tuple[str, str]]) -> str | None:

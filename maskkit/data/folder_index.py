@@ -25,7 +25,7 @@ Entries: regular files and folders are followed through symlinks (a symlink to a
 image; a symlinked folder is walked, and a symlink loop is refused in one line naming it). Anything
 else with an image suffix (a FIFO, a socket, a device, a broken symlink) is skipped at listing and
 named in one `DataWarning`: reading a FIFO would block for ever. Names in messages are escaped
-(`shown_name`: bytes that are not UTF-8, newlines).
+(`shown_path`: bytes that are not UTF-8, newlines).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ from typing import Any
 import numpy as np
 
 from maskkit.data.decode import GREY_MODES
-from maskkit.data.source import DataError, DataWarning, check_dir, shown_name
+from maskkit.data.source import DataError, DataWarning, check_dir
+from maskkit.options import shown_path
 
 __all__ = [
     "COVERS_CONTENT", "COVERS_MTIMES", "COVERS_SIZES", "HEADER_SAMPLE", "IGNORED", "IMAGE_SUFFIXES", "INDEX_FILE",
@@ -75,7 +76,7 @@ def _passed_over(name: str) -> bool:
 
 def _names(names: list[str]) -> str:
     """Up to SHOWN_NAMES names, escaped, then '...'."""
-    shown = ", ".join(shown_name(n) for n in names[:SHOWN_NAMES])
+    shown = ", ".join(shown_path(n) for n in names[:SHOWN_NAMES])
     return shown + (", ..." if len(names) > SHOWN_NAMES else "")
 
 
@@ -139,7 +140,7 @@ def folder_layout(root: Path) -> tuple[str, list[Path]]:
         extra = sorted(names - set(found)) + images
         if extra:
             warnings.warn(DataWarning(
-                f"image folder {shown_name(root)}: ignoring {len(extra)} entr{'y' if len(extra) == 1 else 'ies'} "
+                f"image folder {shown_path(root)}: ignoring {len(extra)} entr{'y' if len(extra) == 1 else 'ies'} "
                 f"beside the split folders {', '.join(found)}: {_names(extra)}"), stacklevel=2)  # fmt: skip
         return f"{'/'.join(found)} folders", [root / n for n in found]
     _refuse_mixed(root, folders, images)
@@ -149,7 +150,7 @@ def folder_layout(root: Path) -> tuple[str, list[Path]]:
 def _refuse_mixed(folder: Path, folders: list[Path], images: list[str]) -> None:
     if folders and images:
         raise DataError(
-            f"image folder {shown_name(folder)} holds both image files ({_names(images)}) and sub-folders "
+            f"image folder {shown_path(folder)} holds both image files ({_names(images)}) and sub-folders "
             f"({_names([d.name for d in folders])}); put every image in a class folder, or remove the sub-folders"
         )
 
@@ -166,7 +167,7 @@ def _images_under(folder: Path, recursive: bool, special: list[str]) -> list[tup
         info = os.stat(current)
         key = (info.st_dev, info.st_ino)
         if key in above:
-            raise DataError(f"image folder {shown_name(current)} is a symlink loop (it leads back to a folder above it)")
+            raise DataError(f"image folder {shown_path(current)} is a symlink loop (it leads back to a folder above it)")
         above = above | {key}
         with os.scandir(current) as entries:
             for entry in entries:
@@ -209,7 +210,7 @@ def _scan(root: Path) -> dict[str, Any]:
             special += [os.path.relpath(folder / rel, root) for rel in skipped]
             if not listed and (name is not None or part != root):
                 what = "class folder" if name is not None else "split folder"
-                raise DataError(f"{what} {shown_name(folder)} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+                raise DataError(f"{what} {shown_path(folder)} holds no images ({', '.join(IMAGE_SUFFIXES)})")
             for rel, size, mtime in listed:
                 files.append(os.path.relpath(folder / rel, root))
                 sizes.append(size)
@@ -217,16 +218,16 @@ def _scan(root: Path) -> dict[str, Any]:
                 names.append(name)
                 part_of.append(p)
     if special:
-        kinds_of = [f"{shown_name(s)} ({_kind(str(root / s))})" for s in special[:SHOWN_NAMES]]
+        kinds_of = [f"{shown_path(s)} ({_kind(str(root / s))})" for s in special[:SHOWN_NAMES]]
         warnings.warn(DataWarning(
-            f"image folder {shown_name(root)}: skipped {len(special)} "
+            f"image folder {shown_path(root)}: skipped {len(special)} "
             f"{'entry that is not a regular file' if len(special) == 1 else 'entries that are not regular files'}: "
             f"{', '.join(kinds_of)}{', ...' if len(special) > SHOWN_NAMES else ''}"
         ), stacklevel=3)  # fmt: skip
     if len(set(kinds.values())) > 1:
         with_classes = ", ".join(n for n, k in kinds.items() if k)
         loose = ", ".join(n for n, k in kinds.items() if not k)
-        raise DataError(f"in {shown_name(root)}, {with_classes} holds class folders but {loose} holds loose images; "
+        raise DataError(f"in {shown_path(root)}, {with_classes} holds class folders but {loose} holds loose images; "
                         "use one kind")  # fmt: skip
     classes = sorted({n for n in names if n is not None}) if any(kinds.values()) else None
     if classes is None and len(parts) > 1:
@@ -288,7 +289,7 @@ class FolderIndex:
         root = check_dir(path, "imagefolder").resolve()
         listing = _scan(root)
         if not listing["files"]:
-            raise DataError(f"data directory {shown_name(root)} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise DataError(f"data directory {shown_path(root)} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         classes = listing["classes"]
         index = {name: i for i, name in enumerate(classes or [])}
         labels = None if classes is None else np.array([index[n] for n in listing["names"]], dtype=np.int64)
@@ -396,7 +397,7 @@ class FolderIndex:
                 raw = json.load(f)
             version = raw.get("format")
             if version not in (1, INDEX_FORMAT):
-                raise DataError(f"the data index {shown_name(path)} has format {version!r}, not 1 or {INDEX_FORMAT} "
+                raise DataError(f"the data index {shown_path(path)} has format {version!r}, not 1 or {INDEX_FORMAT} "
                                 "(written by another maskkit)")  # fmt: skip
             later = version == INDEX_FORMAT
             mtimes = raw["mtimes"] if later else None
@@ -415,9 +416,9 @@ class FolderIndex:
         except DataError:
             raise
         except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise DataError(f"cannot read the data index {shown_name(path)}: {err}") from None
+            raise DataError(f"cannot read the data index {shown_path(path)}: {err}") from None
         if fingerprint != recorded:
-            raise DataError(f"the data index {shown_name(path)} is damaged (its fingerprint does not match its list)")
+            raise DataError(f"the data index {shown_path(path)} is damaged (its fingerprint does not match its list)")
         return index
 
 

@@ -13,7 +13,6 @@ whole data set in memory; `Source` is a base class for other sources that only n
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -38,22 +37,6 @@ class DataChangedError(DataError):
 class DataWarning(UserWarning):
     """Data passed over with a word: a file the loader skipped (--skip-bad-images), entries an image folder's
     listing ignores; the CLI prints one line."""
-
-
-def shown_name(name: str | os.PathLike[str] | bytes) -> str:
-    """A file name as one line of a message: bytes that are not UTF-8 as \\xNN, newlines and other
-    unprintable characters escaped as Python writes them; anything else (accents included) as it is."""
-    text = os.fsdecode(name)  # a name that is not UTF-8 arrives with its bytes as lone surrogates
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if 0xDC80 <= code <= 0xDCFF:
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif ch.isprintable():
-            out.append(ch)
-        else:
-            out.append(repr(ch)[1:-1])
-    return "".join(out)
 
 
 @runtime_checkable

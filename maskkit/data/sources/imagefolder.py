@@ -34,7 +34,8 @@ from maskkit.data.augment import picture_center, picture_crop_flip
 from maskkit.data.decode import open_image, to_8bit
 from maskkit.data.folder_index import IMAGE_SUFFIXES, INDEX_FILE, SPLIT_FOLDERS, FolderIndex, folder_layout
 from maskkit.data.load import register_dataset
-from maskkit.data.source import DataChangedError, DataError, Source, shown_name
+from maskkit.data.source import DataChangedError, DataError, Source
+from maskkit.options import shown_path
 from maskkit.registry import Card
 
 __all__ = [
@@ -159,12 +160,12 @@ def open_folder(path: str | Path, img_size: int | None = None, cache_dir: str | 
     if saved is not None and saved.is_file():
         index = FolderIndex.load(saved)
         if index.root != Path(path).resolve():
-            raise DataError(f"the data index {shown_name(saved)} lists {shown_name(index.root)}, "
-                            f"not {shown_name(Path(path).resolve())}")  # fmt: skip
+            raise DataError(f"the data index {shown_path(saved)} lists {shown_path(index.root)}, "
+                            f"not {shown_path(Path(path).resolve())}")  # fmt: skip
         if check:
             changed = index.changes()
             if changed:
-                raise DataChangedError(f"data folder {shown_name(index.root)} changed since the run listed it: {changed}")
+                raise DataChangedError(f"data folder {shown_path(index.root)} changed since the run listed it: {changed}")
     else:
         index = FolderIndex.scan(path, content=hash == "content")
     return ImageFolder(index, default_size(index, img_size))
