@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from test_cli import invoke, one_thread  # noqa: F401 - one torch thread for the module, the CLI runner
+from test_records import fails, ok
 
 from maskkit.evaluate import FINETUNE_BATCH_SIZE, FINETUNE_LR, LINEAR_BASE_LR, LINEAR_BATCH_SIZE
 from maskkit.run import EvalConfig, RunError, evaluate_run
@@ -18,19 +19,6 @@ SHORT = ["--policy", "random", "--steps", "4", "--batch-size", "32", "--log-ever
          "--device", "cpu", "--no-progress"]  # fmt: skip
 
 
-def ok(*args):
-    result = invoke(*args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def fails(message: str, *args) -> None:
-    """Exit 1 with exactly one line on stderr, 'Error: ...' containing `message`, no traceback."""
-    result = invoke(*args)
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
-    assert "Traceback" not in result.output
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from maskkit.train.signals import StoppedBySignal
+
 __all__ = ["RunFailed", "StudyStopped", "shown", "subprocess_launcher"]
 
 #: seconds between looks at the stop signal while a child runs
@@ -36,25 +38,13 @@ class RunFailed(RuntimeError):
     """A `maskkit` command of the study failed; one line naming it and its error."""
 
 
-class StudyStopped(Exception):
+class StudyStopped(StoppedBySignal):
     """The study stopped on a signal: its running children were stopped, nothing more was launched."""
 
     def __init__(self, signum: int) -> None:
         self.signum = int(signum)
         super().__init__(f"stopped by {self.signal_name}: the runs in progress were stopped (pretrain keeps a "
                          "checkpoint to resume from) and no more were started")  # fmt: skip
-
-    @property
-    def signal_name(self) -> str:
-        try:
-            return signal.Signals(self.signum).name
-        except ValueError:
-            return f"signal {self.signum}"
-
-    @property
-    def exit_code(self) -> int:
-        """130 for SIGINT, 143 for SIGTERM: as a shell reports a process ended by the signal."""
-        return 128 + self.signum
 
 
 def shown(args: list[str]) -> str:

@@ -76,12 +76,10 @@ def signal_exit_code(signum: int) -> int:
     return 128 + int(signum)
 
 
-class TrainingStopped(Exception):
-    """`train` stopped on a signal after checkpointing: `step`, `signum`, the `checkpoint` written."""
+class StoppedBySignal(Exception):
+    """A stop on signal `signum` (set by the subclass): its name and the exit status a shell reports."""
 
-    def __init__(self, step: int, signum: int, checkpoint: Path) -> None:
-        self.step, self.signum, self.checkpoint = step, int(signum), Path(checkpoint)
-        super().__init__(f"stopped by {self.signal_name} at step {step}; checkpoint {self.checkpoint}")
+    signum: int
 
     @property
     def signal_name(self) -> str:
@@ -94,3 +92,11 @@ class TrainingStopped(Exception):
     def exit_code(self) -> int:
         """143 for SIGTERM, 130 for SIGINT."""
         return signal_exit_code(self.signum)
+
+
+class TrainingStopped(StoppedBySignal):
+    """`train` stopped on a signal after checkpointing: `step`, `signum`, the `checkpoint` written."""
+
+    def __init__(self, step: int, signum: int, checkpoint: Path) -> None:
+        self.step, self.signum, self.checkpoint = step, int(signum), Path(checkpoint)
+        super().__init__(f"stopped by {self.signal_name} at step {step}; checkpoint {self.checkpoint}")
