@@ -278,7 +278,9 @@ def test_bench_policy_rows(tmp_path):
     rows = {r["name"]: r for r in payload["rows"]}
     zoo = ("adamae", "block", "colornoise", "hpm", "learned", "simmim", "uniform")
     assert list(rows) == ["mae_random_masking", "random_policy", "attention_policy", *(f"{n}_policy" for n in zoo),
-                          "random_plan_unchecked", "random_plan_checked"]  # fmt: skip
+                          "random_plan_unchecked", "random_plan_checked", "weighted_plan_unchecked",
+                          "weighted_plan_checked", "source_read_unchecked", "source_read_checked",
+                          "masker_grads_check"]  # fmt: skip
     assert all(rows[f"{n}_policy"]["baseline"] == "random_policy" for n in zoo)
     assert rows["random_policy"]["baseline"] == "mae_random_masking"
     assert rows["random_policy"]["ratio"] == pytest.approx(
