@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,16 @@ def test_the_library_checks_the_same_options_in_one_place(run):
     with pytest.raises(RunError, match=r"^--split must be one of test, val, got 'train'$"):
         EvalConfig(split="train").check()
     assert EvalConfig(init="random", split="val").key == "linear-random@val"
+
+
+def test_a_run_without_model_pt_is_evaluated_from_its_checkpoint_with_one_warning_naming_both(run, tmp_path):
+    """A stopped run, or one whose final write failed, has checkpoints but no model.pt: evaluate reads the
+    newest checkpoint, as for a run in progress, and says so in one line instead of scoring it silently."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "model.pt").unlink()
+    result = ok("evaluate", copy, "--no-progress", "--device", "cpu", "--epochs", "1")
+    warned = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
+    assert len(warned) == 1, result.stderr
+    assert "has no model.pt" in warned[0] and "checkpoint of step 4" in warned[0] and "--resume" in warned[0]
+    assert entries(copy)["linear"]["weights"].endswith("checkpoint-0000004.pt")

@@ -24,6 +24,7 @@ from maskkit.checkpoint import CheckpointError, load_checkpoint, load_latest
 from maskkit.data.splits import test_split_name
 from maskkit.evaluate import check_settings
 from maskkit.locking import run_in_progress
+from maskkit.options import shown_path
 from maskkit.settings import flag
 
 from .builder import Run, build_run, resolve_device
@@ -41,6 +42,10 @@ SCORE_SPLITS = ("test", "val")
 
 class RunInProgressWarning(UserWarning):
     """Weights were read from a run that a process is still training (the CLI prints it as one line)."""
+
+
+class RunWeightsWarning(UserWarning):
+    """Weights were read from a checkpoint because the run has no model.pt (the CLI prints it as one line)."""
 
 
 def weights_from_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
@@ -82,6 +87,11 @@ def load_weights(run: Run, run_dir: str | Path) -> dict[str, Any]:
         warnings.warn(RunInProgressWarning(
             f"{run_dir} is still in progress ({holder}): reading its step {loaded['step']} ({Path(source).name}), "
             f"not its final weights"
+        ), stacklevel=2)  # fmt: skip
+    elif source != final:  # stopped, killed or its final write failed: say which weights stand in for model.pt
+        warnings.warn(RunWeightsWarning(
+            f"{shown_path(run_dir)} has no {MODEL}: reading its checkpoint of step {loaded['step']} "
+            f"({Path(source).name}); maskkit pretrain --resume {shown_path(run_dir)} finishes the run"
         ), stacklevel=2)  # fmt: skip
     return loaded
 
