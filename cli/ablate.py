@@ -19,16 +19,16 @@ import typer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
-from typer.core import TyperGroup
 
 from . import runner
+from .options import CheckedGroup
 from .runner import CommandError
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 
-class DefaultToRun(TyperGroup):
+class DefaultToRun(CheckedGroup):
     """A group whose first argument, when it is not a subcommand (nor --help), is `run`'s STUDY."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:

@@ -23,7 +23,6 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
 
 from maskkit.evaluate import (
     FINETUNE_BATCH_SIZE,
@@ -41,7 +40,7 @@ from . import runner
 from . import slurm as slurm_cli
 from .ablate import ablate_app
 from .listing import list_command
-from .options import check_arguments, config_command, config_from_values, given_on_command_line, option_extras
+from .options import CheckedGroup, config_command, config_from_values, given_on_command_line, option_extras
 from .printing import (  # noqa: F401 - pretrain_progress, step_fields: the bar's parts, importable from here
     bench_table,
     describe,
@@ -54,21 +53,8 @@ from .printing import (  # noqa: F401 - pretrain_progress, step_fields: the bar'
 )
 from .runner import CommandError
 
-
-class MaskkitGroup(TyperGroup):
-    """The `maskkit` command group: each command's arguments are checked before click parses them
-    (`check_arguments`: one option under two spellings, an empty path), as one line."""
-
-    def resolve_command(self, ctx: Any, args: list[str]) -> tuple[str | None, Any, list[str]]:
-        name, command, rest = super().resolve_command(ctx, args)
-        if command is not None and not hasattr(command, "commands"):  # a command, not a group (ablate)
-            with one_line_errors():
-                check_arguments(command, rest)
-        return name, command, rest
-
-
 app = typer.Typer(
-    cls=MaskkitGroup,
+    cls=CheckedGroup,
     name="maskkit",
     help="Pretrain Masked Autoencoders with random, attention-guided or learned masking; evaluate; picture the masks.",
     add_completion=False,

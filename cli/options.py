@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.console import Console
+from typer.core import TyperGroup
 
 from maskkit.options import option_extras, two_spellings
 from maskkit.run import SECTIONS, RunConfig
 from maskkit.settings import flag
 
-from .runner import CommandError
+from .runner import CommandError, one_line_errors
 
 #: options of `maskkit pretrain` that are not run settings
 EXTRA_OPTIONS: dict[str, tuple[Any, Any]] = {
@@ -161,3 +163,15 @@ def check_arguments(command: Any, args: list[str]) -> None:
     error = two_spellings(given)
     if error is not None:
         raise CommandError(error)
+
+
+class CheckedGroup(TyperGroup):
+    """A command group whose commands' arguments are checked before click parses them (`check_arguments`: one
+    option under two spellings, an empty path), as one line on stderr: `maskkit` and `maskkit ablate`."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> tuple[str | None, Any, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None and not hasattr(command, "commands"):  # a command; a group checks its own
+            with one_line_errors(Console(stderr=True, soft_wrap=True)):
+                check_arguments(command, rest)
+        return name, command, rest

@@ -18,6 +18,7 @@ import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_adversarial import clean_error
@@ -84,6 +85,9 @@ def test_the_same_spelling_twice_keeps_the_last_as_a_shell_does():
 
 # ---- empty paths ----------------------------------------------------------------------------------------
 
+#: a study file of the examples (the checks come before it is read)
+STUDY = Path(__file__).resolve().parents[1] / "examples" / "studies" / "digits.toml"
+
 
 @pytest.mark.parametrize("args, words", [
     (["pretrain", "--out", "", *QUICK], ("--out", "empty path")),
@@ -93,7 +97,11 @@ def test_the_same_spelling_twice_keeps_the_last_as_a_shell_does():
     (["visualize", "", "-o", "x.png"], ("RUN_DIR", "empty path")),
     (["visualize", "--policies", "random", "-o", ""], ("-o", "empty path")),
     (["bench", "--json", ""], ("--json", "empty path")),
-], ids=["out", "out-blank", "resume", "data-dir", "visualize-run", "visualize-output", "bench-json"])  # fmt: skip
+    (["ablate", str(STUDY), "--out", "", "--dry-run"], ("--out", "empty path")),
+    (["ablate", "run", str(STUDY), "--out", "  "], ("--out", "empty path")),
+    (["ablate", "report", ""], ("STUDY_DIR", "empty path")),
+], ids=["out", "out-blank", "resume", "data-dir", "visualize-run", "visualize-output", "bench-json", "ablate-out",
+        "ablate-run-out", "ablate-report"])  # fmt: skip
 def test_an_empty_path_is_one_line_naming_the_option_and_writes_nothing(tmp_path, monkeypatch, args, words):
     monkeypatch.chdir(tmp_path)  # where an empty path would have written
     clean_error(invoke(*args), *words)
@@ -289,3 +297,21 @@ def test_a_train_step_refuses_an_empty_or_misshapen_batch_naming_images(policy):
         step.run(torch.zeros(0, 1, 8, 8), {}, agree=bool)
     with pytest.raises(ValueError, match=r"images must be \[B, 1, H, W\] .* got shape \(4, 1, 6, 6\)"):
         step.run(torch.zeros(4, 1, 6, 6), {}, agree=bool)
+
+
+# ---- npz files: every message names the file ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("images, words", [
+    (np.full((4, 8, 8), np.nan, dtype=np.float32), ("non-finite", "first in image 0")),
+    (np.concatenate([np.zeros((2, 8, 8)), np.full((1, 8, 8), np.inf), np.zeros((1, 8, 8))]).astype(np.float32),
+     ("non-finite", "first in image 2")),
+    (np.full((4, 8, 8), 2.0, dtype=np.float32), ("must lie in [0, 1]", "got values in [2, 2]")),
+    (np.zeros((4, 8, 8), dtype=np.int64), ("must be uint8 or float",)),
+    (np.zeros((4, 8), dtype=np.uint8), ("must be [N,H,W]",)),
+], ids=["nan", "inf-in-image-2", "above-one", "int64", "2d"])  # fmt: skip
+def test_a_bad_npz_images_array_is_one_line_naming_the_file(tmp_path, images, words):
+    path = tmp_path / "bad.npz"
+    np.savez(path, images=images, labels=np.arange(len(images)) % 2)
+    clean_error(invoke("pretrain", "--dataset", f"npz:{path}", "--out", tmp_path / "run", *QUICK), str(path), *words)
+    assert not (tmp_path / "run").exists()

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from maskkit.data.load import register_dataset
 from maskkit.data.source import DataError, ImageData
+from maskkit.options import shown_path
 from maskkit.registry import Card
 
 CARD = Card(
@@ -97,25 +98,30 @@ def _npz_images(raw: np.ndarray, path: Path) -> Tensor:
         channels_last = raw.shape[-1] in (1, 3, 4) and raw.shape[1] not in (1, 3, 4)
         arr = np.moveaxis(raw, -1, 1) if channels_last else raw
         if arr.shape[1] not in (1, 3, 4):
-            raise DataError(f"npz 'images' of shape {raw.shape} has no channel axis of size 1, 3 or 4")
+            raise DataError(f"npz file {shown_path(path)}: 'images' of shape {raw.shape} has no channel axis of size 1, 3 or 4")
     else:
-        raise DataError(f"npz 'images' must be [N,H,W], [N,H,W,C] or [N,C,H,W], got shape {raw.shape}")
+        raise DataError(f"npz file {shown_path(path)}: 'images' must be [N,H,W], [N,H,W,C] or [N,C,H,W], got shape {raw.shape}")
     if arr.dtype == np.uint8:
         return torch.from_numpy(np.ascontiguousarray(arr))
     if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)) or arr.min(initial=0.0) < 0.0 or arr.max(initial=0.0) > 1.0:
-            raise DataError(f"npz 'images' of dtype {arr.dtype} must lie in [0, 1]")
+        if not np.all(np.isfinite(arr)):
+            bad = int(np.flatnonzero((~np.isfinite(arr.reshape(len(arr), -1))).any(axis=1))[0])
+            raise DataError(f"npz file {shown_path(path)}: 'images' holds non-finite values (NaN or inf), "
+                            f"first in image {bad}")  # fmt: skip
+        if arr.min(initial=0.0) < 0.0 or arr.max(initial=0.0) > 1.0:
+            raise DataError(f"npz file {shown_path(path)}: 'images' of dtype {arr.dtype} must lie in [0, 1], "
+                            f"got values in [{float(arr.min()):g}, {float(arr.max()):g}]")  # fmt: skip
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    raise DataError(f"npz 'images' must be uint8 or float in [0, 1], got dtype {arr.dtype}")
+    raise DataError(f"npz file {shown_path(path)}: 'images' must be uint8 or float in [0, 1], got dtype {arr.dtype}")
 
 
 def _npz_labels(raw: np.ndarray, n: int, path: Path) -> tuple[Tensor, list[str]]:
     if raw.ndim != 1:
-        raise DataError(f"npz 'labels' must be one-dimensional [N], got shape {raw.shape}")
+        raise DataError(f"npz file {shown_path(path)}: 'labels' must be one-dimensional [N], got shape {raw.shape}")
     if len(raw) != n:
         raise DataError(f"npz file {path} has {n} images but {len(raw)} labels")
     if not (np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.str_)):
         if not (np.issubdtype(raw.dtype, np.floating) and np.all(raw == np.round(raw))):
-            raise DataError(f"npz 'labels' must be integers or strings, got dtype {raw.dtype}")
+            raise DataError(f"npz file {shown_path(path)}: 'labels' must be integers or strings, got dtype {raw.dtype}")
     values, inverse = np.unique(raw, return_inverse=True)
     return torch.from_numpy(inverse.astype(np.int64)), [str(v) for v in values]
