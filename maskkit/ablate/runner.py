@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from maskkit.locking import LOCK_FILE, RunLockedError, run_in_progress
+from maskkit.run.lifecycle import take_lock  # a run directory's lock, with its clean abandon
 
 from .cache import PlanEntry, plan_to_json, read_calibration, read_plan, read_selection
 from .calibrate import calibrate
@@ -336,14 +337,12 @@ class StudyRunner:
     def _owned(self) -> Iterator[None]:
         """Hold the study directory's lock (`<out>/.lock`) while the study runs; StudyError naming the holder
         when another process has it. A study refused before its first write leaves no lock file (nor `out`)."""
-        from maskkit.run.lifecycle import _lock  # the run directories' lock, with its clean abandon
-
         existed = self.out.exists()
         before = set(os.listdir(self.out)) if self.out.is_dir() else set()
         record = self.out / LOCK_FILE  # its holder's record, put back by a refused study
         previous = record.read_bytes() if record.is_file() and not record.is_symlink() else None
         try:
-            lock = _lock(self.out, "ablate")
+            lock = take_lock(self.out, "ablate")
         except RunLockedError:
             raise self._in_use(run_in_progress(self.out) or "another process") from None
         try:
@@ -482,10 +481,8 @@ class StudyRunner:
     def _clear(self, run_dir: Path) -> None:
         """Empty a run directory stopped before its first checkpoint, holding its lock: RunFailed (one line)
         when another process writes it, which is never removed."""
-        from maskkit.run.lifecycle import _lock
-
         try:
-            lock = _lock(run_dir, "ablate")
+            lock = take_lock(run_dir, "ablate")
         except RunLockedError:
             holder = run_in_progress(run_dir) or "another process"
             raise RunFailed(f"{run_dir} is in use by {holder}: not removed; rerun when it has ended") from None

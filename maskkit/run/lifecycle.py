@@ -63,7 +63,7 @@ from .record import (
 )
 
 __all__ = [
-    "PreparedRun", "create_run", "is_complete", "refuse_inside_data", "resume_run", "train_run",
+    "PreparedRun", "create_run", "is_complete", "refuse_inside_data", "resume_run", "take_lock", "train_run",
 ]  # fmt: skip
 
 #: tries at taking a run's lock: a reader's momentary probe (`run_in_progress`) must not refuse a writer
@@ -128,7 +128,7 @@ def create_run(
     def take() -> tuple[Path, _Lock]:
         made = target if out is not None else make_unique_dir(target)  # atomic: never another run's
         check_writable(made)
-        lock = _lock(made, "pretrain")
+        lock = take_lock(made, "pretrain")
         try:
             _refuse_taken(made, locked=True)  # under the lock: no other writer can pass it now
             run.record.write(made)
@@ -163,7 +163,7 @@ def resume_run(
     process has it).
     """
     run_dir = Path(run_dir)
-    _, lock = _on_main(lambda: (None, _lock(run_dir, "resume") if (run_dir / CONFIG).is_file() else None), dist)
+    _, lock = _on_main(lambda: (None, take_lock(run_dir, "resume") if (run_dir / CONFIG).is_file() else None), dist)
     try:
         prepared = _resume_run(
             run_dir, steps=steps, device=device, dist=dist, trust_unverified=trust_unverified,
@@ -353,7 +353,7 @@ class _Lock(RunLock):
         self.release()
 
 
-def _lock(run_dir: Path, what: str) -> _Lock:
+def take_lock(run_dir: Path, what: str) -> _Lock:
     """`run_dir`'s lock, taken; RunLockedError (one line, naming the holder) while another process has it.
 
     A refusal is tried again twice, 50 ms apart: a reader's probe (`run_in_progress`) holds the lock for
