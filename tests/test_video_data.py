@@ -56,6 +56,9 @@ def test_movingdigits_is_seeded_balanced_and_shaped_as_its_options_say():
     assert torch.equal(data.images, a) and torch.equal(data.labels, la)
     assert frames_of(data) == 5 and data.image_size == (12, 12) and data.classes == ["left", "right", "up", "down"]
     assert frames_of(load_dataset("digits")) is None
+    small = load_dataset("movingdigits,count=42,frames=5,side=12,seed=3", img_size=6)  # every frame resized
+    assert tuple(small.images.shape) == (42, 1, 5, 6, 6) and frames_of(small) == 5
+    assert torch.equal(small.images[:, :, 2], resize(data.floats(slice(None))[:, :, 2].contiguous(), 6))
 
 
 def test_movingdigits_splits_are_balanced_and_auto_augment_leaves_its_clips_alone():
