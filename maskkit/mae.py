@@ -14,6 +14,7 @@ the shapes expected and given, before any torch operation can fail deep inside.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -227,15 +228,22 @@ def mae_step_loss(
     images: Tensor,
     *,
     ratio: float | None = None,
+    decoder: Callable[[MaskPlan, dict[str, Any]], MaskPlan] | None = None,
     **context: Any,
 ) -> MAEOutput:
     """Tokens -> policy -> plan -> encode/decode -> weighted loss: one pretraining forward.
+
+    `decoder(plan, context)`: names the hidden patches the decoder reconstructs (e.g. a `DecoderMasking`:
+    VideoMAE V2's running cell), drawing from the context's generator after the policy; None: every one.
 
     `aux_loss` of the output holds the policy's own objective, if any; backpropagate `total_loss`.
     """
     check_images(mae, images)
     tokens = mae.patch_tokens(images)  # [B, N, D]
-    plan = policy(tokens, ratio=ratio, **policy_context(mae, images, **context))
+    context = policy_context(mae, images, **context)
+    plan = policy(tokens, ratio=ratio, **context)
+    if decoder is not None:
+        plan = decoder(plan, context)  # the decoder's subset of the hidden patches (`decoder_ids`)
     out = mae_forward(mae, images, plan, tokens=tokens)
     out.aux_loss = policy_aux_loss(policy, plan, out.per_patch)
     return out
