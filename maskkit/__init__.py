@@ -15,7 +15,17 @@ Public API (see the README for a tour):
 from typing import Any
 
 from maskkit.data.splits import stratified_split
-from maskkit.mae import MAEOutput, MAEProtocol, is_mae, mae_forward, mae_step_loss, masked_loss, patch_loss
+from maskkit.mae import (
+    MAEOutput,
+    MAEProtocol,
+    is_mae,
+    is_video_mae,
+    mae_forward,
+    mae_step_loss,
+    masked_loss,
+    patch_loss,
+    token_grid,
+)
 from maskkit.mlo import (
     HYPERGRADS,
     Hypergradient,
@@ -24,7 +34,7 @@ from maskkit.mlo import (
     default_optimizers,
     register_hypergrad,
 )
-from maskkit.plan import MaskPlan, check_ratio, gather_tokens, num_visible
+from maskkit.plan import MaskPlan, check_grid, check_ratio, gather_tokens, num_visible
 from maskkit.policies import (
     AttentionPolicy,
     BlockPolicy,
@@ -78,10 +88,12 @@ __all__ = [
     "PolicyCard",
     "RandomPolicy",
     "ScoredPolicy",
+    "check_grid",
     "check_ratio",
     "create_policy",
     "gather_tokens",
     "is_mae",
+    "is_video_mae",
     "list_policies",
     "mae_forward",
     "mae_step_loss",
@@ -92,4 +104,5 @@ __all__ = [
     "policy_options",
     "register_hypergrad",
     "register_policy",
+    "token_grid",
 ]

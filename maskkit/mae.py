@@ -1,6 +1,8 @@
 """The MAE protocol: the one view of a Masked Autoencoder that the engine and the CLI use.
 
-Adapters (maskkit.adapters) provide it for timm, the official MAE and Hugging Face ViTMAE.
+Adapters (maskkit.adapters) provide it for timm, the official MAE and Hugging Face ViTMAE, and for
+video MAEs, which take clips [B, C, T, H, W] cut into tubelets of t x p x p pixels on a (T/t, H/p, W/p)
+token grid (`is_video_mae`: the model declares `num_frames`, `tubelet_size` and `grid`).
 An implementation is an `nn.Module` (so it can be unrolled functionally by `higher`) with
 the attributes and methods of `MAEProtocol`. The losses below are shared by every adapter.
 Optional: `transformer_blocks()` (the encoder and decoder blocks), which `--compile` compiles.
@@ -11,31 +13,42 @@ the shapes expected and given, before any torch operation can fail deep inside.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from maskkit.plan import MaskPlan
+from maskkit.plan import MaskPlan, check_grid
 
 __all__ = [
     "MAEOutput",
     "MAEProtocol",
     "check_images",
     "is_mae",
+    "is_video_mae",
     "mae_forward",
     "mae_step_loss",
     "masked_loss",
     "patch_loss",
     "policy_aux_loss",
     "policy_context",
+    "token_grid",
 ]
 
 
 @runtime_checkable
 class MAEProtocol(Protocol):
-    """What maskkit needs of an MAE. Shapes: B batch, N patches, K visible, D width, P = p*p*C."""
+    """What maskkit needs of an MAE. Shapes: B batch, N patches, K visible, D width, P = p*p*C.
+
+    A video MAE takes clips [B, C, T, H, W] wherever images [B, C, H, W] are written below, and also declares
+    `num_frames` (T), `tubelet_size` (t) and `grid` (T/t, H/p, W/p); then N = T/t * H/p * W/p, P = t*p*p*C with
+    a tubelet's pixels ordered (t, p, p, C), tokens row-major over the grid (time slowest), `features` may
+    mean-pool its tokens (VideoMAE has no CLS) and `cls_attention` may give the attention each token receives.
+    `decode` may reconstruct only the visible and `plan.decoder_ids` tokens, with zeros elsewhere.
+    """
 
     patch_size: int  # p
     num_patches: int  # N
@@ -72,19 +85,51 @@ class MAEProtocol(Protocol):
         ...
 
 
+def is_video_mae(mae: Any) -> bool:
+    """Whether `mae` takes clips [B, C, T, H, W] (it declares an integer `num_frames`, T), not images."""
+    frames = getattr(mae, "num_frames", None)
+    return isinstance(frames, int) and not isinstance(frames, bool)
+
+
+def token_grid(mae: Any) -> tuple[int, ...] | None:
+    """The MAE's token grid, which every policy reads as the context key `grid`: the model's own `grid`
+    ((T', H', W') for a video MAE), else its `grid_size` (H/p, W/p), else a square sqrt(N) x sqrt(N), else
+    None (a model that does not say, with N not a square)."""
+    for name in ("grid", "grid_size"):
+        grid = getattr(mae, name, None)
+        if isinstance(grid, (tuple, list)):
+            return check_grid(tuple(grid), mae.num_patches)
+    side = math.isqrt(mae.num_patches)
+    return (side, side) if side * side == mae.num_patches else None
+
+
 def check_images(mae: Any, images: Any, name: str = "images") -> None:
-    """ValueError naming `name` unless `images` is a batch [B, C, H, W] the MAE takes: B >= 1, C its
-    `in_chans`, H and W multiples of its `patch_size` giving its `num_patches`."""
+    """ValueError naming `name` unless `images` is a batch the MAE takes: [B, C, H, W] for an image MAE, [B, C,
+    T, H, W] for a video MAE (`is_video_mae`, T its `num_frames`); B >= 1, C its `in_chans`, T a multiple of its
+    `tubelet_size`, H and W multiples of its `patch_size`, together giving its `num_patches`."""
     shape = tuple(images.shape) if isinstance(images, Tensor) else None
     c, p, n = mae.in_chans, mae.patch_size, mae.num_patches
-    expected = f"[B, {c}, H, W] with B >= 1 and (H/{p}) x (W/{p}) = {n} patches of the model"
-    if shape is None or len(shape) != 4:
+    video = is_video_mae(mae)
+    if video:
+        frames, tube = mae.num_frames, mae.tubelet_size
+        expected = (f"clips [B, {c}, {frames}, H, W] with B >= 1 and ({frames}/{tube}) x (H/{p}) x (W/{p}) = {n} "
+                    "tokens of the model")  # fmt: skip
+    else:
+        expected = f"[B, {c}, H, W] with B >= 1 and (H/{p}) x (W/{p}) = {n} patches of the model"
+    if shape is None or len(shape) != (5 if video else 4):
         got = type(images).__name__ if shape is None else f"shape {shape}"
-        raise ValueError(f"{name} must be {expected}, got {got}")
-    b, channels, h, w = shape
+        hint = "" if shape is None or len(shape) not in (4, 5) else (
+            " (a clip batch given to an image MAE)" if len(shape) == 5 else " (an image batch given to a video MAE)")
+        raise ValueError(f"{name} must be {expected}, got {got}{hint}")
+    b, channels, h, w = shape[0], shape[1], shape[-2], shape[-1]
     if b == 0:
-        raise ValueError(f"{name} is an empty batch (B=0, shape {shape}); give at least one image")
-    if channels != c or h % p or w % p or (h // p) * (w // p) != n:
+        raise ValueError(f"{name} is an empty batch (B=0, shape {shape}); give at least one {'clip' if video else 'image'}")
+    tokens_in_time = 1
+    if video:
+        if shape[2] != mae.num_frames or shape[2] % mae.tubelet_size:
+            raise ValueError(f"{name} must be {expected}, got shape {shape}")
+        tokens_in_time = shape[2] // mae.tubelet_size
+    if channels != c or h % p or w % p or tokens_in_time * (h // p) * (w // p) != n:
         raise ValueError(f"{name} must be {expected}, got shape {shape}")
 
 
@@ -159,7 +204,7 @@ def mae_forward(mae: Any, images: Tensor, plan: MaskPlan, tokens: Tensor | None 
     latent = mae.encode(tokens, plan)  # [B, 1 + K, D]
     pred = mae.decode(latent, plan)  # [B, N, P]
     per_patch = patch_loss(pred, mae.patchify(images), mae.norm_pix_loss)  # [B, N]
-    loss = masked_loss(per_patch, plan.mask, plan.weights)
+    loss = masked_loss(per_patch, plan.target_mask, plan.weights)  # over the decoder's subset, when one is named
     return MAEOutput(loss=loss, pred=pred, plan=plan, per_patch=per_patch)
 
 
@@ -171,8 +216,10 @@ def policy_aux_loss(policy: Any, plan: MaskPlan, per_patch: Tensor) -> Tensor | 
 
 
 def policy_context(mae: Any, images: Tensor, **extra: Any) -> dict[str, Any]:
-    """The context every policy may read, built from an MAE and its images."""
-    return {"images": images, "encoder": mae, **extra}
+    """The context every policy may read, built from an MAE and its images (or clips): `images`, `encoder` and
+    the token `grid` (`token_grid`)."""
+    grid = token_grid(mae)
+    return {"images": images, "encoder": mae, **({} if grid is None else {"grid": grid}), **extra}
 
 
 def mae_step_loss(
@@ -181,15 +228,22 @@ def mae_step_loss(
     images: Tensor,
     *,
     ratio: float | None = None,
+    decoder: Callable[[MaskPlan, dict[str, Any]], MaskPlan] | None = None,
     **context: Any,
 ) -> MAEOutput:
     """Tokens -> policy -> plan -> encode/decode -> weighted loss: one pretraining forward.
+
+    `decoder(plan, context)`: names the hidden patches the decoder reconstructs (e.g. a `DecoderMasking`:
+    VideoMAE V2's running cell), drawing from the context's generator after the policy; None: every one.
 
     `aux_loss` of the output holds the policy's own objective, if any; backpropagate `total_loss`.
     """
     check_images(mae, images)
     tokens = mae.patch_tokens(images)  # [B, N, D]
-    plan = policy(tokens, ratio=ratio, **policy_context(mae, images, **context))
+    context = policy_context(mae, images, **context)
+    plan = policy(tokens, ratio=ratio, **context)
+    if decoder is not None:
+        plan = decoder(plan, context)  # the decoder's subset of the hidden patches (`decoder_ids`)
     out = mae_forward(mae, images, plan, tokens=tokens)
     out.aux_loss = policy_aux_loss(policy, plan, out.per_patch)
     return out

@@ -54,6 +54,25 @@ def num_guided(num_hidden: int, fraction: float) -> int:
     return min(num_hidden, int(math.floor(fraction * num_hidden + 0.5)))
 
 
+def check_grid(grid: object, num_patches: int | None = None) -> tuple[int, ...]:
+    """`grid` as a tuple of positive ints: (H', W') for images, (T', H', W') for clips, whose product is N
+    when `num_patches` is given; else a one-line ValueError naming `grid`. Tokens are ordered row-major
+    over it, time slowest (as a Conv3d tubelet embedding's `flatten(2)` orders them)."""
+    if not isinstance(grid, (tuple, list)) or len(grid) not in (2, 3) or not all(
+        isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid
+    ):
+        raise ValueError(f"grid must be (H', W') or (T', H', W') of positive integers, got {grid!r}")
+    shape = tuple(int(g) for g in grid)
+    if num_patches is not None and math.prod(shape) != num_patches:
+        raise ValueError(f"grid {'x'.join(map(str, shape))} holds {math.prod(shape)} tokens, but there are {num_patches}")
+    return shape
+
+
+def is_space_time(grid: tuple[int, ...]) -> bool:
+    """Whether a token grid is a clip's (T', H', W') rather than an image's (H', W')."""
+    return len(grid) == 3
+
+
 class PlanError(ValueError):
     """A MaskPlan whose fields disagree (shapes, ids, mask, weights): a policy's bug, in one line."""
 
@@ -99,6 +118,9 @@ class MaskPlan:
             are the weights unless the policy weights its loss otherwise.
         guided: [B, N] bool, True for the hidden patches the policy chose by its own rule (the
             rest of the hidden set is uniformly random), or None when the whole plan is one rule.
+        decoder_ids: [B, M] indices of the hidden patches the decoder reconstructs (VideoMAE V2's dual
+            masking, CrossMAE's partial reconstruction), ascending per row, the same M for every image;
+            the loss is taken over them only. None (the default): every hidden patch, as MAE.
     """
 
     ids_keep: Tensor
@@ -108,6 +130,7 @@ class MaskPlan:
     scores: Tensor | None = None
     probs: Tensor | None = None
     guided: Tensor | None = None
+    decoder_ids: Tensor | None = None
 
     @classmethod
     def from_scores(cls, scores: Tensor, ratio: float, weights: Tensor | None = None) -> MaskPlan:
@@ -185,6 +208,8 @@ class MaskPlan:
             raise PlanError(f"{who}: ids must be int64, got ids_keep {ids_keep.dtype}, ids_restore {ids_restore.dtype}")
         if weights is not None and (not isinstance(weights, Tensor) or tuple(weights.shape) != (b, n)):
             raise PlanError(f"{who}: weights must be [B, N] = {(b, n)}, got {tuple(getattr(weights, 'shape', ()))}")
+        if self.decoder_ids is not None:
+            self._check_decoder_ids(who)
         ok = self._checks(k)
         if bool(torch.stack(ok).all()):
             return self
@@ -194,6 +219,21 @@ class MaskPlan:
         failed = [name for name, good in zip(names, ok, strict=True) if not bool(good)]
         kind = NonFiniteWeightsError if failed == ["finite weights"] else PlanError
         raise kind(f"{who}: invalid plan: not {failed[0]} (B={b}, N={n}, K={k})")
+
+    def _check_decoder_ids(self, who: str) -> None:
+        """PlanError unless `decoder_ids` is [B, M] int64, 1 <= M <= N - K, ascending per row, all hidden."""
+        ids, (b, n), hidden = self.decoder_ids, self.mask.shape, self.num_hidden
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[0] != b or ids.dtype != torch.long:
+            got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
+            raise PlanError(f"{who}: decoder_ids must be [B, M] int64 with B={b}, got {got}")
+        m = ids.shape[1]
+        if not 1 <= m <= hidden:
+            raise PlanError(f"{who}: decoder_ids names {m} patches per image; it must name 1 to {hidden} (the hidden ones)")
+        in_range = bool((ids.min() >= 0) & (ids.max() < n))
+        if not in_range or not bool((ids[:, 1:] > ids[:, :-1]).all()):
+            raise PlanError(f"{who}: decoder_ids must be distinct patch indices in [0, {n}), ascending per row")
+        if not bool(self.mask.detach().gather(1, ids).eq(1).all()):
+            raise PlanError(f"{who}: decoder_ids names a visible patch; the decoder reconstructs hidden patches only")
 
     def _checks(self, k: int) -> list[Tensor]:
         """The value checks as 0-d booleans: range, permutation, keep order, mask, finite weights, non-negative
@@ -249,11 +289,51 @@ class MaskPlan:
         filler = mask_token.expand(b, self.num_patches - k, d).to(visible.dtype)
         return self.restore(torch.cat([visible, filler], dim=1))
 
-    def loss_weights(self) -> Tensor:
-        """mask * w, the per-patch factor of the weighted masked loss: [B, N]."""
-        if self.weights is None:
+    @property
+    def target_mask(self) -> Tensor:
+        """[B, N] 1.0 where the loss is taken: the `decoder_ids` when named, else every hidden patch (`mask`)."""
+        if self.decoder_ids is None:
             return self.mask
-        return self.mask * self.weights
+        return torch.zeros_like(self.mask).scatter_(1, self.decoder_ids, 1.0)
+
+    @property
+    def num_decoded(self) -> int:
+        """M, the hidden patches per image the decoder reconstructs (N - K without `decoder_ids`)."""
+        return self.num_hidden if self.decoder_ids is None else self.decoder_ids.shape[1]
+
+    def with_decoder_ids(self, ids: Tensor) -> MaskPlan:
+        """This plan with the decoder reconstructing only the hidden patches `ids` [B, M] (sorted here); checked."""
+        if not isinstance(ids, Tensor):
+            raise PlanError(f"decoder_ids must be a [B, M] tensor, got {type(ids).__name__}")
+        plan = replace(self, decoder_ids=torch.sort(ids, dim=1).values)
+        plan._check_decoder_ids("plan")
+        return plan
+
+    @property
+    def decoder_positions(self) -> Tensor:
+        """[B, K + M] the patch index of every decoder input token: the visible ones (`ids_keep`), then the hidden
+        ones it reconstructs (`decoder_ids`, or every hidden patch in shuffled order without them)."""
+        if self.decoder_ids is None:
+            ids_shuffle = torch.argsort(self.ids_restore, dim=1)  # [B, N] visible first, then hidden
+            return ids_shuffle
+        return torch.cat([self.ids_keep, self.decoder_ids], dim=1)  # [B, K + M]
+
+    def scatter_decoded(self, pred: Tensor) -> Tensor:
+        """Predictions of the reconstructed patches back in patch order with zeros elsewhere: `pred` [B, M, P] (the
+        `decoder_ids`) or [B, K + M, P] (every `decoder_positions` token) -> [B, N, P]."""
+        b, n, m, k = self.batch_size, self.num_patches, self.num_decoded, self.num_visible
+        if not isinstance(pred, Tensor) or pred.dim() != 3 or pred.shape[0] != b or pred.shape[1] not in (m, k + m):
+            got = tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
+            raise ValueError(f"pred must be [B, M, P] or [B, K + M, P] = [{b}, {m} or {k + m}, P], got {got}")
+        positions = self.decoder_positions[:, -pred.shape[1]:]  # [B, M] or [B, K + M]
+        out = pred.new_zeros(b, n, pred.shape[-1])  # [B, N, P]
+        return out.scatter(1, positions.unsqueeze(-1).expand(-1, -1, pred.shape[-1]), pred)
+
+    def loss_weights(self) -> Tensor:
+        """target_mask * w, the per-patch factor of the weighted masked loss: [B, N]."""
+        if self.weights is None:
+            return self.target_mask
+        return self.target_mask * self.weights
 
     def detach(self) -> MaskPlan:
         """The same plan with weights and scores cut from the autograd graph."""
@@ -309,6 +389,7 @@ class MaskPlan:
             scores=None if self.scores is None else self.scores.to(device),
             probs=None if self.probs is None else self.probs.to(device),
             guided=None if self.guided is None else self.guided.to(device),
+            decoder_ids=None if self.decoder_ids is None else self.decoder_ids.to(device),
         )
 
 

@@ -80,7 +80,7 @@ def usage() -> str:
 
 
 #: the keywords every factory is called with: not source options
-CALL_KEYWORDS = ("arg", "data_dir", "download", "img_size", "cache_dir", "check")
+CALL_KEYWORDS = ("arg", "data_dir", "download", "img_size", "cache_dir", "check", "num_frames", "sampling_rate")
 
 
 def split_options(spec: str) -> tuple[str, dict[str, str]]:
@@ -158,19 +158,28 @@ def parse_dataset(spec: str) -> tuple[str, str | None]:
 
 def load_dataset(
     name: str, data_dir: str | Path | None = None, *, download: bool = False, img_size: int | None = None,
-    cache_dir: str | Path | None = None, check: bool = True,
+    cache_dir: str | Path | None = None, check: bool = True, num_frames: int | None = None,
+    sampling_rate: int | None = None,
 ) -> DataSource:
     """The data source `name` (`NAME[,KEY=VALUE...][:ARG]`, see `DATASETS`), at img_size x img_size if given.
 
     The in-memory sources come back as `ImageData` (torchvision sets: train and test files together);
     `img_size` resizes every image (bilinear); None keeps the size. `cache_dir` (a run directory) and
     `check` reach a factory that takes them (the image folder: its saved index, and whether to check it
-    against the folder). Every source's labels and sizes are checked, and a plugin source's samples as they are
+    against the folder). `num_frames` and `sampling_rate` (--num-frames, --sampling-rate: frames per clip and the
+    stride between them) reach a video source that takes them; given to a source that does not, a DataError
+    naming the option. Every source's labels and sizes are checked, and a plugin source's samples as they are
     read (`maskkit.data.checks`); an exception raised inside a plugin source is one line naming it.
     """
     spec, options = parse_spec(name), split_options(name)[1]
     factory = DATASETS.get(spec.name)
     extra = {k: v for k, v in (("cache_dir", cache_dir), ("check", check)) if _takes(factory, k)}
+    for key, value in (("num_frames", num_frames), ("sampling_rate", sampling_rate)):
+        if value is not None:
+            if not _takes(factory, key):
+                raise DataError(f"--{key.replace('_', '-')} applies to video sources only; dataset {spec.name!r} "
+                                "does not take it")  # fmt: skip
+            extra[key] = value
     try:
         data = factory(arg=spec.arg, data_dir=data_dir, download=download, img_size=img_size, **options, **extra)
         if len(data) == 0:

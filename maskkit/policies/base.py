@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from maskkit.plan import MaskPlan, NonFiniteWeightsError, check_ratio, num_visible, plan_checks_enabled
+from maskkit.plan import (
+    MaskPlan,
+    NonFiniteWeightsError,
+    check_grid,
+    check_ratio,
+    is_space_time,
+    num_visible,
+    plan_checks_enabled,
+)
 from maskkit.policies.card import CardInfo
 
 
@@ -37,7 +46,8 @@ class MaskPolicy(nn.Module):
     An `nn.Module`, so learned policies carry parameters, `state_dict`, `.to()` and DDP.
     `ratio` is set per policy and may be overridden per call. Context keys a policy may read:
     `images` [B, C, H, W], `encoder` (an object with `cls_attention(images) -> [B, N]`),
-    `attention` [B, N] (precomputed scores), `generator` (torch.Generator), `noise` [B, N]
+    `attention` [B, N] (precomputed scores), `grid` (the token grid: (H', W'), or (T', H', W') for clips;
+    read it with `grid_of`), `generator` (torch.Generator), `noise` [B, N]
     (fixes the random draw, as Hugging Face's ViTMAE `noise=`), `progress` (a float in [0, 1]:
     how far training has come, for schedules such as `guided_ramp`). Unknown keys are ignored.
 
@@ -73,6 +83,25 @@ class MaskPolicy(nn.Module):
         if not isinstance(tokens, Tensor) or tokens.dim() != 3:
             raise ValueError(f"tokens must be [B, N, D], got shape {tuple(getattr(tokens, 'shape', ()))}")
         return tokens.shape[0], tokens.shape[1]
+
+    @staticmethod
+    def grid_of(num_patches: int, context: dict[str, Any]) -> tuple[int, ...]:
+        """The token grid of N tokens: the context's `grid` ((H', W') or (T', H', W'), checked against N) when
+        given, else the square sqrt(N) x sqrt(N); a one-line ValueError when neither is known."""
+        grid = context.get("grid")
+        if grid is not None:
+            return check_grid(grid, num_patches)
+        side = math.isqrt(num_patches)
+        if side * side != num_patches:
+            raise ValueError(f"N = {num_patches} tokens is not a square grid; pass the token grid as grid=(H', W') "
+                             "or grid=(T', H', W')")  # fmt: skip
+        return side, side
+
+    def refuse_space_time(self, grid: tuple[int, ...]) -> None:
+        """ValueError naming this policy when `grid` is a clip's (T', H', W'): for policies with no space-time meaning."""
+        if is_space_time(grid):
+            raise ValueError(f"{_registry().label(self)} works on image patch grids only, not on the space-time "
+                             f"token grid {'x'.join(map(str, grid))} (T' x H' x W') of a video MAE")  # fmt: skip
 
     def check_inputs(self, tokens: Tensor, context: dict[str, Any]) -> None:
         """ValueError naming the argument unless `tokens` is [B, N, D] with B >= 1 and the context's `images`

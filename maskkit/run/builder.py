@@ -41,6 +41,7 @@ from maskkit.data import (
 )
 from maskkit.data.splits import split_rule
 from maskkit.distributed import SINGLE, DistContext
+from maskkit.mae import is_video_mae
 from maskkit.plan import check_ratio
 from maskkit.policies import create_policy, policy_card, policy_options
 from maskkit.train import Pretrainer, Resolved, TrainConfig
@@ -134,9 +135,10 @@ def build_mae(model: dict[str, Any]) -> nn.Module:
 
     name = model.get("name", model.get("preset"))  # format 1 spelled it preset / overrides
     options = model.get("options", model.get("overrides", {}))
+    frames = {"num_frames": model["num_frames"]} if model.get("num_frames") is not None else {}  # a video MAE's
     return create_mae_from_spec(
         name, img_size=model["img_size"], patch_size=model["patch_size"], in_chans=model["in_chans"],
-        norm_pix_loss=model["norm_pix_loss"], seed=model["init_seed"], options=options,
+        norm_pix_loss=model["norm_pix_loss"], seed=model["init_seed"], options=options, **frames,
     )  # fmt: skip
 
 
@@ -157,7 +159,8 @@ def policy_kwargs(name: str, options: dict[str, Any], ratio: float, mae: nn.Modu
 
 def load_data(data: DataConfig) -> ImageData:
     """The images a `DataConfig` names (downloaded if it says so)."""
-    return load_dataset(data.dataset, data.data_dir, download=data.download, img_size=data.img_size)
+    return load_dataset(data.dataset, data.data_dir, download=data.download, img_size=data.img_size,
+                        num_frames=data.num_frames, sampling_rate=data.sampling_rate)  # fmt: skip
 
 
 #: images a lazy source's channel statistics are estimated from (seeded sample of the pretraining split)
@@ -210,8 +213,15 @@ def dataset_section(
         "split_rule": split_rule(data),
         "stats": stats,
         "fingerprint": data_fingerprint(data),  # evaluate, visualize and --resume check the data against it
+        **_frames(data),  # a video source's frames per clip (absent for images: their records stay as they were)
     }
     return section, splits
+
+
+def _frames(data: Any) -> dict[str, int]:
+    """{"num_frames": T} for a video source (clips [C, T, H, W]), else nothing."""
+    frames = getattr(data, "num_frames", None)
+    return {} if frames is None else {"num_frames": int(frames)}
 
 
 def model_section(model: ModelConfig, data: ImageData, seed: int) -> dict[str, Any]:
@@ -225,6 +235,7 @@ def model_section(model: ModelConfig, data: ImageData, seed: int) -> dict[str, A
         "in_chans": data.in_chans,
         "norm_pix_loss": model.norm_pix_loss,
         "init_seed": seed,
+        **_frames(data),
     }
 
 
@@ -340,7 +351,8 @@ def build_run(
     if data is None:
         try:
             data = load_dataset(ds.name, ds.data_dir, download=False, img_size=ds.img_size_override,
-                                cache_dir=run_dir, check=not trust_data_change)  # fmt: skip
+                                cache_dir=run_dir, check=not trust_data_change, num_frames=asked.data.num_frames,
+                                sampling_rate=asked.data.sampling_rate)  # fmt: skip
         except DataChangedError as err:
             raise RunError(f"{err}; pass --trust-data-change to use it anyway") from None
         except DataError as err:
@@ -360,12 +372,25 @@ def build_run(
         if not new:
             raise
         raise RunError(f"cannot build model {asked.model.name!r}: {err}") from None
+    _check_kinds(asked.model.name, mae, ds.name, data)
     ratio, pol = record.resolved.train.resolved.mask_ratio, record.resolved.policy
     if new:
         record.model.update(patch_size=int(mae.patch_size), num_patches=mae.num_patches, embed_dim=mae.embed_dim)
         check_ratio(ratio, mae.num_patches)
     policy = create_policy(pol.name, **policy_kwargs(pol.name, pol.options, ratio, mae))
     return Run(record, data, splits, batcher, mae, policy.to(device), device, changed)
+
+
+def _check_kinds(model: str, mae: nn.Module, dataset: str, data: Any) -> None:
+    """RunError naming both when a video MAE meets images or an image MAE meets clips."""
+    clips = getattr(data, "num_frames", None) is not None
+    if is_video_mae(mae) == clips:
+        return
+    if clips:
+        raise RunError(f"dataset {dataset!r} holds clips of {data.num_frames} frames, but model {model!r} is an image "
+                       "MAE; pass a video MAE, e.g. --model video:micro")  # fmt: skip
+    raise RunError(f"model {model!r} is a video MAE, but dataset {dataset!r} holds images; pass a video source "
+                   "(e.g. --dataset movingdigits) or an image MAE")  # fmt: skip
 
 
 def new_run(

@@ -19,7 +19,7 @@ from maskkit.settings import flag, setting
 from maskkit.train.config import ACCUM_MLO, MLOSettings, TrainSettings
 
 __all__ = [
-    "AUGMENT", "DEFAULT_MASK_RATIO", "DEFAULT_MODEL", "FINITE_SETTINGS", "FORMAT_VERSION", "MAX_IMG_SIZE",
+    "AUGMENT", "DEFAULT_MASK_RATIO", "DEFAULT_MODEL", "FINITE_SETTINGS", "FORMAT_VERSION", "MAX_FRAMES", "MAX_IMG_SIZE",
     "MAX_SEED", "MAX_WORKERS", "SECTIONS", "DataConfig", "ModelConfig", "PolicyConfig", "RunConfig", "RunError", "default_ratio",
 ]  # fmt: skip
 
@@ -34,6 +34,8 @@ AUGMENT = ("auto", "none", "crop-flip")
 #: largest --img-size: the images are held in memory at this side (1024^2 x 3 bytes each), and a ViT's
 #: attention grows with the fourth power of the side
 MAX_IMG_SIZE = 1024
+#: largest --num-frames and --sampling-rate (VideoMAE samples 16 frames at a rate of 2 to 4)
+MAX_FRAMES = 1024
 #: most worker processes per stream
 MAX_WORKERS = 64
 #: largest --seed: numpy's and torch's generators both take any integer in [0, 2^63 - 1]
@@ -78,6 +80,14 @@ class DataConfig:
         "size if they share one with sides <= 224, else 224; other data: as stored).",
         flags=("--img-size", "--input_size"),
     )  # fmt: skip
+    num_frames: int | None = setting(
+        None, "Frames per clip of a video source (VideoMAE's --num_frames; default: the source's own, 16 for clip "
+        "folders).", flags=("--num-frames", "--num_frames"),
+    )  # fmt: skip
+    sampling_rate: int | None = setting(
+        None, "Stride between the sampled frames of a clip file (VideoMAE's --sampling_rate; default: the "
+        "source's own, 4 for clip folders).", flags=("--sampling-rate", "--sampling_rate"),
+    )  # fmt: skip
     augment: str = setting("auto", "auto: MAE crop + flip for images of side >= 32, else none | none | crop-flip.")
     num_workers: int | None = setting(
         None, "Worker processes reading each stream's batches (default: none for data in memory or a folder of "
@@ -93,6 +103,10 @@ class DataConfig:
             raise RunError(f"{flag('augment')} must be one of {', '.join(AUGMENT)}, got {self.augment!r}")
         if self.num_workers is not None and not 0 <= self.num_workers <= MAX_WORKERS:
             raise RunError(f"--num-workers must be an integer in [0, {MAX_WORKERS}], got {self.num_workers}")
+        for name in ("num_frames", "sampling_rate"):
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= MAX_FRAMES:
+                raise RunError(f"{flag(name)} must be an integer in [1, {MAX_FRAMES}], got {value}")
         if self.img_size is not None and not 1 <= self.img_size <= MAX_IMG_SIZE:
             raise RunError(f"--img-size must be an integer in [1, {MAX_IMG_SIZE}], got {self.img_size}")
 
@@ -225,6 +239,9 @@ class RunConfig:
         _one_line(self.train.check)
         if self.train.accum_iter > 1 and self.policy.learnable() and not self.mlo.freeze_masker:
             raise RunError(ACCUM_MLO)
+        if self.train.decoder_ratio is not None and self.policy.learnable() and not self.mlo.freeze_masker:
+            raise RunError(f"--decoder-ratio is not yet supported with a masker the MLO engine trains ({self.policy.name!r}); "
+                           "use it with a policy that does not learn from labels, or --freeze-masker")  # fmt: skip
         self.check_numbers()
         self.data.check()
         self.model.check()

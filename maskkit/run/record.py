@@ -78,6 +78,7 @@ class DatasetRecord:
     in_chans: int | None = None
     num_images: int | None = None
     num_classes: int | None = None
+    num_frames: int | None = None  # a video source's frames per clip; None: images
 
 
 @dataclass(frozen=True)
@@ -257,11 +258,11 @@ FORMAT_2: Schema = {
         "in_chans": int, "num_images": int, "num_classes": int, "labeled": bool, "layout": str | None,
         "mean": list[float], "std": list[float], "augment": str, "split_seed": int,
         "split_fractions": dict[str, float], "splits": dict[str, int], "split_rule": str, "stats": str,
-        "fingerprint": dict[str, Any],
+        "fingerprint": dict[str, Any], "num_frames": int,
     },
     "model": {
         "name": str, "options": dict[str, Any], "img_size": int | list[int], "patch_size": int, "in_chans": int,
-        "norm_pix_loss": bool, "init_seed": int, "num_patches": int, "embed_dim": int,
+        "norm_pix_loss": bool, "init_seed": int, "num_patches": int, "embed_dim": int, "num_frames": int,
     },
     "policy": {"name": str, "options": dict[str, Any], "learnable": bool},
     "train": _train(),
@@ -281,6 +282,9 @@ ADDED_IN_FORMAT_2 = frozenset({
     # the cluster issue (23): a run without them ran in the default (contiguous) layout and logged to
     # metrics.jsonl alone
     "config.train.channels_last", "config.train.log", "config.train.log_images_every",
+    # the video issue (31): a run without them decoded every hidden patch, of images (no frames)
+    "config.train.decoder_ratio", "config.train.decoder_rule", "train.decoder_ratio", "train.decoder_rule",
+    "config.data.num_frames", "config.data.sampling_rate", "dataset.num_frames", "model.num_frames",
 })  # fmt: skip
 
 _NAMES = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",

@@ -39,6 +39,8 @@ AMP_MODES = ("none", "bf16")
 #: --log-images-every's default, in --log-every intervals
 IMAGES_EVERY = 10
 MASK_NOISE = ("rank", "sample")
+#: --decoder-rule: which hidden patches the decoder reconstructs under --decoder-ratio (maskkit.policies.decoder)
+DECODER_RULES = ("auto", "random", "runningcell")
 #: what --device takes, beside cuda:N
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: most micro-batches per optimizer step (--accum-iter); with data, a step also may not exceed the train split
@@ -155,6 +157,16 @@ class TrainSettings:
         "(same for any process count).",
     )  # fmt: skip
 
+    decoder_ratio: float | None = setting(
+        None, "Fraction of the hidden patches the decoder does not reconstruct (VideoMAE V2's decoder mask ratio, "
+        "0.5 in its paper; CrossMAE's partial reconstruction): the loss is taken over the rest, and the built-in "
+        "MAEs decode only those. Default: every hidden patch (MAE).",
+    )  # fmt: skip
+    decoder_rule: str = setting(
+        "auto", "Which hidden patches the decoder reconstructs under --decoder-ratio: runningcell (VideoMAE V2) | "
+        "random | auto: runningcell for clips, random for images.",
+    )  # fmt: skip
+
     def check(self) -> None:
         """One-line ValueError for a setting out of range or not among its choices (needs no data or model)."""
         if self.steps is not None and self.epochs is not None:
@@ -180,7 +192,12 @@ class TrainSettings:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{flag(name)} must be a finite non-negative number, got {value}")
-        for name, allowed in (("amp", AMP_MODES), ("mask_noise", MASK_NOISE), ("log", LOGGERS)):
+        if self.decoder_ratio is not None and not (math.isfinite(self.decoder_ratio) and 0 <= self.decoder_ratio < 1):
+            raise ValueError(f"--decoder-ratio must lie in [0, 1), got {self.decoder_ratio}")
+        if self.decoder_rule != "auto" and self.decoder_ratio is None:
+            raise ValueError("--decoder-rule only applies with --decoder-ratio")
+        for name, allowed in (("amp", AMP_MODES), ("mask_noise", MASK_NOISE), ("log", LOGGERS),
+                              ("decoder_rule", DECODER_RULES)):  # fmt: skip
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.log_images_every is not None and self.log_images_every < 0:
@@ -322,7 +339,7 @@ class Resolved:
 RECORD_KEYS = (
     "steps", "batch_size", "lr", "weight_decay", "optimizer", "warmup_steps", "mask_ratio", "seed", "log_every",
     "ckpt_every", "keep_checkpoints", "mlo", "skip_nonfinite", "amp", "mask_noise", "compile", "world_size",
-    "accum_iter", "min_lr",
+    "accum_iter", "min_lr", "decoder_ratio", "decoder_rule",
 )  # fmt: skip
 RESOLVED_KEYS = tuple(f.name for f in fields(Resolved))
 

@@ -14,6 +14,7 @@ from maskkit.diagnostics import plan_diagnostics
 from maskkit.mae import mae_step_loss
 from maskkit.optim import create_optimizer, warmup_cosine
 from maskkit.train.config import TrainConfig
+from maskkit.train.decoding import DecoderMasking
 from maskkit.train.guard import nonfinite_grads
 from maskkit.train.step import Agree, StepParts
 
@@ -59,6 +60,7 @@ class PlainStep:
         self.mae, self.policy, self.optimizer, self.scheduler = mae, policy, optimizer, scheduler
         self.trains_aux, self.mask_ratio, self.amp = trains_aux, mask_ratio, amp
         self.last_loss: Tensor | None = None  # what was backpropagated last (inspection, tests)
+        self.decoder: DecoderMasking | None = None  # --decoder-ratio: the decoder's subset of every plan
 
     @classmethod
     def build(cls, parts: StepParts) -> PlainStep:
@@ -69,8 +71,10 @@ class PlainStep:
         trained = nn.ModuleDict({"mae": parts.mae, "policy": parts.policy}) if trains_aux else parts.mae
         optimizer, scheduler = mae_optimizer(trained, parts.config)
         cfg = parts.config
-        return cls(parts.mae, parts.policy, optimizer, scheduler, trains_aux=trains_aux,
+        step = cls(parts.mae, parts.policy, optimizer, scheduler, trains_aux=trains_aux,
                    mask_ratio=cfg.resolved.mask_ratio, amp=cfg.train.amp)  # fmt: skip
+        step.decoder = DecoderMasking.from_settings(cfg.train)
+        return step
 
     def modules(self) -> dict[str, nn.Module | None]:
         return {"MAE": self.mae, "masker": self.policy}
@@ -96,7 +100,7 @@ class PlainStep:
         m, k = micro
         bf16 = self.amp == "bf16"
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = mae_step_loss(self.mae, self.policy, images, ratio=self.mask_ratio, **context)
+            out = mae_step_loss(self.mae, self.policy, images, ratio=self.mask_ratio, decoder=self.decoder, **context)
         loss = out.loss.float() if bf16 else out.loss
         metrics = {"loss": loss.item(), **plan_diagnostics(self.policy, out.plan, out.per_patch)}
         if out.aux_loss is not None and self.trains_aux:
