@@ -98,7 +98,7 @@ def movingdigits_case(tmp_path: Path) -> Case:
     """The generation rule of the module docstring, pixel by pixel in plain loops (no vectorised indexing)."""
     from sklearn.datasets import load_digits
 
-    count, frames, side, seed = 12, 5, 11, 7
+    count, frames, side, seed = 12, 16, 11, 7  # 16 frames: the default (--num-frames sets it)
     glyphs_all = load_digits().images.astype(int)  # [1797, 8, 8] values 0..16
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(count) % 4)
@@ -117,7 +117,7 @@ def movingdigits_case(tmp_path: Path) -> Case:
                         value = glyphs_all[glyphs[n, k], a, b] * 255 // 16
                         r, c = (top + a) % side, (left + b) % side
                         clips[n, 0, t, r, c] = max(clips[n, 0, t, r, c], value)
-    spec = f"movingdigits,count={count},frames={frames},side={side},seed={seed}"
+    spec = f"movingdigits,count={count},side={side},seed={seed}"
     return Case(spec, None, clips / 255.0, labels, ["left", "right", "up", "down"])
 
 

@@ -52,17 +52,17 @@ def test_movingdigits_is_seeded_balanced_and_shaped_as_its_options_say():
     assert torch.equal(a, b) and torch.equal(la, lb)
     assert not torch.equal(a, c) and not torch.equal(la, lc)
     assert sorted(torch.bincount(la, minlength=4).tolist()) == [10, 10, 11, 11]  # 42 = 4 x 10 + 2
-    data = load_dataset("movingdigits,count=42,frames=5,side=12,seed=3")
+    data = load_dataset("movingdigits,count=42,side=12,seed=3", num_frames=5)
     assert torch.equal(data.images, a) and torch.equal(data.labels, la)
     assert frames_of(data) == 5 and data.image_size == (12, 12) and data.classes == ["left", "right", "up", "down"]
     assert frames_of(load_dataset("digits")) is None
-    small = load_dataset("movingdigits,count=42,frames=5,side=12,seed=3", img_size=6)  # every frame resized
+    small = load_dataset("movingdigits,count=42,side=12,seed=3", img_size=6, num_frames=5)  # every frame resized
     assert tuple(small.images.shape) == (42, 1, 5, 6, 6) and frames_of(small) == 5
     assert torch.equal(small.images[:, :, 2], resize(data.floats(slice(None))[:, :, 2].contiguous(), 6))
 
 
 def test_movingdigits_splits_are_balanced_and_auto_augment_leaves_its_clips_alone():
-    data = load_dataset("movingdigits,count=400,frames=2,side=16")
+    data = load_dataset("movingdigits,count=400,side=16", num_frames=2)
     for name, idx in make_splits(data, seed=0).items():
         counts = torch.bincount(data.labels[idx], minlength=4)
         assert int(counts.max() - counts.min()) <= 1, name
@@ -96,14 +96,23 @@ def test_one_frame_does_not_tell_the_label_but_two_frames_do():
     assert accuracy(_shift_products(second, first)) > 0.9  # ... across two frames: the motion
 
 
-def test_a_bad_movingdigits_option_is_one_line():
-    for spec, message in [
-        ("movingdigits,frames=1", "option frames must be an integer >= 2, got '1'"),
-        ("movingdigits,side=many", "option side must be an integer >= 8, got 'many'"),
-        ("movingdigits,count=3", "option count must be an integer >= 4, got '3'"),
+def test_the_sampling_rate_shows_every_rate_th_step_of_the_same_motion():
+    every, _ = moving_digits(count=8, frames=9, side=12, seed=2)
+    strided, _ = moving_digits(count=8, frames=5, side=12, seed=2, rate=2)
+    assert torch.equal(strided, every[:, :, ::2])
+    assert torch.equal(load_dataset("movingdigits,count=8,side=12,seed=2", num_frames=5, sampling_rate=2).images,
+                       strided)  # fmt: skip
+
+
+def test_a_bad_movingdigits_setting_is_one_line():
+    for spec, settings, message in [
+        ("movingdigits", {"num_frames": 1}, "--num-frames must be an integer >= 2, got 1"),
+        ("movingdigits", {"sampling_rate": 0}, "--sampling-rate must be an integer >= 1, got 0"),
+        ("movingdigits,side=many", {}, "option side must be an integer >= 8, got 'many'"),
+        ("movingdigits,count=3", {}, "option count must be an integer >= 4, got '3'"),
     ]:
         with pytest.raises(DataError) as err:
-            load_dataset(spec)
+            load_dataset(spec, **settings)
         assert one_line(err) == f"dataset 'movingdigits': {message}"
 
 
@@ -203,7 +212,7 @@ def test_a_file_source_clip_passes_the_batcher_as_it_decodes_it():
 
 
 def test_fingerprints_of_clips_name_their_frames_and_images_keep_theirs():
-    clips = load_dataset("movingdigits,count=8,frames=3,side=8")
+    clips = load_dataset("movingdigits,count=8,side=8", num_frames=3)
     assert data_fingerprint(clips)["shape"] == [1, 3, 8, 8]
     assert data_fingerprint(ClipFiles())["num_frames"] == 3
     image_source = ClipFiles()
