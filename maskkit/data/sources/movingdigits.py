@@ -19,7 +19,8 @@ In frame t (0..frames-1), digit k's top-left corner is (starts[k] + speeds[k] * 
 and its pixel (a, b) lands at ((row + a) mod side, (column + b) mod side): the canvas is a torus (a digit
 leaving one edge comes back at the other; so each digit crosses the canvas at its own speed, and the start
 positions span it). `rate` (--sampling-rate, default 1) is VideoMAE's sampling rate: the clip shows every
-rate-th step of the motion. A pixel of the clip is the larger of the two digits' values there (0 where neither
+rate-th step of the motion (a step of side / 2 or more pixels a frame, 2 * rate >= side / 2, reads on the
+torus as a motion the other way, or none: keep 4 * rate < side). A pixel of the clip is the larger of the two digits' values there (0 where neither
 is), as 8-bit value * 255 // 16. Clips are uint8 [count, 1, frames, side, side], read as float in [0, 1].
 
 Settings: `--num-frames` (frames, default 16) and `--sampling-rate` (rate, 1) as for every video source; the
