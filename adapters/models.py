@@ -110,13 +110,14 @@ _POSITIVE = ("depth", "decoder_depth", "num_hidden_layers", "decoder_num_hidden_
 
 def check_model_options(spec: str | ModelSpec, options: dict[str, Any]) -> None:
     """One-line ValueError, before anything is built, for a size option that is not a positive integer or
-    attention heads that do not divide the width (the width a timm preset has where not given)."""
+    attention heads that do not divide the width (the width a timm or video preset has where not given)."""
     own: dict[str, Any] = {}
     adapter = model_adapter(spec)
-    if adapter.spec.kind == "timm":
+    if adapter.spec.kind in ("timm", "video"):
         from .timm import get_preset
+        from .video_mae import get_video_preset
 
-        preset = get_preset(adapter.spec.target)
+        preset = (get_preset if adapter.spec.kind == "timm" else get_video_preset)(adapter.spec.target)
         own = {k: getattr(preset, k) for k in ("embed_dim", "num_heads", "decoder_embed_dim", "decoder_num_heads")}
     for name in [n for pair in _WIDTH_HEADS for n in pair] + list(_POSITIVE):
         if name in options:

@@ -119,14 +119,16 @@ class TimmVideoMAE(nn.Module):
             raise ValueError(f"num_frames {num_frames} is not divisible by tubelet_size {tubelet_size}")
         if sizes[0] % patch_size or sizes[1] % patch_size:
             raise ValueError(f"img_size {sizes[0]}x{sizes[1]} is not divisible by patch_size {patch_size}")
-        for width, heads, names in ((embed_dim, num_heads, ("embed_dim", "num_heads")),
-                                    (decoder_embed_dim, decoder_num_heads, ("decoder_embed_dim", "decoder_num_heads"))):  # fmt: skip
+        widths = {"embed_dim": ("num_heads", embed_dim, num_heads),
+                  "decoder_embed_dim": ("decoder_num_heads", decoder_embed_dim, decoder_num_heads)}  # fmt: skip
+        for width_name, (heads_name, width, heads) in widths.items():
             if width % heads:
-                raise ValueError(f"{names[1]}={heads} does not divide {names[0]}={width}")
+                raise ValueError(f"{heads_name}={heads} does not divide {width_name}={width}")
         for name, value in (("mlp_ratio", mlp_ratio), ("decoder_mlp_ratio", decoder_mlp_ratio)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, (int, float)) or not 0 <= drop_path_rate < 1:
+        rate = drop_path_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
             raise ValueError(f"drop_path_rate must be a number in [0, 1), got {drop_path_rate!r}")
 
         self.num_frames: int = int(num_frames)  # T
@@ -141,10 +143,11 @@ class TimmVideoMAE(nn.Module):
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
 
         self.patch_embed = TubeletEmbed(in_chans, embed_dim, tubelet_size, patch_size)
-        self.register_buffer("pos_embed", sinusoid_table(self.num_patches, embed_dim)[None], persistent=False)  # [1, N, D]
-        rates = torch.linspace(0, float(drop_path_rate), depth).tolist()  # stochastic depth per block, as timm's ViT
+        pos_embed = sinusoid_table(self.num_patches, embed_dim)[None]  # [1, N, D], fixed
+        self.register_buffer("pos_embed", pos_embed, persistent=False)
+        rates = [float(drop_path_rate) * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth: 0 .. rate
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=norm_layer) for rate in rates
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=r, norm_layer=norm_layer) for r in rates
         )
         self.norm = norm_layer(embed_dim)
 
@@ -225,7 +228,8 @@ class TimmVideoMAE(nn.Module):
     def unpatchify(self, patches: Tensor) -> Tensor:
         """Inverse of `patchify`: [B, N, t*p*p*C] -> [B, C, T, H, W]."""
         c, (gt, gh, gw), t, p = self.in_chans, self.grid, self.tubelet_size, self.patch_size
-        if not isinstance(patches, Tensor) or patches.dim() != 3 or tuple(patches.shape[1:]) != (self.num_patches, t * p * p * c):
+        expected = (self.num_patches, t * p * p * c)
+        if not isinstance(patches, Tensor) or patches.dim() != 3 or tuple(patches.shape[1:]) != expected:
             got = tuple(patches.shape) if isinstance(patches, Tensor) else type(patches).__name__
             raise ValueError(f"patches must have shape [B, {self.num_patches}, {t * p * p * c}], got {got}")
         x = patches.reshape(patches.shape[0], gt, gh, gw, t, p, p, c)
@@ -323,12 +327,18 @@ def get_video_preset(name: str) -> VideoPreset:
 #: the built-in sizes: name, frames, image side, channels, tubelet, patch, width, depth, heads, decoder width /
 #: depth / heads, description (VideoMAE's are its paper's ViT-S/B/L with its decoders)
 _BUILTIN_PRESETS = (
-    ("micro", 8, 16, 1, 2, 4, 64, 2, 4, 64, 1, 4, "CPU test size: 8 frames of 16x16, tubelet 2x4x4 (64 tokens), width 64, depth 2"),
-    ("tiny", 16, 32, 3, 2, 4, 192, 4, 3, 128, 2, 4, "CPU demo size: 16 frames of 32x32, tubelet 2x4x4 (512 tokens), width 192, depth 4"),
-    ("small", 16, 64, 3, 2, 8, 384, 6, 6, 192, 2, 3, "16 frames of 64x64, tubelet 2x8x8 (512 tokens), width 384, depth 6"),
-    ("vit-s", 16, 224, 3, 2, 16, 384, 12, 6, 192, 4, 3, "VideoMAE ViT-S: 16x224x224, tubelet 2x16x16 (1568 tokens), decoder 192 wide, 4 deep"),
-    ("vit-b", 16, 224, 3, 2, 16, 768, 12, 12, 384, 4, 6, "VideoMAE ViT-B: 16x224x224, tubelet 2x16x16 (1568 tokens), decoder 384 wide, 4 deep"),
-    ("vit-l", 16, 224, 3, 2, 16, 1024, 24, 16, 512, 4, 8, "VideoMAE ViT-L: 16x224x224, tubelet 2x16x16 (1568 tokens), decoder 512 wide, 4 deep"),
+    ("micro", 8, 16, 1, 2, 4, 64, 2, 4, 64, 1, 4,
+     "CPU test size: 8 frames of 16x16, tubelet 2x4x4 (64 tokens), width 64, depth 2"),
+    ("tiny", 16, 32, 3, 2, 4, 192, 4, 3, 128, 2, 4,
+     "CPU demo size: 16 frames of 32x32, tubelet 2x4x4 (512 tokens), width 192, depth 4"),
+    ("small", 16, 64, 3, 2, 8, 384, 6, 6, 192, 2, 3,
+     "16 frames of 64x64, tubelet 2x8x8 (512 tokens), width 384, depth 6"),
+    ("vit-s", 16, 224, 3, 2, 16, 384, 12, 6, 192, 4, 3,
+     "VideoMAE ViT-S: 16x224x224, tubelet 2x16x16 (1568 tokens), decoder 192 wide, 4 deep"),
+    ("vit-b", 16, 224, 3, 2, 16, 768, 12, 12, 384, 4, 6,
+     "VideoMAE ViT-B: 16x224x224, tubelet 2x16x16 (1568 tokens), decoder 384 wide, 4 deep"),
+    ("vit-l", 16, 224, 3, 2, 16, 1024, 24, 16, 512, 4, 8,
+     "VideoMAE ViT-L: 16x224x224, tubelet 2x16x16 (1568 tokens), decoder 512 wide, 4 deep"),
 )  # fmt: skip
 for _name, *_sizes, _description in _BUILTIN_PRESETS:
     register_video_preset(_name, VideoPreset(*_sizes, description=_description))
