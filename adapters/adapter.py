@@ -77,7 +77,8 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class BuildRequest:
-    """What the run asks of a builder: the spec, image sizes (H, W), channels, patch size, loss target, seed, options."""
+    """What the run asks of a builder: the spec, image sizes (H, W), channels, patch size, loss target, seed, options,
+    and for clips [B, C, T, H, W] the frames T (None: images, or a video builder's own default)."""
 
     spec: ModelSpec
     img_size: Any  # as given: int or (H, W)
@@ -87,6 +88,7 @@ class BuildRequest:
     norm_pix_loss: bool
     seed: int
     options: dict[str, Any]
+    num_frames: int | None = None  # T of a video source's clips; an image MAE's builder ignores it
 
 
 class ModelAdapter:
