@@ -281,12 +281,19 @@ def visualize_command(
     trust_data_change: bool = typer.Option(
         False, "--trust-data-change",
         help="With RUN_DIR: draw the run's data even if it changed since it was pretrained."),
+    decoder_ratio: Optional[float] = typer.Option(
+        None, help="Video run: draw the decoder's subset at this decoder mask ratio (default: the run's "
+        "--decoder-ratio; none without one)."),
+    decoder_rule: Optional[str] = typer.Option(
+        None, help="Video run: the rule of that subset, runningcell | random | auto (default: the run's)."),
 ) -> None:
     """A PNG grid per test image: the image, its hidden patches, the masker's heat-map (learned), the reconstruction.
 
     With --policies: a gallery of policies instead, the image then one column per policy, every
     policy masking the same test images at the same ratio (on RUN_DIR's model and data if given,
-    else on an untrained MAE).
+    else on an untrained MAE). A video MAE's picture has one column per frame and, per clip, the rows
+    clip, hidden tubes, decoder subset (when the run or --decoder-ratio names one) and reconstruction;
+    its gallery one row per policy.
     """
     with one_line_errors():
         from maskkit.run import picture
@@ -294,7 +301,7 @@ def visualize_command(
         pic = picture(
             output, run_dir, policies=policies, mask_ratio=mask_ratio, dataset=dataset, data_dir=data_dir,
             model=model, num_images=num_images, tile=tile, seed=seed, device=device,
-            trust_data_change=trust_data_change,
+            trust_data_change=trust_data_change, decoder_ratio=decoder_ratio, decoder_rule=decoder_rule,
         )  # fmt: skip
         total = len(pic.policies)
         drawn = f": {total - len(pic.not_drawn)} of {total} policies at ratio {pic.ratio:g}" if total else ""
