@@ -164,15 +164,13 @@ def picture(
 
 def _decoder(train: TrainSettings, ratio: float | None, rule: str | None) -> DecoderMasking | None:
     """The decoder masking asked for here, the run's settings filling what is not given (checked as pretrain's
-    --decoder-ratio / --decoder-rule, one line naming the option); None when neither gives a ratio."""
+    --decoder-ratio / --decoder-rule, one line naming the option: a rule needs a ratio)."""
     settings = replace(train, decoder_ratio=train.decoder_ratio if ratio is None else ratio,
                        decoder_rule=train.decoder_rule if rule is None else rule)  # fmt: skip
     try:
         settings.check()
     except ValueError as err:
         raise RunError(str(err)) from None
-    if settings.decoder_ratio is None:
-        raise RunError("--decoder-rule needs --decoder-ratio (the run was pretrained without one)")
     return DecoderMasking.from_settings(settings)
 
 
