@@ -330,6 +330,9 @@ def bench_command(
     compile_backend: str = typer.Option(
         "none", "--compile", help="A torch.compile backend (inductor, ...): every MLO row again with the MAE's blocks "
         "compiled (<name>@<backend>), interleaved with the eager ones."),
+    grid: Optional[str] = typer.Option(
+        None, "--grid", help="Only the policy rows, on a space-time token grid T'xH'xW' (VideoMAE's 8x14x14 = 1568 "
+        "tokens, clips 16x224x224 in 2x16x16 tubelets) at ratio 0.9; the policies that refuse it listed with why."),
 ) -> None:
     """Seconds per iteration and peak memory: masking policies vs MAE's random_masking, MLO vs a plain MAE step.
 
@@ -339,7 +342,8 @@ def bench_command(
     random_plan_checked / random_plan_unchecked time the random policy's plan at B=256, N=196 with the plan
     check on and off (MASKKIT_CHECK_PLANS), weighted_plan_* a plan with weights (uniform, secondary 0.5);
     source_read_checked / source_read_unchecked a plugin source's 256 samples read with and without their
-    check, masker_grads_check the hypergradient's check; --plans runs those rows alone.
+    check, masker_grads_check the hypergradient's check; --plans runs those rows alone. --grid 8x14x14: every
+    policy's cost per step on VideoMAE's space-time grid instead (N=1568, ratio 0.9).
     """
     with one_line_errors():
         from maskkit.bench import input_check_line, plan_check_line, run_bench
@@ -350,11 +354,19 @@ def bench_command(
         if json_path is not None:
             check_writable(json_path.parent if str(json_path.parent) else Path("."))
         payload = run_bench(preset, str(dev), batch=batch, repeats=repeats, skip_mlo=skip_mlo, rss=rss,
-                            compile=compile_backend, plans_only=plans)  # fmt: skip
+                            compile=compile_backend, plans_only=plans, grid=grid)  # fmt: skip
         rows = payload["rows"]
-        console.print(bench_table(rows, f"maskkit bench ({preset}, {dev})"))
-        _say(plan_check_line(rows))
-        _say(input_check_line(rows))
+        if grid is not None:
+            from maskkit.video_bench import refusal_lines
+
+            console.print(bench_table(rows, f"maskkit bench ({preset}, {dev}): grid {payload['grid']}, "
+                                            f"N={payload['num_patches']}, ratio {payload['mask_ratio']:g}, B={payload['batch']}"))
+            for line in refusal_lines(payload):
+                _say(line)
+        else:
+            console.print(bench_table(rows, f"maskkit bench ({preset}, {dev})"))
+            _say(plan_check_line(rows))
+            _say(input_check_line(rows))
         model = payload.get("cost_model")
         if model is not None and not skip_mlo:
             _say(f"cost model ({model['num_patches']} patches, unmasked/masked pass {model['unmasked_over_masked']:.2f}): "
