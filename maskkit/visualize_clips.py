@@ -23,8 +23,17 @@ from torch import Tensor, nn
 from maskkit.data import Batcher, denormalize
 from maskkit.plan import MaskPlan
 from maskkit.visualize import (
-    FOOTER, GUIDED_RGB, HEADER, HIDDEN_RGB, MAX_PICTURE_PIXELS, PAD, check_picture_size, gallery_plans, heat_colour,
-    heat_values, masked_prediction,
+    FOOTER,
+    GUIDED_RGB,
+    HEADER,
+    HIDDEN_RGB,
+    MAX_PICTURE_PIXELS,
+    PAD,
+    check_picture_size,
+    gallery_plans,
+    heat_colour,
+    heat_values,
+    masked_prediction,
 )  # fmt: skip
 
 #: colour of the hidden tubelets that the decoder reconstructs (`plan.decoder_ids`), in the "decoder subset" row

@@ -16,7 +16,11 @@ from maskkit.mae import mae_forward
 from maskkit.policies import RandomPolicy
 from maskkit.visualize import GUIDED_RGB, HIDDEN_RGB
 from maskkit.visualize_clips import (
-    DECODED_RGB, compose_clip_grid, frame_box, render_clip_gallery, render_clip_panels,
+    DECODED_RGB,
+    compose_clip_grid,
+    frame_box,
+    render_clip_gallery,
+    render_clip_panels,
 )  # fmt: skip
 
 MEAN, STD = [0.4], [0.3]

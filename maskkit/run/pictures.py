@@ -22,7 +22,6 @@ from maskkit.checkpoint import atomic_write_bytes
 from maskkit.options import shown_path
 from maskkit.plan import check_ratio
 from maskkit.policies import get_policy_class, list_policies
-from maskkit.train.config import TrainSettings
 from maskkit.train.decoding import DecoderMasking
 
 from .builder import Run, load_data, new_run, resolve_device
