@@ -87,3 +87,20 @@ def test_bench_command_with_grid_writes_measured_rows_and_refusals(tmp_path):
         result = runner.invoke(app, ["bench", "--preset", "trivial", *args])
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], result.output
+
+
+def test_the_decoder_rows_decode_the_rules_subset():
+    decoder = pytest.importorskip("maskkit.policies.decoder")
+    torch.set_num_threads(1)
+    result = bench_video_step("micro", batch=2, repeats=1, warmup=0)
+    by = {row["name"]: row for row in result["rows"]}
+    assert list(by) == ["plain", "decoder_runningcell_0.5", "decoder_random_0.5"]
+    assert by["plain"]["decoded"] == 58
+    from maskkit.policies import RandomPolicy
+
+    plan = RandomPolicy(0.9)(torch.zeros(2, 64, 8), generator=torch.Generator().manual_seed(0))
+    for rule in ("runningcell", "random"):  # the rule's own subset size for 58 hidden tokens of the 4x4x4 grid
+        m = decoder.apply_decoder_rule(plan, rule, 0.5, grid=(4, 4, 4), generator=torch.Generator().manual_seed(0))
+        row = by[f"decoder_{rule}_0.5"]
+        assert row["decoded"] == m.num_decoded < 58 and row["baseline"] == "plain"
+        assert row["ratio"] == pytest.approx(row["seconds"] / by["plain"]["seconds"])

@@ -183,3 +183,27 @@ def test_visualize_draws_a_video_runs_frames_and_refuses_bad_decoder_options(tmp
     result = invoke("visualize", image_run, "-o", tmp_path / "bad.png", "--decoder-ratio", "0.5")
     assert result.exit_code == 1 and "drawn on a video MAE's clips only" in result.stderr.strip(), result.output
     assert not (tmp_path / "bad.png").exists()
+
+
+@pytest.mark.slow
+def test_a_run_pretrained_with_decoder_masking_shows_its_subset(tmp_path):
+    pytest.importorskip("maskkit.policies.decoder")
+    torch.set_num_threads(1)
+    run = tmp_path / "video"
+    result = invoke("pretrain", *DATA, "--model", "video:micro", "--steps", "2", "--batch-size", "4", "--no-progress",
+                    "--mask-ratio", "0.75", "--decoder-ratio", "0.5", "--out", run)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    heights = {}
+    for name, extra in (("own", []), ("random", ["--decoder-rule", "random"]), ("more", ["--decoder-ratio", "0.25"])):
+        out = tmp_path / f"{name}.png"
+        result = invoke("visualize", run, "-o", out, "--num-images", "2", "--tile", "32", *extra)
+        assert result.exit_code == 0, result.output
+        heights[name] = Image.open(out).size[1]
+    # 2 clips of 4 rows: clip, hidden tubes, decoder subset, reconstruction
+    assert set(heights.values()) == {18 + 4 + 2 * (4 * (32 + 4) + 8) + 30}
+    own, more = (np.asarray(Image.open(tmp_path / f"{n}.png").convert("RGB")) for n in ("own", "more"))
+    green = np.round(np.array(DECODED_RGB) * 255)
+    # the subset row of the first clip: a decoder ratio of 0.25 reconstructs more of the hidden tokens than 0.5
+    top = 18 + 4 + 2 * (32 + 4)
+    count = lambda png: (png[top : top + 32, 104:] == green).all(axis=-1).sum()  # noqa: E731
+    assert 0 < count(own) < count(more)
