@@ -77,7 +77,8 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class BuildRequest:
-    """What the run asks of a builder: the spec, image sizes (H, W), channels, patch size, loss target, seed, options."""
+    """What the run asks of a builder: the spec, image sizes (H, W), channels, patch size, loss target, seed, options,
+    and for clips the frames per clip (None: images, or a video model's own)."""
 
     spec: ModelSpec
     img_size: Any  # as given: int or (H, W)
@@ -87,6 +88,7 @@ class BuildRequest:
     norm_pix_loss: bool
     seed: int
     options: dict[str, Any]
+    num_frames: int | None = None  # T of clips [B, C, T, H, W]; None: images (or the video model's own)
 
 
 class ModelAdapter:

@@ -7,6 +7,9 @@ registered as KIND (`maskkit.adapters.ADAPTERS`) reading ARG. The built-in kinds
   (relative paths are resolved), and a class or factory function in it (default `MaskedAutoencoderViT`);
 - `hf:tiny`: a CPU-sized transformers `ViTMAEForPreTraining` (`HF_TINY`);
 - `hf:PATH.json`: a transformers `ViTMAEConfig` JSON file (e.g. a checkpoint's `config.json`).
+- `hf-video:tiny`, `hf-video:PATH.json` or `hf-video:DIR`: a transformers `VideoMAEForPreTraining` (clips);
+- `videomae:PATH[:CALLABLE]`: an MCG-NJU/VideoMAE-style `modeling_pretrain.py` of the user's, by path (default
+  `PretrainVisionTransformer`).
 
 The data fix `img_size`, `in_chans` and `norm_pix_loss`; `options` (`--model-opt key=value`, see
 `parse_model_options`) set everything else the codebase accepts. Weights depend only on `seed`
@@ -48,6 +51,7 @@ _RESERVED_OPTIONS = (
     "patch_size",
     "norm_pix_loss",
     "seed",
+    "num_frames",
 )
 
 
@@ -160,11 +164,13 @@ def create_mae_from_spec(
     norm_pix_loss: bool = False,
     seed: int = 0,
     options: dict[str, Any] | None = None,
+    num_frames: int | None = None,
 ) -> nn.Module:
     """Build the MAE of `spec` (see `parse_model_spec`) for images [B, in_chans, H, W], wrapped in the MAE protocol.
 
     patch_size: required for timm presets; None keeps an official callable's or a config file's own
-    (4 for `hf:tiny`). Bad specs, sizes and options raise a one-line ValueError.
+    (4 for `hf:tiny`). num_frames: T of clips [B, in_chans, T, H, W] for a video kind (None: its own).
+    Bad specs, sizes and options raise a one-line ValueError.
     """
     adapter = model_adapter(spec)
     sizes = _check_sizes(img_size, in_chans, patch_size)
@@ -174,7 +180,10 @@ def create_mae_from_spec(
         raise ValueError(
             f"model option {reserved[0]!r} is set by the run (from the data and its arguments), not by an option"
         )
-    request = BuildRequest(adapter.spec, img_size, sizes, in_chans, patch_size, bool(norm_pix_loss), seed, options)
+    if num_frames is not None and not positive_int(num_frames):
+        raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
+    request = BuildRequest(adapter.spec, img_size, sizes, in_chans, patch_size, bool(norm_pix_loss), seed, options,
+                           num_frames)  # fmt: skip
     try:
         return adapter.build(request)
     except Exception as err:
