@@ -106,7 +106,7 @@ def _read_config(tf: Any, path: Path) -> tuple[Any, str]:
         raise ValueError(f"hf-video model config not found: {file}")
     try:
         cfg = tf.VideoMAEConfig.from_json_file(str(file))
-    except (OSError, ValueError) as err:
+    except (OSError, TypeError, ValueError) as err:  # TypeError: JSON that is not an object
         raise ValueError(f"cannot read VideoMAEConfig from {file}: {one_line(err)}") from None
     return cfg, file.name
 
