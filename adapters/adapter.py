@@ -78,7 +78,7 @@ class ModelSpec:
 @dataclass(frozen=True)
 class BuildRequest:
     """What the run asks of a builder: the spec, image sizes (H, W), channels, patch size, loss target, seed, options,
-    and for clips the frames per clip (None: images, or a video model's own)."""
+    and for clips [B, C, T, H, W] the frames T (None: images, or a video builder's own default)."""
 
     spec: ModelSpec
     img_size: Any  # as given: int or (H, W)
@@ -88,7 +88,7 @@ class BuildRequest:
     norm_pix_loss: bool
     seed: int
     options: dict[str, Any]
-    num_frames: int | None = None  # T of clips [B, C, T, H, W]; None: images (or the video model's own)
+    num_frames: int | None = None  # T of a video source's clips; an image MAE's builder ignores it
 
 
 class ModelAdapter:

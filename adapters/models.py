@@ -6,12 +6,13 @@ registered as KIND (`maskkit.adapters.ADAPTERS`) reading ARG. The built-in kinds
 - `official:PATH[:CALLABLE]`: a facebookresearch/mae-style `models_mae.py` of the user's, by path
   (relative paths are resolved), and a class or factory function in it (default `MaskedAutoencoderViT`);
 - `hf:tiny`: a CPU-sized transformers `ViTMAEForPreTraining` (`HF_TINY`);
-- `hf:PATH.json`: a transformers `ViTMAEConfig` JSON file (e.g. a checkpoint's `config.json`).
+- `hf:PATH.json`: a transformers `ViTMAEConfig` JSON file (e.g. a checkpoint's `config.json`);
+- `video:NAME`: a size preset of the built-in video MAE (`maskkit.adapters.video_mae`: "micro" ... "vit-b");
 - `hf-video:tiny`, `hf-video:PATH.json` or `hf-video:DIR`: a transformers `VideoMAEForPreTraining` (clips);
 - `videomae:PATH[:CALLABLE]`: an MCG-NJU/VideoMAE-style `modeling_pretrain.py` of the user's, by path (default
   `PretrainVisionTransformer`).
 
-The data fix `img_size`, `in_chans` and `norm_pix_loss`; `options` (`--model-opt key=value`, see
+The data fix `img_size`, `in_chans`, `num_frames` (clips) and `norm_pix_loss`; `options` (`--model-opt key=value`, see
 `parse_model_options`) set everything else the codebase accepts. Weights depend only on `seed`
 (the global RNG is left untouched). The result is the MAE protocol (maskkit.mae) over the model.
 """
@@ -112,13 +113,14 @@ _POSITIVE = ("depth", "decoder_depth", "num_hidden_layers", "decoder_num_hidden_
 
 def check_model_options(spec: str | ModelSpec, options: dict[str, Any]) -> None:
     """One-line ValueError, before anything is built, for a size option that is not a positive integer or
-    attention heads that do not divide the width (the width a timm preset has where not given)."""
+    attention heads that do not divide the width (the width a timm or video preset has where not given)."""
     own: dict[str, Any] = {}
     adapter = model_adapter(spec)
-    if adapter.spec.kind == "timm":
+    if adapter.spec.kind in ("timm", "video"):
         from .timm import get_preset
+        from .video_mae import get_video_preset
 
-        preset = get_preset(adapter.spec.target)
+        preset = (get_preset if adapter.spec.kind == "timm" else get_video_preset)(adapter.spec.target)
         own = {k: getattr(preset, k) for k in ("embed_dim", "num_heads", "decoder_embed_dim", "decoder_num_heads")}
     for name in [n for pair in _WIDTH_HEADS for n in pair] + list(_POSITIVE):
         if name in options:
@@ -166,22 +168,22 @@ def create_mae_from_spec(
     options: dict[str, Any] | None = None,
     num_frames: int | None = None,
 ) -> nn.Module:
-    """Build the MAE of `spec` (see `parse_model_spec`) for images [B, in_chans, H, W], wrapped in the MAE protocol.
+    """Build the MAE of `spec` (see `parse_model_spec`) for images [B, in_chans, H, W], or for clips [B, in_chans,
+    num_frames, H, W] when `num_frames` is given (a video kind's; an image kind ignores it), wrapped in the MAE protocol.
 
-    patch_size: required for timm presets; None keeps an official callable's or a config file's own
-    (4 for `hf:tiny`). num_frames: T of clips [B, in_chans, T, H, W] for a video kind (None: its own).
-    Bad specs, sizes and options raise a one-line ValueError.
+    patch_size: required for timm and video presets; None keeps an official callable's or a config file's own
+    (4 for `hf:tiny`). Bad specs, sizes and options raise a one-line ValueError.
     """
     adapter = model_adapter(spec)
     sizes = _check_sizes(img_size, in_chans, patch_size)
+    if num_frames is not None and not positive_int(num_frames):
+        raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
     options = dict(options or {})
     reserved = sorted(set(options) & set(_RESERVED_OPTIONS))
     if reserved:
         raise ValueError(
             f"model option {reserved[0]!r} is set by the run (from the data and its arguments), not by an option"
         )
-    if num_frames is not None and not positive_int(num_frames):
-        raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
     request = BuildRequest(adapter.spec, img_size, sizes, in_chans, patch_size, bool(norm_pix_loss), seed, options,
                            num_frames)  # fmt: skip
     try:

@@ -1,4 +1,5 @@
-"""CLS-to-patch attention of a timm ViT block, recomputed as a side computation.
+"""CLS-to-patch attention of a timm ViT block (or, without CLS, the attention each token receives), recomputed
+as a side computation.
 
 timm's `Attention` never materialises the attention matrix when `fused_attn` is on (it calls
 `F.scaled_dot_product_attention`), so the weights are recomputed here from the block's own
@@ -50,6 +51,14 @@ def cls_attention(block: nn.Module, x: Tensor) -> Tensor:
     attn = check_timm_block(block)
     if x.dim() != 3 or x.shape[1] < 2:
         raise ValueError(f"x must have shape [B, 1 + N, D] with N >= 1, got {tuple(x.shape)}")
+    q, k, scale = _queries_keys(block, attn, x)  # [B, H, T, hd] each
+    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # [B, H, 1, T]: the CLS query only
+    weights = logits.softmax(dim=-1)[:, :, 0, 1:]  # [B, H, N]
+    return weights.mean(dim=1)  # [B, N]
+
+
+def _queries_keys(block: nn.Module, attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, float]:
+    """The block's queries and keys [B, H, T, hd] for its input x [B, T, D] (q_norm/k_norm applied), and its scale."""
     heads = attn.num_heads
     head_dim = getattr(attn, "head_dim", None) or attn.qkv.out_features // (3 * heads)
     scale = getattr(attn, "scale", None)
@@ -61,12 +70,21 @@ def cls_attention(block: nn.Module, x: Tensor) -> Tensor:
     k_norm = nn.Identity() if k_norm is None else k_norm
 
     batch, length, _ = x.shape
-    h = block.norm1(x)  # [B, T, D], T = 1 + N
+    h = block.norm1(x)  # [B, T, D]
     qkv = attn.qkv(h).reshape(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)  # [3, B, H, T, hd]
-    q, k = q_norm(qkv[0]), k_norm(qkv[1])  # [B, H, T, hd]
-    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # [B, H, 1, T]: the CLS query only
-    weights = logits.softmax(dim=-1)[:, :, 0, 1:]  # [B, H, N]
-    return weights.mean(dim=1)  # [B, N]
+    return q_norm(qkv[0]), k_norm(qkv[1]), scale
+
+
+def attention_received(block: nn.Module, x: Tensor) -> Tensor:
+    """The attention each token receives in `block` for its input x [B, N, D] (no CLS) -> [B, N]: the columns of
+    softmax(q k^T * scale) averaged over heads and queries (so each row sums to 1). A model without CLS (VideoMAE)
+    gives this as its `cls_attention`."""
+    attn = check_timm_block(block)
+    if x.dim() != 3 or x.shape[1] < 1:
+        raise ValueError(f"x must have shape [B, N, D] with N >= 1, got {tuple(x.shape)}")
+    q, k, scale = _queries_keys(block, attn, x)  # [B, H, N, hd] each
+    weights = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, H, N, N]: query rows, key columns
+    return weights.mean(dim=(1, 2))  # [B, N]
 
 
 def last_block_cls_attention(blocks: Iterable[nn.Module], x: Tensor) -> Tensor:
@@ -77,6 +95,16 @@ def last_block_cls_attention(blocks: Iterable[nn.Module], x: Tensor) -> Tensor:
     for blk in blocks[:-1]:
         x = blk(x)
     return cls_attention(blocks[-1], x)
+
+
+def last_block_attention_received(blocks: Iterable[nn.Module], x: Tensor) -> Tensor:
+    """Run `blocks[:-1]` on x [B, N, D] (no CLS), then return the attention each token receives in the last [B, N]."""
+    blocks = list(blocks)
+    if not blocks:
+        raise ValueError("last_block_attention_received needs at least one block")
+    for blk in blocks[:-1]:
+        x = blk(x)
+    return attention_received(blocks[-1], x)
 
 
 # ---- the CLS row through the last block ----------------------------------------------------------

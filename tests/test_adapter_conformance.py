@@ -1,15 +1,18 @@
-"""One conformance suite for every registered MAE adapter (`maskkit.adapters.ADAPTERS`: timm, official, hf).
+"""One conformance suite for every registered MAE adapter (`maskkit.adapters.ADAPTERS`: timm, official, hf, video).
 
 Each registered adapter is one `AdapterCase` in `CASES` (keyed by its registered name), one param of the
 `case` fixture; a new adapter gets every test here by adding one more entry, and a registered adapter
 without one fails `test_every_registered_adapter_has_a_case`. A plugin's adapter runs the same suite
-through `check_conformance(case)` (tests/test_plugin_adapter.py). For every adapter:
+through `check_conformance(case)` (tests/test_plugin_adapter.py). A case declares its input: images [B, C, H, W],
+or clips [B, C, T, H, W] cut into t x p x p tubelets (`num_frames`, `tubelet_size`; a video MAE, `is_video_mae`),
+and whether the model has a CLS token (`has_cls`; VideoMAE's have none). For every adapter:
 
 1. maskkit's loss (`mae_step_loss` + the random policy, same noise) is bit-identical to the codebase's
    own loss, for norm_pix_loss False and True, and a weighted plan weights the codebase's own per-patch loss;
 2. the plan round trip: patchify / unpatchify, ids_keep / ids_restore / mask, gather / restore,
    encode / decode;
-3. `features(images)` is the unmasked encoder's CLS after the final norm;
+3. `features(images)` is the unmasked encoder's CLS after the final norm (without CLS: its pooled tokens, as the
+   codebase pools them, e.g. VideoMAE's mean then norm);
 4. a learned masker gets gradients through the loss;
 5. attaching maskkit to the codebase's own model and detaching it leaves that model exactly as it was;
 6. the wrapper's state_dict survives torch.save / torch.load into a differently seeded wrapper;
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +40,12 @@ from maskkit import MaskPlan, create_policy, gather_tokens, is_mae, mae_forward,
 from maskkit.adapters import ADAPTERS, create_mae_from_spec
 from maskkit.adapters.models import load_official_module
 from maskkit.compile import compile_blocks, is_compiled, transformer_blocks
+from maskkit.mae import is_video_mae, token_grid
 
 B = 3
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 Triple = tuple[Tensor, Tensor, Tensor]  # (loss, pred [B, N, P], mask [B, N])
+#: a video case's clips: [B, C, T, H, W]; an image case's images: [B, C, H, W] (the suite calls both `images`)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # bit-exact comparisons need one thread count
 
@@ -59,18 +65,20 @@ class Noise:
 
 @dataclass(frozen=True)
 class AdapterCase:
-    """What the suite needs to know of one adapter."""
+    """What the suite needs to know of one adapter. Its inputs are images [B, C, H, W], or clips [B, C, T, H, W]
+    when `num_frames` is set (a video adapter: T frames, tubelets of `tubelet_size` x p x p pixels)."""
 
     name: str  # the adapter's registered name (its model kind)
-    img_size: int
-    in_chans: int
-    patch_size: int
-    embed_dim: int
+    img_size: int  # H = W
+    in_chans: int  # C
+    patch_size: int  # p
+    embed_dim: int  # D
     #: (seed, norm_pix_loss) -> the wrapped, MAE-protocol model (eval mode, weights fixed by the seed)
     build: Callable[[int, bool], nn.Module]
     #: (wrapper, images, noise, ratio) -> the codebase's OWN (loss, pred [B, N, P], mask [B, N]) for it
     own_loss: Callable[[nn.Module, Tensor, Noise, float], Triple]
-    #: (wrapper, images) -> the codebase's own CLS after the final norm with nothing masked [B, D]
+    #: (wrapper, images) -> the codebase's own CLS after the final norm with nothing masked [B, D] (without CLS:
+    #: its own pooled feature, e.g. VideoMAE's mean of the tokens, then its norm)
     own_features: Callable[[nn.Module, Tensor], Tensor]
     #: assert_close tolerances of `features` against `own_features` (summation order may differ)
     features_tol: dict[str, float]
@@ -91,14 +99,53 @@ class AdapterCase:
     #: the `--model` spec and `--model-opt` options under which the registered adapter builds `build`'s model
     spec: str = ""
     spec_options: dict = field(default_factory=dict)
+    #: T, the frames of a clip: set for a video adapter (inputs [B, C, T, H, W]); None for images [B, C, H, W]
+    num_frames: int | None = None
+    #: t, the frames of one tubelet (a video adapter's); 1 for images
+    tubelet_size: int = 1
+    #: whether the encoder prepends a CLS token (latent [B, 1 + K, D]); False: latent [B, K, D] (VideoMAE's)
+    has_cls: bool = True
+
+    @property
+    def is_video(self) -> bool:
+        return self.num_frames is not None
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """The token grid: (H/p, W/p) for images, (T/t, H/p, W/p) for clips (time slowest)."""
+        side = self.img_size // self.patch_size
+        return (self.num_frames // self.tubelet_size, side, side) if self.is_video else (side, side)
 
     @property
     def num_patches(self) -> int:
-        return (self.img_size // self.patch_size) ** 2
+        return math.prod(self.grid)
 
     @property
     def patch_dim(self) -> int:
-        return self.patch_size**2 * self.in_chans
+        """P = t*p*p*C (t = 1 for images)."""
+        return self.tubelet_size * self.patch_size**2 * self.in_chans
+
+    def input_shape(self, batch: int) -> tuple[int, ...]:
+        """[B, C, H, W] for images, [B, C, T, H, W] for clips."""
+        frames = (self.num_frames,) if self.is_video else ()
+        return (batch, self.in_chans, *frames, self.img_size, self.img_size)
+
+    @property
+    def build_sizes(self) -> dict:
+        """What `create_mae_from_spec` needs beyond the image sizes: the frames of a clip."""
+        return {"num_frames": self.num_frames} if self.is_video else {}
+
+
+def reference_patchify(case: AdapterCase, x: Tensor) -> Tensor:
+    """MAE's patch layout ('nchpwq->nhwpqc') for images; VideoMAE's 'b c (t p0) (h p1) (w p2) -> b (t h w)
+    (p0 p1 p2 c)' for clips: [B, N, P]."""
+    p, c, n = case.patch_size, case.in_chans, case.num_patches
+    if not case.is_video:
+        g = case.img_size // p
+        return torch.einsum("nchpwq->nhwpqc", x.reshape(x.shape[0], c, g, p, g, p)).reshape(x.shape[0], n, p * p * c)
+    (gt, gh, gw), t = case.grid, case.tubelet_size
+    x = x.reshape(x.shape[0], c, gt, t, gh, p, gw, p)
+    return torch.einsum("bctuhpwq->bthwupqc", x).reshape(x.shape[0], n, case.patch_dim)
 
 
 def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
@@ -300,6 +347,78 @@ def hf_attach(raw: nn.Module, images: Tensor) -> Callable[[], None]:
     return lambda: None  # nothing to undo: wrapping must not change the model
 
 
+# ---- video: maskkit's built-in TimmVideoMAE; its "own" loss is VideoMAE's forward re-done by hand ------
+
+#: tubelets 2x4x4: a (4, 4, 4) grid, N = 64 (a square N: the learned masker's position code is 2-D on sqrt(N))
+VIDEO_CLIP = dict(num_frames=8, img_size=16, patch_size=4, in_chans=3)
+VIDEO_MODEL = dict(tubelet_size=2, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+                   decoder_num_heads=2)  # fmt: skip
+
+
+def video_build(seed: int, norm_pix_loss: bool) -> nn.Module:
+    from maskkit.adapters.video_mae import create_video_mae
+
+    return create_video_mae("micro", seed=seed, norm_pix_loss=norm_pix_loss, **VIDEO_CLIP, **VIDEO_MODEL).eval()
+
+
+def video_tokens(m: nn.Module, clips: Tensor) -> Tensor:
+    """VideoMAE's embedding by hand: a Conv3d of kernel = stride = (t, p, p), flattened time slowest, plus the
+    fixed positional table: [B, C, T, H, W] -> [B, N, D]."""
+    proj = m.patch_embed.proj
+    x = torch.nn.functional.conv3d(clips, proj.weight, proj.bias, stride=proj.stride)  # [B, D, T', H', W']
+    return x.flatten(2).transpose(1, 2) + m.pos_embed  # [B, N, D]
+
+
+def video_own_loss(m: nn.Module, clips: Tensor, noise: Noise, ratio: float) -> Triple:
+    """The encoder on the visible tubelets, the decoder on them and mask tokens in patch order, the loss over the
+    hidden ones (MAE's random masking by noise on VideoMAE's model), re-done by hand on the TimmVideoMAE."""
+    b, c, frames, hgt, wid = clips.shape
+    x = video_tokens(m, clips)  # [B, N, D]
+    n, d = x.shape[1], x.shape[2]
+    keep = int(n * (1 - ratio))
+    shuffle = torch.argsort(noise.values, dim=1)
+    restore = torch.argsort(shuffle, dim=1)
+    x = torch.gather(x, 1, shuffle[:, :keep, None].repeat(1, 1, d))  # [B, K, D]
+    mask = torch.ones(b, n)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, restore)
+    for blk in m.blocks:
+        x = blk(x)
+    x = m.decoder_embed(m.norm(x))  # [B, K, Dd]
+    y = torch.cat([x, m.mask_token.repeat(b, n - keep, 1)], dim=1)
+    y = torch.gather(y, 1, restore[..., None].repeat(1, 1, x.shape[2])) + m.decoder_pos_embed  # [B, N, Dd]
+    for blk in m.decoder_blocks:
+        y = blk(y)
+    pred = m.decoder_pred(m.decoder_norm(y))  # [B, N, P]
+    t, p = m.tubelet_size, m.patch_size
+    target = clips.reshape(b, c, frames // t, t, hgt // p, p, wid // p, p).permute(0, 2, 4, 6, 3, 5, 7, 1)
+    target = target.reshape(b, n, t * p * p * c)  # 'b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2 c)'
+    if m.norm_pix_loss:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    per_patch = ((pred - target) ** 2).mean(dim=-1)
+    return (per_patch * mask).sum() / mask.sum(), pred, mask
+
+
+def video_own_features(m: nn.Module, clips: Tensor) -> Tensor:
+    """VideoMAE's pooling on the unmasked clip: every token through the blocks, their mean, then the norm."""
+    x = video_tokens(m, clips)
+    for blk in m.blocks:
+        x = blk(x)
+    return m.norm(x.mean(dim=1))
+
+
+def video_attach(raw: nn.Module, clips: Tensor) -> Callable[[], None]:
+    """The built-in model is maskkit's own: one step through its forward and through mae_step_loss."""
+    raw(clips).loss.backward()
+    mae_step_loss(raw, create_policy("random", ratio=0.5), clips).loss.backward()
+    return lambda: None  # nothing to undo: training through the protocol must not change the model
+
+
+def video_raw_output(raw: nn.Module, clips: Tensor, noise: Noise) -> tuple[Tensor, ...]:
+    out = raw(clips, noise=noise.values)
+    return out.loss, out.pred, raw.features(clips)
+
+
 # ---- the cases ------------------------------------------------------------------------------------
 
 CASES = {
@@ -326,6 +445,12 @@ CASES = {
         spec="hf:tiny", spec_options={k: v for k, v in HF_TINY.items()
                                       if k not in ("image_size", "patch_size", "num_channels")},
     ),
+    "video": AdapterCase(
+        name="video", img_size=16, in_chans=3, patch_size=4, embed_dim=32, num_frames=8, tubelet_size=2,
+        has_cls=False, build=video_build, own_loss=video_own_loss, own_features=video_own_features,
+        features_tol=dict(rtol=0, atol=1e-6), raw_of=lambda mae: mae, build_raw=lambda seed: video_build(seed, False),
+        attach=video_attach, raw_output=video_raw_output, spec="video:micro", spec_options=VIDEO_MODEL,
+    ),
 }  # fmt: skip
 REGISTERED = ADAPTERS.names()  # every registered adapter is a param: one without a case fails
 
@@ -341,8 +466,8 @@ def case(request) -> AdapterCase:
 
 
 def make_images(case: AdapterCase) -> Tensor:
-    shape = (B, case.in_chans, case.img_size, case.img_size)
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(7))
+    """The case's input: images [B, C, H, W] or clips [B, C, T, H, W]."""
+    return torch.randn(*case.input_shape(B), generator=torch.Generator().manual_seed(7))
 
 
 def make_noise(case: AdapterCase) -> Noise:
@@ -373,11 +498,18 @@ def test_protocol_attributes_and_shapes(case, images):
     assert (mae.patch_size, mae.num_patches, mae.embed_dim, mae.in_chans, mae.norm_pix_loss) == (
         case.patch_size, n, d, case.in_chans, False,
     )  # fmt: skip
+    assert is_video_mae(mae) == case.is_video and token_grid(mae) == case.grid
+    if case.is_video:
+        assert (mae.num_frames, mae.tubelet_size, tuple(mae.grid)) == (case.num_frames, case.tubelet_size, case.grid)
     assert mae.patch_tokens(images).shape == (B, n, d)
     assert mae.patchify(images).shape == (B, n, case.patch_dim)
     assert mae.features(images).shape == (B, d)
-    attention = mae.cls_attention(images)  # softmax rows over CLS + N: every patch > 0, the patches < 1
-    assert attention.shape == (B, n) and bool((attention > 0).all()) and bool((attention.sum(-1) < 1).all())
+    attention = mae.cls_attention(images)
+    assert attention.shape == (B, n) and bool((attention > 0).all())
+    if case.has_cls:  # softmax rows over CLS + N: the patches' share < 1
+        assert bool((attention.sum(-1) < 1).all())
+    else:  # the attention each token receives, averaged over queries: the shares sum to 1
+        torch.testing.assert_close(attention.sum(-1), torch.ones(B), rtol=0, atol=1e-5)
     # the wrapper trains the codebase's own parameters (the same tensors, not copies)
     raw = case.raw_of(mae)
     own = [id(p) for p in raw.parameters()]
@@ -424,12 +556,11 @@ def test_weighted_plan_weights_the_own_per_patch_loss(case, images, noise):
 
 def test_plan_round_trip(case, images, noise):
     mae = case.build(0, False)
-    n, p, c, g = case.num_patches, case.patch_size, case.in_chans, case.img_size // case.patch_size
+    n = case.num_patches
     k = num_visible(n, 0.75)
-    # patchify: MAE's layout ('nchpwq->nhwpqc'), and unpatchify its exact inverse
+    # patchify: MAE's layout ('nchpwq->nhwpqc'; VideoMAE's for clips), and unpatchify its exact inverse
     patches = mae.patchify(images)
-    expected = torch.einsum("nchpwq->nhwpqc", images.reshape(B, c, g, p, g, p)).reshape(B, n, p * p * c)
-    assert torch.equal(patches, expected) and torch.equal(mae.unpatchify(patches), images)
+    assert torch.equal(patches, reference_patchify(case, images)) and torch.equal(mae.unpatchify(patches), images)
     # the random policy's plan: the K patches of lowest noise visible, in that order
     tokens = mae.patch_tokens(images)  # [B, N, D]
     plan = create_policy("random", ratio=0.75)(tokens, noise=noise.values)
@@ -449,7 +580,7 @@ def test_plan_round_trip(case, images, noise):
     assert torch.equal(filled, expected_fill)
     # encode / decode through the protocol: the codebase's own prediction for the same noise
     latent = mae.encode(tokens, plan)
-    assert latent.shape == (B, 1 + k, case.embed_dim)
+    assert latent.shape == (B, int(case.has_cls) + k, case.embed_dim)
     pred = mae.decode(latent, plan)
     assert pred.shape == (B, n, case.patch_dim)
     _, own_pred, own_mask = case.own_loss(mae, images, noise, 0.75)
@@ -537,7 +668,7 @@ def test_the_registered_adapter_builds_the_case_model(case):
     for seed, norm_pix_loss in ((0, False), (3, True)):
         built = create_mae_from_spec(
             case.spec, img_size=case.img_size, in_chans=case.in_chans, patch_size=case.patch_size, seed=seed,
-            norm_pix_loss=norm_pix_loss, options=case.spec_options,
+            norm_pix_loss=norm_pix_loss, options=case.spec_options, **case.build_sizes,
         )  # fmt: skip
         want = case.build(seed, norm_pix_loss)
         assert is_mae(built) and type(built) is type(want) and built.norm_pix_loss == norm_pix_loss
@@ -546,7 +677,7 @@ def test_the_registered_adapter_builds_the_case_model(case):
 
 
 def test_every_registered_adapter_has_a_case():
-    assert set(REGISTERED) >= {"timm", "official", "hf"}
+    assert set(REGISTERED) >= {"timm", "official", "hf", "video"}
     assert set(ADAPTERS.names()) <= set(CASES), "add an AdapterCase for every registered adapter"
 
 

@@ -117,7 +117,7 @@ def test_a_plugin_adapter_registers_and_passes_the_conformance_suite(toy):
     assert (card.kind, card.idea, card.paper) == ("adapter", "a two-block timm ViT of a given width", "-")
     assert card.options == (("width", 32, "even int >= 2"),)
     assert parse_model_spec(" toy:48 ") == toy.ModelSpec("toy", "48") and str(parse_model_spec("toy:48")) == "toy:48"
-    assert spec_grammar().endswith("hf:tiny, hf:PATH.json or toy:WIDTH")
+    assert "hf:tiny, hf:PATH.json, video:NAME" in spec_grammar() and spec_grammar().endswith(" or toy:WIDTH")
     with pytest.raises(ValueError, match="toy: width must be an even integer >= 2, got 7"):
         parse_model_spec("toy:7")
     with pytest.raises(ValueError, match="names no toy model"):
