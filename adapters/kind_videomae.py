@@ -16,6 +16,7 @@ line otherwise). `--model-opt` keys go to the callable as they are (e.g. `encode
 from __future__ import annotations
 
 import inspect
+import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,8 +65,7 @@ class VideoMAEAdapter(ModelAdapter):
         return ModelSpec("videomae", self.path, self.callable)
 
     def build(self, request: BuildRequest) -> nn.Module:
-        with official_videomae.timm_registry_kept():
-            module = load_official_module(self.path)
+        module = load_videomae_module(self.path)
         fn = getattr(module, self.callable, None)
         file = Path(self.path).name
         if fn is None:
@@ -87,6 +87,12 @@ class VideoMAEAdapter(ModelAdapter):
             raise ValueError(f"{request.spec}: {one_line(err)}") from None
         check_built(request, mae)
         return mae
+
+
+def load_videomae_module(path: str | Path) -> types.ModuleType:
+    """Import a `modeling_pretrain.py` by path once (`load_official_module`), leaving timm's registry as it was."""
+    with official_videomae.timm_registry_kept():
+        return load_official_module(path)
 
 
 def _videomae_kwargs(req: BuildRequest, fn: Callable[..., Any], name: str, file: str) -> dict[str, Any]:

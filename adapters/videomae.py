@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -226,7 +227,9 @@ def timm_registry_kept() -> Iterator[None]:
                   if name.startswith("_") and not name.startswith("__") and isinstance(value, (dict, set, list))}  # fmt: skip
     saved = {name: _two_levels(value) for name, value in containers.items()}
     try:
-        yield
+        with warnings.catch_warnings():  # the overwrites it warns of are undone below
+            warnings.filterwarnings("ignore", message=r"Overwriting \S+ in registry", category=UserWarning)
+            yield
     finally:
         for name, value in containers.items():
             value.clear()
