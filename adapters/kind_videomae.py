@@ -15,8 +15,11 @@ line otherwise). `--model-opt` keys go to the callable as they are (e.g. `encode
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -90,9 +93,27 @@ class VideoMAEAdapter(ModelAdapter):
 
 
 def load_videomae_module(path: str | Path) -> types.ModuleType:
-    """Import a `modeling_pretrain.py` by path once (`load_official_module`), leaving timm's registry as it was."""
-    with official_videomae.timm_registry_kept():
+    """Import a `modeling_pretrain.py` by path once (`load_official_module`), leaving timm's registry as it was, with
+    its sibling imports (`from modeling_finetune import ...`) resolved in its own folder (`siblings_isolated`)."""
+    with official_videomae.timm_registry_kept(), siblings_isolated(absolute(str(path)).parent):
         return load_official_module(path)
+
+
+@contextlib.contextmanager
+def siblings_isolated(folder: Path) -> Iterator[None]:
+    """While inside, a module named like a .py file of `folder` but loaded from elsewhere (another checkout's
+    `modeling_finetune`) is out of sys.modules, so the import finds the folder's own; it is put back after."""
+    names = [file.stem for file in folder.glob("*.py")]
+    stale = {name: sys.modules.pop(name) for name in names if name in sys.modules and not _from(sys.modules[name], folder)}
+    try:
+        yield
+    finally:
+        sys.modules.update(stale)
+
+
+def _from(module: types.ModuleType, folder: Path) -> bool:
+    file = getattr(module, "__file__", None)
+    return file is not None and Path(file).resolve().parent == folder
 
 
 def _videomae_kwargs(req: BuildRequest, fn: Callable[..., Any], name: str, file: str) -> dict[str, Any]:
