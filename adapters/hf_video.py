@@ -22,7 +22,7 @@ from maskkit.plan import MaskPlan, gather_tokens
 from maskkit.policies.random import RandomPolicy
 
 from .hf import _transformers
-from .videomae_loss import videomae_loss
+from .videomae_loss import videomae_loss, videomae_pixels
 
 __all__ = ["HFVideoMAE", "create_hf_video_mae", "hf_video_loss", "to_pixel_values", "wrap"]
 
@@ -121,6 +121,11 @@ class HFVideoMAE(nn.Module):
     def pixel_loss(self, pred: Tensor, clips: Tensor, plan: MaskPlan) -> tuple[Tensor, Tensor]:
         """VideoMAE's loss (`videomae_loss`): (scalar, per-token [B, N]); `mae_forward` uses it."""
         return videomae_loss(pred, clips, plan, self.tubelet_size, self.patch_size, self.norm_pix_loss)
+
+    def prediction_pixels(self, pred: Tensor, clips: Tensor) -> Tensor:
+        """Predictions [B, N, P] in the clips' own normalised pixels, `patchify`'s layout (`videomae_pixels`): what
+        a picture of the reconstruction shows (`unpatchify` of it)."""
+        return videomae_pixels(pred, clips, self.tubelet_size, self.patch_size, self.norm_pix_loss)
 
     def transformer_blocks(self) -> list[nn.Module]:
         """Encoder then decoder layers: what `--compile` compiles."""

@@ -31,7 +31,7 @@ from maskkit.plan import MaskPlan, gather_tokens
 from maskkit.policies.random import RandomPolicy
 
 from .hf_video import ascending, hidden_ids
-from .videomae_loss import videomae_loss
+from .videomae_loss import videomae_loss, videomae_pixels
 
 __all__ = ["REQUIRED_ATTRIBUTES", "OfficialVideoMAE", "timm_registry_kept", "videomae_step_loss", "wrap"]
 
@@ -131,6 +131,11 @@ class OfficialVideoMAE(nn.Module):
     def pixel_loss(self, pred: Tensor, clips: Tensor, plan: MaskPlan) -> tuple[Tensor, Tensor]:
         """engine_for_pretraining's loss (`videomae_loss`): (scalar, per-token [B, N]); `mae_forward` uses it."""
         return videomae_loss(pred, clips, plan, self.tubelet_size, self.patch_size, self.norm_pix_loss)
+
+    def prediction_pixels(self, pred: Tensor, clips: Tensor) -> Tensor:
+        """Predictions [B, N, P] in the clips' own normalised pixels, `patchify`'s layout (`videomae_pixels`): what
+        a picture of the reconstruction shows (`unpatchify` of it)."""
+        return videomae_pixels(pred, clips, self.tubelet_size, self.patch_size, self.norm_pix_loss)
 
     def transformer_blocks(self) -> list[nn.Module]:
         """Encoder then decoder blocks: what `--compile` compiles."""

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from maskkit.mae import masked_loss
 from maskkit.plan import MaskPlan
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "videomae_loss", "videomae_targets"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "videomae_loss", "videomae_pixels", "videomae_targets"]
 
 #: what both codebases un-normalise with (timm's / transformers' IMAGENET_DEFAULT_MEAN and _STD)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -68,3 +68,19 @@ def videomae_loss(
     b, p = pred.shape[0], pred.shape[-1]
     loss = F.mse_loss(pred[chosen].reshape(b, -1, p), target[chosen].reshape(b, -1, p))  # VideoMAE's reduction
     return loss, per_patch
+
+
+def videomae_pixels(pred: Tensor, clips: Tensor, tubelet_size: int, patch_size: int, norm_pix_loss: bool) -> Tensor:
+    """Predictions [B, N, P] in VideoMAE's target space back in the clips' own (normalised) pixels, in `patchify`'s
+    layout [B, N, P]: each tubelet's per-channel normalisation undone with the clip's own statistics where
+    `norm_pix_loss`, then ImageNet's un-normalisation undone for 3 channels. For pictures of a reconstruction."""
+    b, c = clips.shape[:2]
+    p = pred.detach().reshape(b, pred.shape[1], -1, c)  # [B, N, t*p*p, C]
+    if norm_pix_loss:
+        target = videomae_targets(clips, tubelet_size, patch_size, False).reshape(p.shape)
+        p = p * (target.var(dim=-2, unbiased=True, keepdim=True).sqrt() + 1e-6) + target.mean(dim=-2, keepdim=True)
+    if c == 3:
+        mean = torch.as_tensor(IMAGENET_MEAN).to(device=p.device, dtype=p.dtype)
+        std = torch.as_tensor(IMAGENET_STD).to(device=p.device, dtype=p.dtype)
+        p = (p - mean) / std
+    return p.reshape(b, p.shape[1], -1)

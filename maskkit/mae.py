@@ -52,6 +52,8 @@ class MAEProtocol(Protocol):
     Optional `pixel_loss(pred, images, plan) -> (loss, per_patch [B, N])`: a codebase whose own loss is not MAE's
     (VideoMAE's targets are un-normalised with ImageNet's statistics and normalised per channel of a tubelet, and
     it averages over the hidden tokens' elements) computes it here, so that `mae_forward` equals it bit for bit.
+    Such a model also gives `prediction_pixels(pred, images) -> [B, N, P]`: its predictions back in the inputs'
+    pixels (patchify's layout), for pictures, since undoing `norm_pix_loss` per patch would not.
     """
 
     patch_size: int  # p

@@ -281,3 +281,11 @@ def test_unreadable_config_file_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="cannot read VideoMAEConfig from .*config.json") as err:
         create_mae_from_spec(f"hf-video:{bad}", img_size=S, in_chans=C, num_frames=T)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_prediction_pixels_invert_the_targets(norm_pix_loss):
+    """A prediction equal to VideoMAE's target is the clip itself once back in its pixels (pictures use this)."""
+    mae, clips = wrap(make_model(norm_pix_loss=norm_pix_loss)), make_clips()
+    pixels = mae.prediction_pixels(engine_targets(clips, norm_pix_loss), clips)
+    torch.testing.assert_close(mae.unpatchify(pixels), clips, rtol=1e-4, atol=1e-4)
