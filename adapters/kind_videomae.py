@@ -83,7 +83,9 @@ class VideoMAEAdapter(ModelAdapter):
         try:
             model = seeded(request.seed, build)
         except (TypeError, AssertionError, ValueError) as err:
-            raise ValueError(f"{self.callable} in {file} rejected its arguments: {one_line(err)}") from None
+            hint = "" if request.in_chans == 3 else (
+                f" (VideoMAE's decoder predicts 3-channel tubelets; the data have {request.in_chans} channels)")
+            raise ValueError(f"{self.callable} in {file} rejected its arguments: {one_line(err)}{hint}") from None
         try:
             mae = official_videomae.wrap(model, request.norm_pix_loss)
         except TypeError as err:

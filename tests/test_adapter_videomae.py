@@ -218,7 +218,8 @@ def test_spec_forms_and_sizes(tmp_path, monkeypatch):
         ("{standin}:Nope", {}, r"has no callable 'Nope' \(it defines: .*PretrainVisionTransformer"),
         ("{standin}", {"num_frames": 8}, "builds a model for clips of 16 frames, not 8; pass --num-frames 16"),
         ("{standin}", {"options": {"encoder_dept": 1}}, "has no option 'encoder_dept'"),
-        ("{standin}", {"in_chans": 1}, "rejected its arguments: the decoder predicts 3-channel tubelets"),
+        ("{standin}", {"in_chans": 1}, r"rejected its arguments: .*\(VideoMAE's decoder predicts 3-channel tubelets; "
+                                       "the data have 1 channels\)"),
         ("{standin}:pretrain_videomae_tiny_patch4", {"img_size": 16}, "does not fit clips of 16 frames of 16x16"),
         ("/nowhere/modeling_pretrain.py", {}, "official model file not found: /nowhere/modeling_pretrain.py"),
     ],
