@@ -183,9 +183,14 @@ def test_loading_the_file_leaves_timms_registry_alone():
     assert isinstance(built, OfficialVideoMAE)
     assert _registry._model_entrypoints["vit_small_patch16_224"] is before
     assert "pretrain_videomae_tiny_patch4" not in timm.list_models()
-    with timm_registry_kept():  # the guard itself: an overwrite inside is undone, other state too
-        timm.models.register_model(lambda **kw: None).__name__  # a lambda registers as '<lambda>'
-    assert "<lambda>" not in _registry._model_entrypoints
+
+    def vit_small_patch16_224(**kwargs):  # registered over timm's own inside the guard
+        raise AssertionError("not to be built")
+
+    with timm_registry_kept():  # the guard itself: the overwrite inside is undone on the way out
+        timm.models.register_model(vit_small_patch16_224)
+        assert _registry._model_entrypoints["vit_small_patch16_224"] is vit_small_patch16_224
+    assert _registry._model_entrypoints["vit_small_patch16_224"] is before
 
 
 # ---- the registered kind ----------------------------------------------------------------------------------
@@ -219,7 +224,7 @@ def test_spec_forms_and_sizes(tmp_path, monkeypatch):
         ("{standin}", {"num_frames": 8}, "builds a model for clips of 16 frames, not 8; pass --num-frames 16"),
         ("{standin}", {"options": {"encoder_dept": 1}}, "has no option 'encoder_dept'"),
         ("{standin}", {"in_chans": 1}, r"rejected its arguments: .*\(VideoMAE's decoder predicts 3-channel tubelets; "
-                                       "the data have 1 channels\)"),
+                                       r"the data have 1 channels\)"),
         ("{standin}:pretrain_videomae_tiny_patch4", {"img_size": 16}, "does not fit clips of 16 frames of 16x16"),
         ("/nowhere/modeling_pretrain.py", {}, "official model file not found: /nowhere/modeling_pretrain.py"),
     ],
