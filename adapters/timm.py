@@ -7,7 +7,8 @@ The encoder is a plain timm `VisionTransformer` held as `self.encoder` (no class
 it stays a Parameter, so the state dict keeps timm's layout); pass `fixed_pos_embed=False`
 to keep an instance's own, trainable one. The decoder (`decoder_embed`, `mask_token`,
 `decoder_pos_embed`, `decoder_blocks` of timm `Block`s, `decoder_norm`, `decoder_pred`)
-follows MAE's layout and initialisation. Size presets: `create_mae("tiny" | "pilot" | "vit-b" | "vit-l")`.
+follows MAE's layout and initialisation; given a plan's `decoder_ids` it decodes only CLS, the visible
+tokens and those (decoder masking, a cost lever). Size presets: `create_mae("tiny" | "pilot" | "vit-b" | "vit-l")`.
 """
 
 from __future__ import annotations
@@ -220,14 +221,30 @@ class TimmMAE(nn.Module):
         return self._trunk(self._with_cls(plan.gather(tokens)))
 
     def decode(self, latent: Tensor, plan: MaskPlan) -> Tensor:
-        """Predict every patch: latent [B, 1 + K, D] -> [B, N, p*p*C]."""
+        """Predict every patch: latent [B, 1 + K, D] -> [B, N, p*p*C]; with `plan.decoder_ids`, only those
+        (`_decode_subset`)."""
         x = self.decoder_embed(latent)  # [B, 1 + K, Dd]
+        if plan.decoder_ids is not None:
+            return self._decode_subset(x, plan)
         patches = plan.fill(x[:, 1:], self.mask_token)  # [B, N, Dd] in patch order
         x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed  # [B, 1 + N, Dd]
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_pred(self.decoder_norm(x))  # [B, 1 + N, P]
         return x[:, 1:]  # [B, N, P]
+
+    def _decode_subset(self, x: Tensor, plan: MaskPlan) -> Tensor:
+        """Decoder masking (VideoMAE V2's dual masking; CrossMAE's partial reconstruction): the decoder takes CLS,
+        the K visible tokens and M mask tokens at `plan.decoder_ids`, and predicts those M: x [B, 1 + K, Dd] ->
+        [B, N, P] with zeros at every other patch."""
+        b, k, width = x.shape[0], plan.num_visible, x.shape[-1]
+        pos = self.decoder_pos_embed[0, 1:][plan.decoder_positions]  # [B, K + M, Dd]
+        tokens = torch.cat([x[:, 1:], self.mask_token.to(x.dtype).expand(b, plan.num_decoded, width)], dim=1) + pos
+        x = torch.cat([x[:, :1] + self.decoder_pos_embed[:, :1], tokens], dim=1)  # [B, 1 + K + M, Dd]
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        pred = self.decoder_pred(self.decoder_norm(x[:, 1 + k:]))  # [B, M, P]
+        return plan.scatter_decoded(pred)  # [B, N, P]
 
     def transformer_blocks(self) -> list[nn.Module]:
         """Encoder then decoder blocks: what `--compile` compiles."""

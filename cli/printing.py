@@ -62,16 +62,19 @@ def describe(console: Console, record: Any, out: Path, nodes: int = 1) -> None:
     """The run in four lines: data, model, policy, training (`nodes`: torchrun's --nnodes)."""
     ds, m, p, t = record.resolved.data, record.model, record.resolved.policy, record.resolved.train
     opts = ", ".join(f"{k}={v}" for k, v in p.options.items())
+    samples, frames = ("images", "") if ds.num_frames is None else ("clips", f"{ds.num_frames}x")  # C x [T x] H x W
     folder = ""  # an image folder: how it was read, and its classes
     if ds.layout:
         folder = f"layout: {ds.layout}, " + (f"{ds.num_classes} classes, " if ds.labeled else "")
     console.print(
         f"[bold]maskkit pretrain[/bold] -> {out}\n"
-        f"  data   {ds.name}: {ds.num_images} images {ds.in_chans}x{ds.image_size[0]}x{ds.image_size[1]}, "
+        f"  data   {ds.name}: {ds.num_images} {samples} {ds.in_chans}x{frames}{ds.image_size[0]}x{ds.image_size[1]}, "
         f"{folder}splits {splits_text(ds)}, augment {ds.augment}\n"
-        f"  model  {m['name']}: patch {m['patch_size']} ({m['num_patches']} patches), width {m['embed_dim']}\n"
+        f"  model  {m['name']}: patch {m['patch_size']} ({m['num_patches']} {'tokens' if frames else 'patches'}), "
+        f"width {m['embed_dim']}\n"
         f"  policy {p.name}{' (' + opts + ')' if opts else ''}, mask ratio {t.resolved.mask_ratio}"
         + (f", hypergrad {t.mlo.hypergrad}" if p.learnable else "")
+        + ("" if t.train.decoder_ratio is None else f", decoder ratio {t.train.decoder_ratio} ({t.train.decoder_rule})")
         + f"\n  train  {train_line(record, nodes)} on {record.device}",
         highlight=False,
     )

@@ -59,7 +59,7 @@ def test_attention_policy_hides_most_attended():
     assert m.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     # the same scores passed precomputed through the context
     ctx = policy_context(m, images)
-    assert set(ctx) == {"images", "encoder"}
+    assert set(ctx) == {"images", "encoder", "grid"} and ctx["grid"] == (8, 8)
     again = m(images, policy=maskkit.create_policy("attention"), attention=m.cls_attention(images).detach())
     assert torch.equal(again.plan.mask, expected)
 
@@ -68,7 +68,7 @@ def test_encoder_state_dict_loads_into_timm_strict():
     m = small_mae(28, 1).eval()
     fresh = timm.create_model(**m.encoder_config).eval()
     fresh.load_state_dict(m.encoder_state_dict(), strict=True)
-    images = torch.randn(2, 1, 28, 28)
+    images = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # not the other tests' RNG draws
     features = m.features(images)  # CLS-only last block: equal up to summation order (tests/test_vit_cls_only.py)
     torch.testing.assert_close(fresh.forward_features(images)[:, 0], features, rtol=0, atol=1e-6)
     torch.testing.assert_close(fresh(images), features, rtol=0, atol=1e-6)  # num_classes=0, token pooling
@@ -153,3 +153,37 @@ def test_hpm_objective_through_the_timm_adapter():
     out.total_loss.backward()
     assert all(p.grad is not None for p in hpm.parameters())
     assert m.encoder.patch_embed.proj.weight.grad is not None
+
+
+# ---- decoder masking: CLS, the visible tokens and the decoder_ids only -----------------------------------
+
+
+@pytest.mark.usefixtures("one_thread")  # bit-exact comparisons need one thread count
+def test_a_subset_decode_is_the_decoder_on_cls_the_visible_and_the_decoder_ids():
+    m = small_mae().eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    plan = maskkit.MaskPlan.from_scores(torch.rand(2, 64, generator=torch.Generator().manual_seed(1)), 0.75)
+    k = plan.num_visible
+    every = torch.stack([torch.nonzero(row).flatten() for row in plan.mask])  # [B, N - K] ascending
+    ids = every[:, ::3]  # [B, M] a subset of the hidden patches
+    seen = []
+    hook = m.decoder_blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
+    out = maskkit.mae_forward(m, images, plan.with_decoder_ids(ids))
+    hook.remove()
+    assert seen == [(2, 1 + k + ids.shape[1], 32)]
+    # by hand: CLS, the visible latents, mask tokens, each with the positional embedding of its patch
+    x = m.decoder_embed(m.encode(m.patch_tokens(images), plan))  # [B, 1 + K, Dd]
+    pos = m.decoder_pos_embed[0, 1:][torch.cat([plan.ids_keep, ids], dim=1)]
+    x = torch.cat([x[:, :1] + m.decoder_pos_embed[:, :1],
+                   torch.cat([x[:, 1:], m.mask_token.expand(2, ids.shape[1], -1)], dim=1) + pos], dim=1)  # fmt: skip
+    for blk in m.decoder_blocks:
+        x = blk(x)
+    own = m.decoder_pred(m.decoder_norm(x[:, 1 + k:]))  # [B, M, P]
+    assert torch.equal(out.pred.gather(1, ids[..., None].expand(-1, -1, own.shape[-1])), own)
+    others = torch.ones(2, 64, dtype=torch.bool).scatter(1, ids, False)
+    assert bool((out.pred[others] == 0).all())  # zeros at every other patch
+    target = m.patchify(images).gather(1, ids[..., None].expand(-1, -1, own.shape[-1]))
+    torch.testing.assert_close(out.loss, ((own - target) ** 2).mean(), rtol=1e-6, atol=0)
+    # every hidden patch as the subset: the full decode's predictions there, up to summation order
+    full, sub = maskkit.mae_forward(m, images, plan), maskkit.mae_forward(m, images, plan.with_decoder_ids(every))
+    torch.testing.assert_close(sub.pred, full.pred * plan.mask[..., None], rtol=1e-5, atol=1e-5)

@@ -6,7 +6,11 @@ state dict, the registered spec) is in tests/test_adapter_conformance.py (its `v
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -236,3 +240,26 @@ def test_weights_depend_only_on_the_seed():
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG untouched
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert not torch.equal(a.blocks[0].attn.qkv.weight, c.blocks[0].attn.qkv.weight)
+
+
+@pytest.mark.slow
+def test_the_video_kind_trains_through_maskkit_pretrain(tmp_path):
+    """`--model video:micro` on the embedded clips: the data set the clip sizes, the record keeps them, and the
+    weights rebuild from the record (the run's own build) to the trained model's shapes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "maskkit.cli", "pretrain", "--model", "video:micro", "--dataset", "movingdigits",
+               "--steps", "3", "--batch-size", "4", "--no-progress", "--out", "run"]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
+    assert record["name"] == "video:micro" and record["embed_dim"] == 64
+    frames, side, p = record["num_frames"], record["img_size"], record["patch_size"]
+    assert record["num_patches"] == (frames // 2) * (side // p) ** 2
+    rebuilt = create_mae_from_spec("video:micro", img_size=side, in_chans=record["in_chans"], patch_size=p,
+                                   num_frames=frames, seed=record["init_seed"])  # fmt: skip
+    state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["mae"]  # the trained weights
+    result = rebuilt.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert not torch.equal(rebuilt.blocks[0].attn.qkv.weight, create_mae_from_spec(
+        "video:micro", img_size=side, in_chans=record["in_chans"], patch_size=p, num_frames=frames,
+        seed=record["init_seed"]).blocks[0].attn.qkv.weight)  # trained: moved from the initialisation  # fmt: skip

@@ -4,6 +4,7 @@ mid-epoch from its `state_dict`.
 
 A new source needs one more entry in CASES: a function that writes its files under tmp_path and returns
 the spec, the data dir, and the images and labels it must read (computed independently, with numpy).
+A source of clips is checked the same way, with [N, C, T, H, W] arrays (and its `num_frames`).
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
-from maskkit.data import DATASETS, Batcher, DataSource, Loader, load_dataset
+from maskkit.data import DATASETS, Batcher, DataSource, Loader, frames_of, load_dataset
 
 
 @dataclass
 class Case:
     spec: str
     data_dir: Path | None
-    images: np.ndarray  # [N, C, H, W] float64 in [0, 1]: what read(i) must return
+    images: np.ndarray  # [N, C, H, W] (clips [N, C, T, H, W]) float64 in [0, 1]: what read(i) must return
     labels: np.ndarray | None  # [N] int64 in 0..K-1
     classes: list[str] | None
 
@@ -93,6 +94,33 @@ def _torchvision_idx_case(name: str, folder: str, classes: list[str]) -> Callabl
     return case
 
 
+def movingdigits_case(tmp_path: Path) -> Case:
+    """The generation rule of the module docstring, pixel by pixel in plain loops (no vectorised indexing)."""
+    from sklearn.datasets import load_digits
+
+    count, frames, side, seed = 12, 16, 11, 7  # 16 frames: the default (--num-frames sets it)
+    glyphs_all = load_digits().images.astype(int)  # [1797, 8, 8] values 0..16
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(count) % 4)
+    glyphs = rng.integers(0, 1797, size=(count, 2))
+    speeds = rng.integers(1, 3, size=(count, 2))
+    starts = rng.integers(0, side, size=(count, 2, 2))
+    step = {0: (0, -1), 1: (0, 1), 2: (-1, 0), 3: (1, 0)}
+    clips = np.zeros((count, 1, frames, side, side))
+    for n in range(count):
+        for t in range(frames):
+            for k in range(2):
+                top = (starts[n, k, 0] + speeds[n, k] * t * step[int(labels[n])][0]) % side
+                left = (starts[n, k, 1] + speeds[n, k] * t * step[int(labels[n])][1]) % side
+                for a in range(8):
+                    for b in range(8):
+                        value = glyphs_all[glyphs[n, k], a, b] * 255 // 16
+                        r, c = (top + a) % side, (left + b) % side
+                        clips[n, 0, t, r, c] = max(clips[n, 0, t, r, c], value)
+    spec = f"movingdigits,count={count},side={side},seed={seed}"
+    return Case(spec, None, clips / 255.0, labels, ["left", "right", "up", "down"])
+
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
@@ -130,6 +158,7 @@ CASES: dict[str, dict[str, Callable[[Path], Case]]] = {
     "photos8": {"photos8": photos8_case},
     "mnist5k": {"mnist5k": mnist5k_case},
     "npz": {"npz": npz_case},
+    "movingdigits": {"movingdigits": movingdigits_case},
     "imagefolder": {"imagefolder-classes": imagefolder_classes_case, "imagefolder-loose": imagefolder_loose_case},
     "mnist": {"mnist": _torchvision_idx_case("mnist", "MNIST", MNIST_CLASSES)},
     "fashion-mnist": {"fashion-mnist": _torchvision_idx_case("fashion-mnist", "FashionMNIST", FASHION_CLASSES)},
@@ -159,9 +188,10 @@ def _sample(n: int) -> list[int]:
 @pytest.mark.slow
 def test_length_channels_and_size(case):
     made, src = case
-    n, c, h, w = made.images.shape
+    n, c, *frames, h, w = made.images.shape
     assert isinstance(src, DataSource)
     assert len(src) == n and src.in_chans == c and src.image_size == (h, w)
+    assert frames_of(src) == (frames[0] if frames else None)
 
 
 @pytest.mark.slow
@@ -192,7 +222,7 @@ def test_labels_and_classes(case):
 def test_read_by_index_is_deterministic_and_equals_the_batched_path(case):
     _, src = case
     index = np.array(_sample(len(src))[::-1])  # out of order on purpose
-    batch = src.floats(index)  # [B, C, H, W]
+    batch = src.floats(index)  # [B, C, H, W] or [B, C, T, H, W]
     for row, i in enumerate(index.tolist()):
         assert torch.equal(src.read(i), src.read(i))
         assert torch.equal(src.read(i), batch[row])

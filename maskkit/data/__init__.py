@@ -1,9 +1,11 @@
-"""Image data: sources by name, seeded stratified splits, statistics, keyed augmentation, batches.
+"""Image and clip data: sources by name, seeded stratified splits, statistics, keyed augmentation, batches.
 
-- `source`: the `DataSource` protocol (len, labels, channels, image size, `read(i)`), `ImageData`
-  (a data set in memory) and `Source` (a base for sources that read one sample at a time);
+- `source`: the `DataSource` protocol (len, labels, channels, image size, `read(i)`; `num_frames` for
+  clips, read with `frames_of`), `ImageData` (a data set in memory: images [N, C, H, W] or clips
+  [N, C, T, H, W]) and `Source` (a base for sources that read one sample at a time);
 - `load`: the `DATASETS` registry, `register_dataset`, the `NAME` / `NAME:ARG` spec, `load_dataset`;
-- `sources/`: the built-in sources, one module each (digits, npz, torchvision, imagefolder);
+- `sources/`: the built-in sources, one module each (digits, npz, torchvision, imagefolder, and
+  movingdigits: the embedded clips);
 - `splits`: disjoint `train` (MAE pretraining and the labeled train set), `val` (the learned
   masker's validation) and `test` (evaluation only);
 - `stats`: per-channel statistics and normalisation;
@@ -15,6 +17,7 @@
 
 from maskkit.data.augment import (
     AUGMENT_MIN_SIDE,
+    CLIP_AUGMENT_MIN_SIDE,
     crop_box,
     crop_flip,
     key_seed,
@@ -54,7 +57,9 @@ from maskkit.data.source import (
     Source,
     check_classes,
     check_dir,
+    frames_of,
     resize,
+    sample_dims,
 )
 from maskkit.data.sources.imagefolder import (
     IMAGE_SUFFIXES,
@@ -63,12 +68,14 @@ from maskkit.data.sources.imagefolder import (
     imagefolder_layout,
     load_imagefolder,
 )
+from maskkit.data.sources.movingdigits import moving_digits
 from maskkit.data.sources.npz import NpzData, load_npz
 from maskkit.data.splits import DEFAULT_FRACTIONS, make_splits, stratified_split
 from maskkit.data.stats import channel_stats, denormalize, normalize
 
 __all__ = [
     "AUGMENT_MIN_SIDE",
+    "CLIP_AUGMENT_MIN_SIDE",
     "DATASETS",
     "DEFAULT_FRACTIONS",
     "IMAGE_SUFFIXES",
@@ -100,12 +107,14 @@ __all__ = [
     "default_workers",
     "denormalize",
     "fingerprint_change",
+    "frames_of",
     "imagefolder_layout",
     "key_seed",
     "load_dataset",
     "load_imagefolder",
     "load_npz",
     "make_splits",
+    "moving_digits",
     "normalize",
     "parse_dataset",
     "parse_spec",
@@ -114,6 +123,7 @@ __all__ = [
     "register_dataset",
     "resize",
     "resolve_augment",
+    "sample_dims",
     "shard",
     "source_options",
     "split_options",

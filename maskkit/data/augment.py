@@ -8,6 +8,10 @@ RandomResizedCrop) and the same 41 uniform draws per image:
   worker processes gives the same tensors;
 - `random_resized_crop_flip(images, generator)`: the draws of image after image from one generator
   (today's trainer; its result depends on the batch's order and on the generator's history).
+
+Clips [B, C, T, H, W] held in memory take the same functions: ONE crop box and flip per clip, drawn as
+for one image, applied to every frame (a box that moved between frames would add motion the clip does
+not have). A source that decodes clip files crops them itself (`pixels(i, draws)`).
 """
 
 from __future__ import annotations
@@ -23,22 +27,27 @@ from torch import Tensor
 
 #: smallest image side for which `auto` augmentation uses MAE's crop and flip.
 AUGMENT_MIN_SIDE = 32
+#: smallest clip side for which `auto` augmentation crops and flips: VideoMAE's clips are 112 or 224 px; a
+#: small synthetic clip (movingdigits, 32 px) would lose its digits to a 0.2-scale crop
+CLIP_AUGMENT_MIN_SIDE = 64
 #: uniform draws per image: 10 tries x (area, aspect, top, left) + flip
 DRAWS = 41
 SCALE = (0.2, 1.0)
 RATIO = (3 / 4, 4 / 3)
 
 
-def resolve_augment(augment: str, image_size: tuple[int, int]) -> str:
-    """'auto' -> 'crop-flip' for images of side >= 32 (CIFAR, ImageNet-like), else 'none'.
+def resolve_augment(augment: str, image_size: tuple[int, int], num_frames: int | None = None) -> str:
+    """'auto' -> 'crop-flip' for images of side >= 32 (CIFAR, ImageNet-like), else 'none'; for clips
+    (`num_frames` given) of side >= CLIP_AUGMENT_MIN_SIDE (64), else 'none'.
 
     Tiny images (8x8 digits, 28x28 MNIST) lose too much to a 0.2-scale crop, and flips change
-    what a digit is, so they are used as they are.
+    what a digit is, so they are used as they are; so are small clips (movingdigits).
     """
     if augment not in ("auto", "none", "crop-flip"):
         raise ValueError(f"augment must be auto, none or crop-flip, got {augment!r}")
     if augment == "auto":
-        return "crop-flip" if min(image_size) >= AUGMENT_MIN_SIDE else "none"
+        least = AUGMENT_MIN_SIDE if num_frames is None else CLIP_AUGMENT_MIN_SIDE
+        return "crop-flip" if min(image_size) >= least else "none"
     return augment
 
 
@@ -83,9 +92,14 @@ def crop_box(
 
 
 def apply_crop_flip(image: Tensor, box: tuple[int, int, int, int], flip: bool) -> Tensor:
-    """Crop `box` of one image [C, H, W], bicubic back to H x W, flipped left-right if `flip`: [C, H, W]."""
+    """Crop `box` of one image [C, H, W], bicubic back to H x W, flipped left-right if `flip`: [C, H, W].
+    A clip [C, T, H, W]: the same box and flip on every frame: [C, T, H, W]."""
     height, width = image.shape[-2:]
     top, left, h, w = box
+    if image.dim() == 4:
+        frames = image[:, :, top : top + h, left : left + w].transpose(0, 1)  # [T, C, h, w]
+        frames = F.interpolate(frames, size=(height, width), mode="bicubic", align_corners=False)
+        return (frames.flip(-1) if flip else frames).transpose(0, 1)  # [C, T, H, W]
     crop = image[None, :, top : top + h, left : left + w]
     crop = F.interpolate(crop, size=(height, width), mode="bicubic", align_corners=False)
     return (crop.flip(-1) if flip else crop)[0]
@@ -93,7 +107,7 @@ def apply_crop_flip(image: Tensor, box: tuple[int, int, int, int], flip: bool) -
 
 def _crop_flip_draws(images: Tensor, draws: Sequence[Sequence[float]], scale, ratio) -> Tensor:
     height, width = images.shape[-2:]
-    out = torch.empty_like(images)  # [B, C, H, W]
+    out = torch.empty_like(images)  # [B, C, H, W] or [B, C, T, H, W]
     for b, u in enumerate(draws):
         out[b] = apply_crop_flip(images[b], crop_box(u, height, width, scale, ratio), u[40] < 0.5)
     return out
@@ -103,7 +117,8 @@ def crop_flip(
     images: Tensor, keys: Sequence[Sequence[int]], scale: tuple[float, float] = SCALE,
     ratio: tuple[float, float] = RATIO,
 ) -> Tensor:
-    """Keyed crop + flip of images [B, C, H, W] -> [B, C, H, W]: image b's draws come from `keys[b]` alone."""
+    """Keyed crop + flip of images [B, C, H, W] -> [B, C, H, W]: image b's draws come from `keys[b]` alone.
+    Clips [B, C, T, H, W]: one crop and flip per clip, on all its frames."""
     if len(keys) != images.shape[0]:
         raise ValueError(f"crop_flip needs one key per image: {images.shape[0]} images, {len(keys)} keys")
     return _crop_flip_draws(images, [key_draws(k) for k in keys], scale, ratio)

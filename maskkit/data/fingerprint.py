@@ -6,12 +6,12 @@
   {"kind": "npz", "bytes": n, "sha256": hex of the file's bytes}, or a lazy folder source
   {"kind": "files", "covers": "names, sizes, mtimes", "count": n, "digest": ...} (an optional
   "covers" says what the fingerprint sees: `maskkit.data.folder_index`);
-- a whole data set in memory (`ImageData`: digits, photos8, mnist5k, torchvision sets) gives
-  {"kind": "arrays", "count", "shape", "dtype", "images_sha256", "labels_sha256"}: SHA-256 of the
-  images' and the labels' bytes (cheap: they are in memory);
+- a whole data set in memory (`ImageData`: digits, photos8, mnist5k, torchvision sets, movingdigits'
+  clips) gives {"kind": "arrays", "count", "shape", "dtype", "images_sha256", "labels_sha256"}: SHA-256
+  of the images' and the labels' bytes (cheap: they are in memory; a clip's shape is [C, T, H, W]);
 - a resized view (`Resized`) gives its source's;
 - any other source gives what is cheap to know without reading every sample: {"kind": "source",
-  "count", "image_size", "in_chans", "labels_sha256"}.
+  "count", "image_size", "in_chans", "labels_sha256"}, and "num_frames" for a source of clips.
 
 `fingerprint_change(recorded, current)` names what changed in a short phrase ("content changed
 (sha256 1a2b3c4d... -> 5e6f7a8b...)", "file count 1000 -> 999"), generic over the keys, or None; with
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from maskkit.data.source import DataError, ImageData, Resized
+from maskkit.data.source import DataError, ImageData, Resized, frames_of
 
 __all__ = ["data_fingerprint", "fingerprint_change", "sha256_of_file", "tensor_sha256"]
 
@@ -81,10 +81,13 @@ def data_fingerprint(source: Any) -> dict[str, Any]:
             "dtype": str(images.dtype).removeprefix("torch."), "images_sha256": tensor_sha256(images),
             "labels_sha256": tensor_sha256(labels),
         }  # fmt: skip
-    return {
+    found = {
         "kind": "source", "count": len(source), "image_size": [int(s) for s in source.image_size],
         "in_chans": int(source.in_chans), "labels_sha256": tensor_sha256(labels),
     }  # fmt: skip
+    if frames_of(source) is not None:  # (absent for images: their fingerprints stay as they were)
+        found["num_frames"] = int(frames_of(source))
+    return found
 
 
 def _is_digest(key: str) -> bool:

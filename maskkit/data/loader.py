@@ -2,6 +2,9 @@
 
 - `BatchStream`: seeded endless epochs of index batches; its position is a small state dict.
 - `Batcher`: index batches -> normalised, optionally augmented tensors on a device.
+
+Images [B, C, H, W] and clips [B, C, T, H, W] (a source with `num_frames`) take the same paths: a sample
+is [C, H, W] or [C, T, H, W], everything else (keys, workers, resume) is per sample.
 - `Loader`: a stream, a rank's shard of each global batch, keyed augmentation and an optional
   one-batch-ahead prefetch on a background thread; `state_dict()` is the stream's, so it restores
   mid-epoch exactly (and reads a trainer checkpoint's stream state as it is).
@@ -25,7 +28,7 @@ import torch
 from torch import Tensor
 
 from maskkit.data.augment import crop_flip, key_draws
-from maskkit.data.source import DataError, DataSource, DataWarning
+from maskkit.data.source import DataError, DataSource, DataWarning, sample_dims
 from maskkit.data.stats import normalize
 
 
@@ -95,6 +98,8 @@ class Batcher:
     - a source that decodes files (`pixels(i, draws)`: a lazy image folder) is read sample by sample
       (`sample`), in `num_workers` worker processes, each sample cropped by its own key.
     `finish` moves a batch of samples to the device (non-blocking from pinned memory) and normalises it.
+    Clips ([C, T, H, W] samples) go the same ways; in memory, crop-flip crops all frames of a clip alike,
+    and a file source's `pixels` gives its clips as it decodes and crops them, passed on as they are.
     """
 
     data: DataSource
@@ -111,22 +116,25 @@ class Batcher:
         return callable(getattr(self.data, "pixels", None))
 
     def sample(self, i: int, key: Sequence[int] | None = None) -> Tensor:
-        """Sample i un-normalised, [C, H, W] (uint8 from a file source, else float in [0, 1]), cropped and
-        flipped by `key` (`crop_flip`'s draws) under crop-flip augmentation, else as `images` gives it."""
+        """Sample i un-normalised, [C, H, W] or [C, T, H, W] (uint8 from a file source, else float in [0, 1]),
+        cropped and flipped by `key` (`crop_flip`'s draws) under crop-flip augmentation, else as `images`
+        gives it."""
         crop = self.augment == "crop-flip" and key is not None
         if self.per_sample:
             return self.data.pixels(int(i), key_draws(key) if crop else None)
-        x = self.data.floats(np.asarray([i]))  # [1, C, H, W]
+        x = self.data.floats(np.asarray([i]))  # [1, C, H, W] or [1, C, T, H, W]
         return (crop_flip(x, [key]) if crop else x)[0]
 
     def finish(self, x: Tensor) -> Tensor:
-        """A batch of `sample`s [B, C, H, W] -> normalised float32 on the device."""
+        """A batch of `sample`s [B, C, H, W] (clips [B, C, T, H, W]) -> normalised float32 on the device."""
         return self.prepare(x.to(self.device, non_blocking=x.is_pinned()))
 
     def prepare(self, x: Tensor) -> Tensor:
-        """Samples [B, C, H, W] or one [C, H, W] (uint8 or float in [0, 1]) -> normalised float32, where they are."""
+        """Samples [B, C, H, W] or one [C, H, W] (clips: [B, C, T, H, W] or one [C, T, H, W]; uint8 or float in
+        [0, 1]) -> normalised float32, where they are."""
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x
-        return normalize(x[None], self.mean, self.std)[0] if x.dim() == 3 else normalize(x, self.mean, self.std)
+        one = x.dim() == sample_dims(self.data)
+        return normalize(x[None], self.mean, self.std)[0] if one else normalize(x, self.mean, self.std)
 
     @property
     def prepares_in_workers(self) -> bool:
@@ -140,8 +148,8 @@ class Batcher:
         return images if self.prepares_in_workers else self.finish(images)
 
     def images(self, index: np.ndarray, *, keys: Sequence[Sequence[int] | None] | None = None) -> Tensor:
-        """Normalised images [B, C, H, W] on the device; with crop-flip, augmented when `keys` (one per
-        image: `crop_flip`) are given. A file source reads them as a worker would (`_Reader`)."""
+        """Normalised images [B, C, H, W] (clips [B, C, T, H, W]) on the device; with crop-flip, augmented when
+        `keys` (one per image: `crop_flip`) are given. A file source reads them as a worker would (`_Reader`)."""
         if self.per_sample:
             keys = [None] * len(index) if keys is None else keys
             fetched = _checked(_Reader(self, True, False).fetch(list(zip(index, keys, strict=True))), self.skip_bad)
@@ -180,7 +188,8 @@ def shard(index: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 
 
 class Batch(NamedTuple):
-    """One rank's batch: dataset indices [b], normalised images [b, C, H, W], labels [b] (None if unlabeled)."""
+    """One rank's batch: dataset indices [b], normalised images [b, C, H, W] (clips [b, C, T, H, W]), labels [b]
+    (None if unlabeled)."""
 
     index: np.ndarray
     images: Tensor
@@ -334,7 +343,7 @@ class Loader:
 
 
 class Fetched(NamedTuple):
-    """What a worker returns for one batch: the indices, the samples [b, C, H, W] (normalised when the batcher
+    """What a worker returns for one batch: the indices, the samples [b, C, H, W] or [b, C, T, H, W] (normalised when the batcher
     `prepares_in_workers`, else 8-bit or float in [0, 1]), labels [b] or None, the files it could not read
     (replaced in the batch under skip_bad), and the first error if any."""
 

@@ -168,8 +168,9 @@ class MLOEngine:
         progress: how far training has come, in [0, 1], passed to the masker (its `guided_ramp`);
         default step / config.total_steps, or none when that is not set.
         """
-        if not isinstance(images, Tensor) or images.dim() != 4:
-            raise ValueError(f"images must be a [B, C, H, W] tensor, got {getattr(images, 'shape', type(images))}")
+        if not isinstance(images, Tensor) or images.dim() not in (4, 5):
+            raise ValueError(f"images must be a [B, C, H, W] tensor (or clips [B, C, T, H, W]), got "
+                             f"{getattr(images, 'shape', type(images))}")  # fmt: skip
         cfg, s = self.config, self.step_count
         if progress is None and cfg.total_steps is not None:
             progress = min(1.0, s / cfg.total_steps)

@@ -34,6 +34,7 @@ from maskkit.data import (
     data_fingerprint,
     default_workers,
     fingerprint_change,
+    frames_of,
     load_dataset,
     make_splits,
     recorded_spec,
@@ -206,7 +207,7 @@ def dataset_section(
         "layout": data.layout,  # how an image folder was read (None for the other kinds)
         "mean": mean,
         "std": std,
-        "augment": resolve_augment(augment, data.image_size),
+        "augment": resolve_augment(augment, data.image_size, frames_of(data)),
         "split_seed": seed,
         "split_fractions": fractions,
         "splits": {k: len(v) for k, v in splits.items()},
@@ -220,8 +221,8 @@ def dataset_section(
 
 def _frames(data: Any) -> dict[str, int]:
     """{"num_frames": T} for a video source (clips [C, T, H, W]), else nothing."""
-    frames = getattr(data, "num_frames", None)
-    return {} if frames is None else {"num_frames": int(frames)}
+    frames = frames_of(data)
+    return {} if frames is None else {"num_frames": frames}
 
 
 def model_section(model: ModelConfig, data: ImageData, seed: int) -> dict[str, Any]:
@@ -383,7 +384,7 @@ def build_run(
 
 def _check_kinds(model: str, mae: nn.Module, dataset: str, data: Any) -> None:
     """RunError naming both when a video MAE meets images or an image MAE meets clips."""
-    clips = getattr(data, "num_frames", None) is not None
+    clips = frames_of(data) is not None
     if is_video_mae(mae) == clips:
         return
     if clips:

@@ -71,7 +71,8 @@ class DataConfig:
 
     dataset: str = setting(
         "digits", "A registered data set (maskkit list datasets): digits | mnist5k | photos8 | mnist | "
-        "fashion-mnist | cifar10 | cifar100 | imagefolder:PATH | npz:PATH | a plugin's NAME[:ARG]."
+        "fashion-mnist | cifar10 | cifar100 | imagefolder:PATH | npz:PATH | clips: movingdigits | clipfolder:PATH | "
+        "a plugin's NAME[:ARG]."
     )
     data_dir: str | None = setting(None, "Where torchvision datasets live.")
     download: bool = setting(False, "Download a torchvision dataset into --data-dir.")

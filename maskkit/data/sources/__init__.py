@@ -4,4 +4,12 @@ A new built-in source is one more module here (and one line below); a third-part
 module in its own package, named in MASKKIT_PLUGINS or an entry point (group `maskkit.datasets`).
 """
 
-from maskkit.data.sources import digits, imagefolder, mnist5k, npz, photos8, torchvision_sets  # noqa: F401  (they register)
+from maskkit.data.sources import (  # noqa: F401  (they register)
+    digits,
+    imagefolder,
+    mnist5k,
+    movingdigits,
+    npz,
+    photos8,
+    torchvision_sets,
+)
