@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -289,3 +292,28 @@ def test_prediction_pixels_invert_the_targets(norm_pix_loss):
     mae, clips = wrap(make_model(norm_pix_loss=norm_pix_loss)), make_clips()
     pixels = mae.prediction_pixels(engine_targets(clips, norm_pix_loss), clips)
     torch.testing.assert_close(mae.unpatchify(pixels), clips, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_hf_video_trains_through_maskkit_pretrain(tmp_path):
+    """`--model hf-video:tiny` on the embedded grey clips: VideoMAE's loss needs --norm-pix-loss for one channel
+    (one line without it); the record's clip sizes rebuild the model, into which the trained weights load."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "maskkit.cli", "pretrain", "--model", "hf-video:tiny", "--dataset",
+            "movingdigits,side=16,count=64", "--num-frames", "4", "--steps", "3", "--batch-size", "4", "--no-progress"]  # fmt: skip
+    refused = subprocess.run([*base, "--out", "bad"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "1-channel clips need --norm-pix-loss" in refused.stderr
+    result = subprocess.run([*base, "--norm-pix-loss", "--out", "run"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
+    assert (record["name"], record["num_frames"], record["num_patches"]) == ("hf-video:tiny", 4, 2 * 4 * 4)
+    rebuilt = create_mae_from_spec("hf-video:tiny", img_size=record["img_size"], in_chans=1, patch_size=record["patch_size"],
+                                   num_frames=4, norm_pix_loss=True, seed=record["init_seed"])  # fmt: skip
+    state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["mae"]
+    loaded = rebuilt.load_state_dict(state, strict=True)
+    assert not loaded.missing_keys and not loaded.unexpected_keys
+    assert not torch.equal(state["model.decoder.head.weight"], create_mae_from_spec(
+        "hf-video:tiny", img_size=16, in_chans=1, num_frames=4, norm_pix_loss=True, seed=record["init_seed"],
+    ).state_dict()["model.decoder.head.weight"])  # trained: moved from the initialisation  # fmt: skip
