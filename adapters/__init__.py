@@ -6,10 +6,14 @@
 - `maskkit.adapters.hf`: transformers `ViTMAEForPreTraining` (needs the `hf` extra;
   imported lazily): HFMAE, hf_loss, noise_for_plan, create_hf_mae.
 - `maskkit.adapters.video_mae`: the built-in video MAE (VideoMAE's design on timm blocks), with size presets.
+- `maskkit.adapters.hf_video`: transformers `VideoMAEForPreTraining` (clips; the `hf` extra): HFVideoMAE,
+  hf_video_loss, create_hf_video_mae.
+- `maskkit.adapters.videomae`: MCG-NJU/VideoMAE `PretrainVisionTransformer` (the user's modeling_pretrain.py):
+  wrap, videomae_step_loss, timm_registry_kept.
 
 Each model kind of `--model KIND:ARG` is a `ModelAdapter` registered in `ADAPTERS` in one file
-(`kind_timm`, `kind_official`, `kind_hf`, `kind_video`; a third party's through `register_adapter`, MASKKIT_PLUGINS or
-the `maskkit.adapters` entry-point group); `maskkit.adapters.models` parses and builds through them.
+(`kind_timm`, `kind_official`, `kind_hf`, `kind_video`, `kind_hf_video`, `kind_videomae`; a third party's through
+`register_adapter`, MASKKIT_PLUGINS or the `maskkit.adapters` entry-point group); `maskkit.adapters.models` parses and builds through them.
 """
 
 from maskkit.adapters.timm import (
@@ -38,6 +42,8 @@ from maskkit.adapters import kind_timm  # noqa: F401
 from maskkit.adapters import kind_official  # noqa: F401
 from maskkit.adapters import kind_hf  # noqa: F401
 from maskkit.adapters import kind_video  # noqa: F401
+from maskkit.adapters import kind_hf_video  # noqa: F401
+from maskkit.adapters import kind_videomae  # noqa: F401
 from maskkit.adapters.models import create_mae_from_spec, model_adapter, parse_model_spec, preferred_patch_size
 # isort: on
 

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from maskkit.mae import is_video_mae
+
 from .adapter import BuildRequest
 
 
@@ -39,7 +41,17 @@ def check_built(req: BuildRequest, mae: Any) -> None:
             f"{spec} builds patch size {p}, not the requested {patch_size} "
             "(a callable that does not name patch_size in its signature keeps its own)"
         )
-    if any(s % p for s in sizes) or mae.num_patches != (sizes[0] // p) * (sizes[1] // p):
+    if is_video_mae(mae):
+        frames, tube = mae.num_frames, mae.tubelet_size
+        if req.num_frames is not None and frames != req.num_frames:
+            raise ValueError(f"{spec} builds a model for clips of {frames} frames, not {req.num_frames}; pass "
+                             f"--num-frames {frames} or a model for {req.num_frames}")  # fmt: skip
+        if any(s % p for s in sizes) or frames % tube or mae.num_patches != (frames // tube) * (sizes[0] // p) * (
+            sizes[1] // p
+        ):
+            raise ValueError(f"{spec} builds {mae.num_patches} tokens of {tube}x{p}x{p}, which does not fit clips of "
+                             f"{frames} frames of {sizes[0]}x{sizes[1]}")  # fmt: skip
+    elif any(s % p for s in sizes) or mae.num_patches != (sizes[0] // p) * (sizes[1] // p):
         raise ValueError(
             f"{spec} builds {mae.num_patches} patches of size {p}, which does not fit {sizes[0]}x{sizes[1]} images"
         )

@@ -113,9 +113,9 @@ def _hf_known_keys(*configs: Any) -> set[str]:
     return {k for k in keys if not k.startswith("_") and k not in _HF_META_KEYS}
 
 
-def _check_hf_options(options: dict[str, Any], known: set[str]) -> None:
+def _check_hf_options(options: dict[str, Any], known: set[str], config: str = "ViTMAEConfig") -> None:
     for key in options:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown ViTMAEConfig option {key!r}{hint}")
+            raise ValueError(f"unknown {config} option {key!r}{hint}")

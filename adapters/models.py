@@ -7,7 +7,10 @@ registered as KIND (`maskkit.adapters.ADAPTERS`) reading ARG. The built-in kinds
   (relative paths are resolved), and a class or factory function in it (default `MaskedAutoencoderViT`);
 - `hf:tiny`: a CPU-sized transformers `ViTMAEForPreTraining` (`HF_TINY`);
 - `hf:PATH.json`: a transformers `ViTMAEConfig` JSON file (e.g. a checkpoint's `config.json`);
-- `video:NAME`: a size preset of the built-in video MAE (`maskkit.adapters.video_mae`: "micro" ... "vit-b").
+- `video:NAME`: a size preset of the built-in video MAE (`maskkit.adapters.video_mae`: "micro" ... "vit-b");
+- `hf-video:tiny`, `hf-video:PATH.json` or `hf-video:DIR`: a transformers `VideoMAEForPreTraining` (clips);
+- `videomae:PATH[:CALLABLE]`: an MCG-NJU/VideoMAE-style `modeling_pretrain.py` of the user's, by path (default
+  `PretrainVisionTransformer`).
 
 The data fix `img_size`, `in_chans`, `num_frames` (clips) and `norm_pix_loss`; `options` (`--model-opt key=value`, see
 `parse_model_options`) set everything else the codebase accepts. Weights depend only on `seed`

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from maskkit.mae import MAEOutput, mae_step_loss
 from maskkit.plan import MaskPlan
 from maskkit.policies.random import RandomPolicy
+from maskkit.positions import sinusoid_table
 
 from .build import positive_int, seeded
 from .vit_attention import last_block_attention_received
@@ -46,18 +47,6 @@ __all__ = [
     "register_video_preset",
     "sinusoid_table",
 ]
-
-
-def sinusoid_table(num_positions: int, dim: int) -> Tensor:
-    """VideoMAE's 1-D sinusoid table [N, D]: position i, channel j at angle i / 10000^(2 * (j // 2) / D), its sin at
-    even j and its cos at odd j (computed in float64, returned float32)."""
-    positions = torch.arange(num_positions, dtype=torch.float64)  # [N]
-    exponents = 2 * (torch.arange(dim) // 2).to(torch.float64) / dim  # [D]
-    angles = positions[:, None] / torch.pow(torch.tensor(10000.0, dtype=torch.float64), exponents)[None]  # [N, D]
-    table = torch.empty_like(angles)
-    table[:, 0::2] = angles[:, 0::2].sin()
-    table[:, 1::2] = angles[:, 1::2].cos()
-    return table.float()
 
 
 def _check_sizes(**sizes: Any) -> None:

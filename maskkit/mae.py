@@ -48,6 +48,12 @@ class MAEProtocol(Protocol):
     a tubelet's pixels ordered (t, p, p, C), tokens row-major over the grid (time slowest), `features` may
     mean-pool its tokens (VideoMAE has no CLS) and `cls_attention` may give the attention each token receives.
     `decode` may reconstruct only the visible and `plan.decoder_ids` tokens, with zeros elsewhere.
+
+    Optional `pixel_loss(pred, images, plan) -> (loss, per_patch [B, N])`: a codebase whose own loss is not MAE's
+    (VideoMAE's targets are un-normalised with ImageNet's statistics and normalised per channel of a tubelet, and
+    it averages over the hidden tokens' elements) computes it here, so that `mae_forward` equals it bit for bit.
+    Such a model also gives `prediction_pixels(pred, images) -> [B, N, P]`: its predictions back in the inputs'
+    pixels (patchify's layout), for pictures, since undoing `norm_pix_loss` per patch would not.
     """
 
     patch_size: int  # p
@@ -203,8 +209,12 @@ def mae_forward(mae: Any, images: Tensor, plan: MaskPlan, tokens: Tensor | None 
         tokens = mae.patch_tokens(images)  # [B, N, D]
     latent = mae.encode(tokens, plan)  # [B, 1 + K, D]
     pred = mae.decode(latent, plan)  # [B, N, P]
-    per_patch = patch_loss(pred, mae.patchify(images), mae.norm_pix_loss)  # [B, N]
-    loss = masked_loss(per_patch, plan.target_mask, plan.weights)  # over the decoder's subset, when one is named
+    own_loss = getattr(mae, "pixel_loss", None)
+    if callable(own_loss):  # the codebase's own targets and reduction (VideoMAE's), over plan.target_mask
+        loss, per_patch = own_loss(pred, images, plan)
+    else:
+        per_patch = patch_loss(pred, mae.patchify(images), mae.norm_pix_loss)  # [B, N]
+        loss = masked_loss(per_patch, plan.target_mask, plan.weights)  # over the decoder subset, if named
     return MAEOutput(loss=loss, pred=pred, plan=plan, per_patch=per_patch)
 
 

@@ -1,4 +1,5 @@
-"""One conformance suite for every registered MAE adapter (`maskkit.adapters.ADAPTERS`: timm, official, hf, video).
+"""One conformance suite for every registered MAE adapter (`maskkit.adapters.ADAPTERS`: timm, official, hf, video,
+hf-video, videomae).
 
 Each registered adapter is one `AdapterCase` in `CASES` (keyed by its registered name), one param of the
 `case` fixture; a new adapter gets every test here by adding one more entry, and a registered adapter
@@ -30,6 +31,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import timm
@@ -94,6 +96,9 @@ class AdapterCase:
     norm_pix_options: tuple[bool, ...] = (False, True)
     #: the wrapper has parameters of its own beside the codebase model's (timm: maskkit's decoder)
     adds_parameters: bool = False
+    #: (wrapper, images) -> the targets [B, N, P] the codebase's own loss compares predictions with, written
+    #: independently of the adapter; None: `patchify` (MAE's, normalised per patch by `patch_loss` if asked)
+    own_targets: Callable[[nn.Module, Tensor], Tensor] | None = None
     #: a package the adapter needs (the case skips without it)
     needs: str | None = None
     #: the `--model` spec and `--model-opt` options under which the registered adapter builds `build`'s model
@@ -146,6 +151,12 @@ def reference_patchify(case: AdapterCase, x: Tensor) -> Tensor:
     (gt, gh, gw), t = case.grid, case.tubelet_size
     x = x.reshape(x.shape[0], c, gt, t, gh, p, gw, p)
     return torch.einsum("bctuhpwq->bthwupqc", x).reshape(x.shape[0], n, case.patch_dim)
+
+
+def targets_of(case: AdapterCase, mae: nn.Module, images: Tensor) -> Tensor:
+    """The codebase's own loss targets [B, N, P] for an unnormalised loss (the suite's weighted checks use
+    norm_pix_loss False): the case's `own_targets`, else `patchify`."""
+    return mae.patchify(images) if case.own_targets is None else case.own_targets(mae, images)
 
 
 def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
@@ -419,6 +430,148 @@ def video_raw_output(raw: nn.Module, clips: Tensor, noise: Noise) -> tuple[Tenso
     return out.loss, out.pred, raw.features(clips)
 
 
+# ---- VideoMAE's own loss, as both VideoMAE codebases compute it (for hf-video and videomae) --------------------
+
+STANDIN = Path(__file__).resolve().parent / "data" / "videomae_standin" / "modeling_pretrain.py"
+
+
+def videomae_targets_by_hand(clips: Tensor, tubelet: int, patch: int, normalise: bool) -> Tensor:
+    """engine_for_pretraining.py's labels before masking: un-normalised with ImageNet's statistics (3 channels),
+    'b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2) c', per tubelet and channel normalised if asked: [B, N, P]."""
+    b, c, frames, hgt, wid = clips.shape
+    mean = torch.as_tensor((0.485, 0.456, 0.406))[None, :, None, None, None]
+    std = torch.as_tensor((0.229, 0.224, 0.225))[None, :, None, None, None]
+    x = clips * std + mean
+    x = torch.einsum("bctuhpwq->bthwupqc", x.reshape(b, c, frames // tubelet, tubelet, hgt // patch, patch,
+                                                      wid // patch, patch))  # fmt: skip
+    x = x.reshape(b, -1, tubelet * patch * patch, c)  # [B, N, t*p*p, C]
+    if normalise:
+        x = (x - x.mean(dim=-2, keepdim=True)) / (x.var(dim=-2, unbiased=True, keepdim=True).sqrt() + 1e-6)
+    return x.reshape(b, x.shape[1], -1)
+
+
+def hidden_mask(noise: Noise, ratio: float) -> Tensor:
+    """MAE's random masking as a boolean mask [B, N]: the K tokens of lowest noise visible, the rest hidden."""
+    b, n = noise.values.shape
+    keep = int(n * (1 - ratio))
+    return torch.ones(b, n).scatter(1, torch.argsort(noise.values, dim=1)[:, :keep], 0.0).bool()
+
+
+def in_place(rows: Tensor, mask: Tensor) -> Tensor:
+    """The hidden tokens' predictions [B, M, P] (ascending, as both codebases return them) at their tokens, zeros
+    elsewhere: [B, N, P]."""
+    b, n = mask.shape
+    out = rows.new_zeros(b, n, rows.shape[-1])
+    out[mask] = rows.reshape(-1, rows.shape[-1])
+    return out
+
+
+# ---- Hugging Face transformers VideoMAEForPreTraining (tiny, randomly initialised) -------------------------
+
+#: 8 frames of 8x8 in tubelets 2x4x4: a (4, 2, 2) grid, N = 16 (square, for the learned masker)
+HF_VIDEO_TINY = dict(
+    image_size=8, patch_size=4, num_channels=3, num_frames=8, tubelet_size=2, hidden_size=32, num_hidden_layers=2,
+    num_attention_heads=2, intermediate_size=64, decoder_hidden_size=16, decoder_num_hidden_layers=1,
+    decoder_num_attention_heads=2, decoder_intermediate_size=32,
+)  # fmt: skip
+
+
+def hf_video_build_raw(seed: int, norm_pix_loss: bool = False) -> nn.Module:
+    from maskkit.adapters.hf_video import create_hf_video_mae
+
+    return seeded(seed, lambda: create_hf_video_mae(**HF_VIDEO_TINY, norm_pix_loss=norm_pix_loss)).eval()
+
+
+def hf_video_build(seed: int, norm_pix_loss: bool) -> nn.Module:
+    from maskkit.adapters.hf_video import wrap
+
+    return wrap(hf_video_build_raw(seed, norm_pix_loss))
+
+
+def hf_video_call(model: nn.Module, clips: Tensor, mask: Tensor) -> Any:
+    """The user's call: pixel_values [B, T, C, H, W] (frames before channels) and bool_masked_pos [B, N]."""
+    return model(pixel_values=clips.permute(0, 2, 1, 3, 4).contiguous(), bool_masked_pos=mask)
+
+
+def hf_video_own_loss(mae: nn.Module, clips: Tensor, noise: Noise, ratio: float) -> Triple:
+    mask = hidden_mask(noise, ratio)
+    out = hf_video_call(mae.model, clips, mask)
+    return out.loss, in_place(out.logits, mask), mask.float()
+
+
+def hf_video_own_features(mae: nn.Module, clips: Tensor) -> Tensor:
+    """transformers' encoder with nothing masked (bool_masked_pos None), its tokens' mean."""
+    return mae.model.videomae(clips.permute(0, 2, 1, 3, 4).contiguous()).last_hidden_state.mean(dim=1)
+
+
+def hf_video_attach(raw: nn.Module, clips: Tensor) -> Callable[[], None]:
+    from maskkit.adapters.hf_video import hf_video_loss, wrap
+
+    mae = wrap(raw)
+    assert mae.model is raw
+    mae(clips).loss.backward()
+    hf_video_loss(raw, clips, create_policy("random"), ratio=0.5).loss.backward()
+    return lambda: None  # nothing to undo: wrapping must not change the model
+
+
+def hf_video_raw_output(model: nn.Module, clips: Tensor, noise: Noise) -> tuple[Tensor, ...]:
+    out = hf_video_call(model, clips, hidden_mask(noise, 0.9))
+    return out.loss, out.logits
+
+
+# ---- the official VideoMAE interface: the stand-in tests/data/videomae_standin/modeling_pretrain.py ------------
+
+#: the v1 class always builds 16 frames; tubelets 4x4x4 on 8x8 frames: a (4, 2, 2) grid, N = 16
+VIDEOMAE_MODEL = dict(
+    encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+    decoder_num_heads=2, mlp_ratio=2.0, qkv_bias=True, tubelet_size=4,
+)  # fmt: skip
+
+
+def videomae_build_raw(seed: int) -> nn.Module:
+    from maskkit.adapters.kind_videomae import load_videomae_module
+
+    module = load_videomae_module(STANDIN)
+    return seeded(seed, lambda: module.PretrainVisionTransformer(
+        img_size=8, patch_size=4, encoder_in_chans=3, decoder_num_classes=3 * 4 * 4 * 4, **VIDEOMAE_MODEL
+    )).eval()  # fmt: skip
+
+
+def videomae_build(seed: int, norm_pix_loss: bool) -> nn.Module:
+    from maskkit.adapters.videomae import wrap
+
+    return wrap(videomae_build_raw(seed), norm_pix_loss)
+
+
+def videomae_own_loss(mae: nn.Module, clips: Tensor, noise: Noise, ratio: float) -> Triple:
+    """engine_for_pretraining's step: `outputs = model(videos, bool_masked_pos)`, labels by hand, `MSELoss()`."""
+    mask = hidden_mask(noise, ratio)
+    outputs = mae.model(clips, mask)  # [B, M, P]
+    target = videomae_targets_by_hand(clips, 4, 4, mae.norm_pix_loss)
+    labels = target[mask].reshape(clips.shape[0], -1, target.shape[-1])
+    return nn.MSELoss()(input=outputs, target=labels), in_place(outputs, mask), mask.float()
+
+
+def videomae_own_features(mae: nn.Module, clips: Tensor) -> Tensor:
+    """The encoder's own forward_features with nothing hidden, its tokens' mean."""
+    nothing = torch.zeros(clips.shape[0], mae.num_patches, dtype=torch.bool)
+    return mae.model.encoder.forward_features(clips, nothing).mean(dim=1)
+
+
+def videomae_attach(raw: nn.Module, clips: Tensor) -> Callable[[], None]:
+    from maskkit.adapters.videomae import videomae_step_loss, wrap
+
+    mae = wrap(raw)
+    assert mae.model is raw
+    mae(clips).loss.backward()
+    videomae_step_loss(raw, clips, create_policy("random"), ratio=0.5).loss.backward()
+    return lambda: None  # nothing to undo: wrapping must not change the model
+
+
+def videomae_raw_output(model: nn.Module, clips: Tensor, noise: Noise) -> tuple[Tensor, ...]:
+    return (model(clips, hidden_mask(noise, 0.9)),)
+
+
 # ---- the cases ------------------------------------------------------------------------------------
 
 CASES = {
@@ -450,6 +603,23 @@ CASES = {
         has_cls=False, build=video_build, own_loss=video_own_loss, own_features=video_own_features,
         features_tol=dict(rtol=0, atol=1e-6), raw_of=lambda mae: mae, build_raw=lambda seed: video_build(seed, False),
         attach=video_attach, raw_output=video_raw_output, spec="video:micro", spec_options=VIDEO_MODEL,
+    ),
+    "hf-video": AdapterCase(
+        name="hf-video", img_size=8, in_chans=3, patch_size=4, embed_dim=32, num_frames=8, tubelet_size=2,
+        has_cls=False, build=hf_video_build, own_loss=hf_video_own_loss, own_features=hf_video_own_features,
+        features_tol=dict(rtol=1e-5, atol=1e-6), raw_of=lambda mae: mae.model, build_raw=hf_video_build_raw,
+        attach=hf_video_attach, raw_output=hf_video_raw_output, needs="transformers",
+        own_targets=lambda mae, clips: videomae_targets_by_hand(clips, 2, 4, mae.norm_pix_loss),
+        spec="hf-video:tiny", spec_options={k: v for k, v in HF_VIDEO_TINY.items()
+                                            if k not in ("image_size", "patch_size", "num_channels", "num_frames")},
+    ),
+    "videomae": AdapterCase(
+        name="videomae", img_size=8, in_chans=3, patch_size=4, embed_dim=32, num_frames=16, tubelet_size=4,
+        has_cls=False, build=videomae_build, own_loss=videomae_own_loss, own_features=videomae_own_features,
+        features_tol=dict(rtol=1e-5, atol=1e-6), raw_of=lambda mae: mae.model, build_raw=videomae_build_raw,
+        attach=videomae_attach, raw_output=videomae_raw_output,
+        own_targets=lambda mae, clips: videomae_targets_by_hand(clips, 4, 4, mae.norm_pix_loss),
+        spec=f"videomae:{STANDIN}", spec_options=VIDEOMAE_MODEL,
     ),
 }  # fmt: skip
 REGISTERED = ADAPTERS.names()  # every registered adapter is a param: one without a case fails
@@ -549,7 +719,7 @@ def test_weighted_plan_weights_the_own_per_patch_loss(case, images, noise):
     weights = torch.rand(B, case.num_patches, generator=torch.Generator().manual_seed(3)) + 0.5
     out = mae_forward(mae, images, MaskPlan.from_scores(noise.values, 0.75, weights=weights))
     _, pred, mask = case.own_loss(mae, images, noise, 0.75)
-    per_patch = ((pred - mae.patchify(images)) ** 2).mean(dim=-1)  # [B, N]
+    per_patch = ((pred - targets_of(case, mae, images)) ** 2).mean(dim=-1)  # [B, N]
     assert torch.equal(out.pred, pred) and torch.equal(out.per_patch, per_patch)
     assert torch.equal(out.loss, (per_patch * (mask * weights)).sum() / mask.sum())
 
@@ -603,7 +773,7 @@ def test_learned_masker_gets_gradients(case, images):
     plan = out.plan
     assert plan.weights is not None and plan.weights.requires_grad
     assert torch.equal(plan.mask.sum(1), torch.full((B,), float(hidden(case))))
-    per_patch = ((out.pred - mae.patchify(images)) ** 2).mean(dim=-1)
+    per_patch = ((out.pred - targets_of(case, mae, images)) ** 2).mean(dim=-1)
     assert torch.equal(out.loss, (per_patch * (plan.mask * plan.weights)).sum() / plan.mask.sum())
     out.loss.backward()
     params = [p for p in masker.parameters() if p.requires_grad]
@@ -677,7 +847,7 @@ def test_the_registered_adapter_builds_the_case_model(case):
 
 
 def test_every_registered_adapter_has_a_case():
-    assert set(REGISTERED) >= {"timm", "official", "hf", "video"}
+    assert set(REGISTERED) >= {"timm", "official", "hf", "video", "hf-video", "videomae"}
     assert set(ADAPTERS.names()) <= set(CASES), "add an AdapterCase for every registered adapter"
 
 

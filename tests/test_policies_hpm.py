@@ -88,11 +88,18 @@ def test_defaults_and_binding():
 
 
 @pytest.mark.parametrize("kwargs,match", [({"loss": "l1"}, "loss"), ({"hidden_dim": 0}, "hidden_dim"),
-                                          ({"pos_dim": 6}, "pos_dim"), ({"loss_weight": -1.0}, "loss_weight"),
-                                          ({"num_patches": 15}, "square")])
+                                          ({"pos_dim": 6}, "pos_dim"), ({"loss_weight": -1.0}, "loss_weight")])
 def test_bad_options_are_value_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         create_policy("hpm", **kwargs)
+
+
+def test_a_grid_that_is_not_square_is_refused_at_the_call_without_a_grid_and_taken_with_one():
+    """N = 15 (e.g. a 3x5 image grid, or clips): the scorer's position code needs the token grid, given per call."""
+    policy = create_policy("hpm", num_patches=15)
+    with pytest.raises(ValueError, match="square"):
+        policy(torch.randn(2, 15, 6))
+    assert policy(torch.randn(2, 15, 6), grid=(3, 5)).scores.shape == (2, 15)
 
 
 def noisy_left_half(batch: int, g: torch.Generator) -> torch.Tensor:

@@ -86,19 +86,20 @@ class AdaMAEPolicy(MaskPolicy):
         """Build the network for tokens of width `embed_dim` (or check that it matches)."""
         self.sampler.bind(embed_dim=embed_dim, num_patches=num_patches)
 
-    def logits(self, tokens: Tensor) -> Tensor:
-        """Sampling logits [B, N] of patch tokens [B, N, D] (detached); builds the network if needed."""
+    def logits(self, tokens: Tensor, grid: tuple[int, ...] | None = None) -> Tensor:
+        """Sampling logits [B, N] of patch tokens [B, N, D] (detached) on the token `grid`; builds the network if
+        needed."""
         self.token_grid(tokens)
-        return self.sampler(tokens)
+        return self.sampler(tokens, grid)
 
-    def log_probs(self, tokens: Tensor) -> Tensor:
+    def log_probs(self, tokens: Tensor, grid: tuple[int, ...] | None = None) -> Tensor:
         """log p [B, N]: the log-softmax over each image's tokens of the sampling logits."""
-        return torch.log_softmax(self.logits(tokens), dim=-1)
+        return torch.log_softmax(self.logits(tokens, grid), dim=-1)
 
     def make_plan(self, tokens: Tensor, ratio: float, *, noise: Tensor | None = None,
                   generator: torch.Generator | None = None, **context: Any) -> MaskPlan:
         batch, n = tokens.shape[:2]  # tokens: [B, N, D]
-        log_p = self.log_probs(tokens)  # [B, N] attached to the sampler
+        log_p = self.log_probs(tokens, context.get("grid"))  # [B, N] attached to the sampler
         noise = uniform_noise(noise, batch, n, log_p.device, generator, dtype=log_p.dtype)  # [B, N]
         perturbed = log_p.detach() + gumbel_from_uniform(noise.to(log_p))  # [B, N]; the K largest are visible
         plan = MaskPlan.from_scores(-perturbed, ratio)  # from_scores keeps the K lowest visible
@@ -114,7 +115,7 @@ class AdaMAEPolicy(MaskPolicy):
                 f"per_patch loss must have the plan's shape {tuple(log_p.shape)}, "
                 f"got {tuple(per_patch.shape)}"
             )
-        mask = plan.mask.to(log_p.dtype)  # [B, N] 1 = hidden
+        mask = plan.target_mask.to(log_p.dtype)  # [B, N] 1 = hidden and reconstructed (the decoder's subset)
         loss = per_patch.detach().to(log_p.dtype)  # [B, N]
         return -self.loss_weight * (log_p * loss * mask).sum() / mask.sum()
 

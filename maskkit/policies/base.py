@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, ClassVar
 
@@ -71,10 +72,10 @@ class MaskPolicy(nn.Module):
         """The per-call ratio if given, else the policy's own; validated against N."""
         return check_ratio(self.ratio if ratio is None else ratio, num_patches)
 
-    def num_visible(self, num_patches: int, ratio: float | None = None) -> int:
+    def num_visible(self, num_patches: int, ratio: float | None = None, grid: tuple[int, ...] | None = None) -> int:
         """K, the patches a plan keeps visible at the ratio asked (per call, else the policy's own): int(N x (1 -
-        ratio)), as the official MAE rounds; every plan is checked against it. A policy whose ratio is not free
-        (e.g. `uniform`) overrides it."""
+        ratio)), as the official MAE rounds; every plan is checked against it. A policy whose count is not free
+        (e.g. `uniform`) or depends on the token `grid` (e.g. `tube`: a whole number per time slice) overrides it."""
         return num_visible(num_patches, self.resolve_ratio(ratio, num_patches))
 
     @staticmethod
@@ -97,9 +98,10 @@ class MaskPolicy(nn.Module):
                              "or grid=(T', H', W')")  # fmt: skip
         return side, side
 
-    def refuse_space_time(self, grid: tuple[int, ...]) -> None:
-        """ValueError naming this policy when `grid` is a clip's (T', H', W'): for policies with no space-time meaning."""
-        if is_space_time(grid):
+    def refuse_space_time(self, grid: tuple[int, ...] | None) -> None:
+        """ValueError naming this policy when `grid` (the context's; None: not given) is a clip's (T', H', W'): for
+        policies with no space-time meaning."""
+        if grid is not None and is_space_time(tuple(grid)):
             raise ValueError(f"{_registry().label(self)} works on image patch grids only, not on the space-time "
                              f"token grid {'x'.join(map(str, grid))} (T' x H' x W') of a video MAE")  # fmt: skip
 
@@ -136,17 +138,19 @@ class MaskPolicy(nn.Module):
                 raise TypeError(f"{who} returned {type(plan).__name__}, not a MaskPlan")
             b, n = self.token_grid(tokens)
             try:
-                plan.validate(n, b, visible=self._asked_visible(n, kwargs.get("ratio")), who=who)
+                plan.validate(n, b, visible=self._asked_visible(n, kwargs.get("ratio"), kwargs.get("grid")), who=who)
             except NonFiniteWeightsError:
                 if bool(torch.isfinite(tokens).all()):
                     raise  # finite tokens, non-finite weights: the policy's own fault
                 # non-finite tokens (e.g. NaN pixels): the trainer's non-finite guard names the loss it poisons
         return plan
 
-    def _asked_visible(self, num_patches: int, ratio: Any) -> int | None:
+    def _asked_visible(self, num_patches: int, ratio: Any, grid: Any = None) -> int | None:
         """How many patches the call's plan must keep visible (`num_visible`), or None when the policy cannot say
         (a plugin that sets no `ratio`)."""
         try:
+            if grid is not None and "grid" in inspect.signature(self.num_visible).parameters:
+                return int(self.num_visible(num_patches, ratio, grid=grid))
             return int(self.num_visible(num_patches, ratio))
         except Exception:  # no usable ratio to check the plan against
             return None

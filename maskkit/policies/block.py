@@ -82,6 +82,7 @@ class BlockPolicy(MaskPolicy):
     def make_plan(self, tokens: Tensor, ratio: float, *, noise: Tensor | None = None,
                   generator: torch.Generator | None = None, **context: Any) -> MaskPlan:
         batch, n = tokens.shape[:2]  # tokens: [B, N, D]
+        self.refuse_space_time(context.get("grid"))
         rows, cols = self._grid_for(n)
         target = n - num_visible(n, ratio)
         seeds = torch.randint(0, 2**62, (batch,), generator=generator).tolist()

@@ -200,6 +200,7 @@ class ColorNoisePolicy(MaskPolicy):
     def make_plan(self, tokens: Tensor, ratio: float, *, noise: Tensor | None = None,
                   generator: torch.Generator | None = None, **context: Any) -> MaskPlan:
         batch, n = tokens.shape[:2]  # tokens: [B, N, D]
+        self.refuse_space_time(context.get("grid"))
         side = grid_side(n)
         if noise is not None and tuple(noise.shape) != (batch, n):
             raise ValueError(f"noise must have shape {(batch, n)}, got {tuple(noise.shape)}")

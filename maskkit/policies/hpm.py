@@ -122,14 +122,15 @@ class HPMPolicy(ScoredPolicy):
     def score(self, tokens: Tensor, **context: Any) -> Tensor:
         """Predicted reconstruction difficulty [B, N] of patch tokens [B, N, D] (read detached)."""
         self.token_grid(tokens)
-        return self.scorer(tokens)
+        return self.scorer(tokens, context.get("grid"))
 
     def aux_loss(self, plan: MaskPlan, per_patch: Tensor) -> Tensor | None:
         """loss_weight x (ranking or z-scored MSE loss) of the scores against the hidden patches' losses."""
         if plan.scores is None:
             raise ValueError("hpm aux_loss needs the plan this policy made (its scores are missing)")
-        scores = hidden_values(plan.scores, plan.mask)  # [B, H]
-        losses = hidden_values(per_patch.detach().to(scores.dtype), plan.mask)  # [B, H]
+        target = plan.target_mask  # [B, N] the hidden patches the loss covers (the decoder's subset, when named)
+        scores = hidden_values(plan.scores, target)  # [B, H]
+        losses = hidden_values(per_patch.detach().to(scores.dtype), target)  # [B, H]
         fn = ranking_loss if self.loss == "rank" else zscore_mse_loss
         return self.loss_weight * fn(scores, losses)
 
@@ -137,8 +138,9 @@ class HPMPolicy(ScoredPolicy):
         """hpm_rank_corr: Spearman correlation of predicted scores and actual losses on the hidden patches."""
         if plan.scores is None:
             return {}
-        scores = hidden_values(plan.scores.detach(), plan.mask)
-        return {"hpm_rank_corr": rank_correlation(scores, hidden_values(per_patch.detach().to(scores.dtype), plan.mask))}
+        target = plan.target_mask
+        scores = hidden_values(plan.scores.detach(), target)
+        return {"hpm_rank_corr": rank_correlation(scores, hidden_values(per_patch.detach().to(scores.dtype), target))}
 
     def extra_repr(self) -> str:
         return f"ratio={self.ratio}, {self.guided_repr()}, loss={self.loss!r}, loss_weight={self.loss_weight}"

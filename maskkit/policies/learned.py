@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from maskkit.plan import MaskPlan
+from maskkit.plan import MaskPlan, check_grid
 from maskkit.policies.card import CardInfo
 from maskkit.policies.registry import register_policy
 from maskkit.policies.scored import ScoredPolicy, uniform_noise
+from maskkit.positions import sinusoid_table
 
 ARCHS = ("token", "paper")
 SELECTIONS = ("topk", "gumbel")
@@ -42,20 +43,24 @@ def position_code(
     [sin(p * w_i), cos(p * w_i)] with w_i = 10000^(-i / (dim/4)), i < dim/4 (MAE's frequencies; MAE
     itself puts the column first: the masker's own input needs no particular order).
     """
+    return _row_col_code(side, side, dim, device).to(dtype)
+
+
+def _row_col_code(num_rows: int, num_cols: int, dim: int, device: Any = None) -> Tensor:
+    """`position_code` of a num_rows x num_cols grid, float64: [num_rows * num_cols, dim]."""
     if dim % 4:
         raise ValueError(f"sin-cos position width must be divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (
         torch.arange(dim // 4, dtype=torch.float64, device=device) / (dim // 4)
     )  # [dim/4]
-    coords = torch.arange(side, dtype=torch.float64, device=device)
-    rows = coords.repeat_interleave(side)  # [N] row of each patch
-    cols = coords.repeat(side)  # [N] column of each patch
+    rows = torch.arange(num_rows, dtype=torch.float64, device=device).repeat_interleave(num_cols)  # [N] row of each
+    cols = torch.arange(num_cols, dtype=torch.float64, device=device).repeat(num_rows)  # [N] column of each patch
 
     def code(p: Tensor) -> Tensor:
         angles = p[:, None] * omega[None, :]  # [N, dim/4]
         return torch.cat([angles.sin(), angles.cos()], dim=1)  # [N, dim/2]
 
-    return torch.cat([code(rows), code(cols)], dim=1).to(dtype)  # [N, dim]
+    return torch.cat([code(rows), code(cols)], dim=1)  # [N, dim]
 
 
 def token_mlp(embed_dim: int, pos_dim: int, hidden_dim: int) -> nn.Sequential:
@@ -67,12 +72,27 @@ def token_mlp(embed_dim: int, pos_dim: int, hidden_dim: int) -> nn.Sequential:
     )
 
 
-def token_mlp_input(normed: Tensor, pos_dim: int) -> Tensor:
-    """Normalised tokens [B, N, D] with the grid's sin-cos position code appended: [B, N, D + P]."""
+def grid_position_code(grid: tuple[int, ...], dim: int, dtype: torch.dtype = torch.float32, device: Any = None) -> Tensor:
+    """The fixed position code of a token grid, row-major: [N, dim]. A square image grid: `position_code` (bit for
+    bit what the maskers always used); (H', W'): the same code on H' rows and W' columns; a clip's (T', H', W'):
+    VideoMAE's 1-D sinusoid table over the N tokens (`maskkit.positions.sinusoid_table`: what the video MAE itself
+    embeds its tokens with)."""
+    if len(grid) == 3:
+        return sinusoid_table(math.prod(grid), dim).to(dtype=dtype, device=device)
+    rows, cols = grid
+    if rows == cols:
+        return position_code(rows, dim, dtype, device)
+    return _row_col_code(rows, cols, dim, device).to(dtype)
+
+
+def token_mlp_input(normed: Tensor, pos_dim: int, grid: tuple[int, ...] | None = None) -> Tensor:
+    """Normalised tokens [B, N, D] with the grid's position code appended (`grid_position_code`; None: the square
+    sqrt(N) x sqrt(N)): [B, N, D + P]."""
     batch, n, _ = normed.shape
     if not pos_dim:
         return normed
-    pos = position_code(grid_side(n), pos_dim, dtype=normed.dtype, device=normed.device)  # [N, P]
+    shape = (grid_side(n),) * 2 if grid is None else check_grid(grid, n)
+    pos = grid_position_code(shape, pos_dim, dtype=normed.dtype, device=normed.device)  # [N, P]
     return torch.cat([normed, pos.unsqueeze(0).expand(batch, -1, -1)], dim=-1)  # [B, N, D + P]
 
 
@@ -212,8 +232,6 @@ class LearnedMasker(ScoredPolicy):
         else:
             if pos_dim < 0 or pos_dim % 4:
                 raise ValueError(f"pos_dim must be a non-negative multiple of 4, got {pos_dim!r}")
-            if num_patches is not None:
-                grid_side(num_patches)
             self.norm = nn.LayerNorm(embed_dim, elementwise_affine=False)
             self.net = token_mlp(embed_dim, pos_dim, hidden_dim)
         # start near p = 0.5 everywhere, with small variation so that ties break
@@ -221,8 +239,8 @@ class LearnedMasker(ScoredPolicy):
         nn.init.normal_(last.weight, std=0.01)
         nn.init.zeros_(last.bias)
 
-    def logits(self, tokens: Tensor) -> Tensor:
-        """Masking logits [B, N] of patch tokens [B, N, D]."""
+    def logits(self, tokens: Tensor, grid: tuple[int, ...] | None = None) -> Tensor:
+        """Masking logits [B, N] of patch tokens [B, N, D] on the token `grid` (None: a square one)."""
         if tokens.dim() != 3:
             raise ValueError(f"tokens must be [B, N, D], got shape {tuple(tokens.shape)}")
         batch, n, d = tokens.shape
@@ -239,15 +257,15 @@ class LearnedMasker(ScoredPolicy):
         x = x.to(dtype=weight.dtype)
         if self.arch == "paper":
             return self.net(x)  # [B, N]
-        return self.net(token_mlp_input(self.norm(x), self.pos_dim)).squeeze(-1)  # [B, N]
+        return self.net(token_mlp_input(self.norm(x), self.pos_dim, grid)).squeeze(-1)  # [B, N]
 
-    def probabilities(self, tokens: Tensor) -> Tensor:
+    def probabilities(self, tokens: Tensor, grid: tuple[int, ...] | None = None) -> Tensor:
         """Masking probability of each patch: [B, N, D] -> [B, N] in (0, 1)."""
-        return torch.sigmoid(self.logits(tokens))
+        return torch.sigmoid(self.logits(tokens, grid))
 
     def score(self, tokens: Tensor, **context: Any) -> Tensor:
         """The masking logits [B, N] (attached to the masker's graph)."""
-        return self.logits(tokens)
+        return self.logits(tokens, context.get("grid"))
 
     def selection_key(self, scores: Tensor, *, ratio: float, noise: Tensor | None,
                       generator: torch.Generator | None) -> Tensor:

@@ -113,6 +113,7 @@ class SimMIMPolicy(MaskPolicy):
     def make_plan(self, tokens: Tensor, ratio: float, *, noise: Tensor | None = None,
                   generator: torch.Generator | None = None, **context: Any) -> MaskPlan:
         batch, n = tokens.shape[:2]  # tokens: [B, N, D]
+        self.refuse_space_time(context.get("grid"))
         side = grid_side(n)
         group_of = self.groups(side).to(tokens.device)  # [N]
         num_groups = math.ceil(side / self.group_side) ** 2  # G

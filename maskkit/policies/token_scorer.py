@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from maskkit.policies.learned import grid_side, token_mlp, token_mlp_input
+from maskkit.policies.learned import token_mlp, token_mlp_input
 
 
 def check_positive_int(name: str, value: Any) -> None:
@@ -29,8 +29,8 @@ class TokenScorer(nn.Module):
         embed_dim: token width D, or None to build at `bind` / the first call. Default None.
         hidden_dim: hidden width H. Default 128.
         pos_dim: width P of the sin-cos position code (a multiple of 4; 0 for none; > 0 needs a
-            square grid). Default 32.
-        num_patches: N, or None for any square grid. Default None.
+            token grid: a call's `grid`, else a square one). Default 32.
+        num_patches: N, or None for any N. Default None.
         owner: the policy's name, for error messages.
     """
 
@@ -43,8 +43,6 @@ class TokenScorer(nn.Module):
                 check_positive_int(name, value)
         if isinstance(pos_dim, bool) or not isinstance(pos_dim, int) or pos_dim < 0 or pos_dim % 4:
             raise ValueError(f"pos_dim must be a non-negative multiple of 4, got {pos_dim!r}")
-        if num_patches is not None and pos_dim:
-            grid_side(num_patches)
         self.hidden_dim, self.pos_dim, self.num_patches, self.owner = hidden_dim, pos_dim, num_patches, owner
         self.embed_dim: int | None = None
         self.norm: nn.Module | None = None
@@ -65,8 +63,8 @@ class TokenScorer(nn.Module):
         nn.init.normal_(self.net[-1].weight, std=0.01)  # start nearly indifferent; small variation breaks ties
         nn.init.zeros_(self.net[-1].bias)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """Scores [B, N] of tokens [B, N, D], read detached."""
+    def forward(self, tokens: Tensor, grid: tuple[int, ...] | None = None) -> Tensor:
+        """Scores [B, N] of tokens [B, N, D] on the token `grid` (None: a square one), read detached."""
         if tokens.dim() != 3:
             raise ValueError(f"tokens must be [B, N, D], got shape {tuple(tokens.shape)}")
         if self.net is None:
@@ -78,7 +76,7 @@ class TokenScorer(nn.Module):
         if self.num_patches is not None and tokens.shape[1] != self.num_patches:
             raise ValueError(f"{self.owner} was built for num_patches={self.num_patches}, got N = {tokens.shape[1]}")
         x = self.norm(tokens.detach().to(self.net[-1].weight.dtype))  # [B, N, D]
-        return self.net(token_mlp_input(x, self.pos_dim)).squeeze(-1)  # [B, N]
+        return self.net(token_mlp_input(x, self.pos_dim, grid)).squeeze(-1)  # [B, N]
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, hidden_dim={self.hidden_dim}, pos_dim={self.pos_dim}"

@@ -72,7 +72,7 @@ class UniformPolicy(MaskPolicy):
         self.secondary_ratio = check_fraction("secondary_ratio", secondary_ratio, include_one=False)
         self.secondary_in_loss = bool(secondary_in_loss)
 
-    def num_visible(self, num_patches: int, ratio: float | None = None) -> int:
+    def num_visible(self, num_patches: int, ratio: float | None = None, grid: tuple[int, ...] | None = None) -> int:
         """K = int(N / 4 * (1 - secondary_ratio)) visible patches of N (`ratio`, if given, must be 0.75)."""
         self.resolve_ratio(ratio, num_patches)
         return int(num_patches // 4 * (1.0 - self.secondary_ratio))
@@ -84,6 +84,7 @@ class UniformPolicy(MaskPolicy):
     def make_plan(self, tokens: Tensor, ratio: float, *, noise: Tensor | None = None,
                   generator: torch.Generator | None = None, **context: Any) -> MaskPlan:
         batch, n = tokens.shape[:2]  # tokens: [B, N, D]
+        self.refuse_space_time(context.get("grid"))
         side = grid_side(n)
         if side % 2:
             raise ValueError(f"uniform masking needs an even grid side, got a {side}x{side} grid (N = {n})")

@@ -152,7 +152,8 @@ class PolicyConfig:
         param="policy_opt", flags=("--policy-opt",),
     )  # fmt: skip
     mask_ratio: float | None = setting(
-        None, "Fraction of patches hidden, in (0, 1) (default: the policy's own: 0.75, simmim 0.6 as in SimMIM).",
+        None, "Fraction of patches hidden, in (0, 1) (default: the policy's own: 0.75, simmim 0.6 as in SimMIM, tube "
+        "and motion 0.9 as in VideoMAE).",
         flags=("--mask-ratio", "--mask_ratio"),
     )  # fmt: skip
 
