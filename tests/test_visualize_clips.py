@@ -116,6 +116,22 @@ def test_png_frames_are_the_rows_upscaled_and_the_picture_is_deterministic(setup
     assert not np.array_equal(other.mask, panels.mask)
 
 
+def test_mask_grid_draws_a_video_mae_as_the_clip_picture(setup):
+    """`mask_grid` (what `maskkit visualize` and the TensorBoard mask pictures call) gives a video MAE's frames x rows."""
+    from maskkit.data import Batcher, load_dataset
+    from maskkit.visualize import mask_grid
+    from maskkit.visualize_clips import clip_mask_grid
+
+    mae, _ = setup
+    data = load_dataset("movingdigits,count=12,side=16", num_frames=8)
+    batcher = Batcher(data, MEAN, STD, torch.device("cpu"))
+    pool = np.arange(12)
+    image = mask_grid(mae, RandomPolicy(0.75), batcher, pool, ratio=0.75, num_images=2, tile=16, seed=4)
+    expected = clip_mask_grid(mae, RandomPolicy(0.75), batcher, pool, ratio=0.75, num_images=2, tile=16, seed=4)
+    assert image.size == (100 + 4 + 8 * 20, 18 + 4 + 2 * (3 * 20 + 8) + 30)
+    assert image.tobytes() == expected.tobytes()
+
+
 def test_gallery_rows_are_each_policys_tubes_or_its_one_line_refusal(setup):
     mae, clips = setup
     names = list_policies()
