@@ -276,7 +276,7 @@ def test_bench_policy_rows(tmp_path):
     payload = json.loads(out.read_text())
     assert payload["device"] == "cpu" and payload["torch"] == torch.__version__
     rows = {r["name"]: r for r in payload["rows"]}
-    zoo = ("adamae", "block", "colornoise", "hpm", "learned", "simmim", "uniform")
+    zoo = ("adamae", "block", "colornoise", "hpm", "learned", "simmim", "tube", "uniform")  # frame, motion: clips only
     assert list(rows) == ["mae_random_masking", "random_policy", "attention_policy", *(f"{n}_policy" for n in zoo),
                           "random_plan_unchecked", "random_plan_checked", "weighted_plan_unchecked",
                           "weighted_plan_checked", "source_read_unchecked", "source_read_checked",
