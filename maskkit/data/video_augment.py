@@ -7,7 +7,7 @@ A decoded clip is a list of frames; two choices make its sample:
   choice made deterministic). A clip shorter than `clip_len * rate` starts at 0, and its index stops
   advancing once the next step would reach the last frame (VideoMAE's loader: the 1-based position p
   advances by `rate` only while p + rate < n), so the end of the clip is padded by repeating the last frame
-  reached: n = 6, clip_len 4, rate 2 -> 0, 2, 2, 2.
+  reached: n = 6, clip_len 4, rate 2 -> 0, 2, 4, 4.
 - **which pixels** (`multiscale_box`, pretraining): VideoMAE's GroupMultiScaleCrop: crop sides
   int(short side x s) for s in SCALES (a side within 2 px of the output side snaps to it), a (width, height)
   pair of scale indices at most MAX_DISTORT apart chosen uniformly (draw `u[PAIR]`), placed at one of the 13

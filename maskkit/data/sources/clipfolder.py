@@ -87,8 +87,10 @@ def decode_clip(path: Path, size: int | None = None) -> list[np.ndarray]:
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]  # each [H, W, 3]
     except DataError:
         raise
-    except (av.error.FFmpegError, OSError, ValueError, EOFError, MemoryError) as err:
-        message = " ".join(str(err).split()) or type(err).__name__
+    except (av.error.EOFError, EOFError):
+        raise DataError(f"cannot read clip {shown_path(path)}: it ends early (truncated, or no frame)") from None
+    except (av.error.FFmpegError, OSError, ValueError, MemoryError) as err:
+        message = " ".join(str(getattr(err, "strerror", None) or err).split()) or type(err).__name__
         raise DataError(f"cannot read clip {shown_path(path)}: {message}") from None
     if not frames:
         raise DataError(f"cannot read clip {shown_path(path)}: it holds no frame (empty or truncated)")
