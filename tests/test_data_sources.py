@@ -121,6 +121,25 @@ def movingdigits_case(tmp_path: Path) -> Case:
     return Case(spec, None, clips / 255.0, labels, ["left", "right", "up", "down"])
 
 
+def clipfolder_case(tmp_path: Path) -> Case:
+    """Lossless (ffv1) clips in class folders, read at the defaults (16 frames, 4 apart, the clips' own size):
+    20 frames are shorter than 16 x 4, so VideoMAE's loader starts at frame 0 and stops advancing once the
+    next position (1-based) would reach the clip's length: frames 0, 4, 8, 12, 16, then 16 repeated."""
+    from maskkit.data.make_clips import clip_frames, write_clip
+
+    n, clips, labels = 20, [], []
+    steps = -(-(n - 1) // 4) - 1  # how often the 1-based position p may advance while p + 4 < n
+    frames = [4 * min(i, steps) for i in range(16)]
+    for label, name in enumerate(["run", "walk"]):
+        (tmp_path / "clips" / name).mkdir(parents=True)
+        for k in range(2):
+            video = clip_frames(label, k, n, 8, seed=3)  # [T, H, W, 3]
+            write_clip(tmp_path / "clips" / name / f"{k}.mkv", video, "ffv1")
+            clips.append(video[frames].transpose(3, 0, 1, 2) / 255.0)  # [3, 16, 8, 8]
+            labels.append(label)
+    return Case(f"clipfolder:{tmp_path / 'clips'}", None, np.stack(clips), np.array(labels), ["run", "walk"])
+
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
@@ -159,6 +178,7 @@ CASES: dict[str, dict[str, Callable[[Path], Case]]] = {
     "mnist5k": {"mnist5k": mnist5k_case},
     "npz": {"npz": npz_case},
     "movingdigits": {"movingdigits": movingdigits_case},
+    "clipfolder": {"clipfolder": clipfolder_case},
     "imagefolder": {"imagefolder-classes": imagefolder_classes_case, "imagefolder-loose": imagefolder_loose_case},
     "mnist": {"mnist": _torchvision_idx_case("mnist", "MNIST", MNIST_CLASSES)},
     "fashion-mnist": {"fashion-mnist": _torchvision_idx_case("fashion-mnist", "FashionMNIST", FASHION_CLASSES)},

@@ -36,6 +36,7 @@ import json
 import os
 import stat
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ from maskkit.options import shown_path
 
 __all__ = [
     "COVERS_CONTENT", "COVERS_MTIMES", "COVERS_SIZES", "HEADER_SAMPLE", "IGNORED", "IMAGE_SUFFIXES", "INDEX_FILE",
-    "INDEX_FORMAT", "SPLIT_FOLDERS", "FolderIndex", "folder_layout",
+    "INDEX_FORMAT", "LIST_LAYOUT", "SPLIT_FOLDERS", "FolderIndex", "folder_layout", "stat_files",
 ]  # fmt: skip
 
 #: sub-folders that make an image folder a split layout (the official MAE's DIR/train + DIR/val)
@@ -56,6 +57,8 @@ SPLIT_FOLDERS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 #: names passed over quietly at every depth, besides hidden ones (".name"): macOS archive debris
 IGNORED = ("__MACOSX",)
+#: the layout of an index made from a list of files (`stat_files` checks it), not by walking the folder
+LIST_LAYOUT = "list file"
 #: the index's file name in a run directory
 INDEX_FILE = "data-index.json.gz"
 #: 1: names and sizes (fingerprint without "covers"); 2: adds mtimes or content hashes and "covers"
@@ -80,11 +83,11 @@ def _names(names: list[str]) -> str:
     return shown + (", ..." if len(names) > SHOWN_NAMES else "")
 
 
-def _is_image(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+def _is_image(name: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> bool:
+    return os.path.splitext(name)[1].lower() in suffixes
 
 
-def _entries(directory: Path) -> tuple[list[Path], list[str], list[str]]:
+def _entries(directory: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> tuple[list[Path], list[str], list[str]]:
     """(sub-folders, image file names, names of image-suffixed entries that are no regular file) of
     `directory`, hidden and IGNORED names left out; each list sorted. Symlinks are followed."""
     folders: list[Path] = []
@@ -97,9 +100,9 @@ def _entries(directory: Path) -> tuple[list[Path], list[str], list[str]]:
             if entry.is_dir():
                 folders.append(Path(entry.path))
             elif entry.is_file():
-                if _is_image(entry.name):
+                if _is_image(entry.name, suffixes):
                     images.append(entry.name)
-            elif _is_image(entry.name):
+            elif _is_image(entry.name, suffixes):
                 special.append(entry.name)
     return sorted(folders), sorted(images), sorted(special)
 
@@ -123,7 +126,7 @@ def _kind(path: str) -> str:
     return "not a regular file"
 
 
-def folder_layout(root: Path) -> tuple[str, list[Path]]:
+def folder_layout(root: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> tuple[str, list[Path]]:
     """How an image folder is organised, and the folders that hold its classes or loose images.
 
     - split folders: `train` beside `val` and/or `test` (or `train` alone), as in the official MAE's
@@ -133,7 +136,7 @@ def folder_layout(root: Path) -> tuple[str, list[Path]]:
     - no sub-folders: ("loose images", [root]).
     Hidden and IGNORED entries do not count; image files beside class folders are a DataError.
     """
-    folders, images, _ = _entries(root)
+    folders, images, _ = _entries(root, suffixes)
     names = {d.name for d in folders}
     if "train" in names and (names & {"val", "test"} or names == {"train"}):
         found = [n for n in SPLIT_FOLDERS if n in names]
@@ -155,7 +158,9 @@ def _refuse_mixed(folder: Path, folders: list[Path], images: list[str]) -> None:
         )
 
 
-def _images_under(folder: Path, recursive: bool, special: list[str]) -> list[tuple[str, int, int]]:
+def _images_under(
+    folder: Path, recursive: bool, special: list[str], suffixes: tuple[str, ...] = IMAGE_SUFFIXES
+) -> list[tuple[str, int, int]]:
     """(path relative to `folder`, size in bytes, mtime in ns) of every image file, sorted by path.
 
     Symlinks to files and folders are followed; a folder that leads back to one above it is a DataError;
@@ -176,7 +181,7 @@ def _images_under(folder: Path, recursive: bool, special: list[str]) -> list[tup
                 if entry.is_dir():
                     if recursive:
                         stack.append((Path(entry.path), above))
-                elif not _is_image(entry.name):
+                elif not _is_image(entry.name, suffixes):
                     continue
                 elif entry.is_file():
                     st = entry.stat()
@@ -186,9 +191,17 @@ def _images_under(folder: Path, recursive: bool, special: list[str]) -> list[tup
     return sorted(found)
 
 
-def _scan(root: Path) -> dict[str, Any]:
+def stat_files(root: Path, files: list[str]) -> dict[str, Any]:
+    """What `_scan` gives for the files of a list (LIST_LAYOUT; relative to root, or absolute): their names,
+    sizes and mtimes now, missing ones left out."""
+    found = [(f, os.stat(root / f)) for f in files if (root / f).is_file()]
+    return {"files": [f for f, _ in found], "sizes": [st.st_size for _, st in found],
+            "mtimes": [st.st_mtime_ns for _, st in found]}  # fmt: skip
+
+
+def _scan(root: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> dict[str, Any]:
     """The listing of `root`: layout, parts, classes, files (relative to root), sizes, mtimes, labels, part of each."""
-    layout, parts = folder_layout(root)
+    layout, parts = folder_layout(root, suffixes)
     files: list[str] = []
     sizes: list[int] = []
     mtimes: list[int] = []
@@ -197,7 +210,7 @@ def _scan(root: Path) -> dict[str, Any]:
     kinds: dict[str, bool] = {}
     special: list[str] = []
     for p, part in enumerate(parts):
-        class_dirs, loose, odd = _entries(part)
+        class_dirs, loose, odd = _entries(part, suffixes)
         if part != root:
             _refuse_mixed(part, class_dirs, loose)
         if class_dirs:  # a FIFO beside class folders: no class folder's walk will name it
@@ -206,11 +219,11 @@ def _scan(root: Path) -> dict[str, Any]:
         groups = [(d, d.name, True) for d in class_dirs] if class_dirs else [(part, None, False)]
         for folder, name, recursive in groups:
             skipped: list[str] = []
-            listed = _images_under(folder, recursive, skipped)
+            listed = _images_under(folder, recursive, skipped, suffixes)
             special += [os.path.relpath(folder / rel, root) for rel in skipped]
             if not listed and (name is not None or part != root):
                 what = "class folder" if name is not None else "split folder"
-                raise DataError(f"{what} {shown_path(folder)} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+                raise DataError(f"{what} {shown_path(folder)} holds no images ({', '.join(suffixes)})")
             for rel, size, mtime in listed:
                 files.append(os.path.relpath(folder / rel, root))
                 sizes.append(size)
@@ -271,6 +284,7 @@ class FolderIndex:
     sample_sizes: list[tuple[int, int]]
     mtimes: np.ndarray | None = None
     hashes: list[str] | None = None
+    suffixes: tuple[str, ...] = IMAGE_SUFFIXES
 
     def __len__(self) -> int:
         return len(self.files)
@@ -283,22 +297,27 @@ class FolderIndex:
         return COVERS_SIZES if self.mtimes is None else COVERS_MTIMES
 
     @classmethod
-    def scan(cls, path: str | Path, content: bool = False) -> FolderIndex:
+    def scan(
+        cls, path: str | Path, content: bool = False, suffixes: tuple[str, ...] = IMAGE_SUFFIXES,
+        headers: Callable[[Path, list[str]], tuple[str, list[tuple[int, int]]]] | None = None,
+        source: str = "imagefolder",
+    ) -> FolderIndex:
         """List the folder `path` (one stat call per file, HEADER_SAMPLE headers opened; with `content`, every
-        file's bytes hashed as well); DataError if it holds none, or if its layout is refused (`folder_layout`)."""
-        root = check_dir(path, "imagefolder").resolve()
-        listing = _scan(root)
+        file's bytes hashed as well); DataError if it holds none, or if its layout is refused (`folder_layout`).
+        A folder of other files (clips) names their `suffixes`, the reader of its `headers` and its `source`."""
+        root = check_dir(path, source).resolve()
+        listing = _scan(root, suffixes)
         if not listing["files"]:
-            raise DataError(f"data directory {shown_path(root)} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise DataError(f"data directory {shown_path(root)} holds no images ({', '.join(suffixes)})")
         classes = listing["classes"]
         index = {name: i for i, name in enumerate(classes or [])}
         labels = None if classes is None else np.array([index[n] for n in listing["names"]], dtype=np.int64)
-        mode, sample_sizes = _read_headers(root, listing["files"])
+        mode, sample_sizes = (headers or _read_headers)(root, listing["files"])
         hashes = _content_sha256(root, listing["files"]) if content else None
         return cls(root, listing["layout"], listing["parts"], classes, listing["files"],
                    np.asarray(listing["sizes"], dtype=np.int64), labels,
                    np.asarray(listing["part_of"], dtype=np.int64), mode, sample_sizes,
-                   np.asarray(listing["mtimes"], dtype=np.int64), hashes)  # fmt: skip
+                   np.asarray(listing["mtimes"], dtype=np.int64), hashes, tuple(suffixes))  # fmt: skip
 
     def path(self, i: int) -> Path:
         return self.root / self.files[i]
@@ -334,7 +353,7 @@ class FolderIndex:
         try:
             with warnings.catch_warnings():  # the listing's warnings were given when the run listed it
                 warnings.simplefilter("ignore", DataWarning)
-                now = _scan(self.root)
+                now = stat_files(self.root, self.files) if self.layout == LIST_LAYOUT else _scan(self.root, self.suffixes)
         except (OSError, DataError) as err:
             return f"it can no longer be listed ({err})"
         before = dict(zip(self.files, self.sizes.tolist(), strict=True))
@@ -378,6 +397,8 @@ class FolderIndex:
         if not legacy:
             raw["mtimes"] = None if self.mtimes is None else self.mtimes.tolist()
             raw["hashes"] = self.hashes
+        if self.suffixes != IMAGE_SUFFIXES:  # a folder of clips; an image folder's index stays as it was
+            raw["suffixes"] = list(self.suffixes)
         return raw
 
     def save(self, path: str | Path) -> None:
@@ -408,7 +429,8 @@ class FolderIndex:
                         np.asarray(raw["part_of"], dtype=np.int64), raw["mode"],
                         [tuple(s) for s in raw["sample_sizes"]],
                         None if mtimes is None else np.asarray(mtimes, dtype=np.int64),
-                        None if hashes is None else [str(h) for h in hashes])  # fmt: skip
+                        None if hashes is None else [str(h) for h in hashes],
+                        tuple(raw.get("suffixes", IMAGE_SUFFIXES)))  # fmt: skip
             recorded = raw["fingerprint"]
             if later and mtimes is None and hashes is None:
                 raise ValueError("it records neither mtimes nor hashes")

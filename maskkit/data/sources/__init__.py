@@ -5,6 +5,7 @@ module in its own package, named in MASKKIT_PLUGINS or an entry point (group `ma
 """
 
 from maskkit.data.sources import (  # noqa: F401  (they register)
+    clipfolder,
     digits,
     imagefolder,
     mnist5k,
