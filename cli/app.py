@@ -353,8 +353,16 @@ def bench_command(
         dev = resolve_device(device)
         if json_path is not None:
             check_writable(json_path.parent if str(json_path.parent) else Path("."))
-        payload = run_bench(preset, str(dev), batch=batch, repeats=repeats, skip_mlo=skip_mlo, rss=rss,
-                            compile=compile_backend, plans_only=plans, grid=grid)  # fmt: skip
+        if grid is not None:
+            from maskkit.video_bench import run_video_bench
+
+            if plans or skip_mlo or compile_backend != "none":
+                raise ValueError("--grid times the policies on a space-time grid alone: drop --plans, --skip-mlo "
+                                 "and --compile")  # fmt: skip
+            payload = run_video_bench(grid, preset, str(dev), batch=batch, repeats=repeats)
+        else:
+            payload = run_bench(preset, str(dev), batch=batch, repeats=repeats, skip_mlo=skip_mlo, rss=rss,
+                                compile=compile_backend, plans_only=plans)  # fmt: skip
         rows = payload["rows"]
         if grid is not None:
             from maskkit.video_bench import refusal_lines

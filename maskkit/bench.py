@@ -416,7 +416,6 @@ def run_bench(
     rss: bool = True,
     compile: str = NO_COMPILE,
     plans_only: bool = False,
-    grid: str | None = None,
 ) -> dict[str, Any]:
     """`maskkit bench`: the policy rows, the checks' rows (`bench_plan_check`, always at B=256, N=196, and
     `bench_input_checks`: a plugin source's samples, a hypergradient), then (unless `skip_mlo`) the MLO rows, as
@@ -424,15 +423,8 @@ def run_bench(
 
     compile: a torch.compile backend: each MLO contender also runs with the MAE's blocks compiled
     (rows `<name>@<backend>`, interleaved with the eager ones); "none" for eager only.
-    grid: a space-time token grid 'T'xH'xW'' (VideoMAE's 8x14x14): the policy rows alone, on that grid at
-    ratio 0.9, with the policies that refuse it and why (`maskkit.video_bench.run_video_bench`).
+    (A space-time token grid's policy rows: `maskkit.video_bench.run_video_bench`, `maskkit bench --grid`.)
     """
-    if grid is not None:
-        from maskkit.video_bench import run_video_bench
-
-        if plans_only or skip_mlo or compile != NO_COMPILE:
-            raise ValueError("--grid times the policies on a space-time grid alone: drop --plans, --skip-mlo and --compile")
-        return run_video_bench(grid, preset, device, batch=batch, repeats=repeats)
     from maskkit.adapters.timm import create_mae
     from maskkit.mlo_bench import DEFAULT_NAMES, bench_mlo
 

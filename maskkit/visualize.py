@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
 from maskkit.data import Batcher, denormalize
-from maskkit.mae import is_video_mae, mae_forward, policy_context
+from maskkit.mae import mae_forward, policy_context
 from maskkit.plan import MaskPlan
 from maskkit.policies import create_sized_policy
 
@@ -257,12 +257,8 @@ def mask_grid(
     tile: int = 96,
     seed: int = 0,
 ) -> Image.Image:
-    """The PNG-ready grid for `num_images` images drawn (seeded) from the indices `pool`; for a video MAE, the clip
-    picture of `maskkit.visualize_clips.clip_mask_grid` (frames x rows)."""
-    if is_video_mae(mae):
-        from maskkit.visualize_clips import clip_mask_grid
-
-        return clip_mask_grid(mae, policy, batcher, pool, ratio=ratio, num_images=num_images, tile=tile, seed=seed)
+    """The PNG-ready grid for `num_images` images drawn (seeded) from the indices `pool` (a video MAE's clips:
+    `maskkit.visualize_clips.mask_picture`, which draws either)."""
     check_picture_size(tile, min(num_images, len(pool)), 4)
     rng = np.random.default_rng(seed)
     index = np.sort(rng.choice(pool, size=min(num_images, len(pool)), replace=False))

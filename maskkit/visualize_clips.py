@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
 from maskkit.data import Batcher, denormalize
+from maskkit.mae import is_video_mae
 from maskkit.plan import MaskPlan
 from maskkit.visualize import (
     FOOTER,
@@ -33,6 +34,7 @@ from maskkit.visualize import (
     gallery_plans,
     heat_colour,
     heat_values,
+    mask_grid,
     masked_prediction,
 )  # fmt: skip
 
@@ -333,3 +335,20 @@ def clip_gallery(
     guided = any(g is not None and g.any() for g in gallery.guided.values())
     image = compose_frames(gallery.rows, tile, notes=gallery.notes, legend=_legend(guided, False) if guided else None)
     return image, dict(gallery.notes)
+
+
+def mask_picture(
+    mae: nn.Module,
+    policy: nn.Module,
+    batcher: Batcher,
+    pool: np.ndarray,
+    *,
+    ratio: float | None = None,
+    num_images: int = 8,
+    tile: int = 96,
+    seed: int = 0,
+) -> Image.Image:
+    """A run's mask picture, whatever it trains on: `clip_mask_grid` (frames x rows) for a video MAE, else the
+    image grid of `maskkit.visualize.mask_grid` (what `maskkit visualize` and the TensorBoard pictures draw)."""
+    draw = clip_mask_grid if is_video_mae(mae) else mask_grid
+    return draw(mae, policy, batcher, pool, ratio=ratio, num_images=num_images, tile=tile, seed=seed)

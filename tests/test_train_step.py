@@ -144,8 +144,9 @@ def test_the_record_layout_of_train_config_is_unchanged_but_for_the_recipe_keys_
             "mlo": {**MLOSettings().__dict__, "masker_lr": 0.01}, "skip_nonfinite": False, "amp": "none",
             "mask_noise": "rank", "compile": "none", "world_size": 1}  # fmt: skip
     cfg = TrainConfig.from_dict(flat)  # a record written before --accum-iter and --min-lr: what it ran with
-    assert cfg.to_dict() == {**flat, "accum_iter": 1, "min_lr": 0.0}
-    assert list(cfg.to_dict()) == [*flat, "accum_iter", "min_lr"]
+    added = {"accum_iter": 1, "min_lr": 0.0, "decoder_ratio": None, "decoder_rule": "auto"}  # (issue 31: the last two)
+    assert cfg.to_dict() == {**flat, **added}
+    assert list(cfg.to_dict()) == [*flat, *added]
     assert TrainConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
     assert (cfg.steps, cfg.resolved.mask_ratio, cfg.train.lr, cfg.mlo.masker_lr) == (7, 0.6, 0.001, 0.01)
     with pytest.raises(ValueError, match="unknown training setting"):

@@ -119,8 +119,8 @@ def test_png_frames_are_the_rows_upscaled_and_the_picture_is_deterministic(setup
 def test_mask_grid_draws_a_video_mae_as_the_clip_picture(setup):
     """`mask_grid` (what `maskkit visualize` and the TensorBoard mask pictures call) gives a video MAE's frames x rows."""
     from maskkit.data import Batcher, load_dataset
-    from maskkit.visualize import mask_grid
     from maskkit.visualize_clips import clip_mask_grid
+    from maskkit.visualize_clips import mask_picture as mask_grid
 
     mae, _ = setup
     data = load_dataset("movingdigits,count=12,side=16", num_frames=8)

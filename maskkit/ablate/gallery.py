@@ -8,7 +8,7 @@ are drawn (seeded) from the test split of the first arm's run; the runs of one s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ def draw_gallery(
 ) -> Path | None:
     """Write the gallery PNG (None when no arm has a finished run directory); `tile` defaults to a side that
     fits the longest arm name in its column header (PIL's font: about 6 pixels a character)."""
-    from maskkit.checkpoint import atomic_write_bytes
+    from maskkit.mae import is_video_mae
     from maskkit.run import load_run
     from maskkit.visualize import Gallery, check_picture_size, compose_gallery, render_panels
 
@@ -43,6 +43,8 @@ def draw_gallery(
     count = min(num_images, len(pool))
     check_picture_size(tile, count, len(runs) + 1)
     index = np.sort(np.random.default_rng(seed).choice(pool, size=count, replace=False))
+    if is_video_mae(first.mae):
+        return _draw_clip_gallery(runs, index, path, tile, seed)
     gallery = Gallery(columns={})
     for name, run_dir in runs.items():
         run = load_run(run_dir, device)
@@ -54,10 +56,58 @@ def draw_gallery(
         gallery.columns[name] = panels.columns["hidden"]
         gallery.masks[name] = panels.mask
         gallery.guided[name] = panels.guided
+    return _save(compose_gallery(gallery, tile), path)
+
+
+def _save(image: Any, path: str | Path) -> Path:
+    """Write a PIL image as PNG, atomically."""
     from io import BytesIO
 
+    from maskkit.checkpoint import atomic_write_bytes
+
     buffer = BytesIO()
-    compose_gallery(gallery, tile).save(buffer, format="PNG")
+    image.save(buffer, format="PNG")
     path = Path(path)
     atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+def _draw_clip_gallery(runs: dict[str, Path], index: np.ndarray, path: str | Path, tile: int, seed: int) -> Path:
+    """The gallery of a study on clips: frames x rows, the clips, then each arm's hidden tubes on them (its first
+    seed's run and policy, at its run's ratio); guided tubes in the second shade."""
+    from maskkit.data import denormalize
+    from maskkit.mae import policy_context
+    from maskkit.run import load_run
+    from maskkit.visualize_clips import (
+        GUIDED_RGB,
+        HIDDEN_RGB,
+        _legend,
+        _paint,
+        check_clip_picture_size,
+        clip_rgb,
+        compose_frames,
+        tube_map,
+    )
+
+    device = torch.device("cpu")
+    rows: dict[str, np.ndarray] = {}
+    guided_any = False
+    for name, run_dir in runs.items():
+        run = load_run(run_dir, device)
+        check_clip_picture_size(tile, len(index), len(runs) + 1, run.mae.num_frames)
+        clips = run.batcher.images(index)  # [B, C, T, H, W]
+        original = clip_rgb(denormalize(clips, run.batcher.mean, run.batcher.std))  # [B, T, H, W, 3]
+        rows.setdefault("clip", original)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            tokens = run.mae.patch_tokens(clips)  # [B, N, D]
+            plan = run.policy(tokens, ratio=run.record.resolved.train.resolved.mask_ratio,
+                              **policy_context(run.mae, clips, generator=generator))  # fmt: skip
+        grid, tubelet = tuple(run.mae.grid), (run.mae.tubelet_size, run.mae.patch_size)
+        row = _paint(original, tube_map(plan.mask, grid, tubelet), HIDDEN_RGB)
+        if plan.guided is not None and bool(plan.guided.any()):
+            guided_any = True
+            row = _paint(row, tube_map(plan.guided.bool(), grid, tubelet), GUIDED_RGB)
+        rows[name] = row
+    image = compose_frames(rows, tile, legend=_legend(guided_any, False) if guided_any else None)
+    return _save(image, path)

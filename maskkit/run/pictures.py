@@ -104,8 +104,9 @@ def picture(
     run's picture (default: the run's own --decoder-ratio and --decoder-rule; none without one).
     """
     from maskkit.mae import is_video_mae
-    from maskkit.visualize import mask_grid, policy_gallery
+    from maskkit.visualize import policy_gallery
     from maskkit.visualize_clips import clip_gallery, clip_mask_grid
+    from maskkit.visualize_clips import mask_picture as mask_grid
 
     output = Path(output)
     if num_images < 1:

@@ -186,7 +186,7 @@ def mask_picture(trainer: Any, *, num_images: int = MASK_PICTURE_IMAGES, tile: i
     Draws no random number the run would: the picture's images and masks come from their own seeded
     generator, and the global torch (CPU and the device's), numpy and Python RNG states are put back.
     """
-    from maskkit.visualize import mask_grid
+    from maskkit.visualize_clips import mask_picture as mask_grid
 
     splits = trainer.splits
     pool = splits["test"] if len(splits.get("test", ())) else splits["val"]
