@@ -281,12 +281,19 @@ def visualize_command(
     trust_data_change: bool = typer.Option(
         False, "--trust-data-change",
         help="With RUN_DIR: draw the run's data even if it changed since it was pretrained."),
+    decoder_ratio: Optional[float] = typer.Option(
+        None, help="Video run: draw the decoder's subset at this decoder mask ratio (default: the run's "
+        "--decoder-ratio; none without one)."),
+    decoder_rule: Optional[str] = typer.Option(
+        None, help="Video run: the rule of that subset, runningcell | random | auto (default: the run's)."),
 ) -> None:
     """A PNG grid per test image: the image, its hidden patches, the masker's heat-map (learned), the reconstruction.
 
     With --policies: a gallery of policies instead, the image then one column per policy, every
     policy masking the same test images at the same ratio (on RUN_DIR's model and data if given,
-    else on an untrained MAE).
+    else on an untrained MAE). A video MAE's picture has one column per frame and, per clip, the rows
+    clip, hidden tubes, decoder subset (when the run or --decoder-ratio names one) and reconstruction;
+    its gallery one row per policy.
     """
     with one_line_errors():
         from maskkit.run import picture
@@ -294,7 +301,7 @@ def visualize_command(
         pic = picture(
             output, run_dir, policies=policies, mask_ratio=mask_ratio, dataset=dataset, data_dir=data_dir,
             model=model, num_images=num_images, tile=tile, seed=seed, device=device,
-            trust_data_change=trust_data_change,
+            trust_data_change=trust_data_change, decoder_ratio=decoder_ratio, decoder_rule=decoder_rule,
         )  # fmt: skip
         total = len(pic.policies)
         drawn = f": {total - len(pic.not_drawn)} of {total} policies at ratio {pic.ratio:g}" if total else ""
@@ -323,6 +330,9 @@ def bench_command(
     compile_backend: str = typer.Option(
         "none", "--compile", help="A torch.compile backend (inductor, ...): every MLO row again with the MAE's blocks "
         "compiled (<name>@<backend>), interleaved with the eager ones."),
+    grid: Optional[str] = typer.Option(
+        None, "--grid", help="Only the policy rows, on a space-time token grid T'xH'xW' (VideoMAE's 8x14x14 = 1568 "
+        "tokens, clips 16x224x224 in 2x16x16 tubelets) at ratio 0.9; the policies that refuse it listed with why."),
 ) -> None:
     """Seconds per iteration and peak memory: masking policies vs MAE's random_masking, MLO vs a plain MAE step.
 
@@ -332,7 +342,8 @@ def bench_command(
     random_plan_checked / random_plan_unchecked time the random policy's plan at B=256, N=196 with the plan
     check on and off (MASKKIT_CHECK_PLANS), weighted_plan_* a plan with weights (uniform, secondary 0.5);
     source_read_checked / source_read_unchecked a plugin source's 256 samples read with and without their
-    check, masker_grads_check the hypergradient's check; --plans runs those rows alone.
+    check, masker_grads_check the hypergradient's check; --plans runs those rows alone. --grid 8x14x14: every
+    policy's cost per step on VideoMAE's space-time grid instead (N=1568, ratio 0.9).
     """
     with one_line_errors():
         from maskkit.bench import input_check_line, plan_check_line, run_bench
@@ -343,11 +354,19 @@ def bench_command(
         if json_path is not None:
             check_writable(json_path.parent if str(json_path.parent) else Path("."))
         payload = run_bench(preset, str(dev), batch=batch, repeats=repeats, skip_mlo=skip_mlo, rss=rss,
-                            compile=compile_backend, plans_only=plans)  # fmt: skip
+                            compile=compile_backend, plans_only=plans, grid=grid)  # fmt: skip
         rows = payload["rows"]
-        console.print(bench_table(rows, f"maskkit bench ({preset}, {dev})"))
-        _say(plan_check_line(rows))
-        _say(input_check_line(rows))
+        if grid is not None:
+            from maskkit.video_bench import refusal_lines
+
+            console.print(bench_table(rows, f"maskkit bench ({preset}, {dev}): grid {payload['grid']}, "
+                                            f"N={payload['num_patches']}, ratio {payload['mask_ratio']:g}, B={payload['batch']}"))
+            for line in refusal_lines(payload):
+                _say(line)
+        else:
+            console.print(bench_table(rows, f"maskkit bench ({preset}, {dev})"))
+            _say(plan_check_line(rows))
+            _say(input_check_line(rows))
         model = payload.get("cost_model")
         if model is not None and not skip_mlo:
             _say(f"cost model ({model['num_patches']} patches, unmasked/masked pass {model['unmasked_over_masked']:.2f}): "

@@ -44,6 +44,23 @@ def plain_random_masking(x: Tensor, mask_ratio: float, noise: Tensor) -> tuple[T
     return x_masked, mask, ids_restore
 
 
+def interleaved_medians(
+    contenders: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device
+) -> dict[str, float]:
+    """Median seconds of each contender: every round runs each once, in turn (interleaved, so a slow spell of the
+    machine hits all alike), the device synchronised around each call; the first `warmup` rounds are not timed."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for round_ in range(warmup + repeats):
+        for name, fn in contenders.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters of `module` (only those with requires_grad if `trainable_only`)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
@@ -153,17 +170,8 @@ def bench_policy_overhead(
         return run
 
     contenders += [(f"{name}_policy", masker(pol), "random_policy") for name, pol in others.items()]
-    times: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
     with torch.no_grad():
-        for round_ in range(warmup + repeats):
-            for name, fn, _ in contenders:
-                sync(dev)
-                start = time.perf_counter()
-                fn()
-                sync(dev)
-                if round_ >= warmup:
-                    times[name].append(time.perf_counter() - start)
-        medians = {name: statistics.median(ts) for name, ts in times.items()}
+        medians = interleaved_medians({name: fn for name, fn, _ in contenders}, repeats, warmup, dev)
         rows = []
         for name, fn, baseline in contenders:
             if name == "attention_select":
@@ -408,6 +416,7 @@ def run_bench(
     rss: bool = True,
     compile: str = NO_COMPILE,
     plans_only: bool = False,
+    grid: str | None = None,
 ) -> dict[str, Any]:
     """`maskkit bench`: the policy rows, the checks' rows (`bench_plan_check`, always at B=256, N=196, and
     `bench_input_checks`: a plugin source's samples, a hypergradient), then (unless `skip_mlo`) the MLO rows, as
@@ -415,7 +424,15 @@ def run_bench(
 
     compile: a torch.compile backend: each MLO contender also runs with the MAE's blocks compiled
     (rows `<name>@<backend>`, interleaved with the eager ones); "none" for eager only.
+    grid: a space-time token grid 'T'xH'xW'' (VideoMAE's 8x14x14): the policy rows alone, on that grid at
+    ratio 0.9, with the policies that refuse it and why (`maskkit.video_bench.run_video_bench`).
     """
+    if grid is not None:
+        from maskkit.video_bench import run_video_bench
+
+        if plans_only or skip_mlo or compile != NO_COMPILE:
+            raise ValueError("--grid times the policies on a space-time grid alone: drop --plans, --skip-mlo and --compile")
+        return run_video_bench(grid, preset, device, batch=batch, repeats=repeats)
     from maskkit.adapters.timm import create_mae
     from maskkit.mlo_bench import DEFAULT_NAMES, bench_mlo
 

@@ -10,7 +10,9 @@ with column titles, upscaling small images with nearest-neighbour so every pixel
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +20,8 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
 from maskkit.data import Batcher, denormalize
-from maskkit.mae import mae_forward, policy_context
+from maskkit.mae import is_video_mae, mae_forward, policy_context
+from maskkit.plan import MaskPlan
 from maskkit.policies import create_sized_policy
 
 #: colour of hidden patches in the "hidden" column (RGB in [0, 1]): the uniformly random ones ...
@@ -85,6 +88,43 @@ def _hidden_picture(
     return hidden
 
 
+def masked_prediction(
+    mae: nn.Module,
+    policy: nn.Module,
+    images: Tensor,
+    *,
+    ratio: float | None = None,
+    generator: torch.Generator | None = None,
+    decoder: Callable[[MaskPlan, dict[str, Any]], MaskPlan] | None = None,
+) -> tuple[Tensor, MaskPlan, Tensor]:
+    """The policy's plan for `images` (or clips) and the MAE's prediction in pixel space (norm_pix_loss undone
+    with each target patch's own statistics): (tokens [B, N, D], plan, pred [B, N, P]). `decoder(plan, context)`
+    (e.g. a run's `DecoderMasking`) names the hidden patches the decoder reconstructs, drawing after the policy."""
+    tokens = mae.patch_tokens(images)  # [B, N, D]
+    context = policy_context(mae, images, generator=generator)
+    plan = policy(tokens, ratio=ratio, **context)
+    if decoder is not None:
+        plan = decoder(plan, context)
+    out = mae_forward(mae, images, plan, tokens=tokens)
+    target = mae.patchify(images)  # [B, N, P]
+    pred = out.pred
+    if getattr(mae, "norm_pix_loss", False):  # predictions are per-patch normalised: undo with the target's stats
+        mu = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        pred = pred * (var + 1e-6) ** 0.5 + mu
+    return tokens, plan, pred
+
+
+def heat_values(policy: nn.Module, plan: MaskPlan, tokens: Tensor) -> tuple[Tensor | None, str]:
+    """The heat map's per-patch values [B, N] and name: the learned masker's probabilities ("masker p"), a scored
+    policy's own scores ("scores"), or (None, "") for a policy with neither."""
+    if callable(getattr(policy, "probabilities", None)):
+        return policy.probabilities(tokens).float(), "masker p"  # [B, N]
+    if plan.scores is not None and hasattr(policy, "selection_key"):  # a ScoredPolicy's own scores
+        return plan.scores.detach().float(), "scores"  # [B, N]
+    return None, ""
+
+
 @torch.no_grad()
 def render_panels(
     mae: nn.Module,
@@ -107,15 +147,7 @@ def render_panels(
     was = (mae.training, policy.training)
     mae.eval()
     policy.eval()
-    tokens = mae.patch_tokens(images)  # [B, N, D]
-    plan = policy(tokens, ratio=ratio, **policy_context(mae, images, generator=generator))
-    out = mae_forward(mae, images, plan, tokens=tokens)
-    target = mae.patchify(images)  # [B, N, P]
-    pred = out.pred
-    if getattr(mae, "norm_pix_loss", False):  # predictions are per-patch normalised: undo with the target's stats
-        mu = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        pred = pred * (var + 1e-6) ** 0.5 + mu
+    tokens, plan, pred = masked_prediction(mae, policy, images, ratio=ratio, generator=generator)
     mask = plan.mask  # [B, N]
     patch = mae.patch_size
     h, w = images.shape[-2:]
@@ -129,12 +161,7 @@ def render_panels(
     pasted = np.where(pixel_mask, prediction, original)
     columns = {"image": original, "hidden": hidden}
     heat = None
-    if callable(getattr(policy, "probabilities", None)):
-        values, name = policy.probabilities(tokens).float(), "masker p"  # [B, N]
-    elif plan.scores is not None and hasattr(policy, "selection_key"):  # a ScoredPolicy's own scores
-        values, name = plan.scores.detach().float(), "scores"
-    else:
-        values = None
+    values, name = heat_values(policy, plan, tokens)
     if values is not None:
         lo, hi = values.min().item(), values.max().item()
         stretched = (values - lo) / max(hi - lo, 1e-6)  # colours span this batch's range: see the colour bar
@@ -230,7 +257,12 @@ def mask_grid(
     tile: int = 96,
     seed: int = 0,
 ) -> Image.Image:
-    """The PNG-ready grid for `num_images` images drawn (seeded) from the indices `pool`."""
+    """The PNG-ready grid for `num_images` images drawn (seeded) from the indices `pool`; for a video MAE, the clip
+    picture of `maskkit.visualize_clips.clip_mask_grid` (frames x rows)."""
+    if is_video_mae(mae):
+        from maskkit.visualize_clips import clip_mask_grid
+
+        return clip_mask_grid(mae, policy, batcher, pool, ratio=ratio, num_images=num_images, tile=tile, seed=seed)
     check_picture_size(tile, min(num_images, len(pool)), 4)
     rng = np.random.default_rng(seed)
     index = np.sort(rng.choice(pool, size=min(num_images, len(pool)), replace=False))
@@ -253,6 +285,28 @@ class Gallery:
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     guided: dict[str, np.ndarray | None] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+
+
+def gallery_plans(
+    mae: nn.Module, tokens: Tensor, images: Tensor, names: list[str], *, ratio: float, seed: int
+) -> Iterator[tuple[str, MaskPlan | str]]:
+    """Per policy in `names`: its plan for `tokens` [B, N, D] of `images` (or clips), the policy built at its
+    defaults with `ratio` and `mae`'s sizes (`create_sized_policy`, parameters seeded by `seed`), context from
+    `policy_context` with a generator seeded by `seed`; or, for a policy that raises ValueError / TypeError (it
+    cannot mask these images, e.g. an image-only policy on a clip's token grid), its one-line reason."""
+    for name in names:
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                policy = create_sized_policy(name, ratio=ratio, embed_dim=mae.embed_dim, num_patches=mae.num_patches)
+            if isinstance(policy, nn.Module):
+                policy = policy.to(images.device).eval()
+            generator = torch.Generator(device=images.device).manual_seed(seed)
+            plan = policy(tokens, ratio=ratio, **policy_context(mae, images, generator=generator))
+        except (ValueError, TypeError) as err:
+            yield name, str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            continue
+        yield name, plan
 
 
 @torch.no_grad()
@@ -278,19 +332,9 @@ def render_gallery(
     original = _rgb(denormalize(images, mean, std))  # [B, H, W, 3]
     gallery = Gallery(columns={"image": original})
     try:
-        for name in names:
-            try:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    policy = create_sized_policy(
-                        name, ratio=ratio, embed_dim=mae.embed_dim, num_patches=mae.num_patches
-                    )
-                if isinstance(policy, nn.Module):
-                    policy = policy.to(images.device).eval()
-                generator = torch.Generator(device=images.device).manual_seed(seed)
-                plan = policy(tokens, ratio=ratio, **policy_context(mae, images, generator=generator))
-            except (ValueError, TypeError) as err:
-                gallery.notes[name] = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        for name, plan in gallery_plans(mae, tokens, images, names, ratio=ratio, seed=seed):
+            if isinstance(plan, str):
+                gallery.notes[name] = plan
                 gallery.columns[name] = np.ones_like(original)
                 continue
             guided = None if plan.guided is None else plan.guided.bool()  # [B, N]

@@ -12,8 +12,10 @@ from maskkit.bench import bench_policy_overhead, count_parameters, masker_parame
 from maskkit.cli.app import app
 from maskkit.policies import create_policy, list_policies
 
-#: a row per built-in policy: random and attention their own, the rest `<name>_policy` vs random_policy
-ZOO_ROWS = ("adamae", "block", "colornoise", "hpm", "learned", "simmim", "uniform")
+#: a row per built-in policy that masks an image grid: random and attention their own, the rest `<name>_policy` vs
+#: random_policy (tube masks an image as one time slice; frame and motion need clips: no row on images)
+ZOO_ROWS = ("adamae", "block", "colornoise", "hpm", "learned", "simmim", "tube", "uniform")
+CLIP_ONLY = ("frame", "motion")
 #: the checks' rows (`maskkit bench --plans`): plans with and without weights, a plugin source's samples, hypergradients
 CHECK_ROWS = {
     "random_plan_unchecked": None,
@@ -77,7 +79,7 @@ def test_bench_compile_adds_each_mlo_row_compiled_interleaved():
 
 
 def test_every_policy_that_sizes_alone_can_build_gets_a_row():
-    assert set(list_policies()) - {"random", "attention"} == set(ZOO_ROWS)
+    assert set(list_policies()) - {"random", "attention", *CLIP_ONLY} == set(ZOO_ROWS)
     assert list(sized_policies(16, 8, 0.75)) == list(ZOO_ROWS)  # sorted, as the rows
     # uniform masks only at ratio 0.75 and on an even grid: left out otherwise, nothing else is
     assert list(sized_policies(16, 8, 0.5)) == [n for n in ZOO_ROWS if n != "uniform"]

@@ -276,7 +276,7 @@ def test_bench_policy_rows(tmp_path):
     payload = json.loads(out.read_text())
     assert payload["device"] == "cpu" and payload["torch"] == torch.__version__
     rows = {r["name"]: r for r in payload["rows"]}
-    zoo = ("adamae", "block", "colornoise", "hpm", "learned", "simmim", "uniform")
+    zoo = ("adamae", "block", "colornoise", "hpm", "learned", "simmim", "tube", "uniform")  # frame, motion: clips only
     assert list(rows) == ["mae_random_masking", "random_policy", "attention_policy", *(f"{n}_policy" for n in zoo),
                           "random_plan_unchecked", "random_plan_checked", "weighted_plan_unchecked",
                           "weighted_plan_checked", "source_read_unchecked", "source_read_checked",
@@ -420,7 +420,9 @@ def test_visualize_policy_gallery(random_run, tmp_path):
 
     out, names = tmp_path / "policies.png", list_policies()
     result = ok("visualize", "--policies", "all", "-o", out, "--num-images", "2", "--tile", "32")
-    assert f"{len(names)} of {len(names)} policies at ratio 0.75" in result.output
+    # every policy but the two that need clips (frame, motion: a note each) draws on images
+    assert f"{len(names) - 2} of {len(names)} policies at ratio 0.75" in result.output
+    assert "frame: not drawn (" in result.output and "motion: not drawn (" in result.output
     assert Image.open(out).size[0] == 4 + (1 + len(names)) * (32 + 4)  # the image, then one column per policy
     result = ok("visualize", "--policies", "random, uniform,random", "--mask-ratio", "0.5", "-o", out, "--tile", "32")
     assert "1 of 2 policies at ratio 0.5" in result.output and "uniform: not drawn (uniform masking hides" in result.output

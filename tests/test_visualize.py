@@ -117,9 +117,12 @@ def test_gallery_columns_are_each_policys_mask(setup):
     images = batcher.images(np.arange(3))
     names = list_policies()
     gallery = render_gallery(mae, images, batcher.mean, batcher.std, names, ratio=0.75, seed=3)
-    assert list(gallery.columns) == ["image", *names] and gallery.notes == {}
+    # every policy draws on images but the two that need a clip: frame (time slices), motion (frame differences)
+    assert list(gallery.columns) == ["image", *names] and set(gallery.notes) == {"frame", "motion"}
+    assert "time slices" in gallery.notes["frame"] and "clips [B, C, T, H, W]" in gallery.notes["motion"]
+    assert all((gallery.columns[name] == 1).all() for name in gallery.notes)  # blank but for the note
     original = gallery.columns["image"]
-    for name in names:
+    for name in gallery.masks:
         mask = gallery.masks[name]
         assert mask.shape == (3, 16) and mask.sum(axis=1).tolist() == [12, 12, 12], name
         hidden = _pixels(mask, 2)

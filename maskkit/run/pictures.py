@@ -6,12 +6,14 @@ for a gallery without a run, a new untrained run of `model` over `dataset`), let
 lock held) says so (`RunInProgressWarning`, the step it read) and records it in the PNG's text chunk
 `maskkit` ({"run", "weights", "step", "in_progress": true}). The PNG may not be written inside an image
 folder of the data it pictures (it would become one of its images).
+A video MAE's picture (`maskkit.visualize_clips`) has one column per frame and, per clip, the rows clip, hidden
+tubes, the decoder's subset (the run's --decoder-ratio / --decoder-rule, or those given here) and reconstruction.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from maskkit.checkpoint import atomic_write_bytes
 from maskkit.options import shown_path
 from maskkit.plan import check_ratio
 from maskkit.policies import get_policy_class, list_policies
+from maskkit.train.decoding import DecoderMasking
 
 from .builder import Run, load_data, new_run, resolve_device
 from .config import (
@@ -89,15 +92,20 @@ def picture(
     seed: int = 0,
     device: str = "auto",
     trust_data_change: bool = False,
+    decoder_ratio: float | None = None,
+    decoder_rule: str | None = None,
 ) -> Picture:
     """Write a PNG of a run's masks (image, hidden patches, heat map, reconstruction) or a policy gallery.
 
     With `policies` ('all' or 'a,b'): one column per policy on the same test images at one ratio,
     on `run_dir`'s model and data if given, else on an untrained `model` (default micro) over
     `dataset` (default digits). A run's data that changed since pretraining is refused (RunError naming
-    what changed) unless `trust_data_change`.
+    what changed) unless `trust_data_change`. `decoder_ratio` / `decoder_rule`: the decoder's subset drawn in a
+    run's picture (default: the run's own --decoder-ratio and --decoder-rule; none without one).
     """
+    from maskkit.mae import is_video_mae
     from maskkit.visualize import mask_grid, policy_gallery
+    from maskkit.visualize_clips import clip_gallery, clip_mask_grid
 
     output = Path(output)
     if num_images < 1:
@@ -112,6 +120,9 @@ def picture(
         raise RunError("--dataset, --data-dir and --model are for a gallery without RUN_DIR")
     if run_dir is None and trust_data_change:
         raise RunError("--trust-data-change only applies with RUN_DIR (a run's data)")
+    if asked_decoder := (decoder_ratio is not None or decoder_rule is not None):
+        if run_dir is None or policies is not None:
+            raise RunError("--decoder-ratio and --decoder-rule draw a run's decoder subset: give RUN_DIR, not --policies")
     names = None if policies is None else policy_names(policies)
     if mask_ratio is not None:
         check_ratio(mask_ratio)
@@ -130,14 +141,36 @@ def picture(
     check_ratio(ratio, mae.num_patches)
     check_writable(output.parent if str(output.parent) else Path("."))
     notes: dict[str, str] = {}
-    if names is None:
-        image = mask_grid(mae, run.policy, batcher, pool, ratio=ratio, num_images=num_images, tile=tile, seed=seed)
+    video = is_video_mae(mae)
+    decoder = None
+    if run_dir is not None:
+        decoder = _decoder(run.record.resolved.train.train, decoder_ratio, decoder_rule) if asked_decoder else (
+            DecoderMasking.from_settings(run.record.resolved.train.train))
+    sizes = {"ratio": ratio, "num_images": num_images, "tile": tile, "seed": seed}
+    if names is None and video:
+        image = clip_mask_grid(mae, run.policy, batcher, pool, decoder=decoder, **sizes)
+    elif names is None:
+        if asked_decoder:
+            raise RunError("--decoder-ratio and --decoder-rule: the decoder subset is drawn on a video MAE's clips only")
+        image = mask_grid(mae, run.policy, batcher, pool, **sizes)
     else:
-        image, notes = policy_gallery(mae, batcher, pool, names, ratio=ratio, num_images=num_images, tile=tile, seed=seed)
+        image, notes = (clip_gallery if video else policy_gallery)(mae, batcher, pool, names, **sizes)
     buffer = BytesIO()
     image.save(buffer, format="PNG", **_in_progress_note(run_dir, loaded))
     atomic_write_bytes(output, buffer.getvalue())
     return Picture(image, ratio, names or [], notes, bool(loaded.get("in_progress")), loaded.get("step"))
+
+
+def _decoder(train: TrainSettings, ratio: float | None, rule: str | None) -> DecoderMasking | None:
+    """The decoder masking asked for here, the run's settings filling what is not given (checked as pretrain's
+    --decoder-ratio / --decoder-rule, one line naming the option: a rule needs a ratio)."""
+    settings = replace(train, decoder_ratio=train.decoder_ratio if ratio is None else ratio,
+                       decoder_rule=train.decoder_rule if rule is None else rule)  # fmt: skip
+    try:
+        settings.check()
+    except ValueError as err:
+        raise RunError(str(err)) from None
+    return DecoderMasking.from_settings(settings)
 
 
 def _in_progress_note(run_dir: str | Path | None, loaded: dict[str, Any]) -> dict[str, Any]:
