@@ -40,7 +40,7 @@ def plain(data, workers: int, batch: int, batches: int) -> float:  # noqa: ANN00
                                          generator=torch.Generator().manual_seed(key_seed((0,))))  # fmt: skip
     start, seen = time.perf_counter(), 0
     while seen < batches:
-        for x in loader:
+        for _ in loader:
             seen += 1
             if seen == batches:
                 break
