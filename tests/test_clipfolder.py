@@ -276,7 +276,7 @@ def test_clip_batches_are_the_same_for_0_and_2_workers_and_after_a_resume(tmp_pa
 
 @pytest.mark.slow
 def test_maskkit_pretrain_runs_on_a_clip_folder(tmp_path):
-    make_clips(tmp_path / "clips", classes=2, per_class=4, frames=12, side=32)
+    make_clips(tmp_path / "clips", classes=2, per_class=10, frames=12, side=32)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "maskkit.cli", "pretrain", "--dataset", f"clipfolder:{tmp_path / 'clips'}",
                "--model", "video:micro", "--steps", "2", "--batch-size", "2", "--num-frames", "4",

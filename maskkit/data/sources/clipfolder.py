@@ -84,7 +84,8 @@ def decode_clip(path: Path, size: int | None = None) -> list[np.ndarray]:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise DataError(f"cannot read clip {shown_path(path)}: it has no video stream")
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]  # each [H, W, 3]
+            # threads=1: swscale's thread pool, once used in a process, deadlocks the workers forked from it
+            frames = [f.reformat(format="rgb24", threads=1).to_ndarray() for f in container.decode(video=0)]
     except DataError:
         raise
     except (av.error.EOFError, EOFError):
