@@ -37,7 +37,9 @@ def test_every_registered_policy_has_a_crop_flip_golden_case():
     from maskkit import list_policies
 
     covered = {args[args.index("--policy") + 1] for args in record.CROP_FLIP.values()}
-    assert set(list_policies()) <= covered
+    clips = {args[args.index("--policy") + 1] for args in record.VIDEO.values()}
+    assert set(list_policies()) <= covered | {"frame", "motion"}  # those two mask clips only
+    assert {"tube", "frame", "motion"} <= clips  # the policies made for clips have a golden run on clips
     for case in record.CROP_FLIP:
         assert json.loads(record.fixture(case).read_text())["augment"] == "crop-flip"
 

@@ -55,6 +55,17 @@ CROP_FLIP: dict[str, list[str]] = {
     "photos8-learned-unroll": ["--policy", "learned", "--hypergrad", "unroll"],
 }
 CASES.update({name: [*PHOTOS, *args] for name, args in CROP_FLIP.items()})
+#: clips (issue 31): movingdigits on the built-in video MAE, 4 frames of 16 px (tubelets 2 x 4 x 4: 2 x 4 x 4 tokens),
+#: one case per policy made for clips, and tube masking with VideoMAE V2's running-cell decoder masking
+CLIPS = ["--dataset", "movingdigits,count=64,side=16", "--num-frames", "4", "--model", "video:micro",
+         "--batch-size", "8", "--steps", "6"]  # fmt: skip
+VIDEO: dict[str, list[str]] = {
+    "clips-tube": ["--policy", "tube"],
+    "clips-frame": ["--policy", "frame"],
+    "clips-motion": ["--policy", "motion"],
+    "clips-tube-decoder": ["--policy", "tube", "--decoder-ratio", "0.5"],
+}
+CASES.update({name: [*CLIPS, *args] for name, args in VIDEO.items()})
 #: the resume case: random40 killed after its step-20 checkpoint, then resumed
 RESUME_OF = "random40"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
