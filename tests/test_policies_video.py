@@ -209,3 +209,17 @@ def test_every_registered_policy_is_covered_here_or_refuses_clips() -> None:
 def test_a_plan_keeps_its_decoder_subset_through_the_policy_check() -> None:
     plan = create_policy("tube")(tokens(n=4 * 16), grid=(4, 4, 4), generator=gen(0))
     assert isinstance(plan, MaskPlan) and plan.decoder_ids is None
+
+
+def test_block_reads_a_non_square_image_grid_from_the_context() -> None:
+    """block on the context's (H', W'): the same plan as grid_size=(H', W'); (S, S) changes nothing for squares."""
+    seq = tokens(n=24)
+    by_context = create_policy("block")(seq, generator=gen(4), grid=(4, 6))
+    by_option = create_policy("block", grid_size=(4, 6))(seq, generator=gen(4))
+    assert torch.equal(by_context.mask, by_option.mask)
+    with pytest.raises(ValueError, match="not a square"):
+        create_policy("block")(seq, generator=gen(4))
+    square = tokens(n=16)
+    plain = create_policy("block")(square, generator=gen(5))
+    given = create_policy("block")(square, generator=gen(5), grid=(4, 4))
+    assert torch.equal(plain.mask, given.mask) and torch.equal(plain.ids_keep, given.ids_keep)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from maskkit.plan import MaskPlan, num_visible
+from maskkit.plan import MaskPlan, check_grid, num_visible
 from maskkit.policies.base import MaskPolicy
 from maskkit.policies.card import CardInfo
 from maskkit.policies.registry import register_policy
@@ -34,7 +34,8 @@ class BlockPolicy(MaskPolicy):
         max_block_patches: largest block area; None means no limit (BEiT's default).
         min_aspect: smallest block aspect ratio h / w. Default 0.3 (BEiT).
         max_aspect: largest aspect ratio; None means 1 / min_aspect.
-        grid_size: patch grid as (rows, cols) or one int for a square; None means sqrt(N) x sqrt(N).
+        grid_size: patch grid as (rows, cols) or one int for a square; None means the context's `grid`
+            (H', W') when given, else sqrt(N) x sqrt(N).
     """
 
     card_info = CardInfo(
@@ -83,7 +84,7 @@ class BlockPolicy(MaskPolicy):
                   generator: torch.Generator | None = None, **context: Any) -> MaskPlan:
         batch, n = tokens.shape[:2]  # tokens: [B, N, D]
         self.refuse_space_time(context.get("grid"))
-        rows, cols = self._grid_for(n)
+        rows, cols = self._grid_for(n, context.get("grid"))
         target = n - num_visible(n, ratio)
         seeds = torch.randint(0, 2**62, (batch,), generator=generator).tolist()
         scores = np.empty((batch, n), dtype=np.float32)
@@ -93,7 +94,11 @@ class BlockPolicy(MaskPolicy):
             scores[b] = hidden + 0.5 * rng.random(n)  # hidden sort last; random order within groups
         return MaskPlan.from_scores(torch.from_numpy(scores).to(tokens.device), ratio)
 
-    def _grid_for(self, n: int) -> tuple[int, int]:
+    def _grid_for(self, n: int, grid: tuple[int, ...] | None = None) -> tuple[int, int]:
+        """`grid_size` when set, else the context's (H', W') `grid` (a non-square image grid), else S x S."""
+        if self.grid_size is None and grid is not None:
+            rows, cols = check_grid(grid, n)  # 2-D here: refuse_space_time ran first
+            return rows, cols
         if self.grid_size is not None:
             rows, cols = self.grid_size
             if rows * cols != n:
