@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from maskkit.mae import MAEOutput, check_images, mae_step_loss, policy_aux_loss, policy_context
-from maskkit.plan import MaskPlan, gather_tokens
+from maskkit.plan import MaskPlan, gather_tokens, scatter_tokens
 from maskkit.policies.random import RandomPolicy
 
 from .hf import _transformers
@@ -115,8 +115,7 @@ class HFVideoMAE(nn.Module):
         pos_decoded = gather_tokens(table, decoded)  # [B, M, Dd]
         full = torch.cat([x + pos_visible, m.mask_token + pos_decoded], dim=1)  # [B, K + M, Dd]
         logits = m.decoder(full, decoded.shape[1]).logits  # [B, M, P]
-        out = logits.new_zeros(b, self.num_patches, logits.shape[-1])  # [B, N, P]
-        return out.scatter(1, decoded.unsqueeze(-1).expand(-1, -1, logits.shape[-1]), logits)
+        return scatter_tokens(logits, decoded, self.num_patches)  # [B, N, P] zeros but at the decoded tokens
 
     def pixel_loss(self, pred: Tensor, clips: Tensor, plan: MaskPlan) -> tuple[Tensor, Tensor]:
         """VideoMAE's loss (`videomae_loss`): (scalar, per-token [B, N]); `mae_forward` uses it."""

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from maskkit.mae import MAEOutput, check_images, mae_step_loss, policy_aux_loss, policy_context
-from maskkit.plan import MaskPlan, gather_tokens
+from maskkit.plan import MaskPlan, gather_tokens, scatter_tokens
 from maskkit.policies.random import RandomPolicy
 
 from .hf_video import ascending, hidden_ids
@@ -125,8 +125,7 @@ class OfficialVideoMAE(nn.Module):
         full = torch.cat([x + gather_tokens(table, ascending(plan.ids_keep)),
                           m.mask_token + gather_tokens(table, decoded)], dim=1)  # [B, K + M, Dd]  # fmt: skip
         pred = m.decoder(full, decoded.shape[1])  # [B, M, P]
-        out = pred.new_zeros(b, self.num_patches, pred.shape[-1])  # [B, N, P]
-        return out.scatter(1, decoded.unsqueeze(-1).expand(-1, -1, pred.shape[-1]), pred)
+        return scatter_tokens(pred, decoded, self.num_patches)  # [B, N, P] zeros but at the decoded tokens
 
     def pixel_loss(self, pred: Tensor, clips: Tensor, plan: MaskPlan) -> tuple[Tensor, Tensor]:
         """engine_for_pretraining's loss (`videomae_loss`): (scalar, per-token [B, N]); `mae_forward` uses it."""

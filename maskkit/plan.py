@@ -103,6 +103,12 @@ def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def scatter_tokens(values: Tensor, ids: Tensor, num_tokens: int) -> Tensor:
+    """The inverse of `gather_tokens`: values [B, M, P] placed at `ids` [B, M] of a zero [B, num_tokens, P]."""
+    out = values.new_zeros(values.shape[0], num_tokens, values.shape[-1])  # [B, N, P]
+    return out.scatter(1, ids.unsqueeze(-1).expand(-1, -1, values.shape[-1]), values)
+
+
 @dataclass
 class MaskPlan:
     """One masking decision for a batch.
@@ -325,9 +331,7 @@ class MaskPlan:
         if not isinstance(pred, Tensor) or pred.dim() != 3 or pred.shape[0] != b or pred.shape[1] not in (m, k + m):
             got = tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
             raise ValueError(f"pred must be [B, M, P] or [B, K + M, P] = [{b}, {m} or {k + m}, P], got {got}")
-        positions = self.decoder_positions[:, -pred.shape[1]:]  # [B, M] or [B, K + M]
-        out = pred.new_zeros(b, n, pred.shape[-1])  # [B, N, P]
-        return out.scatter(1, positions.unsqueeze(-1).expand(-1, -1, pred.shape[-1]), pred)
+        return scatter_tokens(pred, self.decoder_positions[:, -pred.shape[1]:], n)  # [B, N, P]
 
     def loss_weights(self) -> Tensor:
         """target_mask * w, the per-patch factor of the weighted masked loss: [B, N]."""
