@@ -20,20 +20,10 @@ from . import hf as hf_adapter
 from . import hf_video
 from .adapter import BuildRequest, ModelAdapter, ModelSpec, register_adapter
 from .build import absolute, check_built, one_line, positive_int, seeded
-from .kind_hf import _check_hf_options, _hf_known_keys
+from .kind_hf import HF_TINY, _check_hf_options, _hf_known_keys
 
 #: `hf-video:tiny`: the VideoMAEConfig sizes (CPU scale). Patch size 4 unless given, tubelets of 2 frames.
-HF_VIDEO_TINY: dict[str, Any] = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "intermediate_size": 128,
-    "decoder_hidden_size": 32,
-    "decoder_num_hidden_layers": 1,
-    "decoder_num_attention_heads": 4,
-    "decoder_intermediate_size": 64,
-    "tubelet_size": 2,
-}
+HF_VIDEO_TINY: dict[str, Any] = {**HF_TINY, "tubelet_size": 2}  # hf:tiny's sizes, on tubelets
 HF_VIDEO_TINY_PATCH_SIZE = 4
 #: frames of `hf-video:tiny` when the run does not say (VideoMAE's 16)
 HF_VIDEO_TINY_FRAMES = 16

@@ -34,6 +34,7 @@ from maskkit.mae import MAEOutput, mae_step_loss
 from maskkit.plan import MaskPlan
 from maskkit.policies.random import RandomPolicy
 from maskkit.positions import sinusoid_table
+from maskkit.tubelets import patchify_clips, unpatchify_clips
 
 from .build import positive_int, seeded
 from .vit_attention import last_block_attention_received
@@ -209,21 +210,16 @@ class TimmVideoMAE(nn.Module):
         """[B, C, T, H, W] -> [B, N, t*p*p*C], each tubelet's pixels ordered (t, p, p, C) (VideoMAE's
         'b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2 c)')."""
         self._check_clips(clips)
-        b, c, (gt, gh, gw), t, p = clips.shape[0], self.in_chans, self.grid, self.tubelet_size, self.patch_size
-        x = clips.reshape(b, c, gt, t, gh, p, gw, p)
-        x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # [B, T', H', W', t, p, p, C]
-        return x.reshape(b, self.num_patches, t * p * p * c)
+        return patchify_clips(clips, self.tubelet_size, self.patch_size)  # [B, N, t*p*p*C]
 
     def unpatchify(self, patches: Tensor) -> Tensor:
         """Inverse of `patchify`: [B, N, t*p*p*C] -> [B, C, T, H, W]."""
-        c, (gt, gh, gw), t, p = self.in_chans, self.grid, self.tubelet_size, self.patch_size
+        c, t, p = self.in_chans, self.tubelet_size, self.patch_size
         expected = (self.num_patches, t * p * p * c)
         if not isinstance(patches, Tensor) or patches.dim() != 3 or tuple(patches.shape[1:]) != expected:
             got = tuple(patches.shape) if isinstance(patches, Tensor) else type(patches).__name__
             raise ValueError(f"patches must have shape [B, {self.num_patches}, {t * p * p * c}], got {got}")
-        x = patches.reshape(patches.shape[0], gt, gh, gw, t, p, p, c)
-        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, T', t, H', p, W', p]
-        return x.reshape(patches.shape[0], c, gt * t, gh * p, gw * p)
+        return unpatchify_clips(patches, self.grid, t, p, c)  # [B, C, T, H, W]
 
     def features(self, clips: Tensor) -> Tensor:
         """VideoMAE's pooled feature of the unmasked clip: the mean of the last block's tokens, then the norm:

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from maskkit.mae import MAEOutput, check_images, mae_step_loss, policy_aux_loss, policy_context
 from maskkit.plan import MaskPlan, gather_tokens, scatter_tokens
 from maskkit.policies.random import RandomPolicy
+from maskkit.tubelets import patchify_clips, unpatchify_clips
 
 from .hf_video import ascending, hidden_ids
 from .videomae_loss import videomae_loss, videomae_pixels
@@ -143,17 +144,11 @@ class OfficialVideoMAE(nn.Module):
     def patchify(self, clips: Tensor) -> Tensor:
         """[B, C, T, H, W] -> [B, N, t*p*p*C], each tubelet's pixels ordered (t, p, p, C): the loop's
         `b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2 c)` (before its un-normalisation, see `pixel_loss`)."""
-        b, c, t, h, w = clips.shape
-        tt, p = self.tubelet_size, self.patch_size
-        x = clips.reshape(b, c, t // tt, tt, h // p, p, w // p, p).permute(0, 2, 4, 6, 3, 5, 7, 1)
-        return x.reshape(b, (t // tt) * (h // p) * (w // p), tt * p * p * c)
+        return patchify_clips(clips, self.tubelet_size, self.patch_size)
 
     def unpatchify(self, patches: Tensor) -> Tensor:
         """Inverse of `patchify`: [B, N, t*p*p*C] -> [B, C, T, H, W]."""
-        b = patches.shape[0]
-        (gt, gh, gw), tt, p = self.grid, self.tubelet_size, self.patch_size
-        x = patches.reshape(b, gt, gh, gw, tt, p, p, self.in_chans).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return x.reshape(b, self.in_chans, gt * tt, gh * p, gw * p)
+        return unpatchify_clips(patches, self.grid, self.tubelet_size, self.patch_size, self.in_chans)
 
     def features(self, clips: Tensor) -> Tensor:
         """[B, C, T, H, W] -> [B, D]: the mean over all tokens of the unmasked encoder's output (after its norm),

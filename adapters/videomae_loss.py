@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from maskkit.mae import masked_loss
 from maskkit.plan import MaskPlan
+from maskkit.tubelets import patchify_clips
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "videomae_loss", "videomae_pixels", "videomae_targets"]
 
@@ -42,8 +43,7 @@ def videomae_targets(clips: Tensor, tubelet_size: int, patch_size: int, norm_pix
             mean = torch.as_tensor(IMAGENET_MEAN).to(device=clips.device, dtype=clips.dtype)[None, :, None, None, None]
             std = torch.as_tensor(IMAGENET_STD).to(device=clips.device, dtype=clips.dtype)[None, :, None, None, None]
             frames = clips * std + mean  # [B, C, T, H, W], pixels in [0, 1] for ImageNet-normalised clips
-        grid = frames.reshape(b, c, t // tt, tt, h // p, p, w // p, p)
-        tubes = grid.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(b, -1, tt * p * p, c)  # [B, N, t*p*p, C] (a copy)
+        tubes = patchify_clips(frames, tt, p).reshape(b, -1, tt * p * p, c)  # [B, N, t*p*p, C] (a copy)
         if norm_pix_loss:
             tubes = (tubes - tubes.mean(dim=-2, keepdim=True)) / (
                 tubes.var(dim=-2, unbiased=True, keepdim=True).sqrt() + 1e-6
