@@ -85,6 +85,15 @@ def _paint(frames: np.ndarray, where: np.ndarray, rgb: tuple[float, float, float
     return np.where(where[..., None] > 0.5, np.array(rgb), frames)
 
 
+def hidden_row(original: np.ndarray, plan: MaskPlan, grid: tuple[int, int, int], tubelet: tuple[int, int]) -> np.ndarray:
+    """The clip rows [B, T, H, W, 3] with the plan's hidden tubelets in HIDDEN_RGB and, where it marks them, the
+    ones its policy chose by its own rule (`plan.guided`) in GUIDED_RGB."""
+    row = _paint(original, tube_map(plan.mask, grid, tubelet), HIDDEN_RGB)
+    if plan.guided is not None:
+        row = _paint(row, tube_map(plan.guided.bool(), grid, tubelet), GUIDED_RGB)
+    return row
+
+
 @torch.no_grad()
 def render_clip_panels(
     mae: nn.Module,
@@ -305,10 +314,7 @@ def render_clip_gallery(
                 gallery.rows[name] = np.ones_like(original)
                 continue
             guided = None if plan.guided is None else plan.guided.bool()  # [B, N]
-            row = _paint(original, tube_map(plan.mask, grid, tubelet), HIDDEN_RGB)
-            if guided is not None:
-                row = _paint(row, tube_map(guided, grid, tubelet), GUIDED_RGB)
-            gallery.rows[name] = row
+            gallery.rows[name] = hidden_row(original, plan, grid, tubelet)
             gallery.masks[name] = plan.mask.detach().cpu().numpy()
             gallery.guided[name] = None if guided is None else guided.cpu().numpy()
     finally:

@@ -79,14 +79,11 @@ def _draw_clip_gallery(runs: dict[str, Path], index: np.ndarray, path: str | Pat
     from maskkit.mae import policy_context
     from maskkit.run import load_run
     from maskkit.visualize_clips import (
-        GUIDED_RGB,
-        HIDDEN_RGB,
         _legend,
-        _paint,
         check_clip_picture_size,
         clip_rgb,
         compose_frames,
-        tube_map,
+        hidden_row,
     )
 
     device = torch.device("cpu")
@@ -104,10 +101,7 @@ def _draw_clip_gallery(runs: dict[str, Path], index: np.ndarray, path: str | Pat
             plan = run.policy(tokens, ratio=run.record.resolved.train.resolved.mask_ratio,
                               **policy_context(run.mae, clips, generator=generator))  # fmt: skip
         grid, tubelet = tuple(run.mae.grid), (run.mae.tubelet_size, run.mae.patch_size)
-        row = _paint(original, tube_map(plan.mask, grid, tubelet), HIDDEN_RGB)
-        if plan.guided is not None and bool(plan.guided.any()):
-            guided_any = True
-            row = _paint(row, tube_map(plan.guided.bool(), grid, tubelet), GUIDED_RGB)
-        rows[name] = row
+        guided_any = guided_any or (plan.guided is not None and bool(plan.guided.any()))
+        rows[name] = hidden_row(original, plan, grid, tubelet)
     image = compose_frames(rows, tile, legend=_legend(guided_any, False) if guided_any else None)
     return _save(image, path)
